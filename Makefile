@@ -1,0 +1,48 @@
+# kh: every target is idempotent; `make demo` and `make test` do the set-up they need first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+KH := $(VENV)/bin/kh
+VENV_STAMP := $(VENV)/.kh-installed
+
+.PHONY: setup apt venv images demo test lint unit integration bench clean-images
+
+setup: apt venv images
+
+apt:
+	@bash tools/setup-apt
+
+$(VENV_STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV_STAMP)
+
+images: apt venv
+	@$(KH) images build
+
+demo: setup
+	@bash examples/demo.sh
+
+lint: venv
+	$(VENV)/bin/ruff check kh tests benchmarks
+	$(VENV)/bin/mypy kh
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest -q tests/integration
+
+test: setup
+	$(VENV)/bin/ruff check kh tests benchmarks
+	$(VENV)/bin/mypy kh
+	$(VENV)/bin/pytest -q -ra tests/unit tests/integration
+
+bench: setup
+	$(PY) benchmarks/boot.py
+
+clean-images:
+	rm -rf images/out

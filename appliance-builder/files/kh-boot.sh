@@ -1,0 +1,140 @@
+# kh boot keys: shared by every appliance's /init (sourced, busybox ash).
+# The keys come from the kernel command line, which U-Boot builds from its environment
+# (${khargs}); docs/boot-keys.md lists them all.
+
+kh_say() { echo "kh: $*"; }
+
+kh_mount_basics() {
+	mount -t proc proc /proc
+	mount -t sysfs sysfs /sys
+	mount -t devtmpfs devtmpfs /dev 2>/dev/null
+	mkdir -p /dev/pts /dev/shm
+	mount -t devpts devpts /dev/pts
+	mount -t tmpfs tmpfs /tmp
+	mount -t tmpfs tmpfs /run
+	# Keep kernel chatter off the console that principals script.
+	dmesg -n 1
+}
+
+# kh_valid_cidr A.B.C.D/P: true when it is a well-formed IPv4 address with prefix.
+kh_valid_cidr() {
+	case "$1" in
+	*/*) ;;
+	*) return 1 ;;
+	esac
+	addr=${1%/*}
+	prefix=${1#*/}
+	kh_valid_ip "$addr" || return 1
+	case "$prefix" in
+	'' | *[!0-9]*) return 1 ;;
+	esac
+	[ "$prefix" -le 32 ]
+}
+
+kh_valid_ip() {
+	echo "$1" | grep -Eq '^[0-9]{1,3}(\.[0-9]{1,3}){3}$' || return 1
+	for octet in $(echo "$1" | tr . ' '); do
+		[ "$octet" -le 255 ] || return 1
+	done
+	return 0
+}
+
+kh_valid_name() {
+	echo "$1" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$'
+}
+
+# kh_read_keys: sets KH_<KEY> variables from kh.* words of /proc/cmdline, refusing
+# malformed values by name (the appliance still comes up, with that key ignored).
+kh_read_keys() {
+	KH_IFACES=""
+	for word in $(cat /proc/cmdline); do
+		case "$word" in
+		kh.*=*) ;;
+		*) continue ;;
+		esac
+		key=${word%%=*}
+		key=${key#kh.}
+		value=${word#*=}
+		case "$key" in
+		eth[0-9] | eth[0-9][0-9])
+			if [ "$value" = dhcp ] || [ "$value" = none ] || kh_valid_cidr "$value"; then
+				eval "KH_IF_$key=\$value"
+				KH_IFACES="$KH_IFACES $key"
+			else
+				kh_say "boot key kh.$key=$value is malformed (want A.B.C.D/P, dhcp or none); ignored"
+			fi
+			;;
+		gw)
+			if kh_valid_ip "$value"; then KH_GW=$value; else
+				kh_say "boot key kh.gw=$value is malformed (want A.B.C.D); ignored"
+			fi
+			;;
+		hostname)
+			if kh_valid_name "$value"; then KH_HOSTNAME=$value; else
+				kh_say "boot key kh.hostname=$value is malformed; ignored"
+			fi
+			;;
+		node)
+			case "$value" in
+			'' | *[!0-9]*) kh_say "boot key kh.node=$value is malformed (want a number); ignored" ;;
+			*) KH_NODE=$value ;;
+			esac
+			;;
+		server)
+			case "$value" in
+			*:*) KH_SERVER=$value ;;
+			*) kh_say "boot key kh.server=$value is malformed (want HOST:PORT); ignored" ;;
+			esac
+			;;
+		*)
+			eval "KH_EXTRA_$(echo "$key" | tr -c 'A-Za-z0-9\n' _)=\$value" 2>/dev/null ||
+				kh_say "boot key kh.$key is malformed; ignored"
+			;;
+		esac
+	done
+}
+
+# kh_configure_net: lo up; every ethN the kernel found comes up, with its kh.ethN address.
+kh_configure_net() {
+	ip link set lo up
+	for path in /sys/class/net/eth*; do
+		[ -e "$path" ] || continue
+		dev=${path##*/}
+		ip link set "$dev" up
+		eval "conf=\${KH_IF_$dev:-}"
+		case "$conf" in
+		'' | none) ;;
+		dhcp) udhcpc -q -n -t 5 -i "$dev" -s /lib/kh/udhcpc.sh >/dev/null 2>&1 ||
+			kh_say "$dev: no DHCP answer" ;;
+		*) ip addr add "$conf" dev "$dev" || kh_say "$dev: cannot set $conf" ;;
+		esac
+	done
+	for dev in $KH_IFACES; do
+		[ -e "/sys/class/net/$dev" ] || kh_say "boot key kh.$dev names an interface this node lacks"
+	done
+	if [ -n "${KH_GW:-}" ]; then
+		ip route add default via "$KH_GW" || kh_say "cannot route via $KH_GW"
+	fi
+	hostname "${KH_HOSTNAME:-node${KH_NODE:-0}}"
+}
+
+# kh_addrs: "eth0=10.0.0.3/24 eth1=..." for the ready line.
+kh_addrs() {
+	out=""
+	for path in /sys/class/net/eth*; do
+		[ -e "$path" ] || continue
+		dev=${path##*/}
+		a=$(ip -4 -o addr show dev "$dev" | awk '{print $4}' | head -n 1)
+		out="$out $dev=${a:-none}"
+	done
+	echo "${out# }"
+}
+
+# kh_shell_forever: a shell on the console with job control; a new one if it exits
+# (PID 1 must never exit).
+kh_shell_forever() {
+	while true; do
+		setsid cttyhack /bin/sh -l
+		sleep 1
+	done
+}

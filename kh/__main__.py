@@ -1,0 +1,3 @@
+from kh.cli.main import main
+
+main()

@@ -1,0 +1,231 @@
+"""`kh boot`: one ppce500 node through our U-Boot into an appliance, like virtme-ng for PPC.
+
+The kernel and ramdisk are placed in guest RAM by QEMU's loader at U-Boot's ``${loadaddr}``
+and ``${ramfsaddr}`` before the firmware runs; U-Boot's own ``run kboot`` then boots them, so
+the path from prompt to Linux is exactly the one a principal drives over a control channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import select
+import shlex
+import shutil
+import sys
+import tempfile
+import termios
+import tty
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kh.appliance import uimage
+from kh.errors import BootError, ImageError, UsageError
+from kh.hw import board, qemu
+from kh.hw.console import Console
+from kh.settings import Paths
+
+UBOOT_PROMPT = re.compile(rb"=> $", re.MULTILINE)
+READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
+KBOOT_OUTCOME = re.compile(
+    READY.pattern
+    + rb"|(?P<panic>Kernel panic[^\r\n]*)"
+    + rb"|(?P<uboot>Bad Magic Number|Wrong Image Format[^\r\n]*|Bad Data CRC|"
+    rb"Bad Header Checksum|ERROR: [^\r\n]*)")
+MRW_DONE = re.compile(rb"mrw: \d+ bytes at 0x[0-9a-fA-F]+[^\r\n]*")
+DETACH = b"\x1d"  # Ctrl-]
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    kernel: Path
+    ramdisk: Path
+    bios: Path
+    mem_mib: int = 256
+    board: board.Board = board.BOARDS["ppce500"]
+    khargs: str = ""
+    prompt_timeout: float = 30.0
+    ready_timeout: float = 90.0
+    console_log: Path | None = None
+    name: str = "kh-boot"
+
+
+def default_config(paths: Paths, *, appliance: str = "shell", kernel: Path | None = None,
+                   ramdisk: Path | None = None, bios: Path | None = None, mem_mib: int = 256,
+                   khargs: str = "", console_log: Path | None = None,
+                   ready_timeout: float = 90.0) -> BootConfig:
+    """Fill in images/out defaults for whatever the caller did not name."""
+    if ramdisk is None:
+        ramdisk = paths.out / f"{appliance}.cpio.gz.uimg"
+    return BootConfig(kernel=kernel or paths.out / "uImage", ramdisk=ramdisk,
+                      bios=bios or paths.out / "u-boot.elf", mem_mib=mem_mib, khargs=khargs,
+                      console_log=console_log, ready_timeout=ready_timeout)
+
+
+def check_images(cfg: BootConfig) -> None:
+    """Refuse a missing or corrupt image before starting anything."""
+    if not cfg.bios.is_file():
+        raise ImageError(f"U-Boot image {cfg.bios} does not exist", "run `kh images build`")
+    if cfg.bios.read_bytes()[:4] != b"\x7fELF":
+        raise ImageError(f"U-Boot image {cfg.bios} is not an ELF file")
+    kh = uimage.check_file(cfg.kernel, type="kernel", what="kernel")
+    uimage.check_file(cfg.ramdisk, type="ramdisk", what="ramdisk")
+    room = cfg.board.ramfsaddr - cfg.board.loadaddr
+    if kh.size + uimage.HEADER.size > room:
+        raise ImageError(f"kernel {cfg.kernel} is {kh.size} bytes; only {room} fit below "
+                         f"${{ramfsaddr}}")
+
+
+def node_spec(cfg: BootConfig, workdir: Path) -> board.NodeSpec:
+    return board.NodeSpec(
+        name=cfg.name, bios=cfg.bios, console=workdir / "console.sock", board=cfg.board,
+        mem_mib=cfg.mem_mib,
+        loads=(board.Load(cfg.kernel, cfg.board.loadaddr),
+               board.Load(cfg.ramdisk, cfg.board.ramfsaddr)))
+
+
+def show_command(cfg: BootConfig) -> str:
+    spec = node_spec(cfg, Path(tempfile.gettempdir()) / "kh-boot-XXXX")
+    return shlex.join(board.qemu_argv(spec))
+
+
+class BootedNode:
+    """A node that reached its appliance's shell; run commands or attach a terminal."""
+
+    def __init__(self, node: qemu.Node, appliance: str) -> None:
+        self.node = node
+        self.appliance = appliance
+        self.console = node.console
+
+    def run(self, command: str, timeout: float = 120.0) -> tuple[str, int]:
+        """Run ``command`` in the node's shell; return its output and exit status.
+
+        Markers are printed by printf with the token as an argument, so the terminal's echo of
+        the typed line can never be mistaken for them.
+        """
+        tok = "KH" + secrets.token_hex(6)
+        start = self.console.mark()
+        # One line, so the shell's echo of it is complete before the begin marker prints.
+        line = f"printf '%s_B\\n' {tok}; {command}; printf '\\n%s_E%d\\n' {tok} $?\n"
+        self.console.write(line.encode())
+        begin = self.console.expect(re.compile(tok.encode() + rb"_B\r?\n"), timeout,
+                                    stage="command start", start=start)
+        end = self.console.expect(re.compile(rb"\r?\n" + tok.encode() + rb"_E(\d+)\r?\n"),
+                                  timeout, stage=f"end of command {command!r}",
+                                  start=begin.end())
+        out = self.console.text(begin.end())[: end.start() - begin.end()]
+        return out.decode("utf-8", "replace").replace("\r\n", "\n"), int(end.group(1))
+
+    def interact(self) -> None:
+        """Attach this terminal to the console until Ctrl-] (or the node stops)."""
+        attach(self.console)
+
+
+def attach(console: Console) -> None:
+    out = sys.stdout.buffer
+
+    def show(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    unsub = console.subscribe(show)
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd) if os.isatty(fd) else None
+    try:
+        if old is not None:
+            tty.setraw(fd)
+        while not console.closed:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if not r:
+                continue
+            data = os.read(fd, 4096)
+            if not data or DETACH in data:
+                data = data.split(DETACH)[0]
+                if data:
+                    console.write(data)
+                break
+            console.write(data)
+    finally:
+        unsub()
+        if old is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, old)
+        out.write(b"\r\n")
+        out.flush()
+
+
+def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:
+    """Type one command at the U-Boot prompt and return what it printed."""
+    start = console.mark()
+    console.write(line.encode() + b"\n")
+    m = console.expect(UBOOT_PROMPT, timeout, stage=f"U-Boot prompt after {line!r}",
+                       start=start)
+    text = console.text(start)[: m.start() - start].decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n")
+    return text.split("\n", 1)[1] if "\n" in text else ""
+
+
+def default_console_log(paths: Paths) -> Path:
+    """Where `kh boot` keeps the last node's console transcript (kept after it stops)."""
+    log = paths.cache / "logs" / "kh-boot-console.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    return log
+
+
+@contextlib.contextmanager
+def at_prompt(cfg: BootConfig, paths: Paths) -> Iterator[qemu.Node]:
+    """Start a node and wait for its U-Boot prompt; always tear it down on the way out."""
+    check_images(cfg)
+    paths.runtime.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="kh-boot-", dir=paths.runtime))
+    try:
+        spec = node_spec(cfg, workdir)
+        log = cfg.console_log or default_console_log(paths)
+        with qemu.running(spec, console_log=log, workdir=workdir) as node:
+            node.console.expect(UBOOT_PROMPT, cfg.prompt_timeout, stage="U-Boot prompt")
+            yield node
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kboot(node: qemu.Node, cfg: BootConfig) -> BootedNode:
+    """From the U-Boot prompt: set khargs, `run kboot`, wait for the appliance's ready line."""
+    con = node.console
+    log = con.log_path
+    if cfg.khargs:
+        if "'" in cfg.khargs:
+            raise UsageError("kernel arguments must not contain a single quote")
+        uboot_command(con, f"setenv khargs '{cfg.khargs}'")
+    con.write(b"run kboot\n")
+    m = con.expect(KBOOT_OUTCOME, cfg.ready_timeout, stage="appliance ready line")
+    if m.group("panic"):
+        raise BootError(f"the kernel panicked: {m.group('panic').decode(errors='replace')}",
+                        f"console log: {log}")
+    if m.group("uboot"):
+        raise BootError(f"U-Boot refused the images: {m.group('uboot').decode(errors='replace')}",
+                        f"console log: {log}")
+    return BootedNode(node, m.group("appliance").decode())
+
+
+@contextlib.contextmanager
+def booted(cfg: BootConfig, paths: Paths) -> Iterator[BootedNode]:
+    """Start a node, boot it through U-Boot into the appliance; tear it down on exit."""
+    with at_prompt(cfg, paths) as node:
+        yield kboot(node, cfg)
+
+
+def mrw(console: Console, addr: int, data: bytes, timeout: float | None = None) -> str:
+    """Load ``data`` at ``addr`` through the console with U-Boot's ``mrw``; return its line.
+
+    The data follows the command line at once: ``mrw`` takes exactly ``len(data)`` raw bytes
+    from the console, so nothing has to be escaped.
+    """
+    start = console.mark()
+    console.write(f"mrw 0x{addr:x} {len(data)}\n".encode() + data)
+    budget = timeout if timeout is not None else 30 + len(data) / 5000
+    m = console.expect(MRW_DONE, budget, stage="mrw completion line", start=start)
+    console.expect(UBOOT_PROMPT, 10, stage="U-Boot prompt after mrw", start=m.end())
+    return m.group(0).decode().strip()

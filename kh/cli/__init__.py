@@ -1,0 +1,1 @@
+"""Command-line front ends: thin wrappers that parse, call the library and print."""

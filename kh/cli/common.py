@@ -1,0 +1,57 @@
+"""What every kh command shares: --debug, logging, and turning KhError into `kh: ...`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kh.errors import KhError, ProcessError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="kh[%(name)s]: %(message)s", stream=sys.stderr)
+
+
+def report(e: BaseException, debug: bool) -> int:
+    """Print one line for a KhError (traceback only with --debug); return the exit code."""
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, KhError):
+        click.echo(f"kh: {e}", err=True)
+        if isinstance(e, ProcessError) and e.output_tail and debug:
+            click.echo(e.output_tail, err=True)
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        click.echo("kh: interrupted", err=True)
+        return 130
+    click.echo(f"kh: internal error: {type(e).__name__}: {e} (run with --debug and report it)",
+               err=True)
+    return 70
+
+
+def handle_errors(fn: F) -> F:
+    """Run a command body; map exceptions to `kh: ...` and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except (KhError, KeyboardInterrupt, Exception) as e:
+            ctx.exit(report(e, debug))
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,128 @@
+"""`kh`: images, appliances and single-node boots (more verbs join as the service grows)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kh import boot as boot_mod
+from kh.appliance import builder as appliance_builder
+from kh.appliance import spec as appliance_spec
+from kh.cli.common import handle_errors, setup_logging
+from kh.hw.board import parse_mem
+from kh.images import build as image_build
+from kh.settings import paths
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Log every command kh runs; tracebacks on errors.")
+def main(debug: bool) -> None:
+    """kh: Project Kittyhawk's nodes, domains and control channels on one host."""
+    setup_logging(debug)
+
+
+@main.group()
+def images() -> None:
+    """Build and list guest images (U-Boot, kernel, PPC root, appliances)."""
+
+
+@images.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even what the cache already has.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@handle_errors
+def images_build(force: bool, quiet: bool) -> None:
+    """Build every image recipe and appliance (cached by content)."""
+    published = image_build.build(paths(), force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"{len(published)} images in {paths().out}", err=True)
+
+
+@images.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def images_list(as_json: bool) -> None:
+    """Show each published image with its size and hash."""
+    rows = image_build.listing(paths())
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'IMAGE':<24} {'SIZE':>10} {'HASH':<16}  RECIPE")
+    for r in rows:
+        size = "missing" if r.get("missing") else _human(int(str(r["size"])))
+        share = f"  ({float(str(r['share'])) * 100:.2f}% of root)" if "share" in r else ""
+        click.echo(f"{r['image']!s:<24} {size:>10} {r.get('sha256') or '-'!s:<16}  "
+                   f"{r['recipe']}{share}")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@main.group()
+def appliance() -> None:
+    """Build appliances: small cpio RAM disks extracted from the PPC root."""
+
+
+@appliance.command("build")
+@click.argument("spec")
+@click.option("--root", type=click.Path(path_type=Path),
+              help="PPC root (default: images/out/root).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output directory (default: images/out).")
+@handle_errors
+def appliance_build(spec: str, root: Path | None, out: Path | None) -> None:
+    """Build the appliance SPEC (a name from appliance-builder/specs/ or a path)."""
+    p = paths()
+    sp = appliance_spec.load(appliance_spec.find(spec, p.specs))
+    res = appliance_builder.build(sp, root or p.out / "root", out or p.out)
+    click.echo(f"{res.path}: {res.size / 1e6:.2f} MB ({res.members} members, "
+               f"{res.cpio_size / 1e6:.2f} MB uncompressed), "
+               f"{res.share * 100:.2f}% of the {res.root_size / 1e6:.1f} MB root")
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--appliance", default="shell", show_default=True, help="Appliance to boot.")
+@click.option("--kernel", type=click.Path(path_type=Path), help="Kernel uImage.")
+@click.option("--ramdisk", type=click.Path(path_type=Path), help="Ramdisk U-Boot image.")
+@click.option("--bios", type=click.Path(path_type=Path), help="U-Boot ELF.")
+@click.option("--mem", default="256M", show_default=True, help="Node memory.")
+@click.option("--append", "append", default="", help="Extra kernel arguments (khargs).")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to reach the ready line.")
+@click.option("--console-log", type=click.Path(path_type=Path), help="Keep the console here.")
+@click.option("--show-command", is_flag=True, help="Print the QEMU command line and exit.")
+@click.argument("command", nargs=-1)
+@handle_errors
+def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path | None, mem: str,
+         append: str, timeout: float, console_log: Path | None, show_command: bool,
+         command: tuple[str, ...]) -> None:
+    """Boot one node through U-Boot into an appliance; run COMMAND there or attach.
+
+    With `-- COMMAND...` the command runs in the node's shell; its output is printed and its
+    exit status becomes kh's. Without, the terminal is attached to the console (Ctrl-] leaves).
+    """
+    p = paths()
+    cfg = boot_mod.default_config(p, appliance=appliance, kernel=kernel, ramdisk=ramdisk,
+                                  bios=bios, mem_mib=parse_mem(mem), khargs=append,
+                                  console_log=console_log, ready_timeout=timeout)
+    if show_command:
+        click.echo(boot_mod.show_command(cfg))
+        return
+    with boot_mod.booted(cfg, p) as node:
+        if command:
+            out, status = node.run(" ".join(command))
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            sys.exit(status)
+        click.echo("kh: attached to the node's console; Ctrl-] leaves", err=True)
+        node.interact()
+
+
+if __name__ == "__main__":
+    main()

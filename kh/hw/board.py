@@ -1,0 +1,167 @@
+"""Node hardware as data, and the QEMU command line built from it by small pure functions.
+
+Board quirks live in one table. Each device has its own function returning argv pieces, so each
+is unit-tested alone and ``--show-command`` prints exactly what would run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kh.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Board:
+    """What differs between emulated boards; one row of BOARDS."""
+
+    name: str
+    qemu: str
+    machine: str
+    cpu: str
+    min_mem_mib: int
+    loadaddr: int  # U-Boot's default ${loadaddr}: the kernel uImage
+    ramfsaddr: int  # U-Boot's default ${ramfsaddr}: the ramdisk uImage
+    kernel_console: str
+    nic_model: str
+    # QEMU's -device loader must not write below this address: an image at 0x2000000 stops
+    # ppce500's U-Boot from starting at all (measured), one at 0x8000000 works.
+    safe_load_floor: int
+
+
+BOARDS: dict[str, Board] = {
+    "ppce500": Board(name="ppce500", qemu="qemu-system-ppc", machine="ppce500", cpu="e500v2",
+                     min_mem_mib=256, loadaddr=0x8000000, ramfsaddr=0xA000000,
+                     kernel_console="ttyS0", nic_model="virtio-net-pci",
+                     safe_load_floor=0x8000000),
+}
+
+
+@dataclass(frozen=True)
+class Load:
+    """A file QEMU places in guest RAM before the firmware starts."""
+
+    file: Path
+    addr: int
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One network interface: a tap of a communication domain, or QEMU's user network."""
+
+    id: str
+    mac: str
+    tap: str | None = None  # host tap device name; None → QEMU user-mode network
+    tftp: Path | None = None  # user-mode only: directory served by QEMU's TFTP server
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Everything QEMU needs to run one node."""
+
+    name: str
+    bios: Path
+    console: Path  # unix socket path; QEMU listens, kh connects
+    board: Board = BOARDS["ppce500"]
+    mem_mib: int = 256
+    qmp: Path | None = None
+    loads: tuple[Load, ...] = ()
+    nics: tuple[Nic, ...] = field(default_factory=tuple)
+    wait_for_console: bool = True
+
+
+MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
+
+
+def parse_mem(text: str) -> int:
+    """'256M', '1G' or '512' (MiB) → MiB."""
+    m = MEM_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"bad memory size {text!r}", "write it like 256M or 1G")
+    n = int(m[1]) * (1024 if m[2].upper() == "G" else 1)
+    if n <= 0:
+        raise UsageError(f"bad memory size {text!r}", "it must be positive")
+    return n
+
+
+def machine_args(board: Board) -> list[str]:
+    return ["-M", board.machine, "-cpu", board.cpu]
+
+
+def memory_args(mem_mib: int) -> list[str]:
+    return ["-m", f"{mem_mib}M"]
+
+
+def firmware_args(bios: Path) -> list[str]:
+    return ["-bios", str(bios)]
+
+
+def name_args(name: str) -> list[str]:
+    # The process name carries kh's tag so `kh clean` can recognise its own QEMUs.
+    return ["-name", f"{name},process=kh-{name}"]
+
+
+def console_args(sock: Path, wait: bool) -> list[str]:
+    return ["-chardev", f"socket,id=con0,path={sock},server=on,wait={'on' if wait else 'off'}",
+            "-serial", "chardev:con0"]
+
+
+def qmp_args(sock: Path | None) -> list[str]:
+    if sock is None:
+        return []
+    return ["-qmp", f"unix:{sock},server=on,wait=off"]
+
+
+def headless_args() -> list[str]:
+    return ["-nodefaults", "-display", "none", "-monitor", "none"]
+
+
+def loader_args(loads: tuple[Load, ...], board: Board) -> list[str]:
+    args: list[str] = []
+    for ld in loads:
+        if ld.addr < board.safe_load_floor:
+            raise UsageError(f"cannot preload {ld.file} at 0x{ld.addr:x}",
+                             f"{board.name}'s U-Boot does not start with images below "
+                             f"0x{board.safe_load_floor:x}")
+        args += ["-device", f"loader,file={ld.file},addr=0x{ld.addr:x},force-raw=on"]
+    return args
+
+
+def nic_args(nics: tuple[Nic, ...], board: Board) -> list[str]:
+    if not nics:
+        return ["-nic", "none"]
+    args: list[str] = []
+    for nic in nics:
+        if nic.tap is not None:
+            args += ["-netdev", f"tap,id={nic.id},ifname={nic.tap},script=no,downscript=no"]
+        else:
+            user = f"user,id={nic.id},restrict=on"
+            if nic.tftp is not None:
+                user += f",tftp={nic.tftp}"
+            args += ["-netdev", user]
+        args += ["-device", f"{board.nic_model},netdev={nic.id},mac={nic.mac}"]
+    return args
+
+
+def check_memory(spec: NodeSpec) -> None:
+    b = spec.board
+    if spec.mem_mib < b.min_mem_mib:
+        raise UsageError(f"{spec.mem_mib} MiB is too little memory for a {b.name} node",
+                         f"use at least {b.min_mem_mib}M")
+    top = spec.mem_mib * 1024 * 1024
+    for ld in spec.loads:
+        end = ld.addr + ld.file.stat().st_size
+        if end > top:
+            raise UsageError(f"{ld.file} does not fit in {spec.mem_mib} MiB at 0x{ld.addr:x}",
+                             "give the node more memory with --mem")
+
+
+def qemu_argv(spec: NodeSpec) -> list[str]:
+    """The whole command line for one node."""
+    b = spec.board
+    return ([b.qemu] + name_args(spec.name) + machine_args(b) + memory_args(spec.mem_mib)
+            + headless_args() + firmware_args(spec.bios)
+            + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
+            + loader_args(spec.loads, b) + nic_args(spec.nics, b))

@@ -1,0 +1,147 @@
+"""One node's serial console: a unix socket QEMU listens on.
+
+A reader thread drains the socket all the time, so nothing the node prints is lost while kh is
+busy; everything read is kept in a buffer (for ``expect``), appended to a log file, and handed
+to whoever subscribed (an attached terminal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kh.errors import BootError, KhTimeout
+
+
+class Console:
+    def __init__(self, path: Path, log: Path | None = None, *, name: str = "node") -> None:
+        self.path = path
+        self.name = name
+        self.log_path = log
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._pos = 0  # expect() consumed everything before this offset
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._log = open(log, "ab") if log else None
+        self._subscribers: list[Callable[[bytes], None]] = []
+
+    # -- connection ---------------------------------------------------------------
+    def connect(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Connect to QEMU's socket, retrying while it is being created."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                if not alive():
+                    raise BootError(f"{self.name}: QEMU exited before its console was up",
+                                    "see the console log / run with --debug") from None
+                if time.monotonic() > deadline:
+                    raise KhTimeout(f"{self.name}: console socket {self.path} did not appear "
+                                    f"in {timeout:.0f} s") from None
+                time.sleep(0.005)
+        self._sock = s
+        self._thread = threading.Thread(target=self._reader, name=f"console-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self._closed = True
+                    self._cond.notify_all()
+                return
+            if self._log:
+                self._log.write(data)
+                self._log.flush()
+            with self._cond:
+                self._buf += data
+                self._cond.notify_all()
+            for sub in list(self._subscribers):
+                sub(data)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- I/O ----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._sock is None:
+            raise BootError(f"{self.name}: console not connected")
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise BootError(f"{self.name}: console closed while writing ({e.strerror})") from None
+
+    def subscribe(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def mark(self) -> int:
+        """Offset of everything read so far; ``expect(start=mark)`` ignores older output."""
+        with self._cond:
+            return len(self._buf)
+
+    def text(self, start: int = 0) -> bytes:
+        with self._cond:
+            return bytes(self._buf[start:])
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.text().decode("utf-8", "replace").replace("\r", "")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float, *, stage: str,
+               start: int | None = None) -> re.Match[bytes]:
+        """Wait until ``pattern`` appears after ``start`` (default: the last match)."""
+        rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            pos = self._pos if start is None else start
+            while True:
+                m = rx.search(self._buf, pos)
+                if m:
+                    self._pos = m.end()
+                    return m
+                if self._closed:
+                    raise BootError(f"{self.name}: console closed while waiting for {stage}",
+                                    "the node stopped; see its console log")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KhTimeout(f"{self.name}: no {stage} within {timeout:g} s",
+                                    f"console log: {self.log_path}" if self.log_path
+                                    else "run with --debug")
+                self._cond.wait(left)
+

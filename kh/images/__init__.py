@@ -1,0 +1,1 @@
+"""Guest images: recipes built from Debian's packages into a content-addressed cache."""

@@ -1,0 +1,263 @@
+"""How each kind of recipe is built, from Debian's packages only.
+
+Every builder gets a fresh work directory and writes into ``dest``: ``artifacts/`` (files
+published to images/out) and ``stage/`` (a tree the root recipe merges). Nothing here touches
+the cache or images/out directly; build.py commits a finished ``dest`` atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kh import proc
+from kh.errors import ImageError, ProcessError
+from kh.images import kconfig
+from kh.images.recipe import Recipe
+from kh.progress import Progress
+
+CROSS = "powerpc-linux-gnu-"
+CROSS_LIBDIR = Path("/usr/powerpc-linux-gnu/lib")
+TARGET_LIBDIR = "lib/powerpc-linux-gnu"
+# Fixed build stamps so rebuilding the same inputs gives the same bytes where the tools allow.
+REPRO_ENV = {"SOURCE_DATE_EPOCH": "1700000000", "KBUILD_BUILD_TIMESTAMP": "2023-11-14",
+             "KBUILD_BUILD_USER": "kh", "KBUILD_BUILD_HOST": "kh", "LC_ALL": "C",
+             "DEB_BUILD_OPTIONS": "nocheck"}
+# Rough count of build-output lines, for the progress bar until a real count is cached.
+LINE_ESTIMATES = {"u-boot": 900, "linux": 1400, "busybox": 1100}
+
+
+@dataclass
+class Context:
+    repo: Path
+    sources: Path  # cache of downloaded Debian source packages
+    jobs: int
+    log: Path
+    deps: dict[str, Path] = field(default_factory=dict)  # recipe name → finished build dir
+    progress: Callable[[str, float], Progress] = lambda label, total: Progress(label, total)
+    line_estimate: dict[str, int] = field(default_factory=dict)
+
+    def make(self, recipe: Recipe, argv: list[str], cwd: Path, *, label: str,
+             input: bytes | None = None, env: dict[str, str] | None = None) -> int:
+        """Run a build command with a progress bar over its output lines; return line count."""
+        bar = self.progress(label, self.line_estimate.get(recipe.name,
+                                                           LINE_ESTIMATES.get(recipe.name, 500)))
+        count = 0
+
+        def on_line(line: str) -> None:
+            nonlocal count
+            count += 1
+            bar.advance(1, line.strip()[:60])
+
+        try:
+            proc.run(argv, cwd=cwd, env={**REPRO_ENV, **(env or {})}, input=input,
+                     on_line=on_line, log_file=self.log, capture=False,
+                     what=f"{recipe.name}: {' '.join(argv[:3])}")
+        except ProcessError as e:
+            bar.finish("failed")
+            raise ImageError(f"recipe {recipe.name} failed to build ({e.message})",
+                             f"log: {self.log}; last lines:\n{e.output_tail}") from None
+        bar.finish("done")
+        return count
+
+
+# --- facts: the versions a build takes from Debian --------------------------------------
+
+def source_version(package: str) -> str:
+    """The candidate source version of a Debian source package, e.g. 'u-boot_2023.01+dfsg-2'."""
+    try:
+        out = proc.run(["apt-get", "source", "--print-uris", "-qq", package],
+                       what=f"apt-get source --print-uris {package}").stdout
+    except ProcessError as e:
+        raise ImageError(f"Debian source package {package} is not available",
+                         "`make setup` enables deb-src and runs apt-get update") from e
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[1].endswith(".dsc"):
+            return f"{parts[1]} {parts[3]}"
+    raise ImageError(f"Debian source package {package} is not available",
+                     "`make setup` enables deb-src and runs apt-get update")
+
+
+def package_version(package: str) -> str:
+    try:
+        out = proc.run(["dpkg-query", "-W", "-f=${Version}", package],
+                       what=f"dpkg-query {package}").stdout
+    except ProcessError:
+        raise ImageError(f"Debian package {package} is not installed",
+                         "`make setup` installs kh's build dependencies") from None
+    return f"{package} {out.strip()}"
+
+
+def facts(recipe: Recipe) -> list[str]:
+    p = recipe.params
+    out = [package_version("gcc-powerpc-linux-gnu")]
+    if "source" in p:
+        out.append(source_version(p["source"]))
+    if "package" in p:
+        out.append(package_version(p["package"]))
+    for pkg in p.get("runtime", []):
+        out.append(package_version(pkg))
+    return out
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def fetch_source(package: str, ctx: Context, into: Path) -> Path:
+    """Unpack Debian source ``package`` (Debian's patches applied) below ``into``."""
+    dsc_name = source_version(package).split()[0]
+    cache = ctx.sources / package
+    cache.mkdir(parents=True, exist_ok=True)
+    dsc = cache / dsc_name
+    if not dsc.exists():
+        proc.run(["apt-get", "source", "--download-only", "-qq", package], cwd=cache,
+                 what=f"apt-get source {package}")
+    if not dsc.exists():
+        raise ImageError(f"apt-get source {package} did not produce {dsc_name}")
+    dest = into / "src"
+    proc.run(["dpkg-source", "--no-check", "-x", str(dsc), str(dest)], cwd=into,
+             what=f"dpkg-source -x {dsc_name}")
+    return dest
+
+
+def apply_patches(recipe: Recipe, ctx: Context, src: Path) -> None:
+    if "patches" not in recipe.params:
+        return
+    for patch in sorted(recipe.repo_file("patches", ctx.repo).glob("*.patch")):
+        proc.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], cwd=src,
+                 what=f"patch {patch.name}")
+
+
+def configure(recipe: Recipe, ctx: Context, src: Path, base_argv: list[str] | None,
+              base_file: Path | None, olddefconfig: list[str], input: bytes | None = None
+              ) -> None:
+    """Base config, fragment on top, let Kconfig settle, then check every option landed."""
+    fragment = kconfig.parse(recipe.repo_file("fragment", ctx.repo).read_text())
+    if base_argv:
+        proc.run(base_argv, cwd=src, env=REPRO_ENV, what=f"{recipe.name}: {base_argv[-1]}")
+    if base_file:
+        shutil.copyfile(base_file, src / ".config")
+    kconfig.merge(src / ".config", fragment)
+    proc.run(olddefconfig, cwd=src, env=REPRO_ENV, input=input,
+             what=f"{recipe.name}: {olddefconfig[-1]}")
+    kconfig.check(src / ".config", fragment, f"recipe {recipe.name}")
+
+
+def copy_artifact(src: Path, dest: Path, name: str) -> None:
+    if not src.exists():
+        raise ImageError(f"the build did not produce {src.name}")
+    (dest / "artifacts").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest / "artifacts" / name)
+
+
+# --- builders -------------------------------------------------------------------------
+
+def build_uboot(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
+    src = fetch_source(recipe.params["source"], ctx, work)
+    apply_patches(recipe, ctx, src)
+    mk = ["make", f"CROSS_COMPILE={CROSS}"]
+    configure(recipe, ctx, src, mk + [recipe.params["defconfig"]], None, mk + ["olddefconfig"])
+    ctx.make(recipe, mk + [f"-j{ctx.jobs}"], src, label=recipe.name)
+    copy_artifact(src / "u-boot", dest, recipe.params.get("artifact", "u-boot.elf"))
+    shutil.copyfile(src / ".config", dest / "u-boot.config")
+
+
+def build_linux(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
+    tarball = Path(recipe.params["tarball"])
+    if not tarball.exists():
+        raise ImageError(f"{tarball} is missing", f"apt-get install {recipe.params['package']}")
+    proc.run(["tar", "-xf", str(tarball), "-C", str(work)], what=f"unpack {tarball.name}")
+    trees = [p for p in work.iterdir() if p.is_dir()]
+    if len(trees) != 1:
+        raise ImageError(f"{tarball} did not unpack to one source tree")
+    src = trees[0]
+    mk = ["make", "ARCH=powerpc", f"CROSS_COMPILE={CROSS}"]
+    configure(recipe, ctx, src, mk + [recipe.params["base"]], None, mk + ["olddefconfig"])
+    target = recipe.params.get("target", "uImage")
+    ctx.make(recipe, mk + [f"-j{ctx.jobs}", target], src, label=recipe.name)
+    copy_artifact(src / "arch/powerpc/boot" / target, dest,
+                  recipe.params.get("artifact", "uImage"))
+    shutil.copyfile(src / ".config", dest / "linux.config")
+
+
+def build_busybox(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
+    src = fetch_source(recipe.params["source"], ctx, work)
+    mk = ["make", f"CROSS_COMPILE={CROSS}"]
+    configure(recipe, ctx, src, None, src / recipe.params["base"], mk + ["oldconfig"],
+              input=b"\n" * 20000)
+    ctx.make(recipe, mk + [f"-j{ctx.jobs}"], src, label=recipe.name)
+    stage = dest / "stage"
+    proc.run(mk + [f"CONFIG_PREFIX={stage}", "install"], cwd=src, env=REPRO_ENV,
+             what="busybox install")
+    shutil.copyfile(src / ".config", dest / "busybox.config")
+
+
+def _runtime_files(package: str) -> list[Path]:
+    """Shared objects (files and links) a Debian cross runtime package ships."""
+    out = proc.run(["dpkg", "-L", package], what=f"dpkg -L {package}").stdout
+    files = []
+    for line in out.splitlines():
+        p = Path(line)
+        if p.parent != CROSS_LIBDIR or ".so" not in p.name:
+            continue
+        if p.is_file() and not p.is_symlink() and p.read_bytes()[:4] != b"\x7fELF":
+            continue  # linker scripts like libc.so belong to the SDK, not the root
+        files.append(p)
+    return files
+
+
+def build_root(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
+    """The PPC root: Debian's powerpc cross runtime in multiarch layout + packages' stages."""
+    stage = dest / "stage"
+    libdir = stage / TARGET_LIBDIR
+    libdir.mkdir(parents=True)
+    for pkg in recipe.params["runtime"]:
+        for f in _runtime_files(pkg):
+            target = libdir / f.name
+            if f.is_symlink():
+                link = os.readlink(f)
+                if "/" in link:
+                    link = os.path.basename(link)
+                target.symlink_to(link)
+            else:
+                shutil.copy2(f, target)
+                target.chmod(0o755 if os.access(f, os.X_OK) else 0o644)
+    # PT_INTERP of every powerpc binary is /lib/ld.so.1.
+    (stage / "lib" / "ld.so.1").symlink_to("powerpc-linux-gnu/ld.so.1")
+    for d in ("etc", "usr/lib/powerpc-linux-gnu", "usr/share"):
+        (stage / d).mkdir(parents=True, exist_ok=True)
+    for pkg in recipe.params.get("packages", []):
+        merge_tree(ctx.deps[pkg] / "stage", stage, pkg)
+    for path in stage.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (0, 0), follow_symlinks=False)
+
+
+def merge_tree(src: Path, dest: Path, what: str) -> None:
+    """Copy ``src`` into ``dest`` (links kept); a path two packages both ship is an error."""
+    for dirpath, dirs, files in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            s = Path(dirpath) / name
+            d = dest / rel / name
+            if os.path.lexists(d):
+                if stat.S_ISDIR(os.lstat(d).st_mode) and not s.is_symlink():
+                    continue
+                raise ImageError(f"{what} ships /{rel / name}, which the root already has")
+            if s.is_symlink():
+                d.symlink_to(os.readlink(s))
+            else:
+                shutil.copy2(s, d)
+
+
+BUILD: dict[str, Callable[[Recipe, Context, Path, Path], None]] = {
+    "u-boot": build_uboot,
+    "linux": build_linux,
+    "busybox": build_busybox,
+    "root": build_root,
+}

@@ -1,0 +1,138 @@
+"""Every external process kh starts goes through here.
+
+Argument lists only (never a shell), the command logged under ``--debug``, and the child always
+terminated and reaped, whichever way the caller leaves.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kh.errors import ProcessError
+
+log = logging.getLogger("kh.proc")
+
+Argv = Sequence["str | os.PathLike[str]"]
+
+
+def _fmt(argv: Argv) -> str:
+    return shlex.join(str(a) for a in argv)
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not extra:
+        return None
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def reap(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """Terminate ``proc`` (SIGTERM, then SIGKILL after ``grace``) and wait for it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    return proc.wait()
+
+
+@contextlib.contextmanager
+def spawn(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+          stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
+          grace: float = 5.0,
+          new_session: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` in the background; on exit from the block it is terminated and reaped."""
+    log.debug("spawn: %s", _fmt(argv))
+    try:
+        proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=_env(env), stdin=stdin,
+                                stdout=stdout, stderr=stderr,
+                                start_new_session=new_session)
+    except OSError as e:
+        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}",
+                           "is it installed? `make setup` installs kh's dependencies") from e
+    try:
+        yield proc
+    finally:
+        reap(proc, grace)
+
+
+def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+        input: bytes | None = None, check: bool = True, capture: bool = True,
+        on_line: Callable[[str], None] | None = None, log_file: Path | None = None,
+        timeout: float | None = None, what: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion and return its output.
+
+    With ``on_line`` every output line (stdout and stderr merged) is handed over as it comes,
+    which is how long builds drive their progress display. With ``log_file`` the output is kept
+    there as well. A failure raises ``ProcessError`` carrying the output's tail.
+    """
+    log.debug("run: %s%s", _fmt(argv), f"  (in {cwd})" if cwd else "")
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    chunks: list[str] = []
+    merged = on_line is not None or log_file is not None
+    try:
+        proc = subprocess.Popen(
+            [str(a) for a in argv], cwd=cwd, env=_env(env),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if (capture or merged) else None,
+            stderr=subprocess.STDOUT if merged else (subprocess.PIPE if capture else None),
+            start_new_session=True)
+    except OSError as e:
+        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}",
+                           "is it installed? `make setup` installs kh's dependencies") from e
+    stderr_text = ""
+    try:
+        if merged:
+            assert proc.stdout is not None
+            if input is not None and proc.stdin:
+                proc.stdin.write(input)
+                proc.stdin.close()
+            logf = open(log_file, "a", encoding="utf-8") if log_file else None
+            try:
+                for raw in proc.stdout:
+                    line = raw.decode("utf-8", "replace")
+                    tail.append(line)
+                    if capture:
+                        chunks.append(line)
+                    if logf:
+                        logf.write(line)
+                    if on_line:
+                        on_line(line.rstrip("\n"))
+            finally:
+                if logf:
+                    logf.close()
+            proc.wait(timeout=timeout)
+        else:
+            out, err = proc.communicate(input=input, timeout=timeout)
+            if out is not None:
+                chunks.append(out.decode("utf-8", "replace"))
+            if err is not None:
+                stderr_text = err.decode("utf-8", "replace")
+                tail.extend(stderr_text.splitlines(keepends=True)[-40:])
+    except subprocess.TimeoutExpired as e:
+        raise ProcessError(f"{what or argv[0]} did not finish in {timeout:.0f} s",
+                           "see --debug for the command") from e
+    finally:
+        reap(proc)
+    stdout_text = "".join(chunks)
+    if check and proc.returncode != 0:
+        if not merged and not stderr_text:
+            tail.extend(stdout_text.splitlines(keepends=True)[-40:])
+        raise ProcessError(f"{what or Path(str(argv[0])).name} failed with exit code "
+                           f"{proc.returncode}", f"command: {_fmt(argv)[:200]}",
+                           returncode=proc.returncode, output_tail="".join(tail))
+    return subprocess.CompletedProcess([str(a) for a in argv], proc.returncode,
+                                       stdout_text, stderr_text)

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from kh.errors import UsageError
+from kh.hw import board
+
+B = board.BOARDS["ppce500"]
+
+
+def test_machine_and_memory():
+    assert board.machine_args(B) == ["-M", "ppce500", "-cpu", "e500v2"]
+    assert board.memory_args(512) == ["-m", "512M"]
+
+
+def test_console_socket_waits_for_kh():
+    args = board.console_args(Path("/run/x.sock"), wait=True)
+    assert args == ["-chardev", "socket,id=con0,path=/run/x.sock,server=on,wait=on",
+                    "-serial", "chardev:con0"]
+
+
+def test_loader_refuses_the_region_that_stops_uboot():
+    with pytest.raises(UsageError, match="0x2000000"):
+        board.loader_args((board.Load(Path("k"), 0x2000000),), B)
+    assert board.loader_args((board.Load(Path("k"), 0x8000000),), B) == [
+        "-device", "loader,file=k,addr=0x8000000,force-raw=on"]
+
+
+def test_nics():
+    assert board.nic_args((), B) == ["-nic", "none"]
+    tap = board.Nic("n0", "52:54:00:00:00:01", tap="khtap0")
+    user = board.Nic("c0", "52:54:00:00:01:01", tftp=Path("/srv/t"))
+    assert board.nic_args((tap, user), B) == [
+        "-netdev", "tap,id=n0,ifname=khtap0,script=no,downscript=no",
+        "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01",
+        "-netdev", "user,id=c0,restrict=on,tftp=/srv/t",
+        "-device", "virtio-net-pci,netdev=c0,mac=52:54:00:00:01:01"]
+
+
+def test_whole_command_line():
+    spec = board.NodeSpec(name="n1", bios=Path("/u.elf"), console=Path("/c.sock"),
+                          qmp=Path("/q.sock"), loads=(board.Load(Path("/k"), 0x8000000),))
+    argv = board.qemu_argv(spec)
+    assert argv[0] == "qemu-system-ppc"
+    assert argv[argv.index("-bios") + 1] == "/u.elf"
+    assert argv[argv.index("-name") + 1] == "n1,process=kh-n1"
+    assert "-nodefaults" in argv and ["-qmp", "unix:/q.sock,server=on,wait=off"] == \
+        argv[argv.index("-qmp"):argv.index("-qmp") + 2]
+    assert argv[-2:] == ["-nic", "none"]
+
+
+@pytest.mark.parametrize("text,mib", [("256M", 256), ("1G", 1024), ("512", 512), ("2g", 2048)])
+def test_parse_mem(text, mib):
+    assert board.parse_mem(text) == mib
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-5M", "0", "12T"])
+def test_parse_mem_bad(text):
+    with pytest.raises(UsageError):
+        board.parse_mem(text)
+
+
+def test_memory_checks(tmp_path):
+    k = tmp_path / "k"
+    k.write_bytes(b"x" * 1000)
+    small = board.NodeSpec(name="n", bios=k, console=k, mem_mib=128)
+    with pytest.raises(UsageError, match="too little memory"):
+        board.check_memory(small)
+    spec = board.NodeSpec(name="n", bios=k, console=k, mem_mib=256,
+                          loads=(board.Load(k, 256 * 1024 * 1024 - 10),))
+    with pytest.raises(UsageError, match="does not fit"):
+        board.check_memory(spec)
