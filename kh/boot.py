@@ -28,14 +28,15 @@ from kh.hw import board, qemu
 from kh.hw.console import Console
 from kh.settings import Paths
 
-UBOOT_PROMPT = re.compile(rb"=> $", re.MULTILINE)
+UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 output is no prompt
 READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
 KBOOT_OUTCOME = re.compile(
     READY.pattern
     + rb"|(?P<panic>Kernel panic[^\r\n]*)"
     + rb"|(?P<uboot>Bad Magic Number|Wrong Image Format[^\r\n]*|Bad Data CRC|"
     rb"Bad Header Checksum|ERROR: [^\r\n]*)")
-MRW_DONE = re.compile(rb"mrw: \d+ bytes at 0x[0-9a-fA-F]+[^\r\n]*")
+MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)|error: (?P<error>[^\r\n]*))",
+                         re.MULTILINE)
 DETACH = b"\x1d"  # Ctrl-]
 
 
@@ -226,6 +227,9 @@ def mrw(console: Console, addr: int, data: bytes, timeout: float | None = None) 
     start = console.mark()
     console.write(f"mrw 0x{addr:x} {len(data)}\n".encode() + data)
     budget = timeout if timeout is not None else 30 + len(data) / 5000
-    m = console.expect(MRW_DONE, budget, stage="mrw completion line", start=start)
+    m = console.expect(MRW_OUTCOME, budget, stage="mrw completion line", start=start)
     console.expect(UBOOT_PROMPT, 10, stage="U-Boot prompt after mrw", start=m.end())
+    if m.group("error"):
+        raise BootError(f"mrw refused the load: {m.group('error').decode(errors='replace')}",
+                        "load into free RAM below U-Boot's own memory")
     return m.group(0).decode().strip()

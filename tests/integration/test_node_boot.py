@@ -31,12 +31,20 @@ def test_uboot_prompt_and_kh_environment(boot_config, kh_paths):
 
 def test_mrw_64k_blob_crc32_matches(boot_config, kh_paths):
     blob = bytes(range(256)) * 64 + os.urandom(65536 - 256 * 64)  # every byte value, 64 KiB
-    with boot.at_prompt(boot_config(), kh_paths) as node:
+    # The paper's own example address; it needs more than 256 MiB of RAM.
+    with boot.at_prompt(boot_config(mem_mib=512), kh_paths) as node:
         line = boot.mrw(node.console, 0x10000000, blob)
         assert line == "mrw: 65536 bytes at 0x10000000"
         out = boot.uboot_command(node.console, "crc32 0x10000000 10000")
         assert f"==> {zlib.crc32(blob):08x}" in out
         assert boot.uboot_command(node.console, "printenv filesize").strip() == "filesize=10000"
+
+
+def test_mrw_outside_ram_is_refused_and_console_stays_in_step(boot_config, kh_paths):
+    with boot.at_prompt(boot_config(), kh_paths) as node:
+        with pytest.raises(BootError, match="mrw refused the load"):
+            boot.mrw(node.console, 0x10000000, b"x" * 1000)  # past the end of 256 MiB
+        assert "U-Boot" in boot.uboot_command(node.console, "version")
 
 
 def test_mrw_bad_arguments_print_usage(boot_config, kh_paths):
