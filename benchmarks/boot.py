@@ -48,8 +48,25 @@ def mrw_rate(size: int = 65536) -> float:
     with boot.at_prompt(boot.default_config(p), p) as node:
         blob = os.urandom(size)
         t0 = time.monotonic()
-        boot.mrw(node.console, 0x10000000, blob)
+        boot.mrw(node.console, 0x9000000, blob)  # free RAM between kernel and ramdisk
         return size / (time.monotonic() - t0)
+
+
+def idle_cpu(seconds: float = 10.0) -> float:
+    """Share of one host core a node burns while waiting at the U-Boot prompt."""
+    p = paths()
+    tick = os.sysconf("SC_CLK_TCK")
+    with boot.at_prompt(boot.default_config(p), p) as node:
+        time.sleep(1.0)
+        stat = Path(f"/proc/{node.process.pid}/stat")
+
+        def cpu() -> float:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        c0, t0 = cpu(), time.monotonic()
+        time.sleep(seconds)
+        return (cpu() - c0) / (time.monotonic() - t0)
 
 
 def end_to_end(runs: int) -> list[float]:
@@ -70,16 +87,13 @@ def cached_build() -> float:
 
 def cold_build_times() -> dict[str, float]:
     """Seconds each cached image took when it was built (from the cache's records)."""
-    times: dict[str, float] = {}
-    manifest = json.loads((paths().out / "manifest.json").read_text())
-    for m in manifest:
-        if m.get("seconds"):
-            times[str(m["recipe"])] = float(m["seconds"])
-    return times
+    builds = json.loads((paths().out / "builds.json").read_text())
+    return {str(b["recipe"]): float(b["seconds"]) for b in builds}
 
 
 def fmt(xs: list[float]) -> str:
-    return f"median {statistics.median(xs):.2f} s (min {min(xs):.2f}, max {max(xs):.2f}, n={len(xs)})"
+    return (f"median {statistics.median(xs):.2f} s "
+            f"(min {min(xs):.2f}, max {max(xs):.2f}, n={len(xs)})")
 
 
 def main() -> None:
@@ -92,6 +106,7 @@ def main() -> None:
     print(f"`run kboot` -> appliance ready:    {fmt(kb)}")
     print(f"`kh boot -- true` end to end:      {fmt(end_to_end(args.runs))}")
     print(f"mrw throughput (64 KiB):           {mrw_rate():.0f} bytes/s")
+    print(f"idle node at the U-Boot prompt:    {idle_cpu() * 100:.1f}% of a core")
     times = cold_build_times()
     for name, secs in times.items():
         print(f"cold build of {name:<10}           {secs:.0f} s")

@@ -35,8 +35,8 @@ KBOOT_OUTCOME = re.compile(
     + rb"|(?P<panic>Kernel panic[^\r\n]*)"
     + rb"|(?P<uboot>Bad Magic Number|Wrong Image Format[^\r\n]*|Bad Data CRC|"
     rb"Bad Header Checksum|ERROR: [^\r\n]*)")
-MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)|error: (?P<error>[^\r\n]*))",
-                         re.MULTILINE)
+MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
+                         rb"|error: (?P<error>[^\r\n]*))(?=\r?\n)", re.MULTILINE)
 DETACH = b"\x1d"  # Ctrl-]
 
 

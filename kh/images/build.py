@@ -226,10 +226,16 @@ def build(paths: Paths, *, force: bool = False, quiet: bool = False,
             manifest.append({"image": res.path.name, "recipe": f"appliance {res.name}",
                              "key": res.path.parent.name.rsplit("-", 1)[-1], "seconds": 0,
                              "share": round(res.share, 4)})
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    _write_json(out / "manifest.json", manifest)
+    _write_json(out / "builds.json", [{"recipe": b.name, "key": b.key[:16],
+                                        "seconds": round(b.seconds, 1)} for b in built])
     return published
+
+
+def _write_json(dest: Path, data: object) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, dest)
 
 
 def listing(paths: Paths) -> list[dict[str, object]]:

@@ -53,7 +53,8 @@ def test_closure_of_real_ppc_binary(ppc_root):
 @needs_cross
 def test_missing_library_named(ppc_root):
     (ppc_root / "lib/powerpc-linux-gnu/libm.so.6").unlink()
-    with pytest.raises(SpecError, match=r"libm.so.6 is not in the PPC root \(needed by /usr/bin/hello"):
+    with pytest.raises(SpecError,
+                       match=r"libm.so.6 is not in the PPC root \(needed by /usr/bin/hello"):
         Closure(ppc_root).add("/usr/bin/hello")
 
 
