@@ -69,6 +69,20 @@ def spawn(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None 
         reap(proc, grace)
 
 
+def daemon(argv: Argv, log_file: Any, *, env: Mapping[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    """Start a long-lived daemon (khd) in its own session; it deliberately outlives the caller.
+
+    The only process kh starts without reaping it: `kh service stop` ends it by PID.
+    """
+    log.debug("daemon: %s", _fmt(argv))
+    try:
+        return subprocess.Popen([str(a) for a in argv], env=_env(env), stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=log_file, start_new_session=True)
+    except OSError as e:
+        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}") from e
+
+
 def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
         input: bytes | None = None, check: bool = True, capture: bool = True,
         on_line: Callable[[str], None] | None = None, log_file: Path | None = None,

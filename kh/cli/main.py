@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from kh import boot as boot_mod
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
 from kh.cli.common import handle_errors, setup_logging
+from kh.cli.service import register as register_service_commands
 from kh.hw.board import parse_mem
 from kh.images import build as image_build
 from kh.settings import paths
@@ -19,9 +21,13 @@ from kh.settings import paths
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Log every command kh runs; tracebacks on errors.")
-def main(debug: bool) -> None:
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="KH_STATE_DIR",
+              help="khd's state (default /var/lib/kh).")
+def main(debug: bool, state_dir: Path | None) -> None:
     """kh: Project Kittyhawk's nodes, domains and control channels on one host."""
     setup_logging(debug)
+    if state_dir is not None:
+        os.environ["KH_STATE_DIR"] = str(state_dir)
 
 
 @main.group()
@@ -123,6 +129,8 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
         click.echo("kh: attached to the node's console; Ctrl-] leaves", err=True)
         node.interact()
 
+
+register_service_commands(main)
 
 if __name__ == "__main__":
     main()

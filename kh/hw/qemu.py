@@ -38,7 +38,7 @@ class Qmp:
             if "event" not in msg:
                 return msg
 
-    def command(self, name: str, **args: Any) -> Any:
+    def command(self, name: str, /, **args: Any) -> Any:
         self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
         self.file.flush()
         reply = self._read()

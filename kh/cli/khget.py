@@ -1,0 +1,43 @@
+"""`khget`: allocate nodes, print the paper's text object (a thin client of khd's API)."""
+
+from __future__ import annotations
+
+import click
+
+from kh.admission import read_credential
+from kh.cli.common import handle_errors, setup_logging
+from kh.cli.service import client
+from kh.errors import UsageError
+
+
+def _netids(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"bad domain list {text!r}", "write -n 3,4") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "cred", help="Credential (or a file holding it); registers a new USER.")
+@click.option("-p", "new_private", type=int, default=0, help="Create N private domains.")
+@click.option("-n", "netids", help="Existing private domains, e.g. 3,4.")
+@click.option("-i", "public", is_flag=True, help="Add the nodes to the public domain (D1).")
+@click.option("-x", "external", is_flag=True, help="Add the nodes to the external domain (D0).")
+@click.option("--json", "as_json", is_flag=True, help="The same object as JSON.")
+@click.option("--debug", is_flag=True, help="Tracebacks on errors.")
+@click.argument("user")
+@click.argument("count", type=int, default=1)
+@handle_errors
+def main(cred: str | None, new_private: int, netids: str | None, public: bool, external: bool,
+         as_json: bool, debug: bool, user: str, count: int) -> None:
+    """Allocate COUNT nodes (default 1) for principal USER."""
+    setup_logging(debug)
+    body = {"user": user, "credential": read_credential(cred), "count": count,
+            "p": new_private, "n": _netids(netids), "i": public, "x": external}
+    click.echo(client().call("POST", "/v1/allocations", body, as_json=as_json), nl=False)
+
+
+if __name__ == "__main__":
+    main()

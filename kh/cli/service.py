@@ -1,0 +1,143 @@
+"""`kh service|ps|hw|release|reset|domain|clean|console`: the service's host-side commands."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kh.admission import read_credential
+from kh.cli.common import handle_errors
+from kh.client import Client
+from kh.errors import UsageError
+from kh.service import control
+from kh.service.config import ServiceConfig, from_env
+
+
+def config() -> ServiceConfig:
+    return from_env()
+
+
+def client() -> Client:
+    return Client(config().socket)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def principal_options(fn: F) -> F:
+    fn = click.option("-c", "--credential", "cred", help="Credential, or a file holding it.")(fn)
+    return click.option("-u", "--user", required=True, help="The principal.")(fn)
+
+
+def alloc_id(text: str) -> int:
+    m = re.fullmatch(r"(?:con)?(\d+)(?:@\S+)?", text)
+    if not m:
+        raise UsageError(f"bad allocation {text!r}", "give its number or con<ID>@host")
+    return int(m[1])
+
+
+def register(main: click.Group) -> None:
+    @main.group()
+    def service() -> None:
+        """Run khd, the service interface, in the background."""
+
+    @service.command("start")
+    @click.option("--nodes", type=int, help="Nodes the machine has (kept warm).")
+    @click.option("--port", type=int, help="API port on 127.0.0.1 and in the fabric.")
+    @click.option("--uplink-netns", help="Network namespace the external domain reaches.")
+    @handle_errors
+    def service_start(nodes: int | None, port: int | None, uplink_netns: str | None) -> None:
+        """Start khd (waits until it answers)."""
+        cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns)
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        pid = control.start(cfg, debug=debug)
+        click.echo(f"khd running (pid {pid}, state {cfg.state_dir})")
+
+    @service.command("stop")
+    @handle_errors
+    def service_stop() -> None:
+        """Stop khd; nodes and allocations stay."""
+        click.echo("khd stopped" if control.stop(config()) else "khd was not running")
+
+    @service.command("status")
+    @handle_errors
+    def service_status() -> None:
+        """Say whether khd runs and how many nodes it has."""
+        click.echo(client().call("GET", "/v1/status"), nl=False)
+
+    @main.command()
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @handle_errors
+    def ps(as_json: bool) -> None:
+        """Allocations, nodes and domains."""
+        click.echo(client().call("GET", "/v1/ps", as_json=as_json), nl=False)
+
+    @main.command()
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @handle_errors
+    def hw(as_json: bool) -> None:
+        """The documented node hardware."""
+        click.echo(client().call("GET", "/v1/hw", as_json=as_json), nl=False)
+
+    @main.command()
+    @principal_options
+    @click.argument("allocation")
+    @click.argument("nodes", nargs=-1, type=int)
+    @handle_errors
+    def release(user: str, cred: str | None, allocation: str, nodes: tuple[int, ...]) -> None:
+        """Give back ALLOCATION (or only NODES of it); domains stay."""
+        click.echo(client().call("POST", f"/v1/allocations/{alloc_id(allocation)}/release",
+                                 {"user": user, "credential": read_credential(cred),
+                                  "nodes": list(nodes)}), nl=False)
+
+    @main.command()
+    @principal_options
+    @click.argument("node", type=int)
+    @handle_errors
+    def reset(user: str, cred: str | None, node: int) -> None:
+        """Reset NODE back to the U-Boot prompt."""
+        click.echo(client().call("POST", f"/v1/nodes/{node}/reset",
+                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+
+    @main.group()
+    def domain() -> None:
+        """Communication domains."""
+
+    @domain.command("rm")
+    @principal_options
+    @click.argument("netid", type=int)
+    @handle_errors
+    def domain_rm(user: str, cred: str | None, netid: int) -> None:
+        """Remove a private domain the principal owns (no allocated node may be in it)."""
+        click.echo(client().call("POST", f"/v1/domains/{netid}/remove",
+                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+
+    @main.command()
+    @handle_errors
+    def clean() -> None:
+        """Remove every host object kh created (by kh's tags) and nothing else."""
+        done = control.clean(config())
+        click.echo("\n".join(done) if done else "nothing of kh's to clean")
+
+    @main.command()
+    @click.argument("node", type=int)
+    @handle_errors
+    def console(node: int) -> None:
+        """Attach to NODE's console (Ctrl-] leaves)."""
+        from kh.boot import attach
+        from kh.hw.console import Console
+        path = config().node_dir(node) / "console.sock"
+        if not path.exists():
+            raise UsageError(f"node {node} has no console here", "see `kh ps`")
+        con = Console(path, name=f"node{node}")
+        con.connect(5)
+        click.echo(f"kh: attached to node {node}; Ctrl-] leaves", err=True)
+        try:
+            attach(con)
+        finally:
+            con.close()
+
+

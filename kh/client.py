@@ -1,0 +1,68 @@
+"""The service API as the CLI sees it: HTTP over khd's unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from kh.admission import AuthError
+from kh.allocation import AllocationError
+from kh.errors import KhError, UsageError
+
+ERRORS: dict[int, type[KhError]] = {400: UsageError, 403: AuthError, 409: AllocationError}
+
+
+class NotRunning(KhError):
+    """khd is not running (or not where we looked)."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("khd", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(str(self.unix_path))
+        self.sock = s
+
+
+class Client:
+    def __init__(self, socket_path: Path, timeout: float = 300.0) -> None:
+        self.path = socket_path
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             *, as_json: bool = False) -> str:
+        conn = _UnixConnection(self.path, self.timeout)
+        headers = {"Accept": "application/json" if as_json else "text/plain"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read().decode("utf-8", "replace")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunning(f"khd is not running (no socket at {self.path})",
+                             "start it with `kh service start`") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            msg, hint = _parse_error(text)
+            raise ERRORS.get(resp.status, KhError)(msg, hint)
+        return text
+
+
+def _parse_error(text: str) -> tuple[str, str | None]:
+    try:
+        d = json.loads(text)
+        return str(d.get("error")), d.get("hint")
+    except ValueError:
+        line = text.strip().splitlines()[0] if text.strip() else "khd failed"
+        return line.removeprefix("kh: "), None

@@ -1,0 +1,212 @@
+"""The communication fabric: kh's network namespace, one bridge per domain, one tap per node
+interface, and the external domain's NAT uplink, built with pyroute2.
+
+Isolation is the host's job: every private domain is a bridge with no address, so nothing can
+route into or out of it; the external and public bridges carry kh's own address (gateway,
+service listener) and the FORWARD policy drops everything but external → uplink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyroute2 import NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kh import proc
+from kh.allocation import host_address, subnet
+from kh.errors import KhError
+from kh.hw import netns as nsutil
+from kh.model import EXTERNAL, PUBLIC
+
+log = logging.getLogger("kh.fabric")
+
+
+class FabricError(KhError):
+    """The host refused to build a part of the fabric."""
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    """Names of everything kh creates carry ``prefix`` so `kh clean` finds exactly them."""
+
+    prefix: str = "kh"
+    uplink_netns: str | None = None  # where the external domain's outside end goes
+
+    @property
+    def netns(self) -> str:
+        return f"{self.prefix}-fabric"
+
+    def bridge(self, netid: int) -> str:
+        return f"{self.prefix}br{netid}"
+
+    def tap(self, node: int, slot: int) -> str:
+        return f"{self.prefix}{node}s{slot}"
+
+    @property
+    def uplink(self) -> str:
+        return f"{self.prefix}up0"  # fabric end of the external veth
+
+    @property
+    def outside(self) -> str:
+        return f"{self.prefix}out0"  # outside end of the external veth
+
+
+class Fabric:
+    def __init__(self, cfg: FabricConfig) -> None:
+        self.cfg = cfg
+
+    @contextlib.contextmanager
+    def ns(self) -> Iterator[NetNS]:
+        ns = NetNS(self.cfg.netns)
+        try:
+            yield ns
+        finally:
+            ns.close()
+
+    # -- the namespace ----------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the namespace with loopback up, forwarding off between domains."""
+        name = self.cfg.netns
+        if not nsutil.exists(name):
+            try:
+                netns.create(name)
+            except OSError as e:
+                raise FabricError(f"cannot create network namespace {name}: {e.strerror}",
+                                  "kh's fabric needs root") from None
+        with self.ns() as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        # Bridged frames must not pass through iptables (br_netfilter): domains are L2.
+        for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables",
+                    "net.bridge.bridge-nf-call-arptables"):
+            nsutil.sysctl(name, key, "0")
+
+    def destroy(self) -> bool:
+        """Remove the namespace and with it every bridge, tap and veth end inside."""
+        if not nsutil.exists(self.cfg.netns):
+            return False
+        with contextlib.suppress(NetlinkError, OSError):
+            self._remove_outside_end()
+        netns.remove(self.cfg.netns)
+        return True
+
+    def links(self) -> list[str]:
+        with self.ns() as ns:
+            return sorted(str(link.get_attr("IFLA_IFNAME")) for link in ns.get_links())
+
+    # -- domains ----------------------------------------------------------------------------
+    def ensure_domain(self, netid: int) -> str:
+        """The bridge of domain ``netid``; kh's own address only on external and public."""
+        name = self.cfg.bridge(netid)
+        with self.ns() as ns:
+            idx = ns.link_lookup(ifname=name)
+            if not idx:
+                ns.link("add", ifname=name, kind="bridge", br_stp_state=0,
+                        br_forward_delay=0)
+                idx = ns.link_lookup(ifname=name)
+            ns.link("set", index=idx[0], state="up")
+            if netid in (EXTERNAL, PUBLIC):
+                addr = host_address(netid)
+                have = [a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx[0])]
+                if str(addr.ip) not in have:
+                    ns.addr("add", index=idx[0], address=str(addr.ip),
+                            prefixlen=addr.network.prefixlen)
+        if netid == EXTERNAL:
+            self._ensure_nat()
+        return name
+
+    def remove_domain(self, netid: int) -> None:
+        with self.ns() as ns:
+            idx = ns.link_lookup(ifname=self.cfg.bridge(netid))
+            if idx:
+                ns.link("del", index=idx[0])
+
+    # -- node interfaces --------------------------------------------------------------------
+    def ensure_tap(self, node: int, slot: int) -> str:
+        name = self.cfg.tap(node, slot)
+        with self.ns() as ns:
+            if not ns.link_lookup(ifname=name):
+                ns.link("add", ifname=name, kind="tuntap", mode="tap")
+            ns.link("set", index=ns.link_lookup(ifname=name)[0], state="up")
+        return name
+
+    def attach(self, node: int, slot: int, netid: int | None) -> None:
+        """Plug a node interface into domain ``netid``'s bridge, or unplug it (None)."""
+        with self.ns() as ns:
+            tap = ns.link_lookup(ifname=self.cfg.tap(node, slot))
+            if not tap:
+                raise FabricError(f"node {node} has no interface slot {slot}")
+            if netid is None:
+                ns.link("set", index=tap[0], master=0)
+                return
+            br = ns.link_lookup(ifname=self.cfg.bridge(netid))
+            if not br:
+                raise FabricError(f"domain {netid} has no bridge")
+            ns.link("set", index=tap[0], master=br[0])
+
+    def remove_taps(self, node: int, slots: int) -> None:
+        with self.ns() as ns:
+            for slot in range(slots):
+                idx = ns.link_lookup(ifname=self.cfg.tap(node, slot))
+                if idx:
+                    ns.link("del", index=idx[0])
+
+    def tap_counters(self, node: int, slot: int) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of a node interface, as the host counts them."""
+        with self.ns() as ns:
+            idx = ns.link_lookup(ifname=self.cfg.tap(node, slot))
+            if not idx:
+                return (0, 0)
+            stats = ns.get_links(idx[0])[0].get_attr("IFLA_STATS64")
+            return (int(stats["rx_bytes"]), int(stats["tx_bytes"]))
+
+    # -- the external domain's uplink -------------------------------------------------------
+    def _ensure_nat(self) -> None:
+        cfg = self.cfg
+        if cfg.uplink_netns is None:
+            log.info("external domain has no uplink namespace configured")
+            return
+        if not nsutil.exists(cfg.uplink_netns):
+            raise FabricError(f"uplink namespace {cfg.uplink_netns} does not exist")
+        up_net = ipaddress.IPv4Interface("10.254.255.1/30")
+        out_net = ipaddress.IPv4Interface("10.254.255.2/30")
+        with self.ns() as ns:
+            if not ns.link_lookup(ifname=cfg.uplink):
+                ns.link("add", ifname=cfg.uplink, kind="veth", peer=cfg.outside)
+                out_idx = ns.link_lookup(ifname=cfg.outside)[0]
+                ns.link("set", index=out_idx, net_ns_fd=nsutil.path(cfg.uplink_netns))
+                up_idx = ns.link_lookup(ifname=cfg.uplink)[0]
+                ns.addr("add", index=up_idx, address=str(up_net.ip), prefixlen=30)
+                ns.link("set", index=up_idx, state="up")
+                ns.route("add", dst="default", gateway=str(out_net.ip))
+        with contextlib.closing(NetNS(cfg.uplink_netns)) as out:
+            idx = out.link_lookup(ifname=cfg.outside)[0]
+            if str(out_net.ip) not in [a.get_attr("IFA_ADDRESS") for a in out.get_addr(index=idx)]:
+                out.addr("add", index=idx, address=str(out_net.ip), prefixlen=30)
+            out.link("set", index=idx, state="up")
+        nsutil.sysctl(cfg.netns, "net.ipv4.ip_forward", "1")
+        ext = str(subnet(EXTERNAL))
+        rules = [
+            ["-P", "FORWARD", "DROP"],
+            ["-A", "FORWARD", "-i", cfg.bridge(EXTERNAL), "-o", cfg.uplink, "-s", ext,
+             "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", cfg.uplink, "-o", cfg.bridge(EXTERNAL), "-m", "conntrack",
+             "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["-t", "nat", "-A", "POSTROUTING", "-s", ext, "-o", cfg.uplink, "-j", "MASQUERADE"],
+        ]
+        ipt = nsutil.enter_argv(cfg.netns) + ["iptables", "-w"]
+        for rule in rules:
+            check = [("-C" if r == "-A" else r) for r in rule]
+            if rule[0] == "-P" or proc.run(ipt + check, check=False).returncode != 0:
+                proc.run(ipt + rule, what="iptables")
+
+    def _remove_outside_end(self) -> None:
+        if self.cfg.uplink_netns and nsutil.exists(self.cfg.uplink_netns):
+            with contextlib.closing(NetNS(self.cfg.uplink_netns)) as out:
+                idx = out.link_lookup(ifname=self.cfg.outside)
+                if idx:
+                    out.link("del", index=idx[0])

@@ -1,0 +1,1 @@
+"""khd: the service interface (admission control, management, hardware configuration)."""

@@ -1,0 +1,260 @@
+"""khd's HTTP API: on a unix socket, on 127.0.0.1, and inside the fabric on the public domain.
+
+Text by default (khget's text object), JSON with ``Accept: application/json`` or
+``?format=json``. Request bodies are JSON or form-encoded (busybox wget inside a node posts
+forms). docs/api.yaml is the OpenAPI description.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import re
+import socketserver
+import threading
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from kh import textobj
+from kh.admission import AuthError, read_credential
+from kh.allocation import AllocationError, Request
+from kh.errors import KhError, UsageError
+from kh.service.core import Hardware, NotFound, Service
+
+log = logging.getLogger("kh.api")
+MAX_BODY = 64 * 1024
+STATUS = {UsageError: 400, AuthError: 403, NotFound: 404, AllocationError: 409}
+
+
+def _status(e: KhError) -> int:
+    for cls, code in STATUS.items():
+        if isinstance(e, cls):
+            return code
+    return 500
+
+
+def _int(body: dict[str, Any], key: str, default: int) -> int:
+    v = body.get(key, default)
+    if isinstance(v, bool) or v in ("", None):
+        return default if v in ("", None) else int(v)
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"`{key}` must be a number, got {v!r}") from None
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    v = body.get(key, False)
+    if isinstance(v, str):
+        return v.lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _netids(body: dict[str, Any]) -> tuple[int, ...]:
+    v = body.get("n", [])
+    if isinstance(v, str):
+        v = [x for x in v.split(",") if x.strip()]
+    if not isinstance(v, list):
+        raise UsageError("`n` must be a list of domain ids")
+    try:
+        return tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise UsageError(f"bad domain list {v!r}", "write -n 3,4") from None
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    service: Service
+    protocol_version = "HTTP/1.1"
+    server_version = "khd"
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if self.client_address else "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _wants_json(self) -> bool:
+        q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        return q.get("format", [""])[0] == "json" or \
+            "application/json" in self.headers.get("Accept", "")
+
+    def _send(self, code: int, text: str, data: Any) -> None:
+        if self._wants_json():
+            body = (json.dumps(data, indent=1) + "\n").encode()
+            ctype = "application/json"
+        else:
+            body = text.encode()
+            ctype = "text/plain; charset=utf-8"
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, code: int, e: KhError) -> None:
+        self._send(code, f"kh: {e}\n", {"error": e.message, "hint": e.hint})
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise UsageError("bad Content-Length") from None
+        if n > MAX_BODY:
+            raise UsageError(f"request body of {n} bytes is too large", f"at most {MAX_BODY}")
+        raw = self.rfile.read(n) if n else b""
+        if not raw:
+            return {}
+        ctype = self.headers.get("Content-Type", "")
+        try:
+            if "json" in ctype:
+                data = json.loads(raw)
+            else:
+                data = {k: v[-1] for k, v in
+                        urllib.parse.parse_qs(raw.decode(), keep_blank_values=True).items()}
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("request body is not valid JSON or form data") from None
+        if not isinstance(data, dict):
+            raise UsageError("request body must be an object")
+        return data
+
+    def _route(self, method: str) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            body = self._body() if method == "POST" else {}
+            for m, rx, fn in ROUTES:
+                if m == method and (match := re.fullmatch(rx, path)):
+                    code, text, data = fn(self.service, body, *match.groups())
+                    self._send(code, text, data)
+                    return
+            raise NotFound(f"no such API endpoint: {method} {path}")
+        except KhError as e:
+            self._error(_status(e), e)
+        except Exception as e:
+            log.exception("internal error on %s %s", method, path)
+            self._error(500, KhError(f"internal error: {type(e).__name__}: {e}"))
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+
+Result = tuple[int, str, Any]
+
+
+def _cred(body: dict[str, Any]) -> str | None:
+    c = body.get("credential")
+    if c is not None and not isinstance(c, str):
+        raise UsageError("`credential` must be a string")
+    return read_credential(c) if c else None
+
+
+def _user(body: dict[str, Any]) -> str:
+    u = body.get("user")
+    if not isinstance(u, str) or not u:
+        raise UsageError("`user` is required")
+    return u
+
+
+def allocate(svc: Service, body: dict[str, Any]) -> Result:
+    req = Request(user=_user(body), count=_int(body, "count", 1),
+                  new_private=_int(body, "p", 0), existing=_netids(body),
+                  public=_flag(body, "i"), external=_flag(body, "x"))
+    a = svc.khget(req, _cred(body))
+    return 201, textobj.format(a), textobj.to_json(a)
+
+
+def release(svc: Service, body: dict[str, Any], alloc: str) -> Result:
+    nodes = body.get("nodes") or []
+    if isinstance(nodes, str):
+        nodes = [x for x in nodes.split(",") if x]
+    done = svc.release(int(alloc), _user(body), _cred(body), [int(n) for n in nodes])
+    return 200, f"released {' '.join(map(str, done))}\n", {"released": done}
+
+
+def reset(svc: Service, body: dict[str, Any], node: str) -> Result:
+    svc.reset(int(node), _user(body), _cred(body))
+    return 200, f"node {node} is at the U-Boot prompt\n", {"reset": int(node)}
+
+
+def domain_rm(svc: Service, body: dict[str, Any], netid: str) -> Result:
+    svc.remove_domain(int(netid), _user(body), _cred(body))
+    return 200, f"domain {netid} removed\n", {"removed": int(netid)}
+
+
+def ps(svc: Service, body: dict[str, Any]) -> Result:
+    data = svc.ps()
+    lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8}  NOTE"]
+    for n in data["nodes"]:
+        lines.append(f"{n['node']:>5} {n['uid']:>5} {n['state']:<10} "
+                     f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8}  {n['reason'] or ''}")
+    lines.append("")
+    lines.append(f"{'ALLOC':>5} {'PRINCIPAL':<12} {'DOMAINS':<16} NODES")
+    for a in data["allocations"]:
+        lines.append(f"{a['id']:>5} {a['principal']:<12} "
+                     f"{','.join(map(str, a['netids'])):<16} {' '.join(map(str, a['nodes']))}")
+    lines.append("")
+    lines.append(f"{'DOMAIN':>6} {'KIND':<9} OWNER")
+    for d in data["domains"]:
+        lines.append(f"{d['netid']:>6} {d['kind']:<9} {d['owner'] or '-'}")
+    return 200, "\n".join(lines) + "\n", data
+
+
+def hw(svc: Service, body: dict[str, Any]) -> Result:
+    d = Hardware(svc.cfg).describe()
+    text = "\n".join(f"{k}: {v}" if not isinstance(v, (list, dict)) else
+                     f"{k}:\n" + "\n".join(f"  {x}" if isinstance(v, list) else f"  {x}: {v[x]}"
+                                          for x in v) for k, v in d.items())
+    return 200, text + "\n", d
+
+
+def status(svc: Service, body: dict[str, Any]) -> Result:
+    nodes = svc.ps()["nodes"]
+    free = sum(1 for n in nodes if n["state"] == "free")
+    return 200, f"khd running: {len(nodes)} nodes, {free} free\n", {
+        "running": True, "nodes": len(nodes), "free": free, "repairs": svc.repairs}
+
+
+ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
+    ("POST", r"/v1/allocations", allocate),
+    ("POST", r"/v1/allocations/(\d+)/release", release),
+    ("POST", r"/v1/nodes/(\d+)/reset", reset),
+    ("POST", r"/v1/domains/(\d+)/remove", domain_rm),
+    ("GET", r"/v1/ps", ps),
+    ("GET", r"/v1/hw", hw),
+    ("GET", r"/v1/status", status),
+]
+
+
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class TCPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def handler_for(svc: Service) -> type[Handler]:
+    return type("BoundHandler", (Handler,), {"service": svc})
+
+
+def serve(server: socketserver.BaseServer) -> threading.Thread:
+    t = threading.Thread(target=server.serve_forever, daemon=True, name="api")
+    t.start()
+    return t
+
+
+def tcp_server(addr: str, port: int, handler: type[Handler]) -> TCPServer:
+    try:
+        return TCPServer((addr, port), handler)
+    except OSError as e:
+        if e.errno in (98,):
+            raise KhError(f"port {port} on {addr} is in use", "pick another with --port") from None
+        raise
+
+

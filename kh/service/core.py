@@ -1,0 +1,300 @@
+"""The service: admission control + allocation decisions + hardware configuration.
+
+Every public method is one request of the API. Allocation holds one lock from the free-node
+check to the state change, so concurrent khget calls never share a node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kh import admission
+from kh.allocation import (
+    NIC_SLOTS,
+    AllocationError,
+    Request,
+    boot_keys,
+    choose_nodes,
+    host_address,
+    node_address,
+    plan_domains,
+)
+from kh.errors import KhError
+from kh.hw.fabric import Fabric
+from kh.model import (
+    EXTERNAL,
+    FIRST_PRIVATE,
+    PUBLIC,
+    AllocationInfo,
+    Domain,
+    DomainKind,
+    NodeInfo,
+    NodeState,
+)
+from kh.service.config import ServiceConfig
+from kh.service.nodes import NodeManager, node_tag
+from kh.store import NodeRow, Store
+
+log = logging.getLogger("kh.service")
+
+
+class NotFound(KhError):
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """`kh hw`: the documented node."""
+
+    cfg: ServiceConfig
+
+    def describe(self) -> dict[str, Any]:
+        return {"board": "QEMU ppce500 (Freescale MPC85xx e500 platform)",
+                "cpu": "1 x PowerPC e500v2 (32-bit Book E, SPE, no classic FPU: Linux emulates)",
+                "memory_mib": self.cfg.mem_mib,
+                "firmware": "U-Boot 2023.01 (Debian) + kh patches (mrw, environment)",
+                "console": "16550 UART, 115200 8N1: the node's control interface",
+                "interfaces": [f"eth{s}: virtio-net-pci, one per domain in khget's order"
+                               for s in range(NIC_SLOTS)],
+                "preloaded": {"kernel": "${loadaddr}=0x8000000 (Linux 6.1 uImage)",
+                              "ramdisk": f"${{ramfsaddr}}=0xa000000 ({self.cfg.appliance})"},
+                "boot": "run kboot (kernel arguments from ${khargs})",
+                "nodes": self.cfg.nodes}
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.db)
+        self.fabric = Fabric(cfg.fabric)
+        self.nodes = NodeManager(cfg, self.fabric)
+        self.lock = threading.RLock()
+        self.repairs: list[str] = []
+        self._stop = threading.Event()
+        self._refill = threading.Event()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring the fabric and nodes to what the state says; report what had to be repaired."""
+        self.cfg.run.mkdir(parents=True, exist_ok=True)
+        self.fabric.ensure()
+        for d in self.store.domains():
+            self.fabric.ensure_domain(d.netid)
+        for row in self.store.nodes():
+            tag = node_tag(self.cfg, row.number)
+            try:
+                node = self.nodes.reattach(row.number, row.pid or 0)
+            except KhError as e:
+                log.warning("node %d: cannot reattach: %s", row.number, e)
+                node = None
+            if node is not None:
+                continue
+            if row.state == NodeState.ALLOCATED:
+                self.store.set_node(row.number, state=NodeState.FAILED, pid=None,
+                                    reason="QEMU exited while khd was away")
+                self.repairs.append(f"node {row.number}: {tag} had exited; marked failed")
+            elif row.state != NodeState.FAILED:
+                self.store.delete_node(row.number)
+                self.repairs.append(f"node {row.number}: {tag} had exited; restarting it")
+        self._fill_pool()
+        threading.Thread(target=self._watch, daemon=True, name="watch").start()
+        for r in self.repairs:
+            log.warning("repaired: %s", r)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._refill.set()
+        self.nodes.detach_all()
+        self.store.close()
+
+    def _fill_pool(self) -> None:
+        """Start nodes until the machine has its configured size (failed ones don't count)."""
+        with self.lock:
+            rows = {r.number: r for r in self.store.nodes()}
+            live = [n for n, r in rows.items() if r.state != NodeState.FAILED]
+            missing = self.cfg.nodes - len(live)
+            numbers = [n for n in range(1, self.cfg.nodes * 4 + 2) if n not in rows][:missing]
+            for n in numbers:
+                self.store.put_node(NodeRow(n, self.store.new_uid(), NodeState.STARTING, None,
+                                            None, str(self.cfg.node_dir(n)), time.time(), None))
+        if not numbers:
+            return
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            list(ex.map(self._start_node, numbers))
+
+    def _start_node(self, number: int) -> None:
+        try:
+            node = self.nodes.start(number)
+        except KhError as e:
+            log.error("node %d failed to start: %s", number, e)
+            self.store.set_node(number, state=NodeState.FAILED, reason=str(e))
+            return
+        self.store.set_node(number, state=NodeState.FREE, pid=node.pid, started=time.time())
+
+    def _watch(self) -> None:
+        """Mark nodes that died; replace free ones and released ones."""
+        while not self._stop.is_set():
+            self._refill.wait(1.0)
+            self._refill.clear()
+            if self._stop.is_set():
+                return
+            with self.lock:
+                for row in self.store.nodes("WHERE state IN ('free', 'allocated')"):
+                    node = self.nodes.running.get(row.number)
+                    if node is None or node.alive(node_tag(self.cfg, row.number)):
+                        continue
+                    log.warning("node %d died", row.number)
+                    self.nodes.stop(row.number)
+                    if row.state == NodeState.ALLOCATED:
+                        self.store.set_node(row.number, state=NodeState.FAILED, pid=None,
+                                            reason="QEMU exited")
+                    else:
+                        self.store.delete_node(row.number)
+            try:
+                self._fill_pool()
+            except KhError as e:
+                log.error("refilling the pool: %s", e)
+
+    # -- admission -----------------------------------------------------------------------------
+    def authenticate(self, user: str, credential: str | None, *, register: bool
+                     ) -> tuple[bytes, bytes] | None:
+        """Check a principal's credential. For an unknown principal with ``register``, return
+        the salted hash to store once the request has succeeded (a refused request leaves no
+        trace); otherwise refuse."""
+        admission.check_user(user)
+        known = self.store.principal(user)
+        if known is None:
+            if not register:
+                raise admission.AuthError(f"unknown principal {user}",
+                                          "khget -c CRED USER registers it")
+            if credential is None:
+                raise admission.AuthError(f"principal {user} is new: a credential is needed "
+                                          "to register it", "pass one with -c")
+            return admission.hash_credential(credential)
+        admission.verify(credential, known[0], known[1], user)
+        return None
+
+    # -- khget -------------------------------------------------------------------------------
+    def khget(self, req: Request, credential: str | None) -> AllocationInfo:
+        req.check()
+        with self.lock:
+            pending = self.authenticate(req.user, credential, register=True)
+            owned = self.store.private_owners()
+            next_id = max([FIRST_PRIVATE - 1, *owned]) + 1
+            plan = plan_domains(req, owned, next_id)
+            free = [r.number for r in self.store.nodes("WHERE state='free'")
+                    if r.number in self.nodes.running]
+            chosen = choose_nodes(free, req.count)
+            with contextlib.ExitStack() as undo:
+                if pending is not None:
+                    self.store.add_principal(req.user, *pending)
+                    undo.callback(self.store.remove_principal, req.user)
+                for d in plan.create:
+                    self.store.add_domain(d)
+                    undo.callback(self.store.remove_domain, d.netid)
+                    self.fabric.ensure_domain(d.netid)
+                    undo.callback(self.fabric.remove_domain, d.netid)
+                netids = tuple(d.netid for d in plan.order)
+                alloc = self.store.add_allocation(req.user, netids)
+                undo.callback(self.store.release_allocation, alloc)
+                with ThreadPoolExecutor(max_workers=8) as ex:
+                    list(ex.map(lambda n: self._configure(n, plan.order), chosen))
+                for n in chosen:
+                    self.store.set_node(n, state=NodeState.ALLOCATED, alloc=alloc)
+                undo.pop_all()
+            return self.info(alloc)
+
+    def _configure(self, number: int, domains: tuple[Domain, ...]) -> None:
+        for slot in range(NIC_SLOTS):
+            self.fabric.attach(number, slot, domains[slot].netid if slot < len(domains)
+                               else None)
+        self.nodes.set_links(number, len(domains))
+        server = f"{host_address(PUBLIC).ip}:{self.cfg.api_port}"
+        self.nodes.uboot(number, f"setenv khargs '{boot_keys(domains, number, server)}'")
+
+    def info(self, alloc: int) -> AllocationInfo:
+        row = self.store.allocation(alloc)
+        if row is None:
+            raise NotFound(f"no allocation {alloc}")
+        doms = {d.netid: d for d in self.store.domains()}
+        order = tuple(doms.get(n, Domain(n, DomainKind.PRIVATE, row.principal))
+                      for n in row.netids)
+        nodes = tuple(NodeInfo(r.number, r.uid, str(node_address(order[0].netid, r.number).ip)
+                               if order else "")
+                      for r in self.store.nodes("WHERE alloc=?", (alloc,)))
+        return AllocationInfo(alloc, self.cfg.server, order, nodes)
+
+    # -- management --------------------------------------------------------------------------
+    def _own_allocation(self, alloc: int, user: str, credential: str | None) -> None:
+        self.authenticate(user, credential, register=False)
+        row = self.store.allocation(alloc)
+        if row is None or row.released is not None:
+            raise NotFound(f"no active allocation {alloc}")
+        if row.principal != user:
+            raise admission.AuthError(f"allocation {alloc} belongs to another principal")
+
+    def release(self, alloc: int, user: str, credential: str | None,
+                nodes: list[int] | None = None) -> list[int]:
+        """Give nodes back; their QEMUs are replaced by fresh ones (no principal data
+        survives into the pool). Domains stay until `kh domain rm`."""
+        with self.lock:
+            self._own_allocation(alloc, user, credential)
+            rows = self.store.nodes("WHERE alloc=?", (alloc,))
+            numbers = [r.number for r in rows]
+            if nodes:
+                stray = sorted(set(nodes) - set(numbers))
+                if stray:
+                    raise NotFound(f"node {stray[0]} is not in allocation {alloc}")
+                numbers = sorted(nodes)
+            for n in numbers:
+                self.nodes.stop(n)
+                self.store.delete_node(n)
+            if not self.store.nodes("WHERE alloc=?", (alloc,)):
+                self.store.release_allocation(alloc)
+        self._refill.set()
+        return numbers
+
+    def reset(self, number: int, user: str, credential: str | None) -> None:
+        with self.lock:
+            row = self.store.node(number)
+            if row is None or row.alloc is None:
+                raise NotFound(f"node {number} is not allocated")
+            self._own_allocation(row.alloc, user, credential)
+            if number not in self.nodes.running:
+                raise NotFound(f"node {number} is not running ({row.state.value})")
+            a = self.info(row.alloc)
+        self.nodes.reset(number)
+        self._configure(number, a.domains)
+
+    def remove_domain(self, netid: int, user: str, credential: str | None) -> None:
+        with self.lock:
+            self.authenticate(user, credential, register=False)
+            owners = self.store.private_owners()
+            if netid in (EXTERNAL, PUBLIC) or netid not in owners:
+                raise NotFound(f"no private domain {netid}")
+            if owners[netid] != user:
+                raise admission.AuthError(f"domain {netid} belongs to another principal")
+            if self.store.domain_in_use(netid):
+                raise AllocationError(f"domain {netid} still has allocated nodes",
+                                      "release them first")
+            self.fabric.remove_domain(netid)
+            self.store.remove_domain(netid)
+
+    def ps(self) -> dict[str, Any]:
+        nodes = self.store.nodes()
+        return {
+            "allocations": [{"id": a.id, "principal": a.principal, "netids": list(a.netids),
+                             "nodes": [n.number for n in nodes if n.alloc == a.id],
+                             "created": a.created} for a in self.store.allocations()],
+            "nodes": [{"node": n.number, "uid": n.uid, "state": n.state.value, "pid": n.pid,
+                       "allocation": n.alloc, "reason": n.reason} for n in nodes],
+            "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
+                        for d in self.store.domains()],
+            "repairs": self.repairs,
+        }

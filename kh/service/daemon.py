@@ -1,0 +1,94 @@
+"""khd itself: start the service, serve its API, stop cleanly on SIGTERM.
+
+Nodes are not stopped with khd: they keep running (and keep their allocations) until released
+or `kh clean`, and the next khd finds them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from kh.allocation import host_address
+from kh.errors import KhError
+from kh.hw import netns as nsutil
+from kh.model import PUBLIC
+from kh.service import api
+from kh.service.config import ServiceConfig, from_env
+from kh.service.core import Service
+
+log = logging.getLogger("kh.khd")
+
+
+def run(cfg: ServiceConfig) -> int:
+    cfg.run.mkdir(parents=True, exist_ok=True)
+    cfg.logs.mkdir(parents=True, exist_ok=True)
+    for name in ("u-boot.elf", "uImage", f"{cfg.appliance}.cpio.gz.uimg"):
+        if not (cfg.images / name).exists():
+            raise KhError(f"image {cfg.images / name} is missing", "run `kh images build`")
+    svc = Service(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    svc.start()
+    handler = api.handler_for(svc)
+    cfg.socket.unlink(missing_ok=True)
+    servers: list[object] = []
+    unix = api.UnixServer(str(cfg.socket), handler)
+    os.chmod(cfg.socket, 0o660)
+    servers.append(unix)
+    servers.append(api.tcp_server("127.0.0.1", cfg.api_port, handler))
+    public = str(host_address(PUBLIC).ip)
+    svc.fabric.ensure_domain(PUBLIC)
+    servers.append(nsutil.run_in(cfg.fabric.netns,
+                                 lambda: api.tcp_server(public, cfg.api_port, handler)))
+    for s in servers:
+        api.serve(s)  # type: ignore[arg-type]
+    cfg.pidfile.write_text(f"{os.getpid()}\n")
+    log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric); %d nodes",
+                os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port, cfg.nodes)
+    try:
+        stop.wait()
+    finally:
+        for s in servers:
+            s.shutdown()  # type: ignore[attr-defined]
+            s.server_close()  # type: ignore[attr-defined]
+        cfg.socket.unlink(missing_ok=True)
+        svc.shutdown()
+        if cfg.pidfile.exists() and cfg.pidfile.read_text().strip() == str(os.getpid()):
+            cfg.pidfile.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="khd", description="kh's service (usually started by "
+                                 "`kh service start`)")
+    ap.add_argument("--foreground", action="store_true", help="run here, log to stderr")
+    ap.add_argument("--state-dir", type=Path)
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--port", type=int, dest="api_port")
+    ap.add_argument("--uplink-netns")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s khd[%(name)s]: %(message)s", stream=sys.stderr)
+    if not args.foreground:
+        print("khd: use `kh service start` to run it in the background, or --foreground",
+              file=sys.stderr)
+        return 2
+    cfg = from_env(state_dir=args.state_dir, nodes=args.nodes, api_port=args.api_port,
+                   uplink_netns=args.uplink_netns)
+    try:
+        return run(cfg)
+    except KhError as e:
+        print(f"khd: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

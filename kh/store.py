@@ -1,0 +1,210 @@
+"""kh's state in SQLite (WAL): principals, domains, allocations, nodes.
+
+khd is the only writer. Every change is one transaction, so a khd killed at any point restarts
+from a consistent state and reconciles it with what is really running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kh.model import Domain, DomainKind, NodeState
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE principals (
+    name TEXT PRIMARY KEY, salt BLOB NOT NULL, hash BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE domains (
+    netid INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT REFERENCES principals(name),
+    created REAL NOT NULL);
+CREATE TABLE allocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
+    created REAL NOT NULL, released REAL);
+CREATE TABLE alloc_domains (
+    alloc INTEGER NOT NULL REFERENCES allocations(id), slot INTEGER NOT NULL,
+    netid INTEGER NOT NULL REFERENCES domains(netid), PRIMARY KEY (alloc, slot));
+CREATE TABLE nodes (
+    number INTEGER PRIMARY KEY, uid INTEGER NOT NULL UNIQUE, state TEXT NOT NULL,
+    pid INTEGER, alloc INTEGER REFERENCES allocations(id), workdir TEXT NOT NULL,
+    started REAL NOT NULL, reason TEXT);
+CREATE INDEX nodes_alloc ON nodes(alloc);
+"""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    number: int
+    uid: int
+    state: NodeState
+    pid: int | None
+    alloc: int | None
+    workdir: str
+    started: float
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class AllocRow:
+    id: int
+    principal: str
+    created: float
+    released: float | None
+    netids: tuple[int, ...]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.tx() as db:
+            have = db.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone()
+            if not have:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT INTO meta VALUES ('next_uid', '1')")
+                db.execute("INSERT INTO domains VALUES (0, 'external', NULL, ?)", (time.time(),))
+                db.execute("INSERT INTO domains VALUES (1, 'public', NULL, ?)", (time.time(),))
+            version = int(db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                from kh.errors import KhError
+                raise KhError(f"state {self.path} has schema {version}, newer than this kh",
+                              "upgrade kh or use another --state-dir")
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction; nested calls join the outer one."""
+        with self._lock:
+            if self.db.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- principals -----------------------------------------------------------------------
+    def principal(self, name: str) -> tuple[bytes, bytes] | None:
+        row = self.db.execute("SELECT salt, hash FROM principals WHERE name=?",
+                              (name,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def add_principal(self, name: str, salt: bytes, digest: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO principals VALUES (?, ?, ?, ?)",
+                       (name, salt, digest, time.time()))
+
+    def remove_principal(self, name: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM principals WHERE name=?", (name,))
+
+    # -- domains --------------------------------------------------------------------------
+    def domains(self) -> list[Domain]:
+        rows = self.db.execute("SELECT netid, kind, owner FROM domains ORDER BY netid")
+        return [Domain(r[0], DomainKind(r[1]), r[2]) for r in rows]
+
+    def private_owners(self) -> dict[int, str]:
+        return {d.netid: d.owner for d in self.domains() if d.owner is not None}
+
+    def add_domain(self, d: Domain) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO domains VALUES (?, ?, ?, ?)",
+                       (d.netid, d.kind.value, d.owner, time.time()))
+
+    def remove_domain(self, netid: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM domains WHERE netid=?", (netid,))
+
+    def domain_in_use(self, netid: int) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM alloc_domains ad JOIN allocations a ON a.id = ad.alloc "
+            "WHERE ad.netid=? AND a.released IS NULL LIMIT 1", (netid,)).fetchone()
+        return row is not None
+
+    # -- allocations ----------------------------------------------------------------------
+    def add_allocation(self, principal: str, netids: tuple[int, ...]) -> int:
+        with self.tx() as db:
+            cur = db.execute("INSERT INTO allocations (principal, created) VALUES (?, ?)",
+                             (principal, time.time()))
+            alloc = int(cur.lastrowid or 0)
+            for slot, netid in enumerate(netids):
+                db.execute("INSERT INTO alloc_domains VALUES (?, ?, ?)", (alloc, slot, netid))
+            return alloc
+
+    def allocation(self, alloc: int) -> AllocRow | None:
+        row = self.db.execute("SELECT id, principal, created, released FROM allocations "
+                              "WHERE id=?", (alloc,)).fetchone()
+        if not row:
+            return None
+        nets = self.db.execute("SELECT netid FROM alloc_domains WHERE alloc=? ORDER BY slot",
+                               (alloc,)).fetchall()
+        return AllocRow(row[0], row[1], row[2], row[3], tuple(n[0] for n in nets))
+
+    def allocations(self, active_only: bool = True) -> list[AllocRow]:
+        q = "SELECT id FROM allocations" + (" WHERE released IS NULL" if active_only else "")
+        out = []
+        for (i,) in self.db.execute(q + " ORDER BY id").fetchall():
+            a = self.allocation(i)
+            if a:
+                out.append(a)
+        return out
+
+    def release_allocation(self, alloc: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE allocations SET released=? WHERE id=? AND released IS NULL",
+                       (time.time(), alloc))
+
+    # -- nodes ----------------------------------------------------------------------------
+    def new_uid(self) -> int:
+        with self.tx() as db:
+            uid = int(db.execute("SELECT value FROM meta WHERE key='next_uid'").fetchone()[0])
+            db.execute("UPDATE meta SET value=? WHERE key='next_uid'", (str(uid + 1),))
+            return uid
+
+    def put_node(self, n: NodeRow) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (n.number, n.uid, n.state.value, n.pid, n.alloc, n.workdir, n.started,
+                        n.reason))
+
+    def nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
+        rows = self.db.execute("SELECT number, uid, state, pid, alloc, workdir, started, reason"
+                               f" FROM nodes {where} ORDER BY number", args).fetchall()
+        return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7])
+                for r in rows]
+
+    def node(self, number: int) -> NodeRow | None:
+        rows = self.nodes("WHERE number=?", (number,))
+        return rows[0] if rows else None
+
+    def set_node(self, number: int, **fields: object) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        vals = [v.value if isinstance(v, NodeState) else v for v in fields.values()]
+        with self.tx() as db:
+            db.execute(f"UPDATE nodes SET {cols} WHERE number=?", (*vals, number))
+
+    def delete_node(self, number: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM nodes WHERE number=?", (number,))

@@ -1,0 +1,88 @@
+"""khget's text object: the format of the paper and of the original khctl scripts.
+
+```
+con12@10.255.0.1
+protocol: uboot
+network External : eth0
+network Internal : eth1
+network 7 : eth2
+nodeinfo: 3 3 10.255.1.3
+nodes: 3
+```
+khget prints it; khdo reads it on stdin; both sides use this module.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kh.errors import UsageError
+from kh.model import EXTERNAL, PUBLIC, AllocationInfo, Domain, DomainKind, NodeInfo
+
+CHANNEL_RE = re.compile(r"^con(\d+)@(\S+)$")
+NETWORK_RE = re.compile(r"^network (\S+) : eth(\d+)$")
+NODEINFO_RE = re.compile(r"^nodeinfo: (\d+) (\d+) (\S+)$")
+
+
+def format(a: AllocationInfo) -> str:
+    lines = [a.channel, f"protocol: {a.protocol}"]
+    lines += [f"network {d.label} : eth{i}" for i, d in enumerate(a.domains)]
+    lines += [f"nodeinfo: {n.number} {n.uid} {n.address}" for n in a.nodes]
+    lines.append("nodes: " + " ".join(str(n.number) for n in a.nodes))
+    return "\n".join(lines) + "\n"
+
+
+def to_json(a: AllocationInfo) -> dict[str, Any]:
+    return {"channel": a.channel, "id": a.id, "server": a.server, "protocol": a.protocol,
+            "networks": [{"netid": d.netid, "name": d.label, "kind": d.kind.value,
+                          "interface": f"eth{i}"} for i, d in enumerate(a.domains)],
+            "nodes": [{"node": n.number, "uid": n.uid, "address": n.address} for n in a.nodes]}
+
+
+def _domain(label: str) -> Domain:
+    if label == "External":
+        return Domain(EXTERNAL, DomainKind.EXTERNAL, None)
+    if label == "Internal":
+        return Domain(PUBLIC, DomainKind.PUBLIC, None)
+    if label.isdigit():
+        return Domain(int(label), DomainKind.PRIVATE, None)
+    raise UsageError(f"text object: unknown network {label!r}")
+
+
+def parse(text: str) -> AllocationInfo:
+    """Read a text object (what khdo gets on stdin); malformed input is a UsageError."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise UsageError("empty text object", "pipe khget's output in: echo \"$nodes\" | khdo ...")
+    m = CHANNEL_RE.match(lines[0])
+    if not m:
+        raise UsageError(f"text object: first line {lines[0]!r} is not con<ID>@<host>")
+    alloc_id, server = int(m[1]), m[2]
+    protocol = "uboot"
+    domains: list[Domain] = []
+    nodes: list[NodeInfo] = []
+    listed: list[int] | None = None
+    for n, line in enumerate(lines[1:], 2):
+        if line.startswith("protocol: "):
+            protocol = line.split(": ", 1)[1]
+        elif mm := NETWORK_RE.match(line):
+            if int(mm[2]) != len(domains):
+                raise UsageError(f"text object line {n}: interfaces out of order ({line!r})")
+            domains.append(_domain(mm[1]))
+        elif mm := NODEINFO_RE.match(line):
+            nodes.append(NodeInfo(int(mm[1]), int(mm[2]), mm[3]))
+        elif line.startswith("nodes:"):
+            try:
+                listed = [int(x) for x in line.split(":", 1)[1].split()]
+            except ValueError:
+                raise UsageError(f"text object line {n}: bad node list {line!r}") from None
+        else:
+            raise UsageError(f"text object line {n} not understood: {line!r}")
+    if listed is None:
+        raise UsageError("text object has no `nodes:` line")
+    if nodes and [x.number for x in nodes] != listed:
+        raise UsageError("text object: `nodes:` does not match the nodeinfo lines")
+    if not nodes:
+        nodes = [NodeInfo(x, x, "") for x in listed]
+    return AllocationInfo(alloc_id, server, tuple(domains), tuple(nodes), protocol)

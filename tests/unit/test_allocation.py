@@ -1,0 +1,82 @@
+import pytest
+
+from kh.allocation import (
+    AllocationError,
+    Request,
+    boot_keys,
+    choose_nodes,
+    host_address,
+    node_address,
+    plan_domains,
+)
+from kh.errors import UsageError
+from kh.model import Domain, DomainKind
+
+
+def nets(plan):
+    return [d.netid for d in plan.order]
+
+
+def test_first_allocation_creates_private_domain():
+    plan = plan_domains(Request("alice"), {}, 3)
+    assert nets(plan) == [3] and [d.netid for d in plan.create] == [3]
+    assert plan.create[0].owner == "alice"
+
+
+def test_later_allocation_reuses_it():
+    plan = plan_domains(Request("alice"), {3: "alice", 4: "bob"}, 5)
+    assert nets(plan) == [3] and plan.create == ()
+
+
+def test_paper_example_order():
+    # khget -i -n 128,45 -p 1: public, 128, 45, then the new one
+    owned = {128: "j", 45: "j", 3: "j"}
+    plan = plan_domains(Request("j", existing=(128, 45), new_private=1, public=True), owned, 4)
+    assert nets(plan) == [1, 128, 45, 4]
+    assert plan.order[0].label == "Internal" and plan.order[1].label == "128"
+
+
+def test_external_first_then_public_then_private():
+    plan = plan_domains(Request("a", external=True, public=True), {3: "a"}, 4)
+    assert nets(plan) == [0, 1, 3]
+    assert [d.label for d in plan.order] == ["External", "Internal", "3"]
+
+
+def test_new_ids_skip_taken():
+    plan = plan_domains(Request("a", new_private=2), {3: "b", 4: "b", 6: "c"}, 3)
+    assert [d.netid for d in plan.create] == [5, 7]
+
+
+@pytest.mark.parametrize("req,owned,msg", [
+    (Request("a", existing=(9,)), {}, "does not exist"),
+    (Request("a", existing=(3,)), {3: "b"}, "another principal"),
+])
+def test_foreign_or_missing_domains_refused(req, owned, msg):
+    with pytest.raises(AllocationError, match=msg):
+        plan_domains(req, owned, 4)
+
+
+@pytest.mark.parametrize("req", [
+    Request("a", count=0), Request("a", count=-2), Request("a", new_private=-1),
+    Request("a", existing=(1,)), Request("a", existing=(0,)), Request("a", existing=(2,)),
+    Request("a", existing=(5, 5)), Request("a", new_private=5),
+])
+def test_bad_requests(req):
+    with pytest.raises(UsageError):
+        plan_domains(req, {5: "a"}, 6)
+
+
+def test_addresses_and_boot_keys():
+    assert str(node_address(3, 7)) == "10.3.0.7/16"
+    assert str(node_address(200, 300)) == "10.200.1.44/16"
+    assert str(host_address(1)) == "10.1.255.254/16"
+    doms = (Domain(0, DomainKind.EXTERNAL, None), Domain(5, DomainKind.PRIVATE, "a"))
+    keys = boot_keys(doms, 4, "10.1.255.254:8080")
+    assert keys == ("kh.node=4 kh.hostname=node4 kh.eth0=10.0.0.4/16 kh.gw=10.0.255.254 "
+                    "kh.eth1=10.5.0.4/16 kh.server=10.1.255.254:8080")
+
+
+def test_choose_nodes():
+    assert choose_nodes([5, 2, 9], 2) == [2, 5]
+    with pytest.raises(AllocationError, match="3 nodes asked for, 2 free"):
+        choose_nodes([1, 2], 3)
