@@ -1,3 +1,3 @@
-from kh.cli.main import main
+from kh.cli.main import run
 
-main()
+run()

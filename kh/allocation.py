@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kh.errors import KhError, UsageError
 from kh.model import EXTERNAL, FIRST_PRIVATE, PUBLIC, Domain, DomainKind
 
-MAX_NETID = 254  # domain d uses 10.d.0.0/16
+MAX_NETID = 253  # domain d uses 10.d.0.0/16; 10.254/16 is the external uplink's
 MAX_NODE = 65000  # node n is 10.d.(n >> 8).(n & 255) in each domain
 NIC_SLOTS = 4  # NICs every node is started with; domains take eth0.. in order
 HOST_SUFFIX = (255, 254)  # kh's own address in a domain: 10.d.255.254

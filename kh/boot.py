@@ -96,10 +96,10 @@ def show_command(cfg: BootConfig) -> str:
 class BootedNode:
     """A node that reached its appliance's shell; run commands or attach a terminal."""
 
-    def __init__(self, node: qemu.Node, appliance: str) -> None:
+    def __init__(self, console: Console, appliance: str, node: qemu.Node | None = None) -> None:
         self.node = node
         self.appliance = appliance
-        self.console = node.console
+        self.console = console
 
     def run(self, command: str, timeout: float = 120.0) -> tuple[str, int]:
         """Run ``command`` in the node's shell; return its output and exit status.
@@ -194,21 +194,26 @@ def at_prompt(cfg: BootConfig, paths: Paths) -> Iterator[qemu.Node]:
 
 def kboot(node: qemu.Node, cfg: BootConfig) -> BootedNode:
     """From the U-Boot prompt: set khargs, `run kboot`, wait for the appliance's ready line."""
-    con = node.console
-    log = con.log_path
     if cfg.khargs:
         if "'" in cfg.khargs:
             raise UsageError("kernel arguments must not contain a single quote")
-        uboot_command(con, f"setenv khargs '{cfg.khargs}'")
+        uboot_command(node.console, f"setenv khargs '{cfg.khargs}'")
+    return run_kboot(node.console, cfg.ready_timeout, node=node)
+
+
+def run_kboot(con: Console, timeout: float, node: qemu.Node | None = None) -> BootedNode:
+    """Type `run kboot` at a U-Boot prompt and wait for the appliance's ready line."""
+    log = con.log_path
+    start = con.mark()
     con.write(b"run kboot\n")
-    m = con.expect(KBOOT_OUTCOME, cfg.ready_timeout, stage="appliance ready line")
+    m = con.expect(KBOOT_OUTCOME, timeout, stage="appliance ready line", start=start)
     if m.group("panic"):
         raise BootError(f"the kernel panicked: {m.group('panic').decode(errors='replace')}",
                         f"console log: {log}")
     if m.group("uboot"):
         raise BootError(f"U-Boot refused the images: {m.group('uboot').decode(errors='replace')}",
                         f"console log: {log}")
-    return BootedNode(node, m.group("appliance").decode())
+    return BootedNode(con, m.group("appliance").decode(), node)
 
 
 @contextlib.contextmanager

@@ -55,3 +55,22 @@ def handle_errors(fn: F) -> F:
             ctx.exit(report(e, debug))
 
     return wrapper  # type: ignore[return-value]
+
+
+def entry(command: click.Command, name: str) -> Callable[[], None]:
+    """A console-script entry point whose usage errors are one line: `kh: ... (hint)`."""
+
+    def run() -> None:
+        try:
+            rv = command.main(prog_name=name, standalone_mode=False)
+        except click.UsageError as e:
+            click.echo(f"kh: {e.format_message()} (see {name} --help)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("kh: aborted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    return run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from kh.admission import read_credential
-from kh.cli.common import handle_errors, setup_logging
+from kh.cli.common import entry, handle_errors, setup_logging
 from kh.cli.service import client
 from kh.errors import UsageError
 
@@ -39,5 +39,7 @@ def main(cred: str | None, new_private: int, netids: str | None, public: bool, e
     click.echo(client().call("POST", "/v1/allocations", body, as_json=as_json), nl=False)
 
 
+run = entry(main, "khget")
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -12,7 +12,7 @@ import click
 from kh import boot as boot_mod
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
-from kh.cli.common import handle_errors, setup_logging
+from kh.cli.common import entry, handle_errors, setup_logging
 from kh.cli.service import register as register_service_commands
 from kh.hw.board import parse_mem
 from kh.images import build as image_build
@@ -132,5 +132,7 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
 
 register_service_commands(main)
 
+run = entry(main, "kh")
+
 if __name__ == "__main__":
-    main()
+    run()

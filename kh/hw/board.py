@@ -100,7 +100,7 @@ def firmware_args(bios: Path) -> list[str]:
 
 def name_args(name: str) -> list[str]:
     # The process name carries kh's tag so `kh clean` can recognise its own QEMUs.
-    return ["-name", f"{name},process=kh-{name}"]
+    return ["-name", f"{name},process={name}"]
 
 
 def console_args(sock: Path, wait: bool) -> list[str]:

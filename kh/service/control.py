@@ -62,7 +62,7 @@ def start(cfg: ServiceConfig, timeout: float = 120.0, debug: bool = False) -> in
         try:
             client.call("GET", "/v1/status")
             return p.pid
-        except NotRunning:
+        except (NotRunning, TimeoutError, ConnectionError):
             pass
         if time.monotonic() > deadline:
             raise KhError(f"khd did not answer within {timeout:.0f} s",

@@ -37,16 +37,16 @@ def run(cfg: ServiceConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     svc.start()
     handler = api.handler_for(svc)
-    cfg.socket.unlink(missing_ok=True)
     servers: list[object] = []
-    unix = api.UnixServer(str(cfg.socket), handler)
-    os.chmod(cfg.socket, 0o660)
-    servers.append(unix)
     servers.append(api.tcp_server("127.0.0.1", cfg.api_port, handler))
     public = str(host_address(PUBLIC).ip)
     svc.fabric.ensure_domain(PUBLIC)
     servers.append(nsutil.run_in(cfg.fabric.netns,
                                  lambda: api.tcp_server(public, cfg.api_port, handler)))
+    # The unix socket last: once it exists, khd answers on every listener.
+    cfg.socket.unlink(missing_ok=True)
+    servers.append(api.UnixServer(str(cfg.socket), handler))
+    os.chmod(cfg.socket, 0o660)
     for s in servers:
         api.serve(s)  # type: ignore[arg-type]
     cfg.pidfile.write_text(f"{os.getpid()}\n")
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s khd[%(name)s]: %(message)s", stream=sys.stderr)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
     if not args.foreground:
         print("khd: use `kh service start` to run it in the background, or --foreground",
               file=sys.stderr)

@@ -43,7 +43,7 @@ def test_whole_command_line():
     argv = board.qemu_argv(spec)
     assert argv[0] == "qemu-system-ppc"
     assert argv[argv.index("-bios") + 1] == "/u.elf"
-    assert argv[argv.index("-name") + 1] == "n1,process=kh-n1"
+    assert argv[argv.index("-name") + 1] == "n1,process=n1"
     assert "-nodefaults" in argv and argv[argv.index("-qmp"):argv.index("-qmp") + 2] == \
         ["-qmp", "unix:/q.sock,server=on,wait=off"]
     assert argv[-2:] == ["-nic", "none"]

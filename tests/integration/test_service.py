@@ -1,0 +1,306 @@
+"""khd and khget with real nodes: principals, domains and their isolation, restarts, clean.
+
+One khd (with its own name prefix, state dir and port) serves the whole module; every test
+uses its own principals and releases what it took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import NetNS, netns
+
+from kh import boot, proc
+from kh.hw import netns as nsutil
+from kh.hw.console import Console
+from kh.service import control
+from kh.service.config import ServiceConfig
+
+pytestmark = pytest.mark.guest
+NODES = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def outside() -> Iterator[str]:
+    """The external domain's "outside world": a namespace of the test's own."""
+    name = f"khtest-out{os.getpid()}"
+    netns.create(name)
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+    yield name
+    netns.remove(name)
+
+
+@pytest.fixture(scope="module")
+def khd(tmp_path_factory: pytest.TempPathFactory, kh_paths,
+        outside: str) -> Iterator[ServiceConfig]:
+    if os.geteuid() != 0:
+        pytest.fail("the service tests need root (network namespaces, bridges, taps)")
+    cfg = ServiceConfig(state_dir=tmp_path_factory.mktemp("khd") / "state", images=kh_paths.out,
+                        nodes=NODES, api_port=free_port(), prefix=f"kt{os.getpid() % 10000}",
+                        uplink_netns=outside)
+    try:
+        control.start(cfg)
+        yield cfg
+    finally:
+        control.clean(cfg)
+
+
+def env(cfg: ServiceConfig) -> dict[str, str]:
+    return {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
+            "KH_API_PORT": str(cfg.api_port)}
+
+
+def khget(cfg: ServiceConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kh.cli.khget", *args], env=env(cfg),
+                          capture_output=True, text=True, timeout=120)
+
+
+def kh(cfg: ServiceConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kh.cli.main", *args], env=env(cfg),
+                          capture_output=True, text=True, timeout=120)
+
+
+def ps(cfg: ServiceConfig) -> dict:
+    r = kh(cfg, "ps", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def allocate(cfg: ServiceConfig, *args: str) -> tuple[int, list[int], list[str]]:
+    r = khget(cfg, *args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    alloc = int(lines[0].split("@")[0][3:])
+    nodes = [int(x) for x in lines[-1].split(":")[1].split()]
+    return alloc, nodes, lines
+
+
+def shell(cfg: ServiceConfig, node: int, artifacts: Path) -> boot.BootedNode:
+    """Through the node's console: `run kboot` into the preloaded shell appliance."""
+    con = Console(cfg.node_dir(node) / "console.sock", artifacts / f"node{node}.console.log",
+                  name=f"node{node}")
+    con.connect(5)
+    start = con.mark()
+    con.write(b"\n")
+    con.expect(boot.UBOOT_PROMPT, 10, stage="U-Boot prompt", start=start)
+    return boot.run_kboot(con, 60)
+
+
+def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:
+    r = kh(cfg, "release", "-u", user, "-c", cred, str(alloc))
+    assert r.returncode == 0, r.stderr
+
+
+def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(n["state"] == "free" for n in ps(cfg)["nodes"]) < count:
+        assert time.monotonic() < deadline, ps(cfg)
+        time.sleep(0.3)
+
+
+def test_khget_text_object_and_boot_into_private_domain(khd, artifacts):
+    alloc, nodes, lines = allocate(khd, "-c", "alicecred", "alice", "2")
+    assert lines[1] == "protocol: uboot"
+    assert lines[2] == "network 3 : eth0" or lines[2].startswith("network ")
+    netid = int(lines[2].split()[1])
+    infos = [ln.split() for ln in lines if ln.startswith("nodeinfo:")]
+    assert [int(i[1]) for i in infos] == nodes and len(nodes) == 2
+    a, _b = (shell(khd, n, artifacts) for n in nodes)
+    out, _ = a.run("ip -4 -o addr show eth0")
+    assert f"10.{netid}.0.{nodes[0]}/16" in out
+    out, status = a.run(f"ping -c 2 -W 2 10.{netid}.0.{nodes[1]}")
+    assert status == 0, out
+    release(khd, "alice", "alicecred", alloc)
+    wait_free(khd, NODES)
+
+
+def test_private_domains_are_isolated_public_is_shared(khd, artifacts):
+    wait_free(khd, 2)
+    a_alloc, (a_node,), a_lines = allocate(khd, "-c", "c1", "carol", "-i")
+    b_alloc, (b_node,), b_lines = allocate(khd, "-c", "d1", "dave", "-i")
+    assert a_lines[2] == "network Internal : eth0" and b_lines[2] == "network Internal : eth0"
+    a_net = int(a_lines[3].split()[1])
+    b_net = int(b_lines[3].split()[1])
+    assert a_net != b_net
+    a, b = shell(khd, a_node, artifacts), shell(khd, b_node, artifacts)
+    # Public domain (eth0): different principals can talk.
+    out, status = a.run(f"ping -c 2 -W 2 10.1.0.{b_node}")
+    assert status == 0, out
+    # Private domains (eth1): give dave's node an address in carol's subnet; carol's node
+    # must still not reach it at all, not even by ARP broadcast.
+    out, status = b.run(f"ip addr add 10.{a_net}.0.200/16 dev eth1")
+    assert status == 0, out
+    out, status = a.run(f"arping -c 2 -w 3 -I eth1 10.{a_net}.0.200")
+    assert status != 0 and "Received 0 response" in out, out
+    out, status = a.run(f"ping -c 2 -W 2 10.{a_net}.0.200")
+    assert status != 0, out
+    release(khd, "carol", "c1", a_alloc)
+    release(khd, "dave", "d1", b_alloc)
+
+
+def test_nodes_sharing_a_domain_exchange_broadcast_and_arp(khd, artifacts):
+    wait_free(khd, 2)
+    alloc, nodes, lines = allocate(khd, "-c", "e1", "erin", "-p", "1", "2")
+    netid = int(lines[2].split()[1])
+    a, _b = (shell(khd, n, artifacts) for n in nodes)
+    out, status = a.run(f"arping -c 2 -w 3 -I eth0 10.{netid}.0.{nodes[1]}")
+    assert status == 0 and "Received 2 response" in out, out
+    release(khd, "erin", "e1", alloc)
+
+
+def test_external_domain_reaches_the_outside_server(khd, outside, artifacts, tmp_path):
+    (tmp_path / "hello.txt").write_text("hello from outside\n")
+    server = nsutil.enter_argv(outside) + [sys.executable, "-m", "http.server", "--bind",
+                                           "10.254.255.2", "8000", "--directory", str(tmp_path)]
+    wait_free(khd, 1)
+    alloc, (node,), lines = allocate(khd, "-c", "f1", "frank", "-x")
+    assert lines[2] == "network External : eth0"
+    with proc.spawn(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        n = shell(khd, node, artifacts)
+        out, status = "", 1
+        for _ in range(20):  # the server may still be starting
+            out, status = n.run("wget -q -T 3 -O - http://10.254.255.2:8000/hello.txt")
+            if status == 0:
+                break
+            time.sleep(0.5)
+        assert status == 0 and "hello from outside" in out, out
+    release(khd, "frank", "f1", alloc)
+
+
+def test_bad_input_is_refused_and_changes_nothing(khd):
+    wait_free(khd, NODES)
+    assert khget(khd, "-c", "g1", "gina").returncode == 0  # registers gina
+    before = ps(khd)
+    cases = [
+        (["--bogus", "gina"], 2, "No such option"),
+        (["-c", "g1", "gina", "0"], 2, "at least 1"),
+        (["-c", "g1", "gina", "--", "-3"], 2, "at least 1"),
+        (["-c", "g1", "gina", str(NODES + 5)], 1, "free"),
+        (["-c", "g1", "-n", "999", "gina"], 1, "does not exist"),
+        (["-c", "g1", "-n", "1", "gina"], 2, "not private"),
+        (["-c", "wrong", "gina"], 3, "wrong credential"),
+        (["gina"], 3, "needs its credential"),
+        (["-c", "h1", "-n", "abc", "hank"], 2, "bad domain list"),
+        (["-c", "x", "Bad User"], 2, "bad principal name"),
+    ]
+    for args, code, msg in cases:
+        r = khget(khd, *args)
+        assert r.returncode == code, (args, r.stderr)
+        assert msg in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) <= 3, r.stderr
+    gina_domain = next(d for d in ps(khd)["domains"] if d["owner"] == "gina")["netid"]
+    r = khget(khd, "-c", "i1", "ivan", "-n", str(gina_domain))
+    assert r.returncode == 1 and "another principal" in r.stderr
+    after = ps(khd)
+    assert [a["id"] for a in after["allocations"]] == [a["id"] for a in before["allocations"]]
+    assert after["domains"] == before["domains"]
+    # a refused first use must not register the principal
+    assert khget(khd, "-c", "other", "ivan").returncode == 0
+    for a in ps(khd)["allocations"]:
+        user = a["principal"]
+        release(khd, user, {"gina": "g1", "ivan": "other"}[user], a["id"])
+
+
+def test_malformed_and_oversized_api_requests(khd):
+    def post(body: bytes, ctype: str = "application/json") -> tuple[int, bytes]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(khd.socket))
+        s.sendall(b"POST /v1/allocations HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype.encode()
+                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < 20:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return int(data.split()[1]), data
+
+    before = ps(khd)
+    assert post(b"{not json")[0] == 400
+    assert post(b"[1, 2]")[0] == 400
+    assert post(json.dumps({"user": "x", "credential": "y", "count": "many"}).encode())[0] == 400
+    assert post(b"x" * (70 * 1024))[0] == 400
+    assert post(json.dumps({"credential": "y"}).encode())[0] == 400
+    assert ps(khd)["allocations"] == before["allocations"]
+    r = kh(khd, "service", "status")
+    assert r.returncode == 0 and "khd running" in r.stdout
+
+
+def test_concurrent_khget_never_shares_a_node(khd):
+    wait_free(khd, NODES)
+    results: list[subprocess.CompletedProcess[str]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        r = khget(khd, "-c", "jcred", "judy", "1")
+        with lock:
+            results.append(r)
+
+    assert khget(khd, "-c", "jcred", "judy", "1").returncode == 0  # register first
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in results if r.returncode == 0]
+    assert len(ok) == NODES - 1
+    assert all("free" in r.stderr for r in results if r.returncode != 0)
+    taken = [n["node"] for n in ps(khd)["nodes"] if n["state"] == "allocated"]
+    assert len(taken) == len(set(taken)) == NODES
+    allocs = ps(khd)["allocations"]
+    assert sorted(n for a in allocs for n in a["nodes"]) == sorted(taken)
+    for a in allocs:
+        release(khd, "judy", "jcred", a["id"])
+
+
+def test_khd_sigkill_and_restart_keeps_allocations_and_consoles(khd, artifacts):
+    wait_free(khd, 1)
+    alloc, (node,), _ = allocate(khd, "-c", "k1", "kate")
+    before = ps(khd)
+    pid = control.pid_of(khd)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while control.pid_of(khd) == pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    control.start(khd)
+    after = ps(khd)
+    assert after["allocations"] == before["allocations"]
+    n = shell(khd, node, artifacts)  # the console is reattached: the node boots through it
+    out, status = n.run("hostname")
+    assert (out.strip(), status) == (f"node{node}", 0)
+    release(khd, "kate", "k1", alloc)
+
+
+def test_kh_clean_leaves_the_host_as_found(kh_paths, tmp_path, outside):
+    def host_state() -> tuple[list[str], list[int]]:
+        return sorted(os.listdir("/run/netns")), control.kh_qemu_pids("kc")
+
+    before = host_state()
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=kh_paths.out, nodes=2,
+                        api_port=free_port(), prefix="kc", uplink_netns=None)
+    control.start(cfg)
+    assert khget(cfg, "-c", "l1", "leo", "-i").returncode == 0
+    assert host_state() != before
+    done = control.clean(cfg)
+    assert any("network namespace" in d for d in done)
+    assert host_state() == before
+    assert not cfg.state_dir.exists()
