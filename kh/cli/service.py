@@ -12,7 +12,6 @@ from kh.admission import read_credential
 from kh.cli.common import handle_errors
 from kh.client import Client
 from kh.errors import UsageError
-from kh.service import control
 from kh.service.config import ServiceConfig, from_env
 
 
@@ -53,6 +52,7 @@ def register(main: click.Group) -> None:
         """Start khd (waits until it answers)."""
         cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns)
         debug = bool(click.get_current_context().find_root().params.get("debug"))
+        from kh.service import control
         pid = control.start(cfg, debug=debug)
         click.echo(f"khd running (pid {pid}, state {cfg.state_dir})")
 
@@ -60,6 +60,7 @@ def register(main: click.Group) -> None:
     @handle_errors
     def service_stop() -> None:
         """Stop khd; nodes and allocations stay."""
+        from kh.service import control
         click.echo("khd stopped" if control.stop(config()) else "khd was not running")
 
     @service.command("status")
@@ -119,6 +120,7 @@ def register(main: click.Group) -> None:
     @handle_errors
     def clean() -> None:
         """Remove every host object kh created (by kh's tags) and nothing else."""
+        from kh.service import control
         done = control.clean(config())
         click.echo("\n".join(done) if done else "nothing of kh's to clean")
 

@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -21,6 +20,7 @@ from kh import proc
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
 from kh.hw import netns as nsutil
+from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
 
 log = logging.getLogger("kh.fabric")
@@ -28,32 +28,6 @@ log = logging.getLogger("kh.fabric")
 
 class FabricError(KhError):
     """The host refused to build a part of the fabric."""
-
-
-@dataclass(frozen=True)
-class FabricConfig:
-    """Names of everything kh creates carry ``prefix`` so `kh clean` finds exactly them."""
-
-    prefix: str = "kh"
-    uplink_netns: str | None = None  # where the external domain's outside end goes
-
-    @property
-    def netns(self) -> str:
-        return f"{self.prefix}-fabric"
-
-    def bridge(self, netid: int) -> str:
-        return f"{self.prefix}br{netid}"
-
-    def tap(self, node: int, slot: int) -> str:
-        return f"{self.prefix}{node}s{slot}"
-
-    @property
-    def uplink(self) -> str:
-        return f"{self.prefix}up0"  # fabric end of the external veth
-
-    @property
-    def outside(self) -> str:
-        return f"{self.prefix}out0"  # outside end of the external veth
 
 
 class Fabric:

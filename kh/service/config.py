@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kh.hw.fabric import FabricConfig
+from kh.hw.tags import FabricConfig
 from kh.settings import paths
 
 

@@ -15,7 +15,7 @@ from kh.client import Client, NotRunning
 from kh.errors import KhError
 from kh.hw.fabric import Fabric
 from kh.service.config import ServiceConfig
-from kh.service.nodes import kill_pid
+from kh.service.nodes import kill_pids
 
 
 def pid_of(cfg: ServiceConfig) -> int | None:
@@ -104,9 +104,9 @@ def clean(cfg: ServiceConfig) -> list[str]:
     done = []
     if stop(cfg):
         done.append("stopped khd")
-    for pid in kh_qemu_pids(cfg.prefix):
-        kill_pid(pid)
-        done.append(f"stopped node QEMU {pid}")
+    pids = kh_qemu_pids(cfg.prefix)
+    kill_pids(pids)
+    done += [f"stopped node QEMU {pid}" for pid in pids]
     with contextlib.suppress(KhError):
         if Fabric(cfg.fabric).destroy():
             done.append(f"removed network namespace {cfg.fabric.netns}")

@@ -239,12 +239,28 @@ class NodeManager:
                                 start=start)
 
 
+def _gone(pid: int) -> bool:
+    """True when ``pid`` has exited (a zombie waiting for its new parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_pids(pids: list[int], grace: float = 5.0) -> None:
+    """Stop nodes that are not our children (found again after a khd restart): SIGTERM all,
+    wait, SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.02)
+    for pid in pids:
+        if not _gone(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def kill_pid(pid: int, grace: float = 5.0) -> None:
-    """Stop a node that is not our child (found again after a khd restart)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+    kill_pids([pid], grace)

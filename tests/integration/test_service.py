@@ -184,6 +184,23 @@ def test_external_domain_reaches_the_outside_server(khd, outside, artifacts, tmp
     release(khd, "frank", "f1", alloc)
 
 
+def test_khget_from_inside_a_node(khd, artifacts):
+    """The paper's disk server calls khget from a node: the in-node client over the public
+    domain, with busybox wget."""
+    wait_free(khd, 2)
+    alloc, (node,), _ = allocate(khd, "-c", "m1", "mia", "-i")
+    n = shell(khd, node, artifacts)
+    out, status = n.run("khget -c m1 mia 1")
+    assert status == 0, out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("con") and lines[1] == "protocol: uboot"
+    inner = int(lines[0].split("@")[0][3:])
+    out, status = n.run("khget -c wrong mia 1")
+    assert status == 1 and "refused" in out, out
+    release(khd, "mia", "m1", inner)
+    release(khd, "mia", "m1", alloc)
+
+
 def test_bad_input_is_refused_and_changes_nothing(khd):
     wait_free(khd, NODES)
     assert khget(khd, "-c", "g1", "gina").returncode == 0  # registers gina

@@ -28,6 +28,6 @@ def test_every_node_has_four_tap_nics_with_unique_macs(tmp_path):
 
 
 def test_names_fit_linux_interface_limit():
-    from kh.hw.fabric import FabricConfig
+    from kh.hw.tags import FabricConfig
     f = FabricConfig(prefix="kt9999")
     assert len(f.tap(65000, 3)) <= 15 and len(f.bridge(253)) <= 15

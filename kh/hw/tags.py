@@ -1,0 +1,32 @@
+"""Names of every host object kh creates, each carrying kh's tag (a name prefix), so that
+`kh clean` can find exactly kh's objects. Kept free of heavy imports: the CLI needs it too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    """Names of everything kh creates carry ``prefix`` so `kh clean` finds exactly them."""
+
+    prefix: str = "kh"
+    uplink_netns: str | None = None  # where the external domain's outside end goes
+
+    @property
+    def netns(self) -> str:
+        return f"{self.prefix}-fabric"
+
+    def bridge(self, netid: int) -> str:
+        return f"{self.prefix}br{netid}"
+
+    def tap(self, node: int, slot: int) -> str:
+        return f"{self.prefix}{node}s{slot}"
+
+    @property
+    def uplink(self) -> str:
+        return f"{self.prefix}up0"  # fabric end of the external veth
+
+    @property
+    def outside(self) -> str:
+        return f"{self.prefix}out0"  # outside end of the external veth
