@@ -43,6 +43,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/boot.py
+	$(PY) benchmarks/service.py
 
 clean-images:
 	rm -rf images/out

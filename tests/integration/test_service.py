@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from kh.hw import netns as nsutil
 from kh.hw.console import Console
 from kh.service import control
 from kh.service.config import ServiceConfig
+from tests.integration.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.guest
 NODES = 6
@@ -48,17 +50,23 @@ def outside() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def khd(tmp_path_factory: pytest.TempPathFactory, kh_paths,
+def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
         outside: str) -> Iterator[ServiceConfig]:
     if os.geteuid() != 0:
         pytest.fail("the service tests need root (network namespaces, bridges, taps)")
     cfg = ServiceConfig(state_dir=tmp_path_factory.mktemp("khd") / "state", images=kh_paths.out,
                         nodes=NODES, api_port=free_port(), prefix=f"kt{os.getpid() % 10000}",
                         uplink_netns=outside)
+    failed_before = request.session.testsfailed
     try:
         control.start(cfg)
         yield cfg
     finally:
+        if request.session.testsfailed > failed_before and cfg.logs.exists():
+            keep = ARTIFACTS / "khd-logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(cfg.logs, keep)
+            print(f"\nkhd and node console logs kept in {keep}")
         control.clean(cfg)
 
 
