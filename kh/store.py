@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kh.model import Domain, DomainKind, NodeState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
@@ -36,6 +36,15 @@ CREATE TABLE nodes (
     started REAL NOT NULL, reason TEXT);
 CREATE INDEX nodes_alloc ON nodes(alloc);
 """
+# Each entry upgrades the schema from the version before it.
+MIGRATIONS = {
+    2: """
+CREATE TABLE keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
+    alloc INTEGER REFERENCES allocations(id), key TEXT NOT NULL, comment TEXT NOT NULL,
+    added REAL NOT NULL);
+""",
+}
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,14 @@ class Store:
                 db.execute("INSERT INTO meta VALUES ('next_uid', '1')")
                 db.execute("INSERT INTO domains VALUES (0, 'external', NULL, ?)", (time.time(),))
                 db.execute("INSERT INTO domains VALUES (1, 'public', NULL, ?)", (time.time(),))
+                db.execute("UPDATE meta SET value='1' WHERE key='schema'")
             version = int(db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+            while version < SCHEMA_VERSION:
+                version += 1
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
             if version > SCHEMA_VERSION:
                 from kh.errors import KhError
                 raise KhError(f"state {self.path} has schema {version}, newer than this kh",
@@ -119,6 +135,25 @@ class Store:
     def remove_principal(self, name: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM principals WHERE name=?", (name,))
+
+    # -- keys (control-channel access by public key) --------------------------------------------
+    def add_key(self, principal: str, key: str, comment: str, alloc: int | None) -> int:
+        with self.tx() as db:
+            cur = db.execute("INSERT INTO keys (principal, alloc, key, comment, added) "
+                             "VALUES (?, ?, ?, ?, ?)", (principal, alloc, key, comment,
+                                                         time.time()))
+            return int(cur.lastrowid or 0)
+
+    def remove_key(self, principal: str, key_id: int) -> bool:
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM keys WHERE id=? AND principal=?", (key_id, principal))
+            return cur.rowcount > 0
+
+    def keys(self, principal: str | None = None) -> list[tuple[int, str, int | None, str, str]]:
+        q = "SELECT id, principal, alloc, key, comment FROM keys"
+        rows = (self.db.execute(q + " WHERE principal=? ORDER BY id", (principal,))
+                if principal else self.db.execute(q + " ORDER BY id"))
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # -- domains --------------------------------------------------------------------------
     def domains(self) -> list[Domain]:

@@ -116,6 +116,60 @@ def register(main: click.Group) -> None:
         click.echo(client().call("POST", f"/v1/domains/{netid}/remove",
                                  {"user": user, "credential": read_credential(cred)}), nl=False)
 
+    @main.group()
+    def key() -> None:
+        """Public keys that may open a principal's control channels."""
+
+    @key.command("add")
+    @principal_options
+    @click.option("--allocation", help="Only this allocation's channel (hand it to a party).")
+    @click.argument("pubkey", type=click.Path(exists=True, dir_okay=False))
+    @handle_errors
+    def key_add(user: str, cred: str | None, allocation: str | None, pubkey: str) -> None:
+        """Register the OpenSSH public key in PUBKEY (a .pub file)."""
+        with open(pubkey, encoding="utf-8") as f:
+            line = f.read()
+        body = {"user": user, "credential": read_credential(cred), "key": line,
+                "allocation": alloc_id(allocation) if allocation else None}
+        click.echo(client().call("POST", "/v1/keys", body), nl=False)
+
+    @key.command("rm")
+    @principal_options
+    @click.argument("key_id", type=int)
+    @handle_errors
+    def key_rm(user: str, cred: str | None, key_id: int) -> None:
+        """Revoke key KEY_ID (see `kh key list`)."""
+        click.echo(client().call("POST", f"/v1/keys/{key_id}/remove",
+                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+
+    @key.command("list")
+    @principal_options
+    @handle_errors
+    def key_list(user: str, cred: str | None) -> None:
+        """The principal's keys: id, allocation (or all), key, comment."""
+        click.echo(client().call("POST", "/v1/keys/list",
+                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+
+    @main.command()
+    @click.argument("node", type=int)
+    @click.option("-f", "--follow", is_flag=True, help="Keep printing as the node prints.")
+    @handle_errors
+    def logs(node: int, follow: bool) -> None:
+        """NODE's console log (one time-stamped line per console line)."""
+        import time as _time
+        path = config().logs / f"node{node}.log"
+        if not path.exists():
+            raise UsageError(f"node {node} has no console log", "see `kh ps`")
+        with open(path, "rb") as f:
+            while True:
+                data = f.read()
+                if data:
+                    click.echo(data.decode("utf-8", "replace"), nl=False)
+                elif not follow:
+                    return
+                else:
+                    _time.sleep(0.2)
+
     @main.command()
     @handle_errors
     def clean() -> None:

@@ -70,6 +70,7 @@ class NodeSpec:
     loads: tuple[Load, ...] = ()
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     wait_for_console: bool = True
+    gdb: Path | None = None  # unix socket of QEMU's gdbstub: khd's bulk-load path
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -112,6 +113,12 @@ def qmp_args(sock: Path | None) -> list[str]:
     if sock is None:
         return []
     return ["-qmp", f"unix:{sock},server=on,wait=off"]
+
+
+def gdb_args(sock: Path | None) -> list[str]:
+    if sock is None:
+        return []
+    return ["-chardev", f"socket,id=gdb0,path={sock},server=on,wait=off", "-gdb", "chardev:gdb0"]
 
 
 def headless_args() -> list[str]:
@@ -164,4 +171,5 @@ def qemu_argv(spec: NodeSpec) -> list[str]:
     return ([b.qemu] + name_args(spec.name) + machine_args(b) + memory_args(spec.mem_mib)
             + headless_args() + firmware_args(spec.bios)
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
+            + gdb_args(spec.gdb)
             + loader_args(spec.loads, b) + nic_args(spec.nics, b))

@@ -18,6 +18,46 @@ from pathlib import Path
 from kh.errors import BootError, KhTimeout
 
 
+class ConsoleLog:
+    """A node's console log: one line per console line, each stamped with the time it ended
+    (UTC), size-bounded: past ``max_bytes`` the file moves to ``.1`` (and ``.1`` to ``.2``)."""
+
+    def __init__(self, path: Path, max_bytes: int = 4 << 20, keep: int = 2) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.partial = b""
+        self.f = open(path, "ab")
+
+    def write(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        if not lines:
+            if len(self.partial) > 4096:  # a line that never ends is still logged
+                lines, self.partial = [self.partial], b""
+            else:
+                return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
+        frac = b".%03dZ " % (int(time.time() * 1000) % 1000)
+        self.f.write(b"".join(stamp + frac + ln.rstrip(b"\r") + b"\n" for ln in lines))
+        self.f.flush()
+        if self.f.tell() > self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self.f.close()
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self.f = open(self.path, "ab")
+
+    def close(self) -> None:
+        if self.partial:
+            self.write(b"\n")
+        self.f.close()
+
+
 class Console:
     def __init__(self, path: Path, log: Path | None = None, *, name: str = "node") -> None:
         self.path = path
@@ -29,7 +69,7 @@ class Console:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._log = open(log, "ab") if log else None
+        self._log = ConsoleLog(log) if log else None
         self._subscribers: list[Callable[[bytes], None]] = []
 
     # -- connection ---------------------------------------------------------------
@@ -69,7 +109,6 @@ class Console:
                 return
             if self._log:
                 self._log.write(data)
-                self._log.flush()
             with self._cond:
                 self._buf += data
                 self._cond.notify_all()

@@ -186,6 +186,28 @@ def domain_rm(svc: Service, body: dict[str, Any], netid: str) -> Result:
     return 200, f"domain {netid} removed\n", {"removed": int(netid)}
 
 
+def key_add(svc: Service, body: dict[str, Any]) -> Result:
+    key = body.get("key")
+    if not isinstance(key, str):
+        raise UsageError("`key` must be an OpenSSH public key line")
+    alloc = body.get("allocation")
+    kid = svc.add_key(_user(body), _cred(body), key,
+                      None if alloc in (None, "") else _int(body, "allocation", 0))
+    return 201, f"key {kid} added\n", {"id": kid}
+
+
+def key_remove(svc: Service, body: dict[str, Any], key_id: str) -> Result:
+    svc.remove_key(_user(body), _cred(body), int(key_id))
+    return 200, f"key {key_id} removed\n", {"removed": int(key_id)}
+
+
+def key_list(svc: Service, body: dict[str, Any]) -> Result:
+    keys = svc.list_keys(_user(body), _cred(body))
+    text = "".join(f"{k['id']:>4} {k['allocation'] or 'all'!s:>5} {k['key']} {k['comment']}\n"
+                   for k in keys)
+    return 200, text, keys
+
+
 def ps(svc: Service, body: dict[str, Any]) -> Result:
     data = svc.ps()
     lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8}  NOTE"]
@@ -224,6 +246,9 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/allocations/(\d+)/release", release),
     ("POST", r"/v1/nodes/(\d+)/reset", reset),
     ("POST", r"/v1/domains/(\d+)/remove", domain_rm),
+    ("POST", r"/v1/keys", key_add),
+    ("POST", r"/v1/keys/list", key_list),
+    ("POST", r"/v1/keys/(\d+)/remove", key_remove),
     ("GET", r"/v1/ps", ps),
     ("GET", r"/v1/hw", hw),
     ("GET", r"/v1/status", status),

@@ -18,6 +18,7 @@ class ServiceConfig:
     mem_mib: int = 256
     appliance: str = "shell"  # the preloaded ramdisk at ${ramfsaddr}
     api_port: int = 7480  # HTTP on 127.0.0.1 and, inside the fabric, on the public domain
+    ssh_port: int = 7422  # the control channel (ssh con<ID>@...), same two places
     server: str = "127.0.0.1"  # host name khget prints in con<ID>@<server>
     prefix: str = "kh"
     uplink_netns: str | None = None
@@ -62,6 +63,7 @@ def from_env(**overrides: object) -> ServiceConfig:
         "images": paths().out,
         "nodes": int(env.get("KH_NODES", "8")),
         "api_port": int(env.get("KH_API_PORT", "7480")),
+        "ssh_port": int(env.get("KH_SSH_PORT", "7422")),
         "prefix": env.get("KH_PREFIX", "kh"),
         "uplink_netns": env.get("KH_UPLINK_NETNS") or None,
     }

@@ -41,7 +41,7 @@ def start(cfg: ServiceConfig, timeout: float = 120.0, debug: bool = False) -> in
     cfg.run.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "kh.service.daemon", "--foreground",
             "--state-dir", str(cfg.state_dir), "--nodes", str(cfg.nodes),
-            "--port", str(cfg.api_port)]
+            "--port", str(cfg.api_port), "--ssh-port", str(cfg.ssh_port)]
     if cfg.uplink_netns:
         argv += ["--uplink-netns", cfg.uplink_netns]
     if debug:

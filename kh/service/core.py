@@ -286,6 +286,28 @@ class Service:
             self.fabric.remove_domain(netid)
             self.store.remove_domain(netid)
 
+    # -- control-channel keys ------------------------------------------------------------------
+    def add_key(self, user: str, credential: str | None, key: str, alloc: int | None) -> int:
+        """Let a public key open the principal's channels (or only allocation ``alloc``'s)."""
+        from kh.cc.sshd import parse_public_key
+        with self.lock:
+            self.authenticate(user, credential, register=False)
+            if alloc is not None:
+                self._own_allocation(alloc, user, credential)
+            blob, comment = parse_public_key(key)
+            return self.store.add_key(user, blob, comment, alloc)
+
+    def remove_key(self, user: str, credential: str | None, key_id: int) -> None:
+        with self.lock:
+            self.authenticate(user, credential, register=False)
+            if not self.store.remove_key(user, key_id):
+                raise NotFound(f"principal {user} has no key {key_id}")
+
+    def list_keys(self, user: str, credential: str | None) -> list[dict[str, Any]]:
+        self.authenticate(user, credential, register=False)
+        return [{"id": k[0], "allocation": k[2], "key": k[3][:40] + "...", "comment": k[4]}
+                for k in self.store.keys(user)]
+
     def ps(self) -> dict[str, Any]:
         nodes = self.store.nodes()
         return {

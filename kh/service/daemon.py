@@ -10,11 +10,13 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 from kh.allocation import host_address
+from kh.cc.sshd import Access, SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
@@ -43,6 +45,9 @@ def run(cfg: ServiceConfig) -> int:
     svc.fabric.ensure_domain(PUBLIC)
     servers.append(nsutil.run_in(cfg.fabric.netns,
                                  lambda: api.tcp_server(public, cfg.api_port, handler)))
+    sshd = SshServer(Access(svc), host_key(cfg.state_dir / "ssh_host_rsa_key"))
+    sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
+    sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
     # The unix socket last: once it exists, khd answers on every listener.
     cfg.socket.unlink(missing_ok=True)
     servers.append(api.UnixServer(str(cfg.socket), handler))
@@ -50,11 +55,13 @@ def run(cfg: ServiceConfig) -> int:
     for s in servers:
         api.serve(s)  # type: ignore[arg-type]
     cfg.pidfile.write_text(f"{os.getpid()}\n")
-    log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric); %d nodes",
-                os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port, cfg.nodes)
+    log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric), ssh on port %d; "
+                "%d nodes", os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port,
+                cfg.ssh_port, cfg.nodes)
     try:
         stop.wait()
     finally:
+        sshd.close()
         for s in servers:
             s.shutdown()  # type: ignore[attr-defined]
             s.server_close()  # type: ignore[attr-defined]
@@ -65,6 +72,19 @@ def run(cfg: ServiceConfig) -> int:
     return 0
 
 
+def listen_tcp(addr: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((addr, port))
+    except OSError as e:
+        s.close()
+        raise KhError(f"cannot listen on {addr}:{port}: {e.strerror}",
+                      "pick another port with --ssh-port") from None
+    s.listen(64)
+    return s
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="khd", description="kh's service (usually started by "
                                  "`kh service start`)")
@@ -72,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", type=Path)
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--port", type=int, dest="api_port")
+    ap.add_argument("--ssh-port", type=int, dest="ssh_port")
     ap.add_argument("--uplink-netns")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
@@ -84,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg = from_env(state_dir=args.state_dir, nodes=args.nodes, api_port=args.api_port,
+                   ssh_port=args.ssh_port,
                    uplink_netns=args.uplink_netns)
     try:
         return run(cfg)

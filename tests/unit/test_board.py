@@ -70,3 +70,9 @@ def test_memory_checks(tmp_path):
                           loads=(board.Load(k, 256 * 1024 * 1024 - 10),))
     with pytest.raises(UsageError, match="does not fit"):
         board.check_memory(spec)
+
+
+def test_gdb_socket_for_bulk_loads():
+    assert board.gdb_args(None) == []
+    assert board.gdb_args(Path("/r/g.sock")) == [
+        "-chardev", "socket,id=gdb0,path=/r/g.sock,server=on,wait=off", "-gdb", "chardev:gdb0"]

@@ -1,0 +1,1 @@
+"""The control channel: an allocation's nodes' consoles behind one ssh endpoint."""
