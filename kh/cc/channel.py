@@ -19,32 +19,69 @@ from kh.hw.console import Console
 Sink = Callable[[bytes], None]
 
 
+PIECE = 1024  # bytes handed to QEMU at a time
+BACKLOG = 2048  # at most this much may wait inside QEMU's socket: the rest stays flushable
+
+
 class NodeWriter:
-    """Feeds one console from a queue, so a slow UART holds up nobody else."""
+    """Feeds one console from a queue, so a slow UART holds up nobody else.
+
+    Only a little is ever pushed into QEMU's socket at once; the backlog stays here, where a
+    reset can throw it away (what sits in the kernel's socket buffer cannot be taken back)."""
 
     def __init__(self, number: int, console: Console) -> None:
         self.number = number
         self.console = console
         self.q: queue.Queue[bytes | None] = queue.Queue()
         self.failed: str | None = None
+        self._flushing = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"writer-{number}")
         self.thread.start()
 
     def _run(self) -> None:
         while True:
             data = self.q.get()
-            if data is None:
-                return
             try:
-                self.console.write(data)
+                if data is None:
+                    return
+                for off in range(0, len(data), PIECE):
+                    while self.console.unsent() > BACKLOG and not self._flushing.is_set():
+                        time.sleep(0.002)
+                    if self._flushing.is_set():
+                        break
+                    self.console.write(data[off:off + PIECE])
             except BootError as e:
                 self.failed = str(e)
+            finally:
+                self.q.task_done()
 
     def drain(self, timeout: float) -> bool:
+        """Wait until everything queued has reached the node (or ``timeout``)."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self.q.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
         deadline = time.monotonic() + timeout
-        while not self.q.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.q.empty()
+        if not done.wait(timeout):
+            return False
+        while self.console.unsent() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.console.unsent()
+
+    def flush(self) -> None:
+        """Drop everything not yet handed to QEMU (a reset must not replay old input)."""
+        self._flushing.set()
+        try:
+            while True:
+                self.q.get_nowait()
+                self.q.task_done()
+        except queue.Empty:
+            pass
+        self.drain(5)
+        self._flushing.clear()
 
     def stop(self) -> None:
         self.q.put(None)
@@ -53,10 +90,10 @@ class NodeWriter:
 class Hub:
     """The channel of one allocation: shared by all its sessions."""
 
-    def __init__(self, alloc: int, consoles: dict[int, Console]) -> None:
+    def __init__(self, alloc: int, writers: dict[int, NodeWriter]) -> None:
         self.alloc = alloc
         self.lock = threading.Lock()
-        self.writers = {n: NodeWriter(n, c) for n, c in sorted(consoles.items())}
+        self.writers = dict(sorted(writers.items()))
 
     def write(self, data: bytes, nodes: list[int] | None = None) -> None:
         with self.lock:
@@ -64,9 +101,6 @@ class Hub:
                 if nodes is None or n in nodes:
                     w.q.put(data)
 
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.stop()
 
 
 class Output:

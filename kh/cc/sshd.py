@@ -89,12 +89,10 @@ class Access:
     def hub(self, t: Target) -> Hub:
         with self.lock:
             h = self.hubs.get(t.alloc)
-            cons = self.consoles(Target(t.alloc, t.principal, None))
-            if h is None or set(h.writers) != set(cons) or any(
-                    h.writers[n].console is not c for n, c in cons.items()):
-                if h is not None:
-                    h.close()
-                h = Hub(t.alloc, cons)
+            running = self.svc.nodes.running
+            writers = {n: running[n].writer for n in self.nodes(t.alloc) if n in running}
+            if h is None or h.writers != dict(sorted(writers.items())):
+                h = Hub(t.alloc, writers)
                 self.hubs[t.alloc] = h
             return h
 
@@ -171,8 +169,6 @@ class SshServer:
         self._closed = True
         for s in self.listeners:
             s.close()
-        for h in self.access.hubs.values():
-            h.close()
 
     def _accept(self, sock: socket.socket) -> None:
         while not self._closed:

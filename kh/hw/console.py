@@ -8,8 +8,11 @@ to whoever subscribed (an attached terminal).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import re
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -140,6 +143,16 @@ class Console:
             self._sock.sendall(data)
         except OSError as e:
             raise BootError(f"{self.name}: console closed while writing ({e.strerror})") from None
+
+    def unsent(self) -> int:
+        """Bytes written to the node that QEMU has not taken yet (the UART is slow)."""
+        if self._sock is None:
+            return 0
+        try:
+            buf = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", buf)[0])
 
     def subscribe(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
         self._subscribers.append(fn)

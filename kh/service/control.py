@@ -110,7 +110,7 @@ def clean(cfg: ServiceConfig) -> list[str]:
     with contextlib.suppress(KhError):
         if Fabric(cfg.fabric).destroy():
             done.append(f"removed network namespace {cfg.fabric.netns}")
-    for name in ("kh.db", "kh.db-wal", "kh.db-shm"):
+    for name in ("kh.db", "kh.db-wal", "kh.db-shm", "ssh_host_rsa_key"):
         p = cfg.state_dir / name
         if p.exists():
             p.unlink()

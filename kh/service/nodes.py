@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kh import boot, proc
 from kh.allocation import NIC_SLOTS
+from kh.cc.channel import NodeWriter
 from kh.errors import BootError
 from kh.hw import board, qemu
 from kh.hw import netns as nsutil
@@ -120,6 +121,10 @@ class RunningNode:
     mux: Mux
     popen: subprocess.Popen[bytes] | None = None  # None when reattached after a khd restart
     lock: threading.Lock = field(default_factory=threading.Lock)
+    writer: NodeWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = NodeWriter(self.number, self.console)
 
     def alive(self, tag: str) -> bool:
         if self.popen is not None:
@@ -202,6 +207,7 @@ class NodeManager:
     def stop(self, number: int) -> None:
         node = self.running.pop(number, None)
         if node is not None:
+            node.writer.stop()
             node.mux.close()
             node.console.close()
             if node.popen is not None:
@@ -215,6 +221,7 @@ class NodeManager:
     def detach_all(self) -> None:
         """khd is going away; nodes keep running."""
         for node in self.running.values():
+            node.writer.stop()
             node.mux.close()
             node.console.close()
         self.running.clear()
@@ -234,9 +241,18 @@ class NodeManager:
         node = self.running[number]
         spec = node_spec(self.cfg, number)
         with node.lock:
+            node.writer.flush()  # input still queued for the old run must not reach the new
             start = node.console.mark()
             node.qmp(spec, "system_reset")
             node.console.expect(boot.UBOOT_PROMPT, timeout, stage="U-Boot prompt after reset",
+                                start=start)
+            # What QEMU already held may still have reached the prompt: clear the line.
+            deadline = time.monotonic() + 10
+            while node.console.unsent() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            start = node.console.mark()
+            node.console.write(b"\x03")
+            node.console.expect(boot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
                                 start=start)
 
 

@@ -8,119 +8,32 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from pyroute2 import NetNS, netns
 
-from kh import boot, proc
+from kh import proc
 from kh.hw import netns as nsutil
-from kh.hw.console import Console
 from kh.service import control
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import ARTIFACTS
+from tests.integration.conftest import (
+    NODES,
+    allocate,
+    free_port,
+    kh,
+    khget,
+    ps,
+    release,
+    shell,
+    wait_free,
+)
 
 pytestmark = pytest.mark.guest
-NODES = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def outside() -> Iterator[str]:
-    """The external domain's "outside world": a namespace of the test's own."""
-    name = f"khtest-out{os.getpid()}"
-    netns.create(name)
-    with NetNS(name) as ns:
-        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-    yield name
-    netns.remove(name)
-
-
-@pytest.fixture(scope="module")
-def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
-        outside: str) -> Iterator[ServiceConfig]:
-    if os.geteuid() != 0:
-        pytest.fail("the service tests need root (network namespaces, bridges, taps)")
-    cfg = ServiceConfig(state_dir=tmp_path_factory.mktemp("khd") / "state", images=kh_paths.out,
-                        nodes=NODES, api_port=free_port(), prefix=f"kt{os.getpid() % 10000}",
-                        uplink_netns=outside)
-    failed_before = request.session.testsfailed
-    try:
-        control.start(cfg)
-        yield cfg
-    finally:
-        if request.session.testsfailed > failed_before and cfg.logs.exists():
-            keep = ARTIFACTS / "khd-logs"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(cfg.logs, keep)
-            print(f"\nkhd and node console logs kept in {keep}")
-        control.clean(cfg)
-
-
-def env(cfg: ServiceConfig) -> dict[str, str]:
-    return {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
-            "KH_API_PORT": str(cfg.api_port)}
-
-
-def khget(cfg: ServiceConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kh.cli.khget", *args], env=env(cfg),
-                          capture_output=True, text=True, timeout=120)
-
-
-def kh(cfg: ServiceConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kh.cli.main", *args], env=env(cfg),
-                          capture_output=True, text=True, timeout=120)
-
-
-def ps(cfg: ServiceConfig) -> dict:
-    r = kh(cfg, "ps", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def allocate(cfg: ServiceConfig, *args: str) -> tuple[int, list[int], list[str]]:
-    r = khget(cfg, *args)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    alloc = int(lines[0].split("@")[0][3:])
-    nodes = [int(x) for x in lines[-1].split(":")[1].split()]
-    return alloc, nodes, lines
-
-
-def shell(cfg: ServiceConfig, node: int, artifacts: Path) -> boot.BootedNode:
-    """Through the node's console: `run kboot` into the preloaded shell appliance."""
-    con = Console(cfg.node_dir(node) / "console.sock", artifacts / f"node{node}.console.log",
-                  name=f"node{node}")
-    con.connect(5)
-    start = con.mark()
-    con.write(b"\n")
-    con.expect(boot.UBOOT_PROMPT, 10, stage="U-Boot prompt", start=start)
-    return boot.run_kboot(con, 60)
-
-
-def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:
-    r = kh(cfg, "release", "-u", user, "-c", cred, str(alloc))
-    assert r.returncode == 0, r.stderr
-
-
-def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(n["state"] == "free" for n in ps(cfg)["nodes"]) < count:
-        assert time.monotonic() < deadline, ps(cfg)
-        time.sleep(0.3)
 
 
 def test_khget_text_object_and_boot_into_private_domain(khd, artifacts):
@@ -321,7 +234,8 @@ def test_kh_clean_leaves_the_host_as_found(kh_paths, tmp_path, outside):
 
     before = host_state()
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=kh_paths.out, nodes=2,
-                        api_port=free_port(), prefix="kc", uplink_netns=None)
+                        api_port=free_port(), ssh_port=free_port(), prefix="kc",
+                        uplink_netns=None)
     control.start(cfg)
     assert khget(cfg, "-c", "l1", "leo", "-i").returncode == 0
     assert host_state() != before

@@ -26,7 +26,8 @@ def served() -> set[tuple[str, str]]:
         path = rx
         while r"(\d+)" in path:
             seg = path.split(r"(\d+)")[0].rstrip("/").rsplit("/", 1)[-1]
-            name = {"allocations": "{id}", "nodes": "{node}", "domains": "{netid}"}.get(
+            name = {"allocations": "{id}", "nodes": "{node}", "domains": "{netid}",
+                    "keys": "{id}"}.get(
                 seg, next(names))
             path = path.replace(r"(\d+)", name, 1)
         out.add((method, path))

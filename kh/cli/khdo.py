@@ -1,0 +1,204 @@
+"""`khdo FUNC [ARGS]`: script an allocation's control channel (the paper's Listing 1).
+
+Reads khget's text object on stdin and passes it through on stdout, so calls chain; what the
+nodes print goes to stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from kh import proc, textobj
+from kh.admission import read_credential
+from kh.cli.common import entry, handle_errors, setup_logging
+from kh.errors import KhError, UsageError
+from kh.hw.board import BOARDS
+from kh.model import AllocationInfo
+
+if TYPE_CHECKING:
+    from kh.cc.client import ChannelClient
+
+MRW_RE = re.compile(rb"^node(\d+): mrw: (?:(\d+) bytes at|error: (.*))", re.MULTILINE)
+
+
+class Ctx:
+    def __init__(self, obj: AllocationInfo, cred: str | None, port: int,
+                 key: Path | None) -> None:
+        self.obj = obj
+        self.cred = cred
+        self.port = port
+        self.key = key
+
+    def channel(self) -> ChannelClient:
+        from kh.cc.client import ChannelClient
+        return ChannelClient(f"con{self.obj.id}", self.obj.server, self.port,
+                             password=self.cred, key_file=self.key)
+
+
+def _echo_err(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def do_write(c: Ctx, args: list[str]) -> int:
+    if not args:
+        raise UsageError("write needs the text to write", 'khdo write "run kboot"')
+    ch = c.channel()
+    try:
+        _, err, status = ch.exec("raw", (" ".join(args) + "\n").encode(),
+                                 on_output=_echo_err)
+    finally:
+        ch.close()
+    _echo_err(err)
+    return status
+
+
+def do_load(c: Ctx, addr: int, path: str) -> int:
+    data = _read(path)
+    ch = c.channel()
+    try:
+        out, err, status = ch.exec(f"load 0x{addr:x}", data)
+    finally:
+        ch.close()
+    _echo_err(out + err)
+    return status
+
+
+def do_loadfile(c: Ctx, args: list[str]) -> int:
+    """The paper's protocol: `mrw ADDR SIZE` then the raw bytes, over the console."""
+    if len(args) != 2:
+        raise UsageError("loadfile needs ADDR FILE", "khdo loadfile 0x9000000 ./blob")
+    addr, path = args
+    if not re.fullmatch(r"(0x)?[0-9a-fA-F]+", addr):
+        raise UsageError(f"bad address {addr!r}", "write it in hex, e.g. 0x9000000")
+    data = _read(path)
+    ch = c.channel()
+    try:
+        out, err, _ = ch.exec("tagged", f"mrw {addr} {len(data)}\n".encode() + data)
+    finally:
+        ch.close()
+    _echo_err(err)
+    done = {}
+    for m in MRW_RE.finditer(out):
+        done[int(m[1])] = m[3].decode(errors="replace") if m[3] else None
+    failed = 0
+    for n in (x.number for x in c.obj.nodes):
+        if n not in done:
+            failed += 1
+            _echo_err(f"node {n}: no mrw answer\n".encode())
+        elif done[n]:
+            failed += 1
+            _echo_err(f"node {n}: mrw: {done[n]}\n".encode())
+        else:
+            _echo_err(f"node {n}: {len(data)} bytes at {addr}\n".encode())
+    return 1 if failed else 0
+
+
+def do_readcon(c: Ctx, args: list[str]) -> int:
+    seconds = float(args[0]) if args else 2.0
+    ch = c.channel()
+    try:
+        ch.exec("raw", read_for=seconds, on_output=_echo_err)
+    finally:
+        ch.close()
+    return 0
+
+
+def _per(c: Ctx, args: list[str], what: str) -> int:
+    if len(args) != 1:
+        raise UsageError(f"{what} needs one command", f'khdo {what} "ping -c1 %ip%"')
+    worst = 0
+    for n in c.obj.nodes:
+        cmd = args[0].replace("%ip%", n.address).replace("%node%", str(n.number))
+        r = proc.run(["/bin/sh", "-c", cmd], check=False, capture=True, what=what)
+        _echo_err((r.stdout + r.stderr).encode())
+        worst = max(worst, r.returncode)
+    return worst
+
+
+def do_console(c: Ctx, args: list[str]) -> int:
+    ch = c.channel()
+    try:
+        ch.interactive()
+    finally:
+        ch.close()
+    return 0
+
+
+FUNCS = {
+    "write": do_write,
+    "writecon": do_write,
+    "loadkernel": lambda c, a: do_load(c, BOARDS["ppce500"].loadaddr, _one(a, "loadkernel")),
+    "loadramdisk": lambda c, a: do_load(c, BOARDS["ppce500"].ramfsaddr, _one(a, "loadramdisk")),
+    "loadfile": do_loadfile,
+    "readcon": do_readcon,
+    "peripcmd": lambda c, a: _per(c, a, "peripcmd"),
+    "pernodecmd": lambda c, a: _per(c, a, "pernodecmd"),
+    "console": do_console,
+}
+
+
+def _one(args: list[str], func: str) -> str:
+    if len(args) != 1:
+        raise UsageError(f"{func} needs one file", f"khdo {func} ./FILE")
+    return args[0]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "ignore_unknown_options": True})
+@click.option("-c", "cred", envvar="KH_CREDENTIAL",
+              help="The principal's credential (or a file); else ssh keys are tried.")
+@click.option("-p", "--port", type=int, envvar="KH_SSH_PORT", default=7422, show_default=True,
+              help="The control channel's ssh port.")
+@click.option("-i", "key", type=click.Path(path_type=Path), help="An ssh private key.")
+@click.option("--debug", is_flag=True)
+@click.argument("func")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def main(cred: str | None, port: int, key: Path | None, debug: bool, func: str,
+         args: tuple[str, ...]) -> None:
+    """Run FUNC on the allocation whose khget text object is on stdin.
+
+    FUNC: write STR | loadkernel FILE | loadramdisk FILE | loadfile ADDR FILE | readcon [SECS]
+    | peripcmd CMD (%ip%) | pernodecmd CMD (%node%) | console
+    """
+    setup_logging(debug)
+    if func not in FUNCS:
+        raise UsageError(f"unknown function {func!r}", f"one of: {', '.join(FUNCS)}")
+    if sys.stdin.isatty():
+        raise UsageError("khdo reads khget's text object on stdin",
+                         'echo "$nodes" | khdo ' + func)
+    text = sys.stdin.read()
+    obj = textobj.parse(text)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+    c = Ctx(obj, read_credential(cred), port, key)
+    try:
+        status = FUNCS[func](c, list(args))
+    except subprocess.SubprocessError as e:
+        raise KhError(f"{func} failed: {e}") from None
+    if status:
+        sys.exit(status)
+
+
+run = entry(main, "khdo")
+
+if __name__ == "__main__":
+    run()
+
+

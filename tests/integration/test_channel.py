@@ -1,0 +1,206 @@
+"""The control channel with real nodes: stock OpenSSH, khdo and Listing 1, mrw and bulk loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kh.service import control
+from kh.service.config import ServiceConfig
+from tests.integration.conftest import allocate, env, kh, khget, release, wait_free
+
+pytestmark = pytest.mark.guest
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ssh(cfg: ServiceConfig, user: str, password: str | None, *args: str,
+        stdin: bytes = b"", key: Path | None = None, tmp: Path | None = None
+        ) -> subprocess.CompletedProcess[bytes]:
+    """Stock OpenSSH, non-interactive; the password comes through SSH_ASKPASS."""
+    e = {**os.environ}
+    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "NumberOfPasswordPrompts=1", "-p", str(cfg.ssh_port)]
+    if password is not None:
+        assert tmp is not None
+        askpass = tmp / "askpass"
+        askpass.write_text(f"#!/bin/sh\necho '{password}'\n")
+        askpass.chmod(0o700)
+        e.update(SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force")
+        opts += ["-o", "PubkeyAuthentication=no"]
+    if key is not None:
+        opts += ["-i", str(key), "-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes"]
+    return subprocess.run(["setsid", "ssh", *opts, f"{user}@127.0.0.1", *args], input=stdin,
+                          env=e, capture_output=True, timeout=120)
+
+
+def khdo(cfg: ServiceConfig, nodes: str, *args: str, cred: str | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    e = env(cfg)
+    if cred:
+        e["KH_CREDENTIAL"] = cred
+    return subprocess.run([sys.executable, "-m", "kh.cli.khdo", *args], input=nodes, env=e,
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def tagged(cfg: ServiceConfig, alloc: int, cred: str, line: str, tmp: Path) -> dict[int, str]:
+    """Send one line to every node; their answers by node."""
+    r = ssh(cfg, f"con{alloc}", cred, "tagged", stdin=line.encode() + b"\n", tmp=tmp)
+    assert r.returncode == 0, r.stderr
+    out: dict[int, str] = {}
+    for ln in r.stdout.decode(errors="replace").replace("\r", "").splitlines():
+        m = re.match(r"^node(\d+): (.*)$", ln)
+        if m:
+            out[int(m[1])] = out.get(int(m[1]), "") + m[2] + "\n"
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_listing_1_as_written(khd, tmp_path, count):
+    """nodes=$(khget ...); khdo loadkernel; loadramdisk; write "run kboot"; query."""
+    wait_free(khd, count)
+    r = khget(khd, "-c", "l1cred", "listing", str(count))
+    assert r.returncode == 0, r.stderr
+    nodes = r.stdout
+    alloc = int(nodes.split("@")[0][3:])
+    out = khd.images
+    r = khdo(khd, nodes, "loadkernel", "./uImage", cred="l1cred", cwd=out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == nodes  # passed through, so calls chain
+    assert r.stderr.count("bytes at 0x08000000") == count
+    r = khdo(khd, nodes, "loadramdisk", "./shell.cpio.gz.uimg", cred="l1cred", cwd=out)
+    assert r.returncode == 0 and r.stderr.count("bytes at 0x0a000000") == count, r.stderr
+    r = khdo(khd, nodes, "write", "run kboot", cred="l1cred")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while r.stderr.count("kh-ready: shell") < count and time.monotonic() < deadline:
+        r2 = khdo(khd, nodes, "readcon", "1", cred="l1cred")
+        r = subprocess.CompletedProcess(r.args, 0, r.stdout, r.stderr + r2.stderr)
+    answers = tagged(khd, alloc, "l1cred", "uname -m; hostname", tmp_path)
+    numbers = [int(x) for x in nodes.strip().splitlines()[-1].split(":")[1].split()]
+    for n in numbers:
+        assert "ppc" in answers.get(n, ""), answers
+        assert f"node{n}" in answers[n]
+    r = khdo(khd, nodes, "pernodecmd", "echo answered %node%", cred="l1cred")
+    assert r.returncode == 0 and r.stderr.count("answered") == count
+    release(khd, "listing", "l1cred", alloc)
+
+
+def test_openssh_password_key_refusals_and_handing_over(khd, tmp_path):
+    wait_free(khd, 2)
+    alloc, nodes, _ = allocate(khd, "-c", "ocred", "olga", "2")
+    r = ssh(khd, f"con{alloc}", "ocred", stdin=b"version\n", tmp=tmp_path)
+    assert r.returncode == 0 and r.stdout.count(b"U-Boot 2023.01") >= 2, r
+    # the wrong credential, another principal's credential, a released allocation: refused
+    assert khget(khd, "-c", "pcred", "pete").returncode == 0
+    assert ssh(khd, f"con{alloc}", "wrong", "nodes", tmp=tmp_path).returncode == 255
+    assert ssh(khd, f"con{alloc}", "pcred", "nodes", tmp=tmp_path).returncode == 255
+    # a key registered by the principal, then one handed to another party for this
+    # allocation only, then revoked
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    r = kh(khd, "key", "add", "-u", "olga", "-c", "ocred", "--allocation", str(alloc),
+           str(key) + ".pub")
+    assert r.returncode == 0, r.stderr
+    kid = int(r.stdout.split()[1])
+    r = ssh(khd, f"con{alloc}", None, "nodes", key=key)
+    assert r.returncode == 0 and r.stdout.split() == [str(n).encode() for n in nodes]
+    r = ssh(khd, f"con{alloc}.{nodes[1]}", None, "nodes", key=key)  # single-node session
+    assert r.stdout.split() == [str(nodes[1]).encode()]
+    assert kh(khd, "key", "rm", "-u", "olga", "-c", "ocred", str(kid)).returncode == 0
+    assert ssh(khd, f"con{alloc}", None, "nodes", key=key).returncode == 255
+    release(khd, "olga", "ocred", alloc)
+    assert ssh(khd, f"con{alloc}", "ocred", "nodes", tmp=tmp_path).returncode == 255
+
+
+def test_mrw_64k_and_bulk_load_checked_on_every_node(khd, tmp_path):
+    wait_free(khd, 3)
+    alloc, nodes, lines = allocate(khd, "-c", "qcred", "quinn", "3")
+    text = "\n".join(lines) + "\n"
+    blob = bytes(range(256)) * 64 + os.urandom(65536 - 256 * 64)
+    (tmp_path / "blob").write_bytes(blob)
+    r = khdo(khd, text, "loadfile", "0x9000000", str(tmp_path / "blob"), cred="qcred")
+    assert r.returncode == 0, r.stderr
+    answers = tagged(khd, alloc, "qcred", "crc32 0x9000000 10000", tmp_path)
+    for n in nodes:
+        assert f"==> {zlib.crc32(blob):08x}" in answers[n], answers
+    big = os.urandom(12 << 20)
+    (tmp_path / "big").write_bytes(big)
+    r = khdo(khd, text, "loadramdisk", str(tmp_path / "big"), cred="qcred")
+    assert r.returncode == 0, r.stderr
+    answers = tagged(khd, alloc, "qcred", "crc32 0xa000000 c00000", tmp_path)
+    for n in nodes:
+        assert f"==> {zlib.crc32(big):08x}" in answers[n], answers
+    # beyond the nodes' memory: refused with a reason, nothing written
+    r = ssh(khd, f"con{alloc}", "qcred", "load", "0xf800000", stdin=big, tmp=tmp_path)
+    assert r.returncode == 2 and b"beyond" in r.stderr
+    release(khd, "quinn", "qcred", alloc)
+
+
+def test_garbage_and_dropped_connections_do_not_hurt_khd(khd, tmp_path):
+    wait_free(khd, 2)
+    a, (na,), _ = allocate(khd, "-c", "rcred", "rita")
+    b, (nb,), _ = allocate(khd, "-c", "scred", "sam")
+    junk = os.urandom(256 * 1024) + b"x" * (200 * 1024) + b"\n"  # binary garbage, huge line
+    proc_ = subprocess.Popen(["setsid", "ssh", "-o", "StrictHostKeyChecking=no", "-o",
+                              "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                              "-p", str(khd.ssh_port), "-o", "PubkeyAuthentication=no",
+                              f"con{a}@127.0.0.1"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "SSH_ASKPASS_REQUIRE": "force",
+                                  "SSH_ASKPASS": str(_askpass(tmp_path, "rcred"))})
+    assert proc_.stdin is not None
+    proc_.stdin.write(junk[:100000])
+    proc_.kill()  # dropped mid-stream
+    proc_.wait()
+    s = socket.create_connection(("127.0.0.1", khd.ssh_port))
+    s.sendall(os.urandom(5000))  # not even ssh
+    s.close()
+    # the other principal's channel still works, and so does the service
+    answers = tagged(khd, b, "scred", "version", tmp_path)
+    assert "U-Boot" in answers[nb]
+    assert control.pid_of(khd)
+    # rita's node can be reset and used again after the garbage
+    assert kh(khd, "reset", "-u", "rita", "-c", "rcred", str(na)).returncode == 0
+    answers = tagged(khd, a, "rcred", "printenv khargs", tmp_path)
+    assert f"kh.node={na}" in answers[na]
+    release(khd, "rita", "rcred", a)
+    release(khd, "sam", "scred", b)
+
+
+def _askpass(tmp: Path, password: str) -> Path:
+    p = tmp / f"askpass-{password}"
+    p.write_text(f"#!/bin/sh\necho '{password}'\n")
+    p.chmod(0o700)
+    return p
+
+
+def test_khdo_bad_input_one_line(khd, tmp_path):
+    r = khdo(khd, "garbage\n", "write", "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "con<ID>@<host>" in r.stderr
+    obj = "con1@127.0.0.1\nprotocol: uboot\nnodes: 1\n"
+    r = khdo(khd, obj, "loadkernel", str(tmp_path / "missing"), cred="x")
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
+    r = khdo(khd, obj, "frobnicate", cred="x")
+    assert r.returncode == 2 and "unknown function" in r.stderr
+
+
+def test_console_logs_survive_a_khd_restart(khd, tmp_path):
+    wait_free(khd, 1)
+    alloc, (node,), _ = allocate(khd, "-c", "tcred", "tina")
+    tagged(khd, alloc, "tcred", "echo marker-before-restart", tmp_path)
+    control.stop(khd)
+    control.start(khd)
+    tagged(khd, alloc, "tcred", "echo marker-after-restart", tmp_path)
+    r = kh(khd, "logs", str(node))
+    assert r.returncode == 0
+    assert "marker-before-restart" in r.stdout and "marker-after-restart" in r.stdout
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", r.stdout, re.MULTILINE)
+    release(khd, "tina", "tcred", alloc)
