@@ -1,0 +1,130 @@
+"""Issue-4 numbers on this machine: bulk loads into 1/4/16 nodes, a one-line broadcast to 16
+nodes, Listing 1 end to end. Runs its own khd and cleans it up. Needs root.
+
+Usage: .venv/bin/python benchmarks/channel.py [--nodes 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kh.cc.client import ChannelClient
+from kh.client import Client
+from kh.service import control
+from kh.service.config import ServiceConfig
+from kh.settings import paths
+
+REPO = Path(__file__).resolve().parents[1]
+CRED = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def khget(cfg: ServiceConfig, count: int) -> str:
+    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix}
+    return subprocess.run([str(REPO / ".venv/bin/khget"), "-c", CRED, "bench", str(count)],
+                          env=env, capture_output=True, text=True, check=True).stdout
+
+
+def khdo(cfg: ServiceConfig, nodes: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KH_CREDENTIAL": CRED, "KH_SSH_PORT": str(cfg.ssh_port)}
+    return subprocess.run([str(REPO / ".venv/bin/khdo"), *args], input=nodes, env=env,
+                          capture_output=True, text=True, check=True)
+
+
+def release_all(cfg: ServiceConfig) -> None:
+    import json
+    c = Client(cfg.socket)
+    for a in json.loads(c.call("GET", "/v1/ps", as_json=True))["allocations"]:
+        c.call("POST", f"/v1/allocations/{a['id']}/release", {"user": "bench",
+                                                               "credential": CRED})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        nodes = json.loads(c.call("GET", "/v1/ps", as_json=True))["nodes"]
+        if sum(n["state"] == "free" for n in nodes) >= cfg.nodes:
+            return
+        time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kh-bench-") as tmp:
+        kernel = Path(tmp) / "kernel.bin"
+        ramdisk = Path(tmp) / "ramdisk.bin"
+        kernel.write_bytes(os.urandom(5 << 20))
+        ramdisk.write_bytes(os.urandom(10 << 20))
+        cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=paths().out,
+                            nodes=args.nodes, api_port=free_port(), ssh_port=free_port(),
+                            prefix=f"kb{os.getpid() % 10000}")
+        control.start(cfg)
+        try:
+            for count in (1, 4, args.nodes):
+                nodes = khget(cfg, count)
+                t0 = time.monotonic()
+                khdo(cfg, nodes, "loadkernel", str(kernel))
+                khdo(cfg, nodes, "loadramdisk", str(ramdisk))
+                print(f"loadkernel 5 MB + loadramdisk 10 MB into {count:>2} nodes: "
+                      f"{time.monotonic() - t0:.2f} s")
+                if count == args.nodes:
+                    ch = ChannelClient(f"con{nodes.split('@')[0][3:]}", "127.0.0.1",
+                                       cfg.ssh_port, password=CRED)
+                    times = []
+                    for _ in range(5):
+                        seen: set[bytes] = set()
+                        done_at: list[float] = []
+                        buf = bytearray()
+
+                        def watch(chunk: bytes, seen=seen, done_at=done_at, buf=buf,
+                                  count=count) -> None:
+                            buf.extend(chunk)
+                            seen.update(ln.split(b":")[0] for ln in bytes(buf).splitlines()
+                                        if b"U-Boot 2023" in ln)
+                            if len(seen) == count and not done_at:
+                                done_at.append(time.monotonic())
+
+                        t0 = time.monotonic()
+                        ch.exec("tagged", b"version\n", on_output=watch)
+                        assert done_at, bytes(buf)
+                        times.append(done_at[0] - t0)
+                    ch.close()
+                    print(f"one line to {count} nodes at U-Boot, every answer back: "
+                          f"median {sorted(times)[2]:.2f} s (min {min(times):.2f})")
+                release_all(cfg)
+            for count in (1, 4, args.nodes):
+                t0 = time.monotonic()
+                nodes = khget(cfg, count)
+                khdo(cfg, nodes, "loadkernel", str(paths().out / "uImage"))
+                khdo(cfg, nodes, "loadramdisk", str(paths().out / "shell.cpio.gz.uimg"))
+                khdo(cfg, nodes, "write", "run kboot")
+                numbers = nodes.strip().splitlines()[-1].split(":")[1].split()
+                ready: set[bytes] = set()
+                ch = ChannelClient(f"con{nodes.split('@')[0][3:]}", "127.0.0.1",
+                                   cfg.ssh_port, password=CRED)
+                deadline = time.monotonic() + 120
+                while len(ready) < count and time.monotonic() < deadline:
+                    out, _, _ = ch.exec("tagged", b"uname -m\n")
+                    ready |= {ln.split(b":")[0] for ln in out.splitlines()
+                              if ln.endswith(b"ppc") or ln.endswith(b"ppc\r")}
+                ch.close()
+                print(f"Listing 1 (khget, loadkernel, loadramdisk, run kboot, every node "
+                      f"answers) for {count:>2} nodes: {time.monotonic() - t0:.2f} s "
+                      f"({len(ready)}/{len(numbers)} answered)")
+                release_all(cfg)
+        finally:
+            control.clean(cfg)
+
+
+if __name__ == "__main__":
+    main()
