@@ -16,20 +16,30 @@ end=$(date +%s.%N)
 printf '\n== node booted, ran the commands and was torn down in %.1f s\n\n' "$(echo "$end - $start" | bc)"
 
 # The service, with a state dir and name prefix of the demo's own, removed again at the end.
-export KH_STATE_DIR=/tmp/kh-demo-state KH_PREFIX=khdemo KH_API_PORT=7490
+export KH_STATE_DIR=/tmp/kh-demo-state KH_PREFIX=khdemo KH_API_PORT=7490 KH_SSH_PORT=7491
 trap '$KH clean >/dev/null' EXIT
 echo "== kh service start (4 nodes, warm at the U-Boot prompt)"
 $KH service start --nodes 4
 echo
-echo "== khget -c democred alice 2"
-$KHGET -c democred alice 2
+echo "== the paper's Listing 1 with the shell appliance: khget, khdo loadkernel, loadramdisk, run kboot"
+KHDO=.venv/bin/khdo
+export KH_CREDENTIAL=democred
+nodes=$($KHGET -c democred alice 2)
+echo "$nodes"
+echo "$nodes" | $KHDO loadkernel images/out/uImage >/dev/null
+echo "$nodes" | $KHDO loadramdisk images/out/shell.cpio.gz.uimg >/dev/null
+echo "$nodes" | $KHDO write "run kboot" >/dev/null 2>&1
+echo
+echo "== every node answers on the control channel (ssh con<ID>@127.0.0.1 -p $KH_SSH_PORT)"
+for _ in $(seq 1 30); do
+	out=$(echo "$nodes" | $KHDO write 'uname -a; ip -4 -o addr show eth0' 2>&1 >/dev/null | tr -d '\r')
+	[ "$(echo "$out" | grep -c '^Linux')" -ge 2 ] && break
+	sleep 1
+done
+echo "$out" | grep -E '^(Linux|[0-9]+: eth0)'
 echo
 echo "== kh ps"
 $KH ps
-echo
-echo "== node 1's console (what khd logged): the U-Boot environment khget set"
-sleep 0.5
-tail -c 600 "$KH_STATE_DIR/logs/node1.log" | tr -d '\r' | tail -n 4
 echo
 echo "== kh hw"
 $KH hw
