@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyroute2 import netns
+
 from kh.cc.client import ChannelClient
 from kh.client import Client
 from kh.service import control
@@ -30,16 +32,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def khget(cfg: ServiceConfig, count: int) -> str:
+def khget(cfg: ServiceConfig, count: int, *opts: str) -> str:
     env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix}
-    return subprocess.run([str(REPO / ".venv/bin/khget"), "-c", CRED, "bench", str(count)],
-                          env=env, capture_output=True, text=True, check=True).stdout
+    return subprocess.run([str(REPO / ".venv/bin/khget"), *opts, "-c", CRED, "bench",
+                           str(count)], env=env, capture_output=True, text=True,
+                          check=True).stdout
 
 
-def khdo(cfg: ServiceConfig, nodes: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KH_CREDENTIAL": CRED, "KH_SSH_PORT": str(cfg.ssh_port)}
+def khdo(cfg: ServiceConfig, nodes: str, *args: str,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KH_CREDENTIAL": CRED, "KH_SSH_PORT": str(cfg.ssh_port),
+           "KHDO_NETNS": cfg.uplink_netns or ""}
     return subprocess.run([str(REPO / ".venv/bin/khdo"), *args], input=nodes, env=env,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=check)
 
 
 def release_all(cfg: ServiceConfig) -> None:
@@ -65,9 +70,11 @@ def main() -> None:
         ramdisk = Path(tmp) / "ramdisk.bin"
         kernel.write_bytes(os.urandom(5 << 20))
         ramdisk.write_bytes(os.urandom(10 << 20))
+        outside = f"kb-out{os.getpid()}"  # the outside world Listing 1 fetches pages from
+        netns.create(outside)
         cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=paths().out,
                             nodes=args.nodes, api_port=free_port(), ssh_port=free_port(),
-                            prefix=f"kb{os.getpid() % 10000}")
+                            prefix=f"kb{os.getpid() % 10000}", uplink_netns=outside)
         control.start(cfg)
         try:
             for count in (1, 4, args.nodes):
@@ -104,26 +111,24 @@ def main() -> None:
                 release_all(cfg)
             for count in (1, 4, args.nodes):
                 t0 = time.monotonic()
-                nodes = khget(cfg, count)
+                nodes = khget(cfg, count, "-x")
                 khdo(cfg, nodes, "loadkernel", str(paths().out / "uImage"))
                 khdo(cfg, nodes, "loadramdisk", str(paths().out / "shell.cpio.gz.uimg"))
                 khdo(cfg, nodes, "write", "run kboot")
                 numbers = nodes.strip().splitlines()[-1].split(":")[1].split()
-                ready: set[bytes] = set()
-                ch = ChannelClient(f"con{nodes.split('@')[0][3:]}", "127.0.0.1",
-                                   cfg.ssh_port, password=CRED)
-                deadline = time.monotonic() + 120
-                while len(ready) < count and time.monotonic() < deadline:
-                    out, _, _ = ch.exec("tagged", b"uname -m\n")
-                    ready |= {ln.split(b":")[0] for ln in out.splitlines()
-                              if ln.endswith(b"ppc") or ln.endswith(b"ppc\r")}
-                ch.close()
-                print(f"Listing 1 (khget, loadkernel, loadramdisk, run kboot, every node "
-                      f"answers) for {count:>2} nodes: {time.monotonic() - t0:.2f} s "
-                      f"({len(ready)}/{len(numbers)} answered)")
+                pages = 0
+                deadline = time.monotonic() + 180
+                while pages < count and time.monotonic() < deadline:
+                    r = khdo(cfg, nodes, "peripcmd", "wget -q -T 5 -O - http://%ip%/",
+                             check=False)
+                    pages = r.stderr.count("</h1>")
+                print(f"Listing 1 (khget -x, loadkernel, loadramdisk, run kboot, peripcmd wget) "
+                      f"for {count:>2} nodes: {time.monotonic() - t0:.2f} s "
+                      f"({pages}/{len(numbers)} pages fetched)")
                 release_all(cfg)
         finally:
             control.clean(cfg)
+            netns.remove(outside)
 
 
 if __name__ == "__main__":

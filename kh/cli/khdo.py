@@ -29,7 +29,8 @@ MRW_RE = re.compile(rb"^node(\d+): mrw: (?:(\d+) bytes at|error: (.*))", re.MULT
 
 class Ctx:
     def __init__(self, obj: AllocationInfo, cred: str | None, port: int,
-                 key: Path | None) -> None:
+                 key: Path | None, netns: str | None = None) -> None:
+        self.netns = netns
         self.obj = obj
         self.cred = cred
         self.port = port
@@ -125,7 +126,10 @@ def _per(c: Ctx, args: list[str], what: str) -> int:
     worst = 0
     for n in c.obj.nodes:
         cmd = args[0].replace("%ip%", n.address).replace("%node%", str(n.number))
-        r = proc.run(["/bin/sh", "-c", cmd], check=False, capture=True, what=what)
+        argv = ["/bin/sh", "-c", cmd]
+        if c.netns:  # the principal's "host" is a network namespace (tests' outside world)
+            argv = ["nsenter", f"--net=/run/netns/{c.netns}", "--", *argv]
+        r = proc.run(argv, check=False, capture=True, what=what)
         _echo_err((r.stdout + r.stderr).encode())
         worst = max(worst, r.returncode)
     return worst
@@ -166,12 +170,14 @@ def _one(args: list[str], func: str) -> str:
 @click.option("-p", "--port", type=int, envvar="KH_SSH_PORT", default=7422, show_default=True,
               help="The control channel's ssh port.")
 @click.option("-i", "key", type=click.Path(path_type=Path), help="An ssh private key.")
+@click.option("--netns", envvar="KHDO_NETNS",
+              help="Run peripcmd/pernodecmd commands in this network namespace.")
 @click.option("--debug", is_flag=True)
 @click.argument("func")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
-def main(cred: str | None, port: int, key: Path | None, debug: bool, func: str,
-         args: tuple[str, ...]) -> None:
+def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug: bool,
+         func: str, args: tuple[str, ...]) -> None:
     """Run FUNC on the allocation whose khget text object is on stdin.
 
     FUNC: write STR | loadkernel FILE | loadramdisk FILE | loadfile ADDR FILE | readcon [SECS]
@@ -187,7 +193,7 @@ def main(cred: str | None, port: int, key: Path | None, debug: bool, func: str,
     obj = textobj.parse(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
-    c = Ctx(obj, read_credential(cred), port, key)
+    c = Ctx(obj, read_credential(cred), port, key, netns)
     try:
         status = FUNCS[func](c, list(args))
     except subprocess.SubprocessError as e:

@@ -3,7 +3,8 @@ interface, and the external domain's NAT uplink, built with pyroute2.
 
 Isolation is the host's job: every private domain is a bridge with no address, so nothing can
 route into or out of it; the external and public bridges carry kh's own address (gateway,
-service listener) and the FORWARD policy drops everything but external → uplink.
+service listener) and the FORWARD policy drops everything but traffic between the external
+domain and its uplink.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterator
 
 from pyroute2 import NetNS, netns
@@ -162,11 +164,19 @@ class Fabric:
             if str(out_net.ip) not in [a.get_attr("IFA_ADDRESS") for a in out.get_addr(index=idx)]:
                 out.addr("add", index=idx, address=str(out_net.ip), prefixlen=30)
             out.link("set", index=idx, state="up")
+            # External-domain nodes are reachable from the outside world, as in the paper
+            # (Listing 1 fetches a page from each): route their range through the fabric.
+            ext_net = subnet(EXTERNAL)
+            have = [r.get_attr("RTA_DST") for r in out.get_routes(family=socket.AF_INET)]
+            if str(ext_net.network_address) not in have:
+                out.route("add", dst=str(ext_net), gateway=str(up_net.ip))
         nsutil.sysctl(cfg.netns, "net.ipv4.ip_forward", "1")
         ext = str(subnet(EXTERNAL))
         rules = [
             ["-P", "FORWARD", "DROP"],
             ["-A", "FORWARD", "-i", cfg.bridge(EXTERNAL), "-o", cfg.uplink, "-s", ext,
+             "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", cfg.uplink, "-o", cfg.bridge(EXTERNAL), "-d", ext,
              "-j", "ACCEPT"],
             ["-A", "FORWARD", "-i", cfg.uplink, "-o", cfg.bridge(EXTERNAL), "-m", "conntrack",
              "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],

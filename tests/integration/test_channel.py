@@ -44,6 +44,8 @@ def ssh(cfg: ServiceConfig, user: str, password: str | None, *args: str,
 def khdo(cfg: ServiceConfig, nodes: str, *args: str, cred: str | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     e = env(cfg)
+    if cfg.uplink_netns:  # the principal's "host" is the test's outside world
+        e["KHDO_NETNS"] = cfg.uplink_netns
     if cred:
         e["KH_CREDENTIAL"] = cred
     return subprocess.run([sys.executable, "-m", "kh.cli.khdo", *args], input=nodes, env=e,
@@ -64,9 +66,10 @@ def tagged(cfg: ServiceConfig, alloc: int, cred: str, line: str, tmp: Path) -> d
 
 @pytest.mark.parametrize("count", [1, 4])
 def test_listing_1_as_written(khd, tmp_path, count):
-    """nodes=$(khget ...); khdo loadkernel; loadramdisk; write "run kboot"; query."""
+    """nodes=$(khget -x ...); khdo loadkernel; loadramdisk; write "run kboot";
+    peripcmd "wget http://%ip%/" from the outside world."""
     wait_free(khd, count)
-    r = khget(khd, "-c", "l1cred", "listing", str(count))
+    r = khget(khd, "-x", "-c", "l1cred", "listing", str(count))
     assert r.returncode == 0, r.stderr
     nodes = r.stdout
     alloc = int(nodes.split("@")[0][3:])
@@ -88,6 +91,10 @@ def test_listing_1_as_written(khd, tmp_path, count):
     for n in numbers:
         assert "ppc" in answers.get(n, ""), answers
         assert f"node{n}" in answers[n]
+    r = khdo(khd, nodes, "peripcmd", "wget -q -T 10 -O - http://%ip%/", cred="l1cred")
+    assert r.returncode == 0, r.stderr
+    for n in numbers:
+        assert f"<h1>node{n}</h1>" in r.stderr, r.stderr
     r = khdo(khd, nodes, "pernodecmd", "echo answered %node%", cred="l1cred")
     assert r.returncode == 0 and r.stderr.count("answered") == count
     release(khd, "listing", "l1cred", alloc)
