@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,19 @@ log = logging.getLogger("kh.qemu")
 class Qmp:
     """A minimal QMP client: enough for reset, stop and status."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                # QEMU binds the socket a moment before it listens on it.
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise BootError(f"QMP socket {path} does not answer: {e.strerror}") from None
+                time.sleep(0.01)
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.command("qmp_capabilities")

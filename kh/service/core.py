@@ -131,7 +131,7 @@ class Service:
     def _start_node(self, number: int) -> None:
         try:
             node = self.nodes.start(number)
-        except KhError as e:
+        except (KhError, OSError) as e:
             log.error("node %d failed to start: %s", number, e)
             self.store.set_node(number, state=NodeState.FAILED, reason=str(e))
             return
