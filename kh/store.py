@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kh.model import Domain, DomainKind, NodeState
 
@@ -119,13 +120,18 @@ class Store:
             self.db.execute("COMMIT")
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self.db.close()
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read: the one connection is shared by khd's threads, so reads take its lock too."""
+        with self._lock:
+            return list(self.db.execute(sql, args).fetchall())
 
     # -- principals -----------------------------------------------------------------------
     def principal(self, name: str) -> tuple[bytes, bytes] | None:
-        row = self.db.execute("SELECT salt, hash FROM principals WHERE name=?",
-                              (name,)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self._rows("SELECT salt, hash FROM principals WHERE name=?", (name,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def add_principal(self, name: str, salt: bytes, digest: bytes) -> None:
         with self.tx() as db:
@@ -151,13 +157,13 @@ class Store:
 
     def keys(self, principal: str | None = None) -> list[tuple[int, str, int | None, str, str]]:
         q = "SELECT id, principal, alloc, key, comment FROM keys"
-        rows = (self.db.execute(q + " WHERE principal=? ORDER BY id", (principal,))
-                if principal else self.db.execute(q + " ORDER BY id"))
+        rows = (self._rows(q + " WHERE principal=? ORDER BY id", (principal,))
+                if principal else self._rows(q + " ORDER BY id"))
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # -- domains --------------------------------------------------------------------------
     def domains(self) -> list[Domain]:
-        rows = self.db.execute("SELECT netid, kind, owner FROM domains ORDER BY netid")
+        rows = self._rows("SELECT netid, kind, owner FROM domains ORDER BY netid")
         return [Domain(r[0], DomainKind(r[1]), r[2]) for r in rows]
 
     def private_owners(self) -> dict[int, str]:
@@ -173,10 +179,9 @@ class Store:
             db.execute("DELETE FROM domains WHERE netid=?", (netid,))
 
     def domain_in_use(self, netid: int) -> bool:
-        row = self.db.execute(
+        return bool(self._rows(
             "SELECT 1 FROM alloc_domains ad JOIN allocations a ON a.id = ad.alloc "
-            "WHERE ad.netid=? AND a.released IS NULL LIMIT 1", (netid,)).fetchone()
-        return row is not None
+            "WHERE ad.netid=? AND a.released IS NULL LIMIT 1", (netid,)))
 
     # -- allocations ----------------------------------------------------------------------
     def add_allocation(self, principal: str, netids: tuple[int, ...]) -> int:
@@ -189,18 +194,19 @@ class Store:
             return alloc
 
     def allocation(self, alloc: int) -> AllocRow | None:
-        row = self.db.execute("SELECT id, principal, created, released FROM allocations "
-                              "WHERE id=?", (alloc,)).fetchone()
-        if not row:
+        rows = self._rows("SELECT id, principal, created, released FROM allocations "
+                          "WHERE id=?", (alloc,))
+        if not rows:
             return None
-        nets = self.db.execute("SELECT netid FROM alloc_domains WHERE alloc=? ORDER BY slot",
-                               (alloc,)).fetchall()
+        row = rows[0]
+        nets = self._rows("SELECT netid FROM alloc_domains WHERE alloc=? ORDER BY slot",
+                          (alloc,))
         return AllocRow(row[0], row[1], row[2], row[3], tuple(n[0] for n in nets))
 
     def allocations(self, active_only: bool = True) -> list[AllocRow]:
         q = "SELECT id FROM allocations" + (" WHERE released IS NULL" if active_only else "")
         out = []
-        for (i,) in self.db.execute(q + " ORDER BY id").fetchall():
+        for (i,) in self._rows(q + " ORDER BY id"):
             a = self.allocation(i)
             if a:
                 out.append(a)
@@ -225,8 +231,8 @@ class Store:
                         n.reason))
 
     def nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
-        rows = self.db.execute("SELECT number, uid, state, pid, alloc, workdir, started, reason"
-                               f" FROM nodes {where} ORDER BY number", args).fetchall()
+        rows = self._rows("SELECT number, uid, state, pid, alloc, workdir, started, reason"
+                          f" FROM nodes {where} ORDER BY number", args)
         return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7])
                 for r in rows]
 
