@@ -15,7 +15,7 @@ import pytest
 
 from kh.service import control
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import allocate, env, kh, khget, release, wait_free
+from tests.integration.conftest import allocate, env, kh, khget, ps, release, wait_free
 
 pytestmark = pytest.mark.guest
 REPO = Path(__file__).resolve().parents[2]
@@ -211,3 +211,28 @@ def test_console_logs_survive_a_khd_restart(khd, tmp_path):
     assert "marker-before-restart" in r.stdout and "marker-after-restart" in r.stdout
     assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", r.stdout, re.MULTILINE)
     release(khd, "tina", "tcred", alloc)
+
+
+def test_a_node_that_fails_mid_load_is_named_and_the_others_complete(khd, tmp_path):
+    wait_free(khd, 2)
+    alloc, (bad, good), lines = allocate(khd, "-c", "ucred", "uma", "2")
+    text = "\n".join(lines) + "\n"
+    # The bad node's memory port disappears (as when its QEMU is gone) ...
+    (khd.node_dir(bad) / "gdb.sock").unlink()
+    big = os.urandom(8 << 20)
+    (tmp_path / "big").write_bytes(big)
+    r = khdo(khd, text, "loadkernel", str(tmp_path / "big"), cred="ucred")
+    assert r.returncode == 1
+    assert f"node {bad}: load failed" in r.stderr, r.stderr
+    assert f"node {good}: {len(big)} bytes at 0x08000000 crc32 {zlib.crc32(big):08x}" in r.stderr
+    answers = tagged(khd, alloc, "ucred", "crc32 0x8000000 800000", tmp_path)
+    assert f"==> {zlib.crc32(big):08x}" in answers[good], answers
+    # ... and after it really dies, khd marks it failed; the other node stays usable.
+    os.kill(int(next(n["pid"] for n in ps(khd)["nodes"] if n["node"] == bad)), 9)
+    deadline = time.monotonic() + 30
+    while next(n["state"] for n in ps(khd)["nodes"] if n["node"] == bad) != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert kh(khd, "reset", "-u", "uma", "-c", "ucred", str(good)).returncode == 0
+    assert "U-Boot" in tagged(khd, alloc, "ucred", "version", tmp_path)[good]
+    release(khd, "uma", "ucred", alloc)
