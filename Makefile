@@ -42,8 +42,9 @@ test: setup
 	$(VENV)/bin/pytest -q -ra tests/unit tests/integration
 
 bench: setup
-	$(PY) benchmarks/boot.py
-	$(PY) benchmarks/service.py
+	$(PY) -m benchmarks.boot
+	$(PY) -m benchmarks.service
+	$(PY) -m benchmarks.channel
 
 clean-images:
 	rm -rf images/out

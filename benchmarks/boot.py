@@ -1,7 +1,7 @@
 """Issue-2 speed numbers on this machine: prompt, kboot, `kh boot -- true`, mrw, image cache.
 
 Prints numbers; asserts nothing (tests never assert wall-clock time).
-Usage: .venv/bin/python benchmarks/boot.py [--runs N]
+Usage: .venv/bin/python -m benchmarks.boot [--runs N]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def idle_cpu(seconds: float = 10.0) -> float:
     p = paths()
     tick = os.sysconf("SC_CLK_TCK")
     with boot.at_prompt(boot.default_config(p), p) as node:
-        time.sleep(1.0)
+        time.sleep(1.0)  # let U-Boot go idle (it dozes after 20 ms without input)
         stat = Path(f"/proc/{node.process.pid}/stat")
 
         def cpu() -> float:

@@ -1,14 +1,13 @@
 """Issue-4 numbers on this machine: bulk loads into 1/4/16 nodes, a one-line broadcast to 16
 nodes, Listing 1 end to end. Runs its own khd and cleans it up. Needs root.
 
-Usage: .venv/bin/python benchmarks/channel.py [--nodes 16]
+Usage: .venv/bin/python -m benchmarks.channel [--nodes 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,27 +15,11 @@ from pathlib import Path
 
 from pyroute2 import netns
 
+from benchmarks.common import CRED, REPO, free_port, khget, release_all
 from kh.cc.client import ChannelClient
-from kh.client import Client
 from kh.service import control
 from kh.service.config import ServiceConfig
 from kh.settings import paths
-
-REPO = Path(__file__).resolve().parents[1]
-CRED = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def khget(cfg: ServiceConfig, count: int, *opts: str) -> str:
-    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix}
-    return subprocess.run([str(REPO / ".venv/bin/khget"), *opts, "-c", CRED, "bench",
-                           str(count)], env=env, capture_output=True, text=True,
-                          check=True).stdout
 
 
 def khdo(cfg: ServiceConfig, nodes: str, *args: str,
@@ -45,20 +28,6 @@ def khdo(cfg: ServiceConfig, nodes: str, *args: str,
            "KHDO_NETNS": cfg.uplink_netns or ""}
     return subprocess.run([str(REPO / ".venv/bin/khdo"), *args], input=nodes, env=env,
                           capture_output=True, text=True, check=check)
-
-
-def release_all(cfg: ServiceConfig) -> None:
-    import json
-    c = Client(cfg.socket)
-    for a in json.loads(c.call("GET", "/v1/ps", as_json=True))["allocations"]:
-        c.call("POST", f"/v1/allocations/{a['id']}/release", {"user": "bench",
-                                                               "credential": CRED})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        nodes = json.loads(c.call("GET", "/v1/ps", as_json=True))["nodes"]
-        if sum(n["state"] == "free" for n in nodes) >= cfg.nodes:
-            return
-        time.sleep(0.2)
 
 
 def main() -> None:

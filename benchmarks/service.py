@@ -1,14 +1,13 @@
 """Issue-3 numbers on this machine: khget latency, idle cost of allocated nodes, leaks.
 
 Runs its own khd (own name prefix, state dir and port) and cleans it up. Needs root.
-Usage: .venv/bin/python benchmarks/service.py [--nodes 16] [--cycles 100] [--many 32]
+Usage: .venv/bin/python -m benchmarks.service [--nodes 16] [--cycles 100] [--many 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,46 +15,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import alloc_of, free_port, khget, release, wait_free
 from kh.client import Client
 from kh.hw.fabric import Fabric
 from kh.service import control
 from kh.service.config import ServiceConfig
 from kh.settings import paths
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def khget(cfg: ServiceConfig, user: str, count: int) -> tuple[float, int]:
-    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix}
+def timed_khget(cfg: ServiceConfig, count: int) -> tuple[float, int]:
     t0 = time.monotonic()
-    r = subprocess.run([str(REPO / ".venv/bin/khget"), "-c", "bench", user, str(count)],
-                       env=env, capture_output=True, text=True, check=True)
-    dt = time.monotonic() - t0
-    return dt, int(r.stdout.split("@")[0][3:])
-
-
-def release(cfg: ServiceConfig, user: str, alloc: int) -> None:
-    Client(cfg.socket).call("POST", f"/v1/allocations/{alloc}/release",
-                            {"user": user, "credential": "bench"})
-
-
-def wait_free(cfg: ServiceConfig, n: int) -> None:
-    import json
-    c = Client(cfg.socket)
-    deadline = time.monotonic() + 120
-    while True:
-        nodes = json.loads(c.call("GET", "/v1/ps", as_json=True))["nodes"]
-        if sum(x["state"] == "free" for x in nodes) >= n:
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"nodes did not come back: {nodes}")
-        time.sleep(0.1)
+    alloc = alloc_of(khget(cfg, count))
+    return time.monotonic() - t0, alloc
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,24 +77,24 @@ def main() -> None:
         try:
             one = []
             for _ in range(5):
-                dt, alloc = khget(cfg, "bench", 1)
+                dt, alloc = timed_khget(cfg, 1)
                 one.append(dt)
-                release(cfg, "bench", alloc)
+                release(cfg, alloc)
                 wait_free(cfg, args.nodes)
             print(f"khget 1 node -> U-Boot prompt:       median {statistics.median(one):.2f} s "
                   f"(min {min(one):.2f}, n={len(one)})")
-            dt, alloc = khget(cfg, "bench", args.nodes)
+            dt, alloc = timed_khget(cfg, args.nodes)
             print(f"khget {args.nodes} nodes -> U-Boot prompt:     {dt:.2f} s")
             shares = idle_share(control.kh_qemu_pids(cfg.prefix))
             print(f"idle allocated node at the prompt:   mean {statistics.mean(shares) * 100:.1f}%"
                   f" of a core (max {max(shares) * 100:.1f}%, {len(shares)} nodes, 10 s)")
-            release(cfg, "bench", alloc)
+            release(cfg, alloc)
             wait_free(cfg, args.nodes)
             before = snapshot(cfg)
             t0 = time.monotonic()
             for _ in range(args.cycles):
-                _, alloc = khget(cfg, "bench", 1)
-                release(cfg, "bench", alloc)
+                _, alloc = timed_khget(cfg, 1)
+                release(cfg, alloc)
                 wait_free(cfg, args.nodes)
             after = snapshot(cfg)
             print(f"{args.cycles} khget/release cycles:           "

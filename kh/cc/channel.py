@@ -64,12 +64,10 @@ class NodeWriter:
             done.set()
 
         threading.Thread(target=wait, daemon=True).start()
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         if not done.wait(timeout):
             return False
-        while self.console.unsent() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return not self.console.unsent()
+        return self.console.wait_sent(max(0.0, timeout - (time.monotonic() - started)))
 
     def flush(self) -> None:
         """Drop everything not yet handed to QEMU (a reset must not replay old input)."""

@@ -188,8 +188,6 @@ class SshServer:
             while t.is_active():
                 chan = t.accept(timeout=1.0)
                 if chan is None:
-                    if iface.target is None and time.monotonic() > 0 and not t.is_active():
-                        return
                     continue
                 threading.Thread(target=self._session, args=(iface, chan), daemon=True,
                                  name="sshd-session").start()

@@ -31,6 +31,12 @@ def principal_options(fn: F) -> F:
     return click.option("-u", "--user", required=True, help="The principal.")(fn)
 
 
+def as_principal(user: str, cred: str | None, path: str, **extra: object) -> None:
+    """POST a principal's request to khd and print its answer."""
+    body = {"user": user, "credential": read_credential(cred), **extra}
+    click.echo(client().call("POST", path, body), nl=False)
+
+
 def alloc_id(text: str) -> int:
     m = re.fullmatch(r"(?:con)?(\d+)(?:@\S+)?", text)
     if not m:
@@ -90,9 +96,8 @@ def register(main: click.Group) -> None:
     @handle_errors
     def release(user: str, cred: str | None, allocation: str, nodes: tuple[int, ...]) -> None:
         """Give back ALLOCATION (or only NODES of it); domains stay."""
-        click.echo(client().call("POST", f"/v1/allocations/{alloc_id(allocation)}/release",
-                                 {"user": user, "credential": read_credential(cred),
-                                  "nodes": list(nodes)}), nl=False)
+        as_principal(user, cred, f"/v1/allocations/{alloc_id(allocation)}/release",
+                     nodes=list(nodes))
 
     @main.command()
     @principal_options
@@ -100,8 +105,7 @@ def register(main: click.Group) -> None:
     @handle_errors
     def reset(user: str, cred: str | None, node: int) -> None:
         """Reset NODE back to the U-Boot prompt."""
-        click.echo(client().call("POST", f"/v1/nodes/{node}/reset",
-                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+        as_principal(user, cred, f"/v1/nodes/{node}/reset")
 
     @main.group()
     def domain() -> None:
@@ -113,8 +117,7 @@ def register(main: click.Group) -> None:
     @handle_errors
     def domain_rm(user: str, cred: str | None, netid: int) -> None:
         """Remove a private domain the principal owns (no allocated node may be in it)."""
-        click.echo(client().call("POST", f"/v1/domains/{netid}/remove",
-                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+        as_principal(user, cred, f"/v1/domains/{netid}/remove")
 
     @main.group()
     def key() -> None:
@@ -129,9 +132,8 @@ def register(main: click.Group) -> None:
         """Register the OpenSSH public key in PUBKEY (a .pub file)."""
         with open(pubkey, encoding="utf-8") as f:
             line = f.read()
-        body = {"user": user, "credential": read_credential(cred), "key": line,
-                "allocation": alloc_id(allocation) if allocation else None}
-        click.echo(client().call("POST", "/v1/keys", body), nl=False)
+        as_principal(user, cred, "/v1/keys", key=line,
+                     allocation=alloc_id(allocation) if allocation else None)
 
     @key.command("rm")
     @principal_options
@@ -139,16 +141,14 @@ def register(main: click.Group) -> None:
     @handle_errors
     def key_rm(user: str, cred: str | None, key_id: int) -> None:
         """Revoke key KEY_ID (see `kh key list`)."""
-        click.echo(client().call("POST", f"/v1/keys/{key_id}/remove",
-                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+        as_principal(user, cred, f"/v1/keys/{key_id}/remove")
 
     @key.command("list")
     @principal_options
     @handle_errors
     def key_list(user: str, cred: str | None) -> None:
         """The principal's keys: id, allocation (or all), key, comment."""
-        click.echo(client().call("POST", "/v1/keys/list",
-                                 {"user": user, "credential": read_credential(cred)}), nl=False)
+        as_principal(user, cred, "/v1/keys/list")
 
     @main.command()
     @click.argument("node", type=int)

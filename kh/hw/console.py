@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kh.errors import BootError, KhTimeout
+from kh.hw import unixsock
 
 
 class ConsoleLog:
@@ -78,21 +79,14 @@ class Console:
     # -- connection ---------------------------------------------------------------
     def connect(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
         """Connect to QEMU's socket, retrying while it is being created."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(self.path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                s.close()
-                if not alive():
-                    raise BootError(f"{self.name}: QEMU exited before its console was up",
-                                    "see the console log / run with --debug") from None
-                if time.monotonic() > deadline:
-                    raise KhTimeout(f"{self.name}: console socket {self.path} did not appear "
-                                    f"in {timeout:.0f} s") from None
-                time.sleep(0.005)
+        try:
+            s = unixsock.connect(self.path, timeout, alive)
+        except unixsock.NotUp as e:
+            if e.reason == "exited":
+                raise BootError(f"{self.name}: QEMU exited before its console was up",
+                                "see the console log / run with --debug") from None
+            raise KhTimeout(f"{self.name}: console socket {self.path} did not appear "
+                            f"in {timeout:.0f} s") from None
         self._sock = s
         self._thread = threading.Thread(target=self._reader, name=f"console-{self.name}",
                                         daemon=True)
@@ -153,6 +147,13 @@ class Console:
         except OSError:
             return 0
         return int(struct.unpack("i", buf)[0])
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait until QEMU has taken everything written (or ``timeout``); True when it has."""
+        deadline = time.monotonic() + timeout
+        while self.unsent() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.unsent()
 
     def subscribe(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
         self._subscribers.append(fn)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kh import proc
 from kh.errors import BootError
-from kh.hw import board
+from kh.hw import board, unixsock
 from kh.hw.console import Console
 
 log = logging.getLogger("kh.qemu")
@@ -24,18 +22,10 @@ class Qmp:
     """A minimal QMP client: enough for reset, stop and status."""
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                # QEMU binds the socket a moment before it listens on it.
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise BootError(f"QMP socket {path} does not answer: {e.strerror}") from None
-                time.sleep(0.01)
+        try:
+            self.sock = unixsock.connect(path, timeout)
+        except unixsock.NotUp as e:
+            raise BootError(f"QMP socket {path} does not answer: {e.reason}") from None
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.command("qmp_capabilities")

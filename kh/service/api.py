@@ -36,9 +36,9 @@ def _status(e: KhError) -> int:
 
 
 def _int(body: dict[str, Any], key: str, default: int) -> int:
-    v = body.get(key, default)
-    if isinstance(v, bool) or v in ("", None):
-        return default if v in ("", None) else int(v)
+    v = body.get(key)
+    if v in ("", None):
+        return default
     try:
         return int(v)
     except (TypeError, ValueError):

@@ -247,9 +247,7 @@ class NodeManager:
             node.console.expect(boot.UBOOT_PROMPT, timeout, stage="U-Boot prompt after reset",
                                 start=start)
             # What QEMU already held may still have reached the prompt: clear the line.
-            deadline = time.monotonic() + 10
-            while node.console.unsent() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            node.console.wait_sent(10)
             start = node.console.mark()
             node.console.write(b"\x03")
             node.console.expect(boot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
