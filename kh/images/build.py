@@ -25,7 +25,7 @@ from pathlib import Path
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
 from kh.errors import ImageError
-from kh.images import builders, recipe
+from kh.images import builders, packages, recipe
 from kh.settings import Paths
 
 log = logging.getLogger("kh.images")
@@ -53,8 +53,27 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _builder_code() -> bytes:
-    return inspect.getsource(builders).encode()
+BUILD = {**builders.BUILD, "package": packages.build_package}
+
+
+def _builder_code(r: recipe.Recipe) -> bytes:
+    """The code a recipe's build runs, part of its key (package builds: packages.py too)."""
+    code = inspect.getsource(builders).encode()
+    if r.builder == "package":
+        code += inspect.getsource(packages).encode()
+    return code
+
+
+def _closure(r: recipe.Recipe, recipes: dict[str, recipe.Recipe]) -> list[str]:
+    """Every recipe ``r`` depends on, directly or not."""
+    seen: list[str] = []
+    todo = list(r.depends)
+    while todo:
+        d = todo.pop()
+        if d not in seen:
+            seen.append(d)
+            todo.extend(recipes[d].depends)
+    return sorted(seen)
 
 
 def _stats(paths: Paths) -> dict[str, int]:
@@ -68,7 +87,6 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
                   quiet: bool = False) -> list[Built]:
     recipes = recipe.load_all(paths.recipes)
     todo = recipe.order(recipes, names)
-    code = _builder_code()
     keys: dict[str, str] = {}
     done: dict[str, Built] = {}
     images = paths.cache / "images"
@@ -76,7 +94,8 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
     stats = _stats(paths)
     with locked(paths.cache / "images.lock"):
         for r in todo:
-            k = recipe.key(r, paths.repo, builders.facts(r), [keys[d] for d in r.depends], code)
+            k = recipe.key(r, paths.repo, builders.facts(r), [keys[d] for d in r.depends],
+                           _builder_code(r))
             keys[r.name] = k
             final = images / f"{r.name}-{k[:16]}"
             meta_file = final / "meta.json"
@@ -87,7 +106,7 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
                     print(f"{r.name:<10} cached  {k[:16]}", file=sys.stderr)
                 continue
             done[r.name] = _build_one(r, k, final, paths, stats,
-                                      {d: done[d].dir for d in r.depends}, quiet)
+                                      {d: done[d].dir for d in _closure(r, recipes)}, quiet)
     (paths.cache / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
     return [done[r.name] for r in todo]
 
@@ -113,7 +132,7 @@ def _build_one(r: recipe.Recipe, k: str, final: Path, paths: Paths, stats: dict[
         if not quiet:
             print(f"{r.name:<10} building {k[:16]} (log: {log_file})", file=sys.stderr)
         line_count = _line_count_of(log_file)
-        builders.BUILD[r.builder](r, ctx, work, dest)
+        BUILD[r.builder](r, ctx, work, dest)
         seconds = time.monotonic() - started
         stats[r.name] = max(_line_count_of(log_file) - line_count, 1)
         meta = {"name": r.name, "key": k, "seconds": round(seconds, 1),

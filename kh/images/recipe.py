@@ -26,6 +26,8 @@ BUILDERS: dict[str, tuple[set[str], set[str]]] = {
     "linux": ({"package", "tarball", "base", "fragment"}, {"target", "artifact"}),
     "busybox": ({"source", "base", "fragment"}, set()),
     "root": ({"runtime"}, {"packages"}),
+    "package": ({"source"}, {"style", "configure", "make", "install", "pre", "post", "env",
+                             "keep", "drop", "subdir", "patches"}),
 }
 COMMON = {"name", "builder", "description", "depends"}
 
