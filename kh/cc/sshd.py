@@ -66,6 +66,10 @@ class Access:
         return [r.number for r in self.svc.store.nodes("WHERE alloc=? AND state=?",
                                                        (alloc, NodeState.ALLOCATED.value))]
 
+    def members(self, alloc: int) -> list[int]:
+        """Every node of the allocation, failed ones too (a load names what it missed)."""
+        return [r.number for r in self.svc.store.nodes("WHERE alloc=?", (alloc,))]
+
     def password_ok(self, t: Target, password: str) -> bool:
         try:
             self.svc.authenticate(t.principal, password, register=False)
@@ -96,8 +100,12 @@ class Access:
                 self.hubs[t.alloc] = h
             return h
 
-    def gdb_socket(self, node: int) -> Path:
-        return Path(self.svc.cfg.node_dir(node)) / "gdb.sock"
+    def ram(self, node: int) -> Path:
+        """The node's RAM file (see memload)."""
+        running = self.svc.nodes.running.get(node)
+        if running is None:
+            raise memload.LoadError("the node is not running")
+        return memload.ram_file(running.pid)
 
     def mem_limit(self) -> int:
         return int(self.svc.cfg.mem_mib) * 1024 * 1024 - 16 * 1024 * 1024
@@ -278,9 +286,9 @@ class SshServer:
             chan.sendall_stderr(f"kh: 0x{addr:x}+{len(buf)} is beyond the nodes' free memory "
                                 f"(below 0x{self.access.mem_limit():x})\n".encode())
             return 2
-        load = memload.build(addr, bytes(buf))
+        data = bytes(buf)
         crc = zlib.crc32(buf) & 0xFFFFFFFF
-        nodes = [t.node] if t.node is not None else self.access.nodes(t.alloc)
+        nodes = [t.node] if t.node is not None else self.access.members(t.alloc)
         hub = self.access.hub(t)
 
         def one(n: int) -> tuple[int, str | None]:
@@ -288,7 +296,7 @@ class SshServer:
             if w is not None:
                 w.drain(60)  # what was typed before the load reaches the node first
             try:
-                memload.write(self.access.gdb_socket(n), load)
+                memload.write(self.access.ram(n), addr, data)
                 return n, None
             except KhError as e:
                 return n, str(e)

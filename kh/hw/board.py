@@ -70,7 +70,8 @@ class NodeSpec:
     loads: tuple[Load, ...] = ()
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     wait_for_console: bool = True
-    gdb: Path | None = None  # unix socket of QEMU's gdbstub: khd's bulk-load path
+    gdb: Path | None = None  # unix socket of QEMU's gdbstub, for debugging a node
+    shared_ram: bool = False  # RAM in a shared memfd: khd's bulk-load path (memload)
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -87,12 +88,19 @@ def parse_mem(text: str) -> int:
     return n
 
 
-def machine_args(board: Board) -> list[str]:
-    return ["-M", board.machine, "-cpu", board.cpu]
+RAM_BACKEND = "ram0"
 
 
-def memory_args(mem_mib: int) -> list[str]:
-    return ["-m", f"{mem_mib}M"]
+def machine_args(board: Board, shared_ram: bool = False) -> list[str]:
+    machine = f"{board.machine},memory-backend={RAM_BACKEND}" if shared_ram else board.machine
+    return ["-M", machine, "-cpu", board.cpu]
+
+
+def memory_args(mem_mib: int, shared_ram: bool = False) -> list[str]:
+    """Guest RAM; shared, it is a memfd that khd can open and write loads into."""
+    backend = (["-object", f"memory-backend-memfd,id={RAM_BACKEND},size={mem_mib}M,share=on"]
+               if shared_ram else [])
+    return backend + ["-m", f"{mem_mib}M"]
 
 
 def firmware_args(bios: Path) -> list[str]:
@@ -168,7 +176,8 @@ def check_memory(spec: NodeSpec) -> None:
 def qemu_argv(spec: NodeSpec) -> list[str]:
     """The whole command line for one node."""
     b = spec.board
-    return ([b.qemu] + name_args(spec.name) + machine_args(b) + memory_args(spec.mem_mib)
+    return ([b.qemu] + name_args(spec.name) + machine_args(b, spec.shared_ram)
+            + memory_args(spec.mem_mib, spec.shared_ram)
             + headless_args() + firmware_args(spec.bios)
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
             + gdb_args(spec.gdb)

@@ -1,108 +1,69 @@
-"""Bulk loads: write bytes straight into a node's RAM through QEMU's gdbstub.
+"""Bulk loads: write bytes straight into a node's RAM.
 
-The emulated UART carries ~20 KB/s, far too slow for kernels and ramdisks. QEMU's gdbstub
-writes guest memory from the host side with no guest involvement: khd connects to the node's
-gdb socket (never reachable by a principal), switches to physical addresses
-(`Qqemu.PhyMemMode`), streams `M` packets pipelined, and detaches, which resumes the node. The
-packets depend only on address and data, so they are built once and sent to every node.
+The emulated UART carries ~20 KB/s, far too slow for kernels and ramdisks. A service node's
+RAM is a memfd that QEMU shares (``memory-backend-memfd,share=on``), so khd opens it through
+``/proc/<qemu pid>/fd`` and copies the principal's bytes to the guest-physical address: one
+memcpy per node, with no guest involvement and nothing for QEMU to parse. The file is reachable
+only by root on the host; a principal only ever reaches it through its control channel.
+
+ppce500 maps RAM from guest-physical address 0, so the file offset is the address.
 """
 
 from __future__ import annotations
 
-import socket
-from dataclasses import dataclass
+import mmap
+import os
 from pathlib import Path
 
 from kh.errors import KhError
 
-CHUNK = 0x7E0  # payload bytes per M packet: hex doubles it, QEMU's PacketSize is 0x1000
-WINDOW = 32  # packets in flight
+# QEMU names the memfd after the backend type.
+MEMFD_NAME = "/memfd:memory-backend-memfd"
 
 
 class LoadError(KhError):
     """A bulk load into a node failed."""
 
 
-def packet(body: bytes) -> bytes:
-    return b"$" + body + b"#%02x" % (sum(body) & 0xFF)
-
-
-@dataclass(frozen=True)
-class Load:
-    """The M packets that put ``size`` bytes at ``addr`` (built once, sent to many nodes)."""
-
-    addr: int
-    size: int
-    packets: tuple[bytes, ...]
-
-
-def build(addr: int, data: bytes) -> Load:
-    pkts = []
-    for off in range(0, len(data), CHUNK):
-        part = data[off:off + CHUNK]
-        pkts.append(packet(b"M%x,%x:" % (addr + off, len(part)) + part.hex().encode()))
-    return Load(addr, len(data), tuple(pkts))
-
-
-class _Gdb:
-    def __init__(self, path: Path, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError as e:
-            raise LoadError(f"cannot reach the node's memory port ({e.strerror})") from None
-        self.buf = bytearray()
-
-    def read_reply(self) -> bytes:
-        """Next reply packet (acks skipped); each reply is acknowledged."""
-        while True:
-            start = self.buf.find(b"$")
-            end = self.buf.find(b"#", start + 1) if start >= 0 else -1
-            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
-                body = bytes(self.buf[start + 1:end])
-                del self.buf[:end + 3]
-                self.sock.sendall(b"+")
-                return body
-            data = self.sock.recv(65536)
-            if not data:
-                raise LoadError("the node's memory port closed")
-            self.buf += data
-
-    def request(self, body: bytes, want: bytes | None = None, prefix: bytes | None = None
-                ) -> bytes:
-        self.sock.sendall(packet(body))
-        while True:
-            r = self.read_reply()
-            if (want is not None and r == want) or (prefix is not None and r.startswith(prefix)):
-                return r
-            if r.startswith(b"E"):
-                raise LoadError(f"gdbstub refused {body[:20]!r}: {r.decode()}")
-            # a stop notification (T..) from the attach: skip it
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def write(gdb_socket: Path, load: Load, timeout: float = 60.0) -> None:
-    """Put ``load`` into the memory of the node behind ``gdb_socket``; the node is stopped
-    while it happens and resumes afterwards."""
-    g = _Gdb(gdb_socket, timeout)
+def ram_file(pid: int, proc: Path = Path("/proc")) -> Path:
+    """The /proc path of the memfd holding QEMU ``pid``'s guest RAM."""
+    fd_dir = proc / str(pid) / "fd"
     try:
-        g.request(b"qSupported:multiprocess+", prefix=b"PacketSize")
-        g.request(b"Qqemu.PhyMemMode:1", want=b"OK")
-        sent = done = 0
-        total = len(load.packets)
-        while done < total:
-            while sent < total and sent - done < WINDOW:
-                g.sock.sendall(load.packets[sent])
-                sent += 1
-            r = g.read_reply()
-            if r != b"OK":
-                raise LoadError(f"write at packet {done} refused: {r.decode(errors='replace')}")
-            done += 1
-        g.request(b"D;1", want=b"OK")
-    except TimeoutError:
-        raise LoadError("the node's memory port did not answer") from None
+        fds = sorted(fd_dir.iterdir(), key=lambda p: int(p.name))
+    except OSError as e:
+        raise LoadError(f"the node's process is gone ({e.strerror})") from None
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(MEMFD_NAME):
+            return fd
+    raise LoadError("the node's RAM is not shared", "the node was started without a RAM file")
+
+
+def write(ram: Path, addr: int, data: bytes) -> None:
+    """Put ``data`` at guest-physical ``addr`` of the RAM behind ``ram``."""
+    try:
+        fd = os.open(ram, os.O_RDWR)
+    except OSError as e:
+        raise LoadError(f"cannot open the node's RAM ({e.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if addr < 0 or addr + len(data) > size:
+            raise LoadError(f"0x{addr:x}+{len(data)} is outside the node's {size >> 20} MiB")
+        if not data:
+            return
+        # Map only the pages touched; mmap offsets must be page-aligned.
+        start = addr - addr % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, addr + len(data) - start, offset=start) as m:
+            m[addr - start:addr - start + len(data)] = data
     finally:
-        g.close()
+        os.close(fd)
+
+
+def read(ram: Path, addr: int, size: int) -> bytes:
+    """Read back ``size`` bytes at ``addr`` (for checks and tests)."""
+    with open(ram, "rb") as f:
+        f.seek(addr)
+        return f.read(size)

@@ -46,7 +46,7 @@ def node_spec(cfg: ServiceConfig, number: int) -> board.NodeSpec:
                  for s in range(NIC_SLOTS))
     return board.NodeSpec(
         name=node_tag(cfg, number), bios=cfg.images / "u-boot.elf", console=d / "qemu-con.sock",
-        qmp=d / "qmp.sock", gdb=d / "gdb.sock", board=b, mem_mib=cfg.mem_mib,
+        qmp=d / "qmp.sock", shared_ram=True, board=b, mem_mib=cfg.mem_mib,
         wait_for_console=False, nics=nics,
         loads=(board.Load(cfg.images / "uImage", b.loadaddr),
                board.Load(cfg.images / f"{cfg.appliance}.cpio.gz.uimg", b.ramfsaddr)))
@@ -215,7 +215,7 @@ class NodeManager:
             else:
                 kill_pid(node.pid)
         d = self.cfg.node_dir(number)
-        for f in ("qemu-con.sock", "qmp.sock", "console.sock", "gdb.sock"):
+        for f in ("qemu-con.sock", "qmp.sock", "console.sock"):
             (d / f).unlink(missing_ok=True)
 
     def detach_all(self) -> None:

@@ -72,7 +72,16 @@ def test_memory_checks(tmp_path):
         board.check_memory(spec)
 
 
-def test_gdb_socket_for_bulk_loads():
+def test_shared_ram_is_a_memfd_backend_named_by_the_machine():
+    assert board.memory_args(256) == ["-m", "256M"]
+    assert board.memory_args(256, shared_ram=True) == [
+        "-object", "memory-backend-memfd,id=ram0,size=256M,share=on", "-m", "256M"]
+    b = board.BOARDS["ppce500"]
+    assert board.machine_args(b, shared_ram=True) == [
+        "-M", "ppce500,memory-backend=ram0", "-cpu", "e500v2"]
+
+
+def test_gdb_socket_for_debugging():
     assert board.gdb_args(None) == []
     assert board.gdb_args(Path("/r/g.sock")) == [
         "-chardev", "socket,id=gdb0,path=/r/g.sock,server=on,wait=off", "-gdb", "chardev:gdb0"]

@@ -1,20 +1,40 @@
+import os
+
+import pytest
+
 from kh.hw import memload
 
 
-def test_packets_cover_data_with_checksums():
-    data = bytes(range(256)) * 20  # 5120 bytes: three packets
-    load = memload.build(0x8000000, data)
-    assert len(load.packets) == 3 and load.size == 5120
-    got = bytearray()
-    addr = 0x8000000
-    for p in load.packets:
-        assert p[:1] == b"$" and p[-3:-2] == b"#"
-        body = p[1:-3]
-        assert int(p[-2:], 16) == sum(body) & 0xFF
-        head, hexdata = body.split(b":", 1)
-        a, n = head[1:].split(b",")
-        assert int(a, 16) == addr and int(n, 16) * 2 == len(hexdata)
-        assert len(p) <= 0x1000
-        got += bytes.fromhex(hexdata.decode())
-        addr += int(n, 16)
-    assert bytes(got) == data
+def test_write_lands_at_the_address_and_nothing_else_changes(tmp_path):
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"\xaa" * (1 << 20))
+    data = bytes(range(256)) * 40  # unaligned address and length
+    memload.write(ram, 0x12345, data)
+    assert memload.read(ram, 0x12345, len(data)) == data
+    whole = ram.read_bytes()
+    assert whole[:0x12345] == b"\xaa" * 0x12345
+    assert whole[0x12345 + len(data):] == b"\xaa" * (len(whole) - 0x12345 - len(data))
+
+
+def test_write_beyond_the_ram_is_refused(tmp_path):
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"\0" * 4096)
+    with pytest.raises(memload.LoadError, match="outside"):
+        memload.write(ram, 4000, b"x" * 200)
+
+
+def test_ram_file_is_found_among_qemus_fds(tmp_path):
+    fd = tmp_path / "42" / "fd"
+    fd.mkdir(parents=True)
+    os.symlink("/dev/null", fd / "0")
+    os.symlink("socket:[123]", fd / "3")
+    os.symlink("/memfd:memory-backend-memfd (deleted)", fd / "11")
+    assert memload.ram_file(42, proc=tmp_path) == fd / "11"
+
+
+def test_ram_file_missing_or_process_gone(tmp_path):
+    (tmp_path / "7" / "fd").mkdir(parents=True)
+    with pytest.raises(memload.LoadError, match="not shared"):
+        memload.ram_file(7, proc=tmp_path)
+    with pytest.raises(memload.LoadError, match="gone"):
+        memload.ram_file(8, proc=tmp_path)
