@@ -111,7 +111,8 @@ def host_address(netid: int) -> ipaddress.IPv4Interface:
     return ipaddress.IPv4Interface(f"10.{netid}.{HOST_SUFFIX[0]}.{HOST_SUFFIX[1]}/16")
 
 
-def boot_keys(domains: tuple[Domain, ...], node: int, server: str | None) -> str:
+def boot_keys(domains: tuple[Domain, ...], node: int, server: str | None,
+              channel: str | None = None) -> str:
     """The khargs that make `run kboot` bring every domain up with its address."""
     words = [f"kh.node={node}", f"kh.hostname=node{node}"]
     for i, d in enumerate(domains):
@@ -120,6 +121,8 @@ def boot_keys(domains: tuple[Domain, ...], node: int, server: str | None) -> str
             words.append(f"kh.gw={host_address(EXTERNAL).ip}")
     if server:
         words.append(f"kh.server={server}")
+    if channel:
+        words.append(f"kh.channel={channel}")
     return " ".join(words)
 
 

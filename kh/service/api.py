@@ -10,11 +10,14 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import re
+import shutil
 import socketserver
 import threading
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kh import textobj
@@ -81,7 +84,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return q.get("format", [""])[0] == "json" or \
             "application/json" in self.headers.get("Accept", "")
 
-    def _send(self, code: int, text: str, data: Any) -> None:
+    def _send(self, code: int, text: str | Path, data: Any) -> None:
+        if isinstance(text, Path):
+            self._send_file(code, text)
+            return
         if self._wants_json():
             body = (json.dumps(data, indent=1) + "\n").encode()
             ctype = "application/json"
@@ -93,6 +99,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _send_file(self, code: int, path: Path) -> None:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(code)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
 
     def _error(self, code: int, e: KhError) -> None:
         self._send(code, f"kh: {e}\n", {"error": e.message, "hint": e.hint})
@@ -143,7 +158,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._route("POST")
 
 
-Result = tuple[int, str, Any]
+Result = tuple[int, "str | Path", Any]
 
 
 def _cred(body: dict[str, Any]) -> str | None:
@@ -241,6 +256,21 @@ def status(svc: Service, body: dict[str, Any]) -> Result:
         "running": True, "nodes": len(nodes), "free": free, "repairs": svc.repairs}
 
 
+def images(svc: Service, body: dict[str, Any]) -> Result:
+    """The published images a node may fetch (the disk server loads kernels and appliances)."""
+    files = sorted(p for p in svc.cfg.images.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
+    data = [{"image": p.name, "size": p.stat().st_size} for p in files]
+    return 200, "".join(f"{d['image']} {d['size']}\n" for d in data), data
+
+
+def image(svc: Service, body: dict[str, Any], name: str) -> Result:
+    p = svc.cfg.images / name
+    if name.startswith(".") or p.suffix == ".json" or not p.is_file():
+        raise NotFound(f"no image {name!r}", "GET /v1/images lists them")
+    return 200, p, None
+
+
 ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/allocations", allocate),
     ("POST", r"/v1/allocations/(\d+)/release", release),
@@ -252,6 +282,8 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/ps", ps),
     ("GET", r"/v1/hw", hw),
     ("GET", r"/v1/status", status),
+    ("GET", r"/v1/images", images),
+    ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
 ]
 
 

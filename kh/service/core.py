@@ -215,8 +215,10 @@ class Service:
             self.fabric.attach(number, slot, domains[slot].netid if slot < len(domains)
                                else None)
         self.nodes.set_links(number, len(domains))
-        server = f"{host_address(PUBLIC).ip}:{self.cfg.api_port}"
-        self.nodes.uboot(number, f"setenv khargs '{boot_keys(domains, number, server)}'")
+        host = host_address(PUBLIC).ip
+        keys = boot_keys(domains, number, f"{host}:{self.cfg.api_port}",
+                         f"{host}:{self.cfg.ssh_port}")
+        self.nodes.uboot(number, f"setenv khargs '{keys}'")
 
     def info(self, alloc: int) -> AllocationInfo:
         row = self.store.allocation(alloc)

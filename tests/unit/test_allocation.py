@@ -74,6 +74,7 @@ def test_addresses_and_boot_keys():
     keys = boot_keys(doms, 4, "10.1.255.254:8080")
     assert keys == ("kh.node=4 kh.hostname=node4 kh.eth0=10.0.0.4/16 kh.gw=10.0.255.254 "
                     "kh.eth1=10.5.0.4/16 kh.server=10.1.255.254:8080")
+    assert boot_keys(doms[1:], 4, "h:1", "h:2").endswith("kh.server=h:1 kh.channel=h:2")
 
 
 def test_choose_nodes():

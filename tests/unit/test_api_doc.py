@@ -30,6 +30,7 @@ def served() -> set[tuple[str, str]]:
                     "keys": "{id}"}.get(
                 seg, next(names))
             path = path.replace(r"(\d+)", name, 1)
+        path = re.sub(r"\(\[[^)]*\)", "{name}", path)
         out.add((method, path))
     return out
 
