@@ -52,7 +52,8 @@ class Spec:
 
 
 _LIST_KEYS = ("programs", "symlinks_to", "files", "libraries", "nss", "trees", "dirs")
-_KEYS = {"name", "description", "init", "devices", "extra", *_LIST_KEYS}
+_KEYS = {"name", "description", "init", "devices", "extra", "include", *_LIST_KEYS}
+MAX_INCLUDE_DEPTH = 4
 
 
 def _strings(src: Path, key: str, value: Any, *, absolute: bool) -> tuple[str, ...]:
@@ -74,7 +75,7 @@ def _device(src: Path, text: Any) -> Device:
     return Device(m[1], m[2], int(m[3]), int(m[4]), int(m[5], 8))
 
 
-def parse(text: str, src: Path) -> Spec:
+def parse(text: str, src: Path, _depth: int = 0) -> Spec:
     """Parse spec text; ``src`` names the file in errors and anchors relative repo paths."""
     try:
         raw = tomllib.loads(text)
@@ -113,9 +114,32 @@ def parse(text: str, src: Path) -> Spec:
     desc = raw.get("description", "")
     if not isinstance(desc, str):
         raise SpecError(f"{src}: `description` must be a string")
+    devs = [_device(src, d) for d in devices]
+    for inc in _strings(src, "include", raw.get("include", []), absolute=False):
+        base_spec = _included(src, inc, _depth)
+        for k in _LIST_KEYS:
+            lists[k] = _union(getattr(base_spec, k), lists[k])
+        devs = list(_union(base_spec.devices, tuple(devs)))
+        own = {d for d, _ in extra}
+        extra = [e for e in base_spec.extra if e[0] not in own] + extra
     return Spec(name=name, description=desc, source=src, init=init_path,
-                devices=tuple(_device(src, d) for d in devices), extra=tuple(extra),
-                **lists)
+                devices=tuple(devs), extra=tuple(sorted(extra)), **lists)
+
+
+def _included(src: Path, name: str, depth: int) -> Spec:
+    """A spec this one builds on (``include = ["shell"]``): its contents, not its init."""
+    if depth >= MAX_INCLUDE_DEPTH:
+        raise SpecError(f"{src}: includes nest deeper than {MAX_INCLUDE_DEPTH} (a cycle?)")
+    p = src.parent / f"{name}.toml"
+    if not NAME_RE.match(name) or not p.is_file():
+        raise SpecError(f"{src}: included spec {name!r} does not exist")
+    return parse(p.read_text(encoding="utf-8"), p, depth + 1)
+
+
+def _union(first: tuple[Any, ...], then: tuple[Any, ...]) -> tuple[Any, ...]:
+    out = list(first)
+    out += [x for x in then if x not in out]
+    return tuple(out)
 
 
 def load(path: Path) -> Spec:

@@ -25,7 +25,7 @@ from pathlib import Path
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
 from kh.errors import ImageError
-from kh.images import builders, packages, recipe
+from kh.images import apt, builders, packages, recipe
 from kh.settings import Paths
 
 log = logging.getLogger("kh.images")
@@ -56,11 +56,15 @@ def locked(path: Path) -> Iterator[None]:
 BUILD = {**builders.BUILD, "package": packages.build_package}
 
 
+def _facts(r: recipe.Recipe, paths: Paths) -> list[str]:
+    return packages.facts(r, paths.cache) if r.builder == "package" else builders.facts(r)
+
+
 def _builder_code(r: recipe.Recipe) -> bytes:
     """The code a recipe's build runs, part of its key (package builds: packages.py too)."""
     code = inspect.getsource(builders).encode()
     if r.builder == "package":
-        code += inspect.getsource(packages).encode()
+        code += inspect.getsource(packages).encode() + inspect.getsource(apt).encode()
     return code
 
 
@@ -94,7 +98,7 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
     stats = _stats(paths)
     with locked(paths.cache / "images.lock"):
         for r in todo:
-            k = recipe.key(r, paths.repo, builders.facts(r), [keys[d] for d in r.depends],
+            k = recipe.key(r, paths.repo, _facts(r, paths), [keys[d] for d in r.depends],
                            _builder_code(r))
             keys[r.name] = k
             final = images / f"{r.name}-{k[:16]}"
@@ -196,7 +200,10 @@ def build_appliances(paths: Paths, root: Built, names: list[str] | None = None,
     cache = paths.cache / "appliances"
     for sp in spec_paths:
         spec = appliance_spec.load(sp)
-        h = hashlib.sha256(root.key.encode() + code + sp.read_bytes() + spec.init.read_bytes())
+        # The resolved spec (includes merged) and every file it takes from the repo.
+        h = hashlib.sha256(root.key.encode() + code
+                           + repr(spec).replace(str(paths.repo), "").encode()
+                           + spec.init.read_bytes())
         for _dest, f in spec.extra:
             h.update(f.read_bytes())
         k = h.hexdigest()[:16]

@@ -23,7 +23,7 @@ from typing import Any
 
 from kh import proc
 from kh.errors import ImageError, SpecError
-from kh.images import builders
+from kh.images import apt, builders
 from kh.images.recipe import Recipe
 
 HOST = "powerpc-linux-gnu"
@@ -91,7 +91,10 @@ def cross_env(sysroot: Path, extra: dict[str, str]) -> dict[str, str]:
         "CC_FOR_BUILD": "gcc", "BUILD_CC": "gcc",
         "CFLAGS": "-Os -pipe", "CXXFLAGS": "-Os -pipe",
         "CPPFLAGS": f"-I{inc}",
-        "LDFLAGS": f"-L{lib} -Wl,-rpath-link,{lib} -L{sysroot}/lib -Wl,-rpath-link,{sysroot}/lib",
+        # 4 KiB pages, as the node kernel uses: powerpc's default 64 KiB alignment pads every
+        # small ELF file by up to 60 KiB.
+        "LDFLAGS": f"-L{lib} -Wl,-rpath-link,{lib} -L{sysroot}/lib -Wl,-rpath-link,{sysroot}/lib"
+                   " -Wl,-z,max-page-size=0x1000",
         "PKG_CONFIG_LIBDIR": f"{lib}/pkgconfig:{sysroot}/usr/share/pkgconfig",
         "PKG_CONFIG_SYSROOT_DIR": str(sysroot),
         "PKG_CONFIG_PATH": "",
@@ -107,10 +110,22 @@ def _subst(s: str, values: dict[str, str]) -> str:
     return s
 
 
+def _apt_config(recipe: Recipe, cache: Path) -> Path | None:
+    suite = recipe.params.get("suite")
+    return apt.config(cache, suite) if suite else None
+
+
+def facts(recipe: Recipe, cache: Path) -> list[str]:
+    """The versions a package build takes from Debian (part of its key)."""
+    return [builders.package_version("gcc-powerpc-linux-gnu"),
+            apt.source_version(recipe.params["source"], _apt_config(recipe, cache))]
+
+
 def build_package(recipe: Recipe, ctx: builders.Context, work: Path, dest: Path) -> None:
     validate(recipe)
     p = recipe.params
-    src = builders.fetch_source(p["source"], ctx, work)
+    src = apt.fetch_source(p["source"], _apt_config(recipe, ctx.sources.parent), ctx.sources,
+                           work)
     builders.apply_patches(recipe, ctx, src)
     sysroot = work / "deps"
     merge_sysroots(ctx.deps, sysroot)

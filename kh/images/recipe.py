@@ -27,7 +27,7 @@ BUILDERS: dict[str, tuple[set[str], set[str]]] = {
     "busybox": ({"source", "base", "fragment"}, set()),
     "root": ({"runtime"}, {"packages"}),
     "package": ({"source"}, {"style", "configure", "make", "install", "pre", "post", "env",
-                             "keep", "drop", "subdir", "patches"}),
+                             "keep", "drop", "subdir", "patches", "suite"}),
 }
 COMMON = {"name", "builder", "description", "depends"}
 

@@ -63,3 +63,27 @@ def test_shipped_specs_parse():
     assert found
     for p in found:
         assert spec.load(p).name == p.stem
+
+
+def test_include_merges_the_base_spec_and_keeps_its_own_init(tmp_path):
+    from kh.appliance import spec as sp
+    (tmp_path / "init-a").write_text("#!/bin/sh\n")
+    (tmp_path / "init-b").write_text("#!/bin/sh\n")
+    (tmp_path / "f1").write_text("one")
+    (tmp_path / "f2").write_text("two")
+    (tmp_path / "base.toml").write_text(
+        'name = "base"\ninit = "init-a"\nprograms = ["/bin/busybox"]\n'
+        'devices = ["/dev/null c 1 3 0666"]\n[extra]\n"/etc/a" = "f1"\n"/etc/b" = "f1"\n')
+    s = sp.parse('name = "top"\ninit = "init-b"\ninclude = ["base"]\n'
+                 'programs = ["/usr/sbin/lvm", "/bin/busybox"]\n[extra]\n"/etc/b" = "f2"\n',
+                 tmp_path / "top.toml")
+    assert s.init == (tmp_path / "init-b").resolve()
+    assert s.programs == ("/bin/busybox", "/usr/sbin/lvm")
+    assert [d.path for d in s.devices] == ["/dev/null"]
+    assert dict(s.extra) == {"/etc/a": (tmp_path / "f1").resolve(),
+                             "/etc/b": (tmp_path / "f2").resolve()}
+    with pytest.raises(SpecError, match="included spec 'nope'"):
+        sp.parse('name = "x"\ninit = "init-b"\ninclude = ["nope"]\n', tmp_path / "x.toml")
+    (tmp_path / "loop.toml").write_text('name = "loop"\ninit = "init-a"\ninclude = ["loop"]\n')
+    with pytest.raises(SpecError, match="cycle"):
+        sp.load(tmp_path / "loop.toml")

@@ -1,0 +1,91 @@
+"""Debian source packages from a suite the host does not follow, without touching the host.
+
+Some of bookworm's source files are missing from the archive this machine reaches (libtirpc's
+and rpcbind's orig tarballs answer 404), so their recipes take the next suite's source
+(`suite = "trixie"`). Adding that suite to the host's sources would move every other package
+too, so kh keeps a private APT configuration per suite under its cache: its own source list,
+package lists and downloads, used only for `apt-get source`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kh import proc
+from kh.errors import ImageError, ProcessError
+
+MIRROR = "http://deb.debian.org/debian"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+SUITES = ("trixie",)
+
+
+def config(cache: Path, suite: str) -> Path:
+    """The APT_CONFIG file for ``suite`` (made, and its lists fetched, on first use)."""
+    if suite not in SUITES:
+        raise ImageError(f"unknown Debian suite {suite!r}", f"known: {', '.join(SUITES)}")
+    d = cache / "apt" / suite
+    conf = d / "apt.conf"
+    lists = d / "lists"
+    if conf.exists() and any(lists.glob("*Sources*")):
+        return conf
+    (d / "parts").mkdir(parents=True, exist_ok=True)
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    (d / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (d / "parts" / f"{suite}-src.sources").write_text(
+        f"Types: deb-src\nURIs: {MIRROR}\nSuites: {suite}\nComponents: main\n"
+        f"Signed-By: {KEYRING}\n")
+    conf.write_text(
+        'Dir::Etc::SourceList "/dev/null";\n'
+        f'Dir::Etc::SourceParts "{d / "parts"}";\n'
+        f'Dir::State::Lists "{lists}";\n'
+        f'Dir::Cache "{d / "cache"}";\n'
+        'APT::Sandbox::User "root";\n')
+    try:
+        proc.run(["apt-get", "update", "-qq"], env=env(conf),
+                 what=f"apt-get update ({suite} sources for kh)")
+    except ProcessError as e:
+        raise ImageError(f"cannot fetch Debian {suite}'s source lists",
+                         f"{e.message}; apt must reach {MIRROR}") from None
+    return conf
+
+
+def env(conf: Path) -> dict[str, str]:
+    return {"APT_CONFIG": str(conf)}
+
+
+def source_version(package: str, conf: Path | None) -> str:
+    """'<dsc name> <size>' of the source ``package`` that apt would fetch."""
+    try:
+        out = proc.run(["apt-get", "source", "--print-uris", "-qq", package],
+                       env=env(conf) if conf else None,
+                       what=f"apt-get source --print-uris {package}").stdout
+    except ProcessError as e:
+        raise ImageError(f"Debian source package {package} is not available",
+                         "`make setup` enables deb-src and runs apt-get update") from e
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[1].endswith(".dsc"):
+            return f"{parts[1]} {parts[3]}"
+    raise ImageError(f"Debian source package {package} is not available",
+                     "`make setup` enables deb-src and runs apt-get update")
+
+
+def fetch_source(package: str, conf: Path | None, downloads: Path, into: Path) -> Path:
+    """Unpack source ``package`` (Debian's patches applied) as ``into``/src."""
+    dsc_name = source_version(package, conf).split()[0]
+    cache = downloads / package
+    cache.mkdir(parents=True, exist_ok=True)
+    dsc = cache / dsc_name
+    if not dsc.exists():
+        try:
+            proc.run(["apt-get", "source", "--download-only", "-qq", package], cwd=cache,
+                     env=env(conf) if conf else None, what=f"apt-get source {package}")
+        except ProcessError as e:
+            raise ImageError(f"cannot download Debian source package {package}",
+                             e.output_tail or e.message) from None
+    if not dsc.exists():
+        raise ImageError(f"apt-get source {package} did not produce {dsc_name}")
+    dest = into / "src"
+    proc.run(["dpkg-source", "--no-check", "-x", str(dsc), str(dest)], cwd=into,
+             what=f"dpkg-source -x {dsc_name}")
+    return dest
