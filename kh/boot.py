@@ -32,6 +32,7 @@ UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 o
 READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
 KBOOT_OUTCOME = re.compile(
     READY.pattern
+    + rb"|kh-failed: (?P<failed>[^\r\n]*)"
     + rb"|(?P<panic>Kernel panic[^\r\n]*)"
     + rb"|(?P<uboot>Bad Magic Number|Wrong Image Format[^\r\n]*|Bad Data CRC|"
     rb"Bad Header Checksum|ERROR: [^\r\n]*)")
@@ -207,6 +208,9 @@ def run_kboot(con: Console, timeout: float, node: qemu.Node | None = None) -> Bo
     start = con.mark()
     con.write(b"run kboot\n")
     m = con.expect(KBOOT_OUTCOME, timeout, stage="appliance ready line", start=start)
+    if m.group("failed"):
+        raise BootError(f"the appliance failed: {m.group('failed').decode(errors='replace')}",
+                        f"console log: {log}")
     if m.group("panic"):
         raise BootError(f"the kernel panicked: {m.group('panic').decode(errors='replace')}",
                         f"console log: {log}")

@@ -138,3 +138,65 @@ kh_shell_forever() {
 		sleep 1
 	done
 }
+
+# --- for appliances with keys of their own ---------------------------------------------
+
+# kh_key NAME: the value of appliance key kh.NAME ("" when the node was not given it).
+kh_key() {
+	eval "printf '%s' \"\${KH_EXTRA_$1:-}\""
+}
+
+# kh_ready [WORDS]: the one line that says the appliance does its job.
+kh_ready() {
+	echo "kh-ready: ${KH_APPLIANCE:-shell} $(hostname) $(kh_addrs)${1:+ $1}"
+}
+
+# kh_fail MSG: the appliance cannot do its job; say why on the console (by key name when a
+# key is at fault) and give the principal a shell instead of hanging.
+kh_fail() {
+	kh_say "$*"
+	echo "kh-failed: ${KH_APPLIANCE:-shell} $(hostname): $*"
+	kh_shell_forever
+}
+
+# kh_configured: the ethN that got an address, in order.
+kh_configured() {
+	out=""
+	for path in /sys/class/net/eth*; do
+		[ -e "$path" ] || continue
+		dev=${path##*/}
+		eval "conf=\${KH_IF_$dev:-}"
+		case "$conf" in '' | none) ;; *) out="$out $dev" ;; esac
+	done
+	echo "${out# }"
+}
+
+# kh_valid_iface ethN: an interface this node has.
+kh_valid_iface() {
+	case "$1" in eth[0-9] | eth[0-9][0-9]) ;; *) return 1 ;; esac
+	[ -e "/sys/class/net/$1" ]
+}
+
+# kh_valid_count N [MAX]: a whole number (at most MAX).
+kh_valid_count() {
+	case "$1" in '' | *[!0-9]*) return 1 ;; esac
+	[ -z "${2:-}" ] || [ "$1" -le "$2" ]
+}
+
+# kh_mib SIZE: SIZE (like 64M, 1G or 65536K) in MiB; fails on anything else.
+kh_mib() {
+	case "$1" in
+	*[!0-9KMGkmg]* | '' | [KMGkmg]*) return 1 ;;
+	*[Kk]) n=${1%?}; kh_valid_count "$n" && echo $((n / 1024)) ;;
+	*[Mm]) n=${1%?}; kh_valid_count "$n" && echo "$n" ;;
+	*[Gg]) n=${1%?}; kh_valid_count "$n" && echo $((n * 1024)) ;;
+	*) kh_valid_count "$1" && echo $(($1 / 1048576)) ;;
+	esac
+}
+
+# kh_net_of ethN: "10.3.0.0/16" for an interface with 10.3.0.7/16 (the subnet it serves).
+kh_net_of() {
+	a=$(ip -4 -o addr show dev "$1" | awk '{print $4}' | head -n 1)
+	[ -n "$a" ] || return 1
+	ipcalc -n -p "$a" | sed -n 's/^NETWORK=//p; s/^PREFIX=//p' | paste -sd/ -
+}

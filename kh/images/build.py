@@ -60,6 +60,45 @@ def _facts(r: recipe.Recipe, paths: Paths) -> list[str]:
     return packages.facts(r, paths.cache) if r.builder == "package" else builders.facts(r)
 
 
+def _apt_stamp(paths: Paths) -> str:
+    """Changes whenever what apt or dpkg would answer can have changed."""
+    parts = []
+    for p in [Path("/var/lib/apt/lists"), Path("/var/lib/dpkg/status"),
+              *sorted((paths.cache / "apt").glob("*/lists"))]:
+        try:
+            st = p.stat()
+            parts.append(f"{p}:{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append(f"{p}:-")
+    return "|".join(parts)
+
+
+class Facts:
+    """The Debian versions each recipe takes, asked of apt/dpkg only when their state changed
+    (one `apt-get source --print-uris` per recipe is most of a cached no-op build)."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.file = paths.cache / "facts.json"
+        self.stamp = _apt_stamp(paths)
+        try:
+            data = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            data = {}
+        self.known: dict[str, list[str]] = (data.get("facts", {})
+                                            if data.get("stamp") == self.stamp else {})
+
+    def of(self, r: recipe.Recipe) -> list[str]:
+        k = hashlib.sha256(r.text.encode()).hexdigest()
+        if k not in self.known:
+            self.known[k] = _facts(r, self.paths)
+            self.stamp = _apt_stamp(self.paths)  # a first use of a suite fetches its lists
+        return self.known[k]
+
+    def save(self) -> None:
+        _write_json(self.file, {"stamp": self.stamp, "facts": self.known})
+
+
 def _builder_code(r: recipe.Recipe) -> bytes:
     """The code a recipe's build runs, part of its key (package builds: packages.py too)."""
     code = inspect.getsource(builders).encode()
@@ -96,9 +135,10 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
     images = paths.cache / "images"
     images.mkdir(parents=True, exist_ok=True)
     stats = _stats(paths)
+    facts = Facts(paths)
     with locked(paths.cache / "images.lock"):
         for r in todo:
-            k = recipe.key(r, paths.repo, _facts(r, paths), [keys[d] for d in r.depends],
+            k = recipe.key(r, paths.repo, facts.of(r), [keys[d] for d in r.depends],
                            _builder_code(r))
             keys[r.name] = k
             final = images / f"{r.name}-{k[:16]}"
@@ -111,6 +151,7 @@ def build_recipes(paths: Paths, names: list[str] | None = None, *, force: bool =
                 continue
             done[r.name] = _build_one(r, k, final, paths, stats,
                                       {d: done[d].dir for d in _closure(r, recipes)}, quiet)
+    facts.save()
     (paths.cache / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
     return [done[r.name] for r in todo]
 

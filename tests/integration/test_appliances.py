@@ -1,0 +1,221 @@
+"""The paper's appliances on real guests: apache, gateway, vblade, fileserver + worker,
+diskserver (Figure 3's intranet, piece by piece)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+
+from kh import boot
+from kh.errors import BootError
+from kh.hw.console import Console
+from kh.service.config import ServiceConfig
+from tests.integration.conftest import allocate, ps, release, wait_free
+from tests.integration.test_channel import khdo
+
+pytestmark = [pytest.mark.guest, pytest.mark.scenario]
+USER, CRED = "corp1", "corp1cred"
+
+
+@contextmanager
+def consoles(cfg: ServiceConfig, nodes: list[int], artifacts: Path) -> Iterator[dict[int, Console]]:
+    with ExitStack() as stack:
+        out = {}
+        for n in nodes:
+            con = stack.enter_context(Console(cfg.node_dir(n) / "console.sock",
+                                              artifacts / f"node{n}.console.log",
+                                              name=f"node{n}"))
+            con.connect(5)
+            out[n] = con
+        yield out
+
+
+def boot_appliance(cfg: ServiceConfig, text: str, appliance: str, cons: dict[int, Console],
+                   keys: dict[int, str] | None = None) -> dict[int, boot.BootedNode]:
+    """Listing 1 with an appliance: kernel and ramdisk over the control channel, then each
+    node's own keys at its U-Boot prompt and `run kboot`; every node's ready line."""
+    for what, image in (("loadkernel", "uImage"),
+                        ("loadramdisk", f"{appliance}.cpio.gz.uimg")):
+        r = khdo(cfg, text, what, str(cfg.images / image), cred=CRED)
+        assert r.returncode == 0, r.stderr
+    booted = {}
+    for n, con in cons.items():
+        extra = (keys or {}).get(n)
+        if extra:
+            boot.uboot_command(con, f'setenv khargs "${{khargs}} {extra}"')
+        booted[n] = boot.run_kboot(con, 60)
+        assert booted[n].appliance == appliance
+    return booted
+
+
+def ready_line(node: boot.BootedNode) -> str:
+    m = re.findall(rb"kh-ready: [^\r\n]*", node.console.text())
+    return m[-1].decode() if m else ""
+
+
+def ok(node: boot.BootedNode, command: str, timeout: float = 60) -> str:
+    out, status = node.run(command, timeout)
+    assert status == 0, f"{command!r} exited {status}: {out}"
+    return out
+
+
+def nodes_of(text: str) -> list[int]:
+    return [int(x) for x in text.strip().splitlines()[-1].split(":")[1].split()]
+
+
+def netid_of(text: str, iface: int) -> int:
+    return int(re.findall(r"^network (\d+) : eth(\d+)$", text, re.M)[iface][0])
+
+
+def test_apache_answers_200_with_its_node_name(khd, artifacts):
+    wait_free(khd, 1)
+    alloc, nodes, lines = allocate(khd, "-i", "-c", CRED, USER, "1")
+    text = "\n".join(lines) + "\n"
+    with consoles(khd, nodes, artifacts) as cons:
+        (web,) = boot_appliance(khd, text, "apache", cons).values()
+        assert "apache" in ready_line(web)
+        r = khdo(khd, text, "peripcmd", "wget -S -q -T 10 -O - http://%ip%/", cred=CRED)
+        assert r.returncode == 0, r.stderr
+        assert "200 OK" in r.stderr and f"node{nodes[0]}" in r.stderr, r.stderr
+        assert "Server: Apache" in r.stderr
+    release(khd, USER, CRED, alloc)
+
+
+def test_gateway_forwards_out_of_pnet_and_not_back_in(khd, artifacts):
+    wait_free(khd, 3)
+    # The gateway: public domain + a new private domain (pnet), as in Figure 3 (without -x).
+    ga, (gw,), glines = allocate(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
+    gtext = "\n".join(glines) + "\n"
+    pnet = netid_of(gtext, 1)
+    pa, (inner,), plines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+    ptext = "\n".join(plines) + "\n"
+    # A server on the public domain, of another principal.
+    sa, (server,), slines = allocate(khd, "-i", "-c", "othercred", "other", "1")
+    stext = "\n".join(slines) + "\n"
+    gw_pnet = f"10.{pnet}.{gw >> 8}.{gw & 255}"
+    gw_pub = f"10.1.{gw >> 8}.{gw & 255}"
+    srv_pub = f"10.1.{server >> 8}.{server & 255}"
+    inner_ip = f"10.{pnet}.{inner >> 8}.{inner & 255}"
+    with consoles(khd, [gw, inner, server], artifacts) as cons:
+        g = boot_appliance(khd, gtext, "gateway", {gw: cons[gw]})[gw]
+        assert "inside=eth1 nat=eth0" in ready_line(g)
+        i = boot_appliance(khd, ptext, "shell", {inner: cons[inner]},
+                           {inner: f"kh.gw={gw_pnet}"})[inner]
+        for t in (stext,):
+            r = khdo(khd, t, "loadkernel", str(khd.images / "uImage"), cred="othercred")
+            assert r.returncode == 0, r.stderr
+            r = khdo(khd, t, "loadramdisk", str(khd.images / "shell.cpio.gz.uimg"),
+                     cred="othercred")
+            assert r.returncode == 0, r.stderr
+        s = boot.run_kboot(cons[server], 60)
+        # Out: the pnet node fetches the public server's page through the gateway ...
+        page = ok(i, f"wget -q -T 10 -O - http://{srv_pub}/")
+        assert f"<h1>node{server}</h1>" in page
+        # In: even with a route to pnet through the gateway, the server cannot open a
+        # connection to the pnet node, nor ping it.
+        ok(s, f"ip route add 10.{pnet}.0.0/16 via {gw_pub}")
+        out, status = s.run(f"wget -q -T 5 -O - http://{inner_ip}/", 30)
+        assert status != 0, out
+        out, status = s.run(f"ping -c 2 -W 2 {inner_ip}", 30)
+        assert status != 0, out
+        # The gateway counted the refused packets in its FORWARD policy.
+        assert "DROP" in ok(g, "iptables -L FORWARD -n")
+    release(khd, USER, CRED, pa)
+    release(khd, USER, CRED, ga)
+    release(khd, "other", "othercred", sa)
+
+
+def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
+    wait_free(khd, 2)
+    alloc, nodes, lines = allocate(khd, "-p", "1", "-c", CRED, USER, "2")
+    text = "\n".join(lines) + "\n"
+    disk, reader = nodes
+    with consoles(khd, nodes, artifacts) as cons:
+        d = boot_appliance(khd, text, "vblade", {disk: cons[disk]},
+                           {disk: "kh.aoe=3.7 kh.disksize=16M"})[disk]
+        assert "aoe=e3.7" in ready_line(d)
+        r = boot_appliance(khd, text, "worker", {reader: cons[reader]})[reader]
+        ok(r, "aoe-discover; sleep 1")
+        stat = ok(r, "aoe-stat")
+        assert "e3.7" in stat and "16.777GB" not in stat and "16.777MB" in stat, stat
+        ok(r, "dd if=/dev/urandom of=/tmp/blob bs=1k count=512 2>/dev/null")
+        want = ok(r, "cksum < /tmp/blob").split()[0]
+        ok(r, "dd if=/tmp/blob of=/dev/etherd/e3.7 bs=1k seek=1024 conv=fsync 2>/dev/null")
+        ok(r, "echo 3 > /proc/sys/vm/drop_caches")
+        got = ok(r, "dd if=/dev/etherd/e3.7 bs=1k skip=1024 count=512 2>/dev/null | cksum")
+        assert got.split()[0] == want
+        # The bytes are in the disk node's RAM, where vblade keeps the disk.
+        there = ok(d, "dd if=/disk/ram.img bs=1k skip=1024 count=512 2>/dev/null | cksum")
+        assert there.split()[0] == want
+    release(khd, USER, CRED, alloc)
+
+
+def test_fileserver_pools_two_disks_and_a_worker_writes_over_nfs(khd, artifacts, tmp_path):
+    wait_free(khd, 4)
+    # The file server: pnet (eth0) and disknet (eth1), both new.
+    fa, (fs,), flines = allocate(khd, "-p", "2", "-c", CRED, USER, "1")
+    ftext = "\n".join(flines) + "\n"
+    pnet, disknet = netid_of(ftext, 0), netid_of(ftext, 1)
+    da, disks, dlines = allocate(khd, "-n", str(disknet), "-c", CRED, USER, "2")
+    dtext = "\n".join(dlines) + "\n"
+    wa, (worker,), wlines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+    wtext = "\n".join(wlines) + "\n"
+    fs_ip = f"10.{pnet}.{fs >> 8}.{fs & 255}"
+    with consoles(khd, [fs, *disks, worker], artifacts) as cons:
+        boot_appliance(khd, dtext, "vblade", {n: cons[n] for n in disks},
+                       {n: f"kh.aoe=1.{i} kh.disksize=32M" for i, n in enumerate(disks)})
+        f = boot_appliance(khd, ftext, "fileserver", {fs: cons[fs]}, {fs: "kh.disks=2"})[fs]
+        line = ready_line(f)
+        assert f"export=10.{pnet}.0.0/16:/export" in line and "disks=2" in line, line
+        vgs = ok(f, "lvm vgs --noheadings -o pv_count,vg_name")
+        assert vgs.split() == ["2", "khvg"], vgs
+        assert "ext3" in ok(f, "grep ' /export ' /proc/mounts")
+        size = int(ok(f, "df -m /export | awk 'NR == 2 {print $2}'").strip())
+        assert size > 40, size  # spans both 32 MB disks
+        w = boot_appliance(khd, wtext, "worker", {worker: cons[worker]},
+                           {worker: f"kh.nfs={fs_ip}:/export"})[worker]
+        ok(w, "dd if=/dev/urandom of=/mnt/nfs/hello bs=1k count=256 2>/dev/null && sync")
+        want = ok(w, "cksum < /mnt/nfs/hello").split()[0]
+        assert ok(f, "cksum < /export/hello").split()[0] == want
+        ok(w, "umount /mnt/nfs && mount.nfs " + f"{fs_ip}:/export /mnt/nfs -o nolock,vers=3")
+        assert ok(w, "cksum < /mnt/nfs/hello").split()[0] == want
+    for a in (wa, da, fa):
+        release(khd, USER, CRED, a)
+
+
+def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
+    wait_free(khd, 3)
+    # The disk server: public (for the service interface) and a new disknet.
+    alloc, (ds,), lines = allocate(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
+    text = "\n".join(lines) + "\n"
+    disknet = netid_of(text, 1)
+    with consoles(khd, [ds], artifacts) as cons:
+        d = boot_appliance(khd, text, "diskserver", cons,
+                           {ds: f"kh.user={USER} kh.cred={CRED} kh.disksize=16M"})[ds]
+        assert f"disknet={disknet}" in ready_line(d)
+        out = ok(d, "khgetdisk 2", timeout=180)
+        assert "ready: e1.0 e1.1" in out, out
+        assert "e1.0" in ok(d, "aoe-stat") and "e1.1" in ok(d, "aoe-stat")
+        recorded = ok(d, "cat /var/lib/khgetdisk/disks")
+        assert recorded.count("\n") >= 2 and "e1.0 node" in recorded
+    mine = [a for a in ps(khd)["allocations"] if a["principal"] == USER and a["id"] != alloc]
+    assert len(mine) == 1 and len(mine[0]["nodes"]) == 2, ps(khd)
+    release(khd, USER, CRED, mine[0]["id"])
+    release(khd, USER, CRED, alloc)
+
+
+def test_a_malformed_appliance_key_is_named_and_leaves_a_shell(khd, artifacts):
+    wait_free(khd, 1)
+    alloc, nodes, lines = allocate(khd, "-p", "1", "-c", CRED, USER, "1")
+    text = "\n".join(lines) + "\n"
+    with consoles(khd, nodes, artifacts) as cons:
+        with pytest.raises(BootError, match=r"kh.aoe=12\.x is missing or malformed"):
+            boot_appliance(khd, text, "vblade", cons, {nodes[0]: "kh.aoe=12.x"})
+        # ... and the node has a shell for the principal.
+        node = boot.BootedNode(cons[nodes[0]], "vblade")
+        assert ok(node, "echo alive").strip() == "alive"
+    release(khd, USER, CRED, alloc)
