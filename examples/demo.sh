@@ -38,6 +38,20 @@ for _ in $(seq 1 30); do
 done
 echo "$out" | grep -E '^(Linux|[0-9]+: eth0)'
 echo
+echo "== the web farm: two more nodes on the public domain boot the apache appliance (Apache httpd)"
+web=$($KHGET -c democred -i alice 2)
+echo "$web" | $KHDO loadkernel images/out/uImage >/dev/null
+echo "$web" | $KHDO loadramdisk images/out/apache.cpio.gz.uimg >/dev/null
+echo "$web" | $KHDO write "run kboot" >/dev/null 2>&1
+# Fetched from the fabric's namespace, where the service sits on the public domain.
+for _ in $(seq 1 30); do
+	pages=$(echo "$web" | KHDO_NETNS=$KH_PREFIX-fabric $KHDO peripcmd \
+		'wget -q -T 2 -O - http://%ip%/' 2>&1 >/dev/null || true)
+	[ "$(echo "$pages" | grep -c '<h1>')" -ge 2 ] && break
+	sleep 1
+done
+echo "$pages" | grep -E '<h1>|apache appliance'
+echo
 echo "== kh ps"
 $KH ps
 echo

@@ -3,6 +3,7 @@ diskserver (Figure 3's intranet, piece by piece)."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -157,8 +158,8 @@ def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
     release(khd, USER, CRED, alloc)
 
 
-def test_fileserver_pools_two_disks_and_a_worker_writes_over_nfs(khd, artifacts, tmp_path):
-    wait_free(khd, 4)
+def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root(khd, artifacts):
+    wait_free(khd, 5)
     # The file server: pnet (eth0) and disknet (eth1), both new.
     fa, (fs,), flines = allocate(khd, "-p", "2", "-c", CRED, USER, "1")
     ftext = "\n".join(flines) + "\n"
@@ -186,6 +187,31 @@ def test_fileserver_pools_two_disks_and_a_worker_writes_over_nfs(khd, artifacts,
         assert ok(f, "cksum < /export/hello").split()[0] == want
         ok(w, "umount /mnt/nfs && mount.nfs " + f"{fs_ip}:/export /mnt/nfs -o nolock,vers=3")
         assert ok(w, "cksum < /mnt/nfs/hello").split()[0] == want
+        # The paper's general-purpose servers, first approach: a root file system on the file
+        # server (here the worker's own programs), booted read-only over NFS by another node.
+        ok(w, "mkdir -p /mnt/nfs/root && cp -a /bin /sbin /lib /usr /etc /mnt/nfs/root/ && "
+              "cd /mnt/nfs/root && mkdir -p proc sys dev tmp run var/log mnt && cd /")
+        init = ("#!/bin/sh\n"
+                "echo kh-ready: nfsroot-booted $(hostname) "
+                "root=$(awk '$2 == \"/\" {print $1}' /proc/mounts | tail -n 1)\n"
+                "while :; do setsid cttyhack sh -l; done\n")
+        ok(w, f"echo {base64.b64encode(init.encode()).decode()} | base64 -d "
+              "> /mnt/nfs/root/sbin/kh-nfsinit")
+        ok(w, "chmod 755 /mnt/nfs/root/sbin/kh-nfsinit && sync")
+        na, (nr,), nlines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+        ntext = "\n".join(nlines) + "\n"
+        with consoles(khd, [nr], artifacts) as ncons:
+            boot_appliance(khd, ntext, "nfsroot", ncons,
+                           {nr: f"kh.nfsroot={fs_ip}:/export/root kh.init=/sbin/kh-nfsinit"})
+            ncons[nr].expect(re.compile(rb"kh-ready: nfsroot-booted node\d+ root=(\S+)"), 60,
+                             stage="the NFS root's own init")
+            booted = boot.BootedNode(ncons[nr], "nfsroot")
+            assert f"{fs_ip}:/export/root" in ok(booted, "grep ' / ' /proc/mounts")
+            ok(booted, "echo written > /etc/in-ram")  # the writable parts are in RAM ...
+            out, status = booted.run("touch /usr/not-here", 30)  # ... the rest is read-only
+            assert status != 0, out
+        assert ok(f, "ls /export/root/etc/in-ram || echo absent").strip().endswith("absent")
+        release(khd, USER, CRED, na)
     for a in (wa, da, fa):
         release(khd, USER, CRED, a)
 
@@ -205,7 +231,8 @@ def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
         assert "e1.0" in ok(d, "aoe-stat") and "e1.1" in ok(d, "aoe-stat")
         recorded = ok(d, "cat /var/lib/khgetdisk/disks")
         assert recorded.count("\n") >= 2 and "e1.0 node" in recorded
-    mine = [a for a in ps(khd)["allocations"] if a["principal"] == USER and a["id"] != alloc]
+    mine = [a for a in ps(khd)["allocations"]
+            if a["principal"] == USER and a["id"] != alloc and a["nodes"]]
     assert len(mine) == 1 and len(mine[0]["nodes"]) == 2, ps(khd)
     release(khd, USER, CRED, mine[0]["id"])
     release(khd, USER, CRED, alloc)
