@@ -47,7 +47,7 @@ kh_valid_name() {
 # malformed values by name (the appliance still comes up, with that key ignored).
 kh_read_keys() {
 	KH_IFACES=""
-	for word in $(cat /proc/cmdline); do
+	for word in $(cat "${KH_CMDLINE:-/proc/cmdline}"); do
 		case "$word" in
 		kh.*=*) ;;
 		*) continue ;;

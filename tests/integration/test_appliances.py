@@ -232,7 +232,7 @@ def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
         recorded = ok(d, "cat /var/lib/khgetdisk/disks")
         assert recorded.count("\n") >= 2 and "e1.0 node" in recorded
     mine = [a for a in ps(khd)["allocations"]
-            if a["principal"] == USER and a["id"] != alloc and a["nodes"]]
+            if a["principal"] == USER and a["id"] > alloc and a["nodes"]]
     assert len(mine) == 1 and len(mine[0]["nodes"]) == 2, ps(khd)
     release(khd, USER, CRED, mine[0]["id"])
     release(khd, USER, CRED, alloc)

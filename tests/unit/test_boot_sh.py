@@ -1,0 +1,46 @@
+"""The appliances' shared shell functions (kh-boot.sh), run by the host's POSIX shell."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BOOT_SH = Path(__file__).resolve().parents[2] / "appliance-builder" / "files" / "kh-boot.sh"
+
+
+def sh(script: str, cmdline: str = "", tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin"}
+    if tmp is not None:
+        (tmp / "cmdline").write_text(cmdline + "\n")
+        env["KH_CMDLINE"] = str(tmp / "cmdline")
+    return subprocess.run(["sh", "-c", f". {BOOT_SH}; {script}"], env=env,
+                          capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("size,mib", [("64M", "64"), ("1G", "1024"), ("65536K", "64"),
+                                      ("67108864", "64")])
+def test_sizes(size, mib):
+    assert sh(f"kh_mib {size}").stdout.strip() == mib
+
+
+@pytest.mark.parametrize("bad", ["", "M", "12x", "-5M", "1.5G", "64MB"])
+def test_bad_sizes_fail(bad):
+    assert sh(f"kh_mib '{bad}'").returncode != 0
+
+
+def test_counts_and_addresses():
+    assert sh("kh_valid_count 7 255").returncode == 0
+    assert sh("kh_valid_count 256 255").returncode != 0
+    assert sh("kh_valid_count 1x").returncode != 0
+    assert sh("kh_valid_cidr 10.3.0.7/16").returncode == 0
+    assert sh("kh_valid_cidr 10.3.0.300/16").returncode != 0
+    assert sh("kh_valid_cidr 10.3.0.7/33").returncode != 0
+
+
+def test_keys_are_read_and_malformed_ones_named(tmp_path):
+    r = sh('kh_read_keys; echo "gw=$KH_GW node=$KH_NODE aoe=$(kh_key aoe) size=$(kh_key disksize)"',
+           "console=ttyS0 kh.node=4 kh.gw=10.0.255.254 kh.aoe=1.2 kh.disksize=64M "
+           "kh.eth0=10.1.2.300/24 kh.hostname=-bad", tmp_path)
+    assert "gw=10.0.255.254 node=4 aoe=1.2 size=64M" in r.stdout
+    assert "boot key kh.eth0=10.1.2.300/24 is malformed" in r.stdout
+    assert "boot key kh.hostname=-bad is malformed" in r.stdout
