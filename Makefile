@@ -45,6 +45,7 @@ bench: setup
 	$(PY) -m benchmarks.boot
 	$(PY) -m benchmarks.service
 	$(PY) -m benchmarks.channel
+	$(PY) -m benchmarks.appliances
 
 clean-images:
 	rm -rf images/out
