@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from kh import boot
 from kh.errors import BootError
+from kh.hw import netns
 from kh.hw.console import Console
 from kh.service.config import ServiceConfig
 from tests.integration.conftest import allocate, ps, release, wait_free
@@ -248,4 +250,31 @@ def test_a_malformed_appliance_key_is_named_and_leaves_a_shell(khd, artifacts):
         # ... and the node has a shell for the principal.
         node = boot.BootedNode(cons[nodes[0]], "vblade")
         assert ok(node, "echo alive").strip() == "alive"
+    release(khd, USER, CRED, alloc)
+
+
+def test_a_principal_logs_into_a_worker_over_ssh(khd, artifacts, tmp_path, outside):
+    wait_free(khd, 1)
+    for name in ("key", "other"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(tmp_path / name)], check=True)
+    kind, b64 = (tmp_path / "key.pub").read_text().split()[:2]
+    alloc, (node,), lines = allocate(khd, "-x", "-c", CRED, USER, "1")
+    text = "\n".join(lines) + "\n"
+    ip = f"10.0.{node >> 8}.{node & 255}"
+    with consoles(khd, [node], artifacts) as cons:
+        w = boot_appliance(khd, text, "worker", cons, {node: f"kh.sshkey={kind}:{b64}"})[node]
+        assert "ssh=22" in ready_line(w)
+
+        def ssh(key: str) -> subprocess.CompletedProcess[str]:
+            # Stock OpenSSH from the principal's side: the test's outside world.
+            return subprocess.run(
+                [*netns.enter_argv(outside), "ssh", "-i", str(tmp_path / key),
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
+                 f"root@{ip}", "uname -m; hostname"],
+                capture_output=True, text=True, timeout=120)
+        r = ssh("key")
+        assert r.returncode == 0 and "ppc" in r.stdout and f"node{node}" in r.stdout, r
+        assert ssh("other").returncode != 0
     release(khd, USER, CRED, alloc)
