@@ -55,6 +55,17 @@ def images_build(recipes: tuple[str, ...], force: bool, quiet: bool) -> None:
         click.echo(f"{len(published)} images in {paths().out}", err=True)
 
 
+@images.command("prune")
+@click.option("-n", "--dry-run", is_flag=True, help="Only show what would be removed.")
+@handle_errors
+def images_prune(dry_run: bool) -> None:
+    """Remove cached builds that no current recipe or appliance uses."""
+    gone = image_build.prune(paths(), dry_run=dry_run)
+    for p in gone:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {p}")
+    click.echo(f"{len(gone)} cache entries {'to remove' if dry_run else 'removed'}", err=True)
+
+
 @images.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors

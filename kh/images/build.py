@@ -325,3 +325,40 @@ def listing(paths: Paths) -> list[dict[str, object]]:
             digest = sha256(p)[:16]
         rows.append({**m, "path": str(p), "size": size, "sha256": digest})
     return rows
+
+
+def prune(paths: Paths, *, dry_run: bool = False) -> list[Path]:
+    """Remove cached builds and logs that no current recipe or appliance would use.
+
+    Builds the current recipes first (normally all cached), so what is kept is exactly what
+    `kh images build` would take from the cache now.
+    """
+    recipes_built = build_recipes(paths, quiet=True)
+    keep_recipes = {b.dir.name for b in recipes_built}
+    root = next((b for b in recipes_built if b.name == ROOT_RECIPE), None)
+    keep_appliances = ({res.path.parent.name for res, _ in
+                        build_appliances(paths, root, quiet=True)} if root else set())
+    with locked(paths.cache / "images.lock"):
+        gone = stale(paths.cache, keep_recipes, keep_appliances)
+        if not dry_run:
+            for p in gone:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+    return gone
+
+
+def stale(cache: Path, keep_recipes: set[str], keep_appliances: set[str]) -> list[Path]:
+    """Cache entries (`<name>-<key>` builds, appliances and their logs) not in the keep sets;
+    half-finished builds (dot-directories) belong to a running build and are left alone."""
+    gone: list[Path] = []
+    for d, keep in ((cache / "images", keep_recipes), (cache / "appliances", keep_appliances)):
+        for p in sorted(d.glob("*")) if d.is_dir() else []:
+            if p.is_dir() and not p.name.startswith(".") and p.name not in keep:
+                gone.append(p)
+    logs = cache / "logs"
+    for p in sorted(logs.glob("*-*.log")) if logs.is_dir() else []:
+        if p.stem not in keep_recipes and not p.name.startswith("kh-"):
+            gone.append(p)
+    return gone

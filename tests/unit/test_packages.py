@@ -90,3 +90,15 @@ def test_a_missing_source_package_is_named(monkeypatch):
 def test_an_unknown_suite_is_refused(tmp_path):
     with pytest.raises(ImageError, match="unknown Debian suite 'sid'"):
         apt.config(tmp_path, "sid")
+
+
+def test_prune_keeps_current_builds_and_running_ones(tmp_path):
+    from kh.images import build
+    for d in ("images/linux-aaaa", "images/linux-bbbb", "images/.linux-tmp123",
+              "appliances/shell-1111", "appliances/shell-2222", "logs"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("logs/linux-aaaa.log", "logs/linux-bbbb.log", "logs/kh-boot-console.log"):
+        (tmp_path / f).write_text("")
+    gone = build.stale(tmp_path, {"linux-aaaa"}, {"shell-1111"})
+    assert [str(p.relative_to(tmp_path)) for p in gone] == [
+        "images/linux-bbbb", "appliances/shell-2222", "logs/linux-bbbb.log"]
