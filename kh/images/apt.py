@@ -1,10 +1,11 @@
-"""Debian source packages from a suite the host does not follow, without touching the host.
+"""Debian source packages: what `apt-get source` would fetch, and fetching it.
 
-Some of bookworm's source files are missing from the archive this machine reaches (libtirpc's
-and rpcbind's orig tarballs answer 404), so their recipes take the next suite's source
-(`suite = "trixie"`). Adding that suite to the host's sources would move every other package
-too, so kh keeps a private APT configuration per suite under its cache: its own source list,
-package lists and downloads, used only for `apt-get source`.
+Every recipe's source goes through here. A recipe may also take its source from a suite the
+host does not follow: some of bookworm's source files are missing from the archive this
+machine reaches (libtirpc's and rpcbind's orig tarballs answer 404), so their recipes take the
+next suite's source (`suite = "trixie"`). Adding that suite to the host's sources would move
+every other package too, so kh keeps a private APT configuration per suite under its cache: its
+own source list, package lists and downloads, used only for `apt-get source`.
 """
 
 from __future__ import annotations

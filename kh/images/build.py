@@ -101,9 +101,9 @@ class Facts:
 
 def _builder_code(r: recipe.Recipe) -> bytes:
     """The code a recipe's build runs, part of its key (package builds: packages.py too)."""
-    code = inspect.getsource(builders).encode()
+    code = inspect.getsource(builders).encode() + inspect.getsource(apt).encode()
     if r.builder == "package":
-        code += inspect.getsource(packages).encode() + inspect.getsource(apt).encode()
+        code += inspect.getsource(packages).encode()
     return code
 
 

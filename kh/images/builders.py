@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kh import proc
 from kh.errors import ImageError, ProcessError
-from kh.images import kconfig
+from kh.images import apt, kconfig
 from kh.images.recipe import Recipe
 from kh.progress import Progress
 
@@ -67,22 +67,6 @@ class Context:
 
 # --- facts: the versions a build takes from Debian --------------------------------------
 
-def source_version(package: str) -> str:
-    """The candidate source version of a Debian source package, e.g. 'u-boot_2023.01+dfsg-2'."""
-    try:
-        out = proc.run(["apt-get", "source", "--print-uris", "-qq", package],
-                       what=f"apt-get source --print-uris {package}").stdout
-    except ProcessError as e:
-        raise ImageError(f"Debian source package {package} is not available",
-                         "`make setup` enables deb-src and runs apt-get update") from e
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[1].endswith(".dsc"):
-            return f"{parts[1]} {parts[3]}"
-    raise ImageError(f"Debian source package {package} is not available",
-                     "`make setup` enables deb-src and runs apt-get update")
-
-
 def package_version(package: str) -> str:
     try:
         out = proc.run(["dpkg-query", "-W", "-f=${Version}", package],
@@ -97,7 +81,7 @@ def facts(recipe: Recipe) -> list[str]:
     p = recipe.params
     out = [package_version("gcc-powerpc-linux-gnu")]
     if "source" in p:
-        out.append(source_version(p["source"]))
+        out.append(apt.source_version(p["source"], None))
     if "package" in p:
         out.append(package_version(p["package"]))
     for pkg in p.get("runtime", []):
@@ -106,23 +90,6 @@ def facts(recipe: Recipe) -> list[str]:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def fetch_source(package: str, ctx: Context, into: Path) -> Path:
-    """Unpack Debian source ``package`` (Debian's patches applied) below ``into``."""
-    dsc_name = source_version(package).split()[0]
-    cache = ctx.sources / package
-    cache.mkdir(parents=True, exist_ok=True)
-    dsc = cache / dsc_name
-    if not dsc.exists():
-        proc.run(["apt-get", "source", "--download-only", "-qq", package], cwd=cache,
-                 what=f"apt-get source {package}")
-    if not dsc.exists():
-        raise ImageError(f"apt-get source {package} did not produce {dsc_name}")
-    dest = into / "src"
-    proc.run(["dpkg-source", "--no-check", "-x", str(dsc), str(dest)], cwd=into,
-             what=f"dpkg-source -x {dsc_name}")
-    return dest
-
 
 def apply_patches(recipe: Recipe, ctx: Context, src: Path) -> None:
     if "patches" not in recipe.params:
@@ -157,7 +124,7 @@ def copy_artifact(src: Path, dest: Path, name: str) -> None:
 # --- builders -------------------------------------------------------------------------
 
 def build_uboot(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
-    src = fetch_source(recipe.params["source"], ctx, work)
+    src = apt.fetch_source(recipe.params["source"], None, ctx.sources, work)
     apply_patches(recipe, ctx, src)
     mk = ["make", f"CROSS_COMPILE={CROSS}"]
     configure(recipe, ctx, src, mk + [recipe.params["defconfig"]], None, mk + ["olddefconfig"])
@@ -185,7 +152,7 @@ def build_linux(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
 
 
 def build_busybox(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
-    src = fetch_source(recipe.params["source"], ctx, work)
+    src = apt.fetch_source(recipe.params["source"], None, ctx.sources, work)
     mk = ["make", f"CROSS_COMPILE={CROSS}"]
     configure(recipe, ctx, src, None, src / recipe.params["base"], mk + ["oldconfig"],
               input=b"\n" * 20000)
