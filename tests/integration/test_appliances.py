@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from kh import boot
+from kh.allocation import node_address
 from kh.errors import BootError
 from kh.hw import netns
 from kh.hw.console import Console
+from kh.model import EXTERNAL, PUBLIC
 from kh.service.config import ServiceConfig
 from tests.integration.conftest import allocate, ps, release, wait_free
 from tests.integration.test_channel import khdo
@@ -37,13 +39,24 @@ def consoles(cfg: ServiceConfig, nodes: list[int], artifacts: Path) -> Iterator[
         yield out
 
 
+def take(cfg: ServiceConfig, *args: str) -> tuple[int, list[int], str]:
+    """khget ARGS: the allocation, its nodes and the text object khdo reads."""
+    alloc, nodes, lines = allocate(cfg, *args)
+    return alloc, nodes, "\n".join(lines) + "\n"
+
+
+def ip(netid: int, node: int) -> str:
+    return str(node_address(netid, node).ip)
+
+
 def boot_appliance(cfg: ServiceConfig, text: str, appliance: str, cons: dict[int, Console],
-                   keys: dict[int, str] | None = None) -> dict[int, boot.BootedNode]:
+                   keys: dict[int, str] | None = None, cred: str = CRED
+                   ) -> dict[int, boot.BootedNode]:
     """Listing 1 with an appliance: kernel and ramdisk over the control channel, then each
     node's own keys at its U-Boot prompt and `run kboot`; every node's ready line."""
     for what, image in (("loadkernel", "uImage"),
                         ("loadramdisk", f"{appliance}.cpio.gz.uimg")):
-        r = khdo(cfg, text, what, str(cfg.images / image), cred=CRED)
+        r = khdo(cfg, text, what, str(cfg.images / image), cred=cred)
         assert r.returncode == 0, r.stderr
     booted = {}
     for n, con in cons.items():
@@ -79,8 +92,7 @@ def netid_of(text: str, iface: int) -> int:
 def test_apache_answers_200_with_its_node_name(khd, artifacts):
     wait_free(khd, 1)
     # In the external domain, so the principal's host (the test's outside world) can fetch.
-    alloc, nodes, lines = allocate(khd, "-x", "-c", CRED, USER, "1")
-    text = "\n".join(lines) + "\n"
+    alloc, nodes, text = take(khd, "-x", "-c", CRED, USER, "1")
     with consoles(khd, nodes, artifacts) as cons:
         (web,) = boot_appliance(khd, text, "apache", cons).values()
         assert "apache" in ready_line(web)
@@ -94,30 +106,19 @@ def test_apache_answers_200_with_its_node_name(khd, artifacts):
 def test_gateway_forwards_out_of_pnet_and_not_back_in(khd, artifacts):
     wait_free(khd, 3)
     # The gateway: public domain + a new private domain (pnet), as in Figure 3 (without -x).
-    ga, (gw,), glines = allocate(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
-    gtext = "\n".join(glines) + "\n"
+    ga, (gw,), gtext = take(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
     pnet = netid_of(gtext, 1)
-    pa, (inner,), plines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
-    ptext = "\n".join(plines) + "\n"
+    pa, (inner,), ptext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
     # A server on the public domain, of another principal.
-    sa, (server,), slines = allocate(khd, "-i", "-c", "othercred", "other", "1")
-    stext = "\n".join(slines) + "\n"
-    gw_pnet = f"10.{pnet}.{gw >> 8}.{gw & 255}"
-    gw_pub = f"10.1.{gw >> 8}.{gw & 255}"
-    srv_pub = f"10.1.{server >> 8}.{server & 255}"
-    inner_ip = f"10.{pnet}.{inner >> 8}.{inner & 255}"
+    sa, (server,), stext = take(khd, "-i", "-c", "othercred", "other", "1")
+    gw_pnet, gw_pub = ip(pnet, gw), ip(PUBLIC, gw)
+    srv_pub, inner_ip = ip(PUBLIC, server), ip(pnet, inner)
     with consoles(khd, [gw, inner, server], artifacts) as cons:
         g = boot_appliance(khd, gtext, "gateway", {gw: cons[gw]})[gw]
         assert "inside=eth1 nat=eth0" in ready_line(g)
         i = boot_appliance(khd, ptext, "shell", {inner: cons[inner]},
                            {inner: f"kh.gw={gw_pnet}"})[inner]
-        for t in (stext,):
-            r = khdo(khd, t, "loadkernel", str(khd.images / "uImage"), cred="othercred")
-            assert r.returncode == 0, r.stderr
-            r = khdo(khd, t, "loadramdisk", str(khd.images / "shell.cpio.gz.uimg"),
-                     cred="othercred")
-            assert r.returncode == 0, r.stderr
-        s = boot.run_kboot(cons[server], 60)
+        s = boot_appliance(khd, stext, "shell", {server: cons[server]}, cred="othercred")[server]
         # Out: the pnet node fetches the public server's page through the gateway ...
         page = ok(i, f"wget -q -T 10 -O - http://{srv_pub}/")
         assert f"<h1>node{server}</h1>" in page
@@ -137,8 +138,7 @@ def test_gateway_forwards_out_of_pnet_and_not_back_in(khd, artifacts):
 
 def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
     wait_free(khd, 2)
-    alloc, nodes, lines = allocate(khd, "-p", "1", "-c", CRED, USER, "2")
-    text = "\n".join(lines) + "\n"
+    alloc, nodes, text = take(khd, "-p", "1", "-c", CRED, USER, "2")
     disk, reader = nodes
     with consoles(khd, nodes, artifacts) as cons:
         d = boot_appliance(khd, text, "vblade", {disk: cons[disk]},
@@ -163,14 +163,11 @@ def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
 def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root(khd, artifacts):
     wait_free(khd, 5)
     # The file server: pnet (eth0) and disknet (eth1), both new.
-    fa, (fs,), flines = allocate(khd, "-p", "2", "-c", CRED, USER, "1")
-    ftext = "\n".join(flines) + "\n"
+    fa, (fs,), ftext = take(khd, "-p", "2", "-c", CRED, USER, "1")
     pnet, disknet = netid_of(ftext, 0), netid_of(ftext, 1)
-    da, disks, dlines = allocate(khd, "-n", str(disknet), "-c", CRED, USER, "2")
-    dtext = "\n".join(dlines) + "\n"
-    wa, (worker,), wlines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
-    wtext = "\n".join(wlines) + "\n"
-    fs_ip = f"10.{pnet}.{fs >> 8}.{fs & 255}"
+    da, disks, dtext = take(khd, "-n", str(disknet), "-c", CRED, USER, "2")
+    wa, (worker,), wtext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+    fs_ip = ip(pnet, fs)
     with consoles(khd, [fs, *disks, worker], artifacts) as cons:
         boot_appliance(khd, dtext, "vblade", {n: cons[n] for n in disks},
                        {n: f"kh.aoe=1.{i} kh.disksize=32M" for i, n in enumerate(disks)})
@@ -200,8 +197,7 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root
         ok(w, f"echo {base64.b64encode(init.encode()).decode()} | base64 -d "
               "> /mnt/nfs/root/sbin/kh-nfsinit")
         ok(w, "chmod 755 /mnt/nfs/root/sbin/kh-nfsinit && sync")
-        na, (nr,), nlines = allocate(khd, "-n", str(pnet), "-c", CRED, USER, "1")
-        ntext = "\n".join(nlines) + "\n"
+        na, (nr,), ntext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
         with consoles(khd, [nr], artifacts) as ncons:
             boot_appliance(khd, ntext, "nfsroot", ncons,
                            {nr: f"kh.nfsroot={fs_ip}:/export/root kh.init=/sbin/kh-nfsinit"})
@@ -221,8 +217,7 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root
 def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
     wait_free(khd, 3)
     # The disk server: public (for the service interface) and a new disknet.
-    alloc, (ds,), lines = allocate(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
-    text = "\n".join(lines) + "\n"
+    alloc, (ds,), text = take(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
     disknet = netid_of(text, 1)
     with consoles(khd, [ds], artifacts) as cons:
         d = boot_appliance(khd, text, "diskserver", cons,
@@ -242,8 +237,7 @@ def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
 
 def test_a_malformed_appliance_key_is_named_and_leaves_a_shell(khd, artifacts):
     wait_free(khd, 1)
-    alloc, nodes, lines = allocate(khd, "-p", "1", "-c", CRED, USER, "1")
-    text = "\n".join(lines) + "\n"
+    alloc, nodes, text = take(khd, "-p", "1", "-c", CRED, USER, "1")
     with consoles(khd, nodes, artifacts) as cons:
         with pytest.raises(BootError, match=r"kh.aoe=12\.x is missing or malformed"):
             boot_appliance(khd, text, "vblade", cons, {nodes[0]: "kh.aoe=12.x"})
@@ -259,9 +253,8 @@ def test_a_principal_logs_into_a_worker_over_ssh(khd, artifacts, tmp_path, outsi
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(tmp_path / name)], check=True)
     kind, b64 = (tmp_path / "key.pub").read_text().split()[:2]
-    alloc, (node,), lines = allocate(khd, "-x", "-c", CRED, USER, "1")
-    text = "\n".join(lines) + "\n"
-    ip = f"10.0.{node >> 8}.{node & 255}"
+    alloc, (node,), text = take(khd, "-x", "-c", CRED, USER, "1")
+    addr = ip(EXTERNAL, node)
     with consoles(khd, [node], artifacts) as cons:
         w = boot_appliance(khd, text, "worker", cons, {node: f"kh.sshkey={kind}:{b64}"})[node]
         assert "ssh=22" in ready_line(w)
@@ -272,7 +265,7 @@ def test_a_principal_logs_into_a_worker_over_ssh(khd, artifacts, tmp_path, outsi
                 [*netns.enter_argv(outside), "ssh", "-i", str(tmp_path / key),
                  "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                  "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
-                 f"root@{ip}", "uname -m; hostname"],
+                 f"root@{addr}", "uname -m; hostname"],
                 capture_output=True, text=True, timeout=120)
         r = ssh("key")
         assert r.returncode == 0 and "ppc" in r.stdout and f"node{node}" in r.stdout, r
