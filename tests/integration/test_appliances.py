@@ -79,10 +79,6 @@ def ok(node: boot.BootedNode, command: str, timeout: float = 60) -> str:
     return out
 
 
-def nodes_of(text: str) -> list[int]:
-    return [int(x) for x in text.strip().splitlines()[-1].split(":")[1].split()]
-
-
 def netid_of(text: str, iface: int) -> int:
     """The private domain behind eth<iface> in a khget text object."""
     nets = {int(i): n for n, i in re.findall(r"^network (\S+) : eth(\d+)$", text, re.M)}
