@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,41 @@ class NotRunning(KhError):
     """khd is not running (or not where we looked)."""
 
 
+class Busy(KhError):
+    """khd's socket kept refusing new connections for BUSY_WAIT seconds."""
+
+
+BUSY_WAIT = 10.0
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("khd", timeout=timeout)
         self.unix_path = path
 
     def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(str(self.unix_path))
-        self.sock = s
+        # A full unix-socket backlog answers EAGAIN at once instead of queueing the
+        # caller the way TCP does, so a busy khd is retried briefly before giving up.
+        deadline = time.monotonic() + BUSY_WAIT
+        delay = 0.01
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(str(self.unix_path))
+            except BlockingIOError:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise Busy(f"khd at {self.unix_path} is too busy to accept a connection",
+                               "try again in a moment") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            except BaseException:
+                s.close()
+                raise
+            self.sock = s
+            return
 
 
 class Client:

@@ -289,10 +289,14 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
 
 class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # A unix socket whose backlog is full refuses at once (EAGAIN) rather than making the
+    # client wait as TCP does; socketserver's default of 5 lost khgets run 20 at a time.
+    request_queue_size = 128
 
 
 class TCPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
+    request_queue_size = 128
     allow_reuse_address = True
 
 
