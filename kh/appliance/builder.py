@@ -7,7 +7,7 @@ import io
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kh.appliance import cpio, uimage
 from kh.appliance.elf import Closure
@@ -41,6 +41,27 @@ def tree_size(root: Path) -> int:
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
     return total
+
+
+APPLETS = "usr/share/kh/applets"
+
+
+def _listed_applets(closure: Closure, targets: tuple[str, ...]) -> None:
+    """Link the applets the root lists for a target (``/usr/share/kh/applets/<name>``) to it.
+
+    The full root lets a real program (coreutils' ``ls``) take the place of a busybox applet
+    link; the list keeps every applet, so an appliance still gets them all. A path the
+    appliance takes as a real file stays a file.
+    """
+    for t in targets:
+        listing = closure.root / APPLETS / PurePosixPath(t).name
+        if not listing.is_file():
+            continue
+        for line in listing.read_text().splitlines():
+            link = line.strip()
+            if not link.startswith("/") or link in closure.files or link in closure.links:
+                continue
+            closure.links[link] = os.path.relpath(t, str(PurePosixPath(link).parent))
 
 
 def _symlinks_to(closure: Closure, targets: tuple[str, ...]) -> list[str]:
@@ -77,6 +98,7 @@ def collect(spec: Spec, root: Path) -> list[cpio.Entry]:
         cl.add_library(f"libnss_{svc}.so.2", why=f"NSS module {svc} of {spec.name}")
     for link in _symlinks_to(cl, spec.symlinks_to):
         cl.resolve(link, why="symlinks_to")
+    _listed_applets(cl, spec.symlinks_to)
     tree_dirs: list[str] = []
     for t in spec.trees:
         real = cl.resolve(t, why=f"tree of {spec.name}")

@@ -54,21 +54,25 @@ def env(conf: Path) -> dict[str, str]:
     return {"APT_CONFIG": str(conf)}
 
 
-def source_version(package: str, conf: Path | None) -> str:
-    """'<dsc name> <size>' of the source ``package`` that apt would fetch."""
+def _uri_of(argv: list[str], suffix: str, conf: Path | None, missing: str, hint: str) -> str:
+    """'<file name> <hash>' of the first ``suffix`` file that ``argv --print-uris`` names."""
     try:
-        out = proc.run(["apt-get", "source", "--print-uris", "-qq", package],
-                       env=env(conf) if conf else None,
-                       what=f"apt-get source --print-uris {package}").stdout
+        out = proc.run([*argv, "--print-uris", "-qq"], env=env(conf) if conf else None,
+                       what=" ".join(argv[:2]) + " --print-uris " + argv[-1]).stdout
     except ProcessError as e:
-        raise ImageError(f"Debian source package {package} is not available",
-                         "`make setup` enables deb-src and runs apt-get update") from e
+        raise ImageError(missing, hint) from e
     for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[1].endswith(".dsc"):
+        parts = line.split()  # 'URI' NAME SIZE HASH
+        if len(parts) >= 4 and parts[1].endswith(suffix):
             return f"{parts[1]} {parts[3]}"
-    raise ImageError(f"Debian source package {package} is not available",
-                     "`make setup` enables deb-src and runs apt-get update")
+    raise ImageError(missing, hint)
+
+
+def source_version(package: str, conf: Path | None) -> str:
+    """'<dsc name> <hash>' of the source ``package`` that apt would fetch."""
+    return _uri_of(["apt-get", "source", package], ".dsc", conf,
+                   f"Debian source package {package} is not available",
+                   "`make setup` enables deb-src and runs apt-get update")
 
 
 def fetch_source(package: str, conf: Path | None, downloads: Path, into: Path) -> Path:
@@ -90,3 +94,27 @@ def fetch_source(package: str, conf: Path | None, downloads: Path, into: Path) -
     proc.run(["dpkg-source", "--no-check", "-x", str(dsc), str(dest)], cwd=into,
              what=f"dpkg-source -x {dsc_name}")
     return dest
+
+
+def binary_version(package: str) -> str:
+    """'<deb file name> <hash>' of the binary ``package`` that `apt-get download` would fetch."""
+    return _uri_of(["apt-get", "download", package], ".deb", None,
+                   f"Debian package {package} is not available", "`make setup` runs apt-get update")
+
+
+def fetch_deb(package: str, downloads: Path) -> Path:
+    """The .deb of ``package``, downloaded once into ``downloads``."""
+    name = binary_version(package).split()[0]
+    cache = downloads / "debs"
+    cache.mkdir(parents=True, exist_ok=True)
+    deb = cache / name
+    if not deb.exists():
+        try:
+            proc.run(["apt-get", "download", "-qq", package], cwd=cache,
+                     what=f"apt-get download {package}")
+        except ProcessError as e:
+            raise ImageError(f"cannot download Debian package {package}",
+                             e.output_tail or e.message) from None
+    if not deb.exists():
+        raise ImageError(f"apt-get download {package} did not produce {name}")
+    return deb

@@ -25,7 +25,7 @@ from pathlib import Path
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
 from kh.errors import ImageError
-from kh.images import apt, builders, packages, recipe
+from kh.images import apt, builders, packages, recipe, rootfs
 from kh.settings import Paths
 
 log = logging.getLogger("kh.images")
@@ -53,11 +53,13 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-BUILD = {**builders.BUILD, "package": packages.build_package}
+BUILD = {**builders.BUILD, "package": packages.build_package, "root": rootfs.build_root}
 
 
 def _facts(r: recipe.Recipe, paths: Paths) -> list[str]:
-    return packages.facts(r, paths.cache) if r.builder == "package" else builders.facts(r)
+    if r.builder == "package":
+        return packages.facts(r, paths.cache)
+    return rootfs.facts(r) if r.builder == "root" else builders.facts(r)
 
 
 def _apt_stamp(paths: Paths) -> str:
@@ -104,6 +106,8 @@ def _builder_code(r: recipe.Recipe) -> bytes:
     code = inspect.getsource(builders).encode() + inspect.getsource(apt).encode()
     if r.builder == "package":
         code += inspect.getsource(packages).encode()
+    if r.builder == "root":
+        code += inspect.getsource(rootfs).encode()
     return code
 
 

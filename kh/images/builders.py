@@ -7,9 +7,7 @@ the cache or images/out directly; build.py commits a finished ``dest`` atomicall
 
 from __future__ import annotations
 
-import os
 import shutil
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,68 +161,8 @@ def build_busybox(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
     shutil.copyfile(src / ".config", dest / "busybox.config")
 
 
-def _runtime_files(package: str) -> list[Path]:
-    """Shared objects (files and links) a Debian cross runtime package ships."""
-    out = proc.run(["dpkg", "-L", package], what=f"dpkg -L {package}").stdout
-    files = []
-    for line in out.splitlines():
-        p = Path(line)
-        if p.parent != CROSS_LIBDIR or ".so" not in p.name:
-            continue
-        if p.is_file() and not p.is_symlink() and p.read_bytes()[:4] != b"\x7fELF":
-            continue  # linker scripts like libc.so belong to the SDK, not the root
-        files.append(p)
-    return files
-
-
-def build_root(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
-    """The PPC root: Debian's powerpc cross runtime in multiarch layout + packages' stages."""
-    stage = dest / "stage"
-    libdir = stage / TARGET_LIBDIR
-    libdir.mkdir(parents=True)
-    for pkg in recipe.params["runtime"]:
-        for f in _runtime_files(pkg):
-            target = libdir / f.name
-            if f.is_symlink():
-                link = os.readlink(f)
-                if "/" in link:
-                    link = os.path.basename(link)
-                target.symlink_to(link)
-            else:
-                shutil.copy2(f, target)
-                target.chmod(0o755 if os.access(f, os.X_OK) else 0o644)
-    # PT_INTERP of every powerpc binary is /lib/ld.so.1.
-    (stage / "lib" / "ld.so.1").symlink_to("powerpc-linux-gnu/ld.so.1")
-    for d in ("etc", "usr/lib/powerpc-linux-gnu", "usr/share"):
-        (stage / d).mkdir(parents=True, exist_ok=True)
-    for pkg in recipe.params.get("packages", []):
-        merge_tree(ctx.deps[pkg] / "stage", stage, pkg)
-    for path in stage.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            os.utime(path, (0, 0), follow_symlinks=False)
-
-
-def merge_tree(src: Path, dest: Path, what: str) -> None:
-    """Copy ``src`` into ``dest`` (links kept); a path two packages both ship is an error."""
-    for dirpath, dirs, files in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        (dest / rel).mkdir(parents=True, exist_ok=True)
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-            s = Path(dirpath) / name
-            d = dest / rel / name
-            if os.path.lexists(d):
-                if stat.S_ISDIR(os.lstat(d).st_mode) and not s.is_symlink():
-                    continue
-                raise ImageError(f"{what} ships /{rel / name}, which the root already has")
-            if s.is_symlink():
-                d.symlink_to(os.readlink(s))
-            else:
-                shutil.copy2(s, d)
-
-
 BUILD: dict[str, Callable[[Recipe, Context, Path, Path], None]] = {
     "u-boot": build_uboot,
     "linux": build_linux,
     "busybox": build_busybox,
-    "root": build_root,
 }

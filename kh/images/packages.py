@@ -42,6 +42,14 @@ DEV_GLOBS = ["usr/include/*", "usr/share/man/*", "usr/share/doc/*", "usr/share/i
 STYLES = ("autotools", "make")
 
 
+def autotools_args(configure_script: str) -> list[str]:
+    """AUTOTOOLS_ARGS minus --runstatedir where configure predates autoconf 2.70 (tar,
+    findutils): those scripts refuse options they do not know."""
+    if "--runstatedir" in configure_script:
+        return list(AUTOTOOLS_ARGS)
+    return [a for a in AUTOTOOLS_ARGS if not a.startswith("--runstatedir=")]
+
+
 def _strlist(recipe: Recipe, key: str) -> list[str]:
     v = recipe.params.get(key, [])
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -90,6 +98,8 @@ def cross_env(sysroot: Path, extra: dict[str, str]) -> dict[str, str]:
         "LD": f"{HOST}-ld", "NM": f"{HOST}-nm", "OBJDUMP": f"{HOST}-objdump",
         "CC_FOR_BUILD": "gcc", "BUILD_CC": "gcc",
         "CFLAGS": "-Os -pipe", "CXXFLAGS": "-Os -pipe",
+        # Info manuals never reach a node; a Debian patch touching a .texi must not need texinfo.
+        "MAKEINFO": "true",
         "CPPFLAGS": f"-I{inc}",
         # 4 KiB pages, as the node kernel uses: powerpc's default 64 KiB alignment pads every
         # small ELF file by up to 60 KiB.
@@ -143,8 +153,8 @@ def build_package(recipe: Recipe, ctx: builders.Context, work: Path, dest: Path)
         run(cmd, f"{recipe.name} {cmd[0]}")
     style = p.get("style", "autotools")
     if style == "autotools":
-        run(["./configure", *AUTOTOOLS_ARGS, *_strlist(recipe, "configure")],
-            f"{recipe.name} configure")
+        run(["./configure", *autotools_args((cwd / "configure").read_text(errors="replace")),
+             *_strlist(recipe, "configure")], f"{recipe.name} configure")
     run(["make", f"-j{ctx.jobs}", *_strlist(recipe, "make")], recipe.name)
     run(["make", f"DESTDIR={install}", *(_strlist(recipe, "install") or ["install"])],
         f"{recipe.name} install")

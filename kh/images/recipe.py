@@ -8,6 +8,7 @@ its dependencies' keys. Same key, same image: the cache never rebuilds an unchan
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ BUILDERS: dict[str, tuple[set[str], set[str]]] = {
     "u-boot": ({"source", "defconfig", "fragment"}, {"patches", "artifact"}),
     "linux": ({"package", "tarball", "base", "fragment"}, {"target", "artifact"}),
     "busybox": ({"source", "base", "fragment"}, set()),
-    "root": ({"runtime"}, {"packages"}),
+    "root": ({"runtime"}, {"packages", "debs", "overlay"}),
     "package": ({"source"}, {"style", "configure", "make", "install", "pre", "post", "env",
                              "keep", "drop", "subdir", "patches", "suite"}),
 }
@@ -50,11 +51,11 @@ class Recipe:
     def input_files(self, repo: Path) -> list[Path]:
         """Repo files whose contents are part of the key."""
         files: list[Path] = []
-        for key in ("fragment", "patches"):
+        for key in ("fragment", "patches", "overlay"):
             if key in self.params:
                 p = self.repo_file(key, repo)
-                files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir()
-                             else [p])
+                files.extend(sorted(q for q in p.rglob("*") if q.is_file() or q.is_symlink())
+                             if p.is_dir() else [p])
         return files
 
 
@@ -133,7 +134,11 @@ def key(recipe: Recipe, repo: Path, facts: list[str], dep_keys: list[str],
 
     part("recipe", recipe.text.encode())
     for f in recipe.input_files(repo):
-        part(f"file:{f.relative_to(repo)}", f.read_bytes())
+        if f.is_symlink():  # an overlay's link: its text, never what it points to on the host
+            part(f"link:{f.relative_to(repo)}", os.readlink(f).encode())
+        else:
+            mode = "x" if os.access(f, os.X_OK) else "-"
+            part(f"file:{f.relative_to(repo)}:{mode}", f.read_bytes())
     for fact in facts:
         part("fact", fact.encode())
     for dk in dep_keys:

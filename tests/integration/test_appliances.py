@@ -3,9 +3,10 @@ diskserver (Figure 3's intranet, piece by piece)."""
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import re
 import subprocess
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.integration.test_channel import khdo
 
 pytestmark = [pytest.mark.guest, pytest.mark.scenario]
 USER, CRED = "corp1", "corp1cred"
+DISK_MB = 96  # two AoE disks hold the full root (about 90 MB) with room to spare
 
 
 @contextmanager
@@ -50,7 +52,7 @@ def ip(netid: int, node: int) -> str:
 
 
 def boot_appliance(cfg: ServiceConfig, text: str, appliance: str, cons: dict[int, Console],
-                   keys: dict[int, str] | None = None, cred: str = CRED
+                   keys: dict[int, str] | None = None, cred: str = CRED, timeout: float = 60
                    ) -> dict[int, boot.BootedNode]:
     """Listing 1 with an appliance: kernel and ramdisk over the control channel, then each
     node's own keys at its U-Boot prompt and `run kboot`; every node's ready line."""
@@ -63,7 +65,7 @@ def boot_appliance(cfg: ServiceConfig, text: str, appliance: str, cons: dict[int
         extra = (keys or {}).get(n)
         if extra:
             boot.uboot_command(con, f'setenv khargs "${{khargs}} {extra}"')
-        booted[n] = boot.run_kboot(con, 60)
+        booted[n] = boot.run_kboot(con, timeout)
         assert booted[n].appliance == appliance
     return booted
 
@@ -156,25 +158,32 @@ def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
     release(khd, USER, CRED, alloc)
 
 
-def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root(khd, artifacts):
+def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_root(khd, artifacts):
     wait_free(khd, 5)
-    # The file server: pnet (eth0) and disknet (eth1), both new.
-    fa, (fs,), ftext = take(khd, "-p", "2", "-c", CRED, USER, "1")
-    pnet, disknet = netid_of(ftext, 0), netid_of(ftext, 1)
+    # The file server: the public domain (eth0: the service, for the root image), pnet (eth1)
+    # and disknet (eth2), both new.
+    fa, (fs,), ftext = take(khd, "-i", "-p", "2", "-c", CRED, USER, "1")
+    pnet, disknet = netid_of(ftext, 1), netid_of(ftext, 2)
     da, disks, dtext = take(khd, "-n", str(disknet), "-c", CRED, USER, "2")
     wa, (worker,), wtext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
     fs_ip = ip(pnet, fs)
     with consoles(khd, [fs, *disks, worker], artifacts) as cons:
         boot_appliance(khd, dtext, "vblade", {n: cons[n] for n in disks},
-                       {n: f"kh.aoe=1.{i} kh.disksize=32M" for i, n in enumerate(disks)})
-        f = boot_appliance(khd, ftext, "fileserver", {fs: cons[fs]}, {fs: "kh.disks=2"})[fs]
+                       {n: f"kh.aoe=1.{i} kh.disksize={DISK_MB}M" for i, n in enumerate(disks)})
+        f = boot_appliance(khd, ftext, "fileserver", {fs: cons[fs]},
+                           {fs: "kh.disks=2 kh.export=eth1 kh.aoeif=eth2 "
+                                "kh.rootimage=root.tar.gz"}, timeout=600)[fs]
         line = ready_line(f)
         assert f"export=10.{pnet}.0.0/16:/export" in line and "disks=2" in line, line
         vgs = ok(f, "lvm vgs --noheadings -o pv_count,vg_name")
         assert vgs.split() == ["2", "khvg"], vgs
         assert "ext3" in ok(f, "grep ' /export ' /proc/mounts")
         size = int(ok(f, "df -m /export | awk 'NR == 2 {print $2}'").strip())
-        assert size > 40, size  # spans both 32 MB disks
+        assert size > DISK_MB, size  # spans both disks
+        # The full root was unpacked whole: the same file count as the published tree.
+        files = sum(1 for _ in (khd.images / "root").rglob("*"))
+        got = int(ok(f, "find /export/root | wc -l").strip())
+        assert got == files + 2, (got, files)  # + the directory itself and its .kh-image stamp
         w = boot_appliance(khd, wtext, "worker", {worker: cons[worker]},
                            {worker: f"kh.nfs={fs_ip}:/export"})[worker]
         ok(w, "dd if=/dev/urandom of=/mnt/nfs/hello bs=1k count=256 2>/dev/null && sync")
@@ -182,25 +191,23 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_an_nfs_root
         assert ok(f, "cksum < /export/hello").split()[0] == want
         ok(w, "umount /mnt/nfs && mount.nfs " + f"{fs_ip}:/export /mnt/nfs -o nolock,vers=3")
         assert ok(w, "cksum < /mnt/nfs/hello").split()[0] == want
-        # The paper's general-purpose servers, first approach: a root file system on the file
-        # server (here the worker's own programs), booted read-only over NFS by another node.
-        ok(w, "mkdir -p /mnt/nfs/root && cp -a /bin /sbin /lib /usr /etc /mnt/nfs/root/ && "
-              "cd /mnt/nfs/root && mkdir -p proc sys dev tmp run var/log mnt && cd /")
-        init = ("#!/bin/sh\n"
-                "echo kh-ready: nfsroot-booted $(hostname) "
-                "root=$(awk '$2 == \"/\" {print $1}' /proc/mounts | tail -n 1)\n"
-                "while :; do setsid cttyhack sh -l; done\n")
-        ok(w, f"echo {base64.b64encode(init.encode()).decode()} | base64 -d "
-              "> /mnt/nfs/root/sbin/kh-nfsinit")
-        ok(w, "chmod 755 /mnt/nfs/root/sbin/kh-nfsinit && sync")
+        # The paper's general-purpose servers, first approach: the full root on the file
+        # server, booted read-only over NFS by another node with the root's own init.
         na, (nr,), ntext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
         with consoles(khd, [nr], artifacts) as ncons:
-            boot_appliance(khd, ntext, "nfsroot", ncons,
-                           {nr: f"kh.nfsroot={fs_ip}:/export/root kh.init=/sbin/kh-nfsinit"})
-            ncons[nr].expect(re.compile(rb"kh-ready: nfsroot-booted node\d+ root=(\S+)"), 60,
-                             stage="the NFS root's own init")
+            boot_appliance(khd, ntext, "nfsroot", ncons, {nr: f"kh.nfsroot={fs_ip}:/export/root"})
+            ncons[nr].expect(re.compile(rb"kh-ready: server node\d+ [^\r\n]*root=(\S+)"), 120,
+                             stage="the full root's own init (rcS)")
             booted = boot.BootedNode(ncons[nr], "nfsroot")
             assert f"{fs_ip}:/export/root" in ok(booted, "grep ' / ' /proc/mounts")
+            # The general-purpose userland, not busybox: bash, GNU coreutils, Python.
+            assert "GNU bash" in ok(booted, "echo $BASH_VERSION; bash --version | head -n 1")
+            assert "GNU coreutils" in ok(booted, "ls --version | head -n 1")
+            py = ok(booted, "python3 -c 'import sys, json, zlib, hashlib, lzma, bz2, ctypes; "
+                            "print(sys.platform, sys.byteorder, json.dumps([hashlib.sha256("
+                            "b\"kh\").hexdigest()[:8], zlib.crc32(b\"kh\")]))'", 180)
+            assert f'linux big ["{hashlib.sha256(b"kh").hexdigest()[:8]}", ' \
+                   f"{zlib.crc32(b'kh')}]" in py, py
             ok(booted, "echo written > /etc/in-ram")  # the writable parts are in RAM ...
             out, status = booted.run("touch /usr/not-here", 30)  # ... the rest is read-only
             assert status != 0, out

@@ -102,3 +102,11 @@ def test_prune_keeps_current_builds_and_running_ones(tmp_path):
     gone = build.stale(tmp_path, {"linux-aaaa"}, {"shell-1111"})
     assert [str(p.relative_to(tmp_path)) for p in gone] == [
         "images/linux-bbbb", "appliances/shell-2222", "logs/linux-bbbb.log"]
+
+
+def test_runstatedir_only_for_configure_scripts_that_know_it():
+    # tar's 2.69 script names the variable but has no such option.
+    old = packages.autotools_args("# Autoconf 2.69\nrunstatedir='${localstatedir}/run'\n")
+    assert not any(a.startswith("--runstatedir") for a in old)
+    new = packages.autotools_args("  --runstatedir=DIR       modifiable per-process data\n")
+    assert "--runstatedir=/run" in new and len(new) == len(old) + 1
