@@ -27,7 +27,8 @@ import tarfile
 from pathlib import Path
 
 from kh import proc
-from kh.errors import ImageError
+from kh.appliance.elf import Closure
+from kh.errors import ImageError, SpecError
 from kh.images import apt, builders
 from kh.images.builders import Context
 from kh.images.recipe import Recipe
@@ -75,11 +76,34 @@ def build_root(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
         listing = stage / APPLETS / name
         listing.parent.mkdir(parents=True, exist_ok=True)
         listing.write_text("".join(f"/{p}\n" for p in sorted(paths)))
+    check_libraries(stage)
     for path in stage.rglob("*"):
         if not path.is_symlink():
             os.utime(path, (MTIME, MTIME))
     (dest / "artifacts").mkdir()
     write_tarball(stage, dest / "artifacts" / TARBALL)
+
+
+def check_libraries(stage: Path) -> None:
+    """Every program and library in the root finds its interpreter and libraries there.
+
+    A dependency the packages' own links did not catch (libcrypto needs libatomic on 32-bit
+    powerpc) would otherwise surface only as an ImportError on a node.
+    """
+    closure = Closure(stage)
+    for dirpath, _dirs, files in os.walk(stage):
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            if p.is_symlink() or not p.is_file():
+                continue
+            with open(p, "rb") as f:
+                if f.read(4) != b"\x7fELF":
+                    continue
+            try:
+                closure.add("/" + str(p.relative_to(stage)), why="in the root")
+            except SpecError as e:
+                raise ImageError(f"the root is incomplete: {e.message}",
+                                 "add the package or cross runtime that provides it") from None
 
 
 def _install_runtime(packages: list[str], stage: Path) -> None:

@@ -203,11 +203,13 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_ro
             # The general-purpose userland, not busybox: bash, GNU coreutils, Python.
             assert "GNU bash" in ok(booted, "echo $BASH_VERSION; bash --version | head -n 1")
             assert "GNU coreutils" in ok(booted, "ls --version | head -n 1")
-            py = ok(booted, "python3 -c 'import sys, json, zlib, hashlib, lzma, bz2, ctypes; "
-                            "print(sys.platform, sys.byteorder, json.dumps([hashlib.sha256("
-                            "b\"kh\").hexdigest()[:8], zlib.crc32(b\"kh\")]))'", 180)
-            assert f'linux big ["{hashlib.sha256(b"kh").hexdigest()[:8]}", ' \
-                   f"{zlib.crc32(b'kh')}]" in py, py
+            assert "VIM - Vi IMproved 9.0" in ok(booted, "vim --version | head -n 1")
+            py = ok(booted, "python3 -c 'import sys, json, zlib, hashlib, lzma, bz2, ctypes, ssl; "
+                            "print(sys.platform, sys.byteorder, ssl.OPENSSL_VERSION, json.dumps(["
+                            "hashlib.sha256(b\"kh\").hexdigest()[:8], zlib.crc32(b\"kh\")]))'",
+                    180)
+            assert "linux big OpenSSL 3.0" in py, py
+            assert f'["{hashlib.sha256(b"kh").hexdigest()[:8]}", {zlib.crc32(b"kh")}]' in py, py
             ok(booted, "echo written > /etc/in-ram")  # the writable parts are in RAM ...
             out, status = booted.run("touch /usr/not-here", 30)  # ... the rest is read-only
             assert status != 0, out

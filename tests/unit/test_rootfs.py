@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -83,3 +85,26 @@ def test_listed_applets_come_back_as_links_to_busybox(tmp_path):
     cl2.add("/usr/bin/sort")
     builder._listed_applets(cl2, ("/bin/busybox",))
     assert "/usr/bin/sort" not in cl2.links
+
+
+CROSS_GCC = shutil.which("powerpc-linux-gnu-gcc")
+CROSS_LIB = Path("/usr/powerpc-linux-gnu/lib")
+
+
+@pytest.mark.skipif(CROSS_GCC is None or not CROSS_LIB.is_dir(),
+                    reason="powerpc cross toolchain not installed (make setup)")
+def test_a_library_missing_from_the_root_is_named(tmp_path):
+    root = tmp_path / "root"
+    lib = root / "lib/powerpc-linux-gnu"
+    lib.mkdir(parents=True)
+    for name in ("ld.so.1", "libc.so.6"):
+        shutil.copy(CROSS_LIB / name, lib / name)
+    (root / "lib/ld.so.1").symlink_to("powerpc-linux-gnu/ld.so.1")
+    (root / "usr/bin").mkdir(parents=True)
+    src = tmp_path / "p.c"
+    src.write_text("#include <math.h>\nint main(int c, char **v) { return (int)sqrt(c); }\n")
+    subprocess.run([CROSS_GCC, "-o", str(root / "usr/bin/p"), str(src), "-lm"], check=True)
+    with pytest.raises(ImageError, match=r"libm.so.6 is not in the PPC root \(needed by /usr/bin"):
+        rootfs.check_libraries(root)
+    shutil.copy(CROSS_LIB / "libm.so.6", lib / "libm.so.6")
+    rootfs.check_libraries(root)
