@@ -32,10 +32,11 @@ UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 o
 READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
 KBOOT_OUTCOME = re.compile(
     READY.pattern
-    + rb"|kh-failed: (?P<failed>[^\r\n]*)"
-    + rb"|(?P<panic>Kernel panic[^\r\n]*)"
-    + rb"|(?P<uboot>Bad Magic Number|Wrong Image Format[^\r\n]*|Bad Data CRC|"
-    rb"Bad Header Checksum|ERROR: [^\r\n]*)")
+    # Whole lines only: the console may hand over half a line, and the message is the point.
+    + rb"|kh-failed: (?P<failed>[^\r\n]*)\r?\n"
+    + rb"|(?P<panic>Kernel panic[^\r\n]*)\r?\n"
+    + rb"|(?P<uboot>(?:Bad Magic Number|Wrong Image Format|Bad Data CRC|Bad Header Checksum"
+    rb"|ERROR: )[^\r\n]*)\r?\n")
 MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
                          rb"|error: (?P<error>[^\r\n]*))(?=\r?\n)", re.MULTILINE)
 DETACH = b"\x1d"  # Ctrl-]

@@ -196,7 +196,7 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_ro
         na, (nr,), ntext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
         with consoles(khd, [nr], artifacts) as ncons:
             boot_appliance(khd, ntext, "nfsroot", ncons, {nr: f"kh.nfsroot={fs_ip}:/export/root"})
-            ncons[nr].expect(re.compile(rb"kh-ready: server node\d+ [^\r\n]*root=(\S+)"), 120,
+            ncons[nr].expect(re.compile(rb"kh-ready: server node\d+ [^\r\n]*root=(\S+)\r?\n"), 120,
                              stage="the full root's own init (rcS)")
             booted = boot.BootedNode(ncons[nr], "nfsroot")
             assert f"{fs_ip}:/export/root" in ok(booted, "grep ' / ' /proc/mounts")

@@ -44,3 +44,4 @@ def test_keys_are_read_and_malformed_ones_named(tmp_path):
     assert "gw=10.0.255.254 node=4 aoe=1.2 size=64M" in r.stdout
     assert "boot key kh.eth0=10.1.2.300/24 is malformed" in r.stdout
     assert "boot key kh.hostname=-bad is malformed" in r.stdout
+
