@@ -7,7 +7,7 @@ It is put together from four kinds of parts, in this order:
    (coreutils' ``ls``) lands on a path busybox had an applet link for, the real program wins, as
    on a Debian system with busybox installed; any other path two packages ship is an error;
 3. Debian's architecture-independent binary packages (``debs``: time zones, terminfo, netbase)
-   as Debian ships them, docs and man pages left out like every package's;
+   as Debian ships them, docs and man pages left out as from every package (DEV_GLOBS);
 4. the recipe's ``overlay`` directory: the base system's own files (inittab, rcS, passwd).
 
 Every busybox applet path is listed in ``/usr/share/kh/applets/busybox`` so appliances can
@@ -29,22 +29,18 @@ from pathlib import Path
 from kh import proc
 from kh.appliance.elf import Closure
 from kh.errors import ImageError, SpecError
-from kh.images import apt, builders
+from kh.images import apt, builders, packages
 from kh.images.builders import Context
 from kh.images.recipe import Recipe
 
-CROSS_LIBDIR = builders.CROSS_LIBDIR
-TARGET_LIBDIR = builders.TARGET_LIBDIR
 APPLETS = "usr/share/kh/applets"
 TARBALL = "root.tar.gz"
 MTIME = 0
 # Mount points and the directories a Debian system has even when empty.
-BASE_DIRS = ["dev", "proc", "sys", "tmp", "run", "root", "home", "mnt", "srv", "opt",
+BASE_DIRS = ["etc", "usr/share", "usr/lib/powerpc-linux-gnu",
+             "dev", "proc", "sys", "tmp", "run", "root", "home", "mnt", "srv", "opt",
              "var/log", "var/tmp", "var/lib", "var/cache", "var/spool", "usr/local/bin",
              "usr/local/sbin"]
-# What a Debian binary package brings that a node never reads.
-DEB_DROP = ["usr/share/doc/*", "usr/share/man/*", "usr/share/info/*", "usr/share/lintian/*",
-            "usr/share/locale/*", "lib/systemd/*", "usr/lib/systemd/*"]
 
 
 def facts(recipe: Recipe) -> list[str]:
@@ -55,15 +51,12 @@ def facts(recipe: Recipe) -> list[str]:
 def build_root(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
     stage = dest / "stage"
     _install_runtime(recipe.params["runtime"], stage)
-    for d in ("etc", "usr/lib/powerpc-linux-gnu", "usr/share"):
-        (stage / d).mkdir(parents=True, exist_ok=True)
-    applets: dict[str, set[str]] = {}
+    applets: set[str] = set()  # busybox's links, which real programs may take over
     for pkg in recipe.params.get("packages", []):
         pstage = ctx.deps[pkg] / "stage"
-        yielding = set().union(*applets.values()) if applets else set()
-        merge_tree(pstage, stage, pkg, yielding=yielding)
+        merge_tree(pstage, stage, pkg, yielding=applets)
         if pkg == "busybox":
-            applets["busybox"] = links_in(pstage)
+            applets = links_in(pstage)
     for deb in recipe.params.get("debs", []):
         _install_deb(deb, ctx, work, stage)
     if "overlay" in recipe.params:
@@ -72,10 +65,10 @@ def build_root(recipe: Recipe, ctx: Context, work: Path, dest: Path) -> None:
         (stage / d).mkdir(parents=True, exist_ok=True)
     for d in ("tmp", "var/tmp"):
         (stage / d).chmod(0o1777)
-    for name, paths in applets.items():
-        listing = stage / APPLETS / name
+    if applets:
+        listing = stage / APPLETS / "busybox"
         listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text("".join(f"/{p}\n" for p in sorted(paths)))
+        listing.write_text("".join(f"/{p}\n" for p in sorted(applets)))
     check_libraries(stage)
     for path in stage.rglob("*"):
         if not path.is_symlink():
@@ -96,10 +89,7 @@ def check_libraries(stage: Path) -> None:
             p = Path(dirpath) / name
             if p.is_symlink() or not p.is_file():
                 continue
-            with open(p, "rb") as f:
-                if f.read(4) != b"\x7fELF":
-                    continue
-            try:
+            try:  # adds ELF files' interpreters and libraries; other files are just listed
                 closure.add("/" + str(p.relative_to(stage)), why="in the root")
             except SpecError as e:
                 raise ImageError(f"the root is incomplete: {e.message}",
@@ -107,7 +97,7 @@ def check_libraries(stage: Path) -> None:
 
 
 def _install_runtime(packages: list[str], stage: Path) -> None:
-    libdir = stage / TARGET_LIBDIR
+    libdir = stage / builders.TARGET_LIBDIR
     libdir.mkdir(parents=True)
     for pkg in packages:
         for f in _runtime_files(pkg):
@@ -130,7 +120,7 @@ def _runtime_files(package: str) -> list[Path]:
     files = []
     for line in out.splitlines():
         p = Path(line)
-        if p.parent != CROSS_LIBDIR or ".so" not in p.name:
+        if p.parent != builders.CROSS_LIBDIR or ".so" not in p.name:
             continue
         if p.is_file() and not p.is_symlink() and p.read_bytes()[:4] != b"\x7fELF":
             continue  # linker scripts like libc.so belong to the SDK, not the root
@@ -149,7 +139,7 @@ def _install_deb(package: str, ctx: Context, work: Path, stage: Path) -> None:
     tree = work / "debs" / package
     tree.mkdir(parents=True)
     proc.run(["dpkg-deb", "-x", str(deb), str(tree)], what=f"dpkg-deb -x {deb.name}")
-    drop_matching(tree, DEB_DROP)
+    drop_matching(tree, packages.DEV_GLOBS)
     merge_tree(tree, stage, package)
 
 
@@ -158,8 +148,7 @@ def drop_matching(tree: Path, globs: list[str]) -> None:
     for dirpath, dirs, files in os.walk(tree, topdown=False):
         for name in files + dirs:
             p = Path(dirpath) / name
-            rel = str(p.relative_to(tree))
-            if any(fnmatch.fnmatch(rel, g) for g in globs):
+            if any(fnmatch.fnmatch(str(p.relative_to(tree)), g) for g in globs):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:

@@ -1,6 +1,5 @@
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,32 +8,7 @@ import pytest
 from kh.appliance import builder, spec
 from kh.appliance.elf import Closure, elf_info
 from kh.errors import SpecError
-
-CROSS_GCC = shutil.which("powerpc-linux-gnu-gcc")
-CROSS_LIB = Path("/usr/powerpc-linux-gnu/lib")
-
-needs_cross = pytest.mark.skipif(CROSS_GCC is None or not CROSS_LIB.is_dir(),
-                                 reason="powerpc cross toolchain not installed (make setup)")
-
-
-@pytest.fixture
-def ppc_root(tmp_path):
-    """A small real PPC root: Debian's cross glibc in multiarch layout + a compiled program."""
-    root = tmp_path / "root"
-    lib = root / "lib/powerpc-linux-gnu"
-    lib.mkdir(parents=True)
-    for name in ("ld.so.1", "libc.so.6", "libm.so.6"):
-        shutil.copy(CROSS_LIB / name, lib / name)
-    (root / "lib/ld.so.1").symlink_to("powerpc-linux-gnu/ld.so.1")
-    (root / "usr/bin").mkdir(parents=True)
-    src = tmp_path / "hello.c"
-    src.write_text('#include <math.h>\n#include <stdio.h>\n'
-                   'int main(int c, char **v) { printf("%f\\n", sqrt(c)); return 0; }\n')
-    subprocess.run([CROSS_GCC, "-O2", "-o", str(root / "usr/bin/hello"), str(src), "-lm"],
-                   check=True)
-    (root / "bin").mkdir()
-    (root / "bin/hi").symlink_to("../usr/bin/hello")
-    return root
+from tests.unit.conftest import needs_cross
 
 
 @needs_cross
