@@ -156,7 +156,10 @@ def nic_args(nics: tuple[Nic, ...], board: Board) -> list[str]:
             if nic.tftp is not None:
                 user += f",tftp={nic.tftp}"
             args += ["-netdev", user]
-        args += ["-device", f"{board.nic_model},netdev={nic.id},mac={nic.mac}"]
+        # romfile= (empty): no option ROM. QEMU would load an x86 iPXE ROM (efi-virtio.rom,
+        # package ipxe-qemu, only a Recommends of QEMU) that a ppce500 node can never run; without
+        # the package the node does not start at all.
+        args += ["-device", f"{board.nic_model},netdev={nic.id},mac={nic.mac},romfile="]
     return args
 
 

@@ -32,9 +32,18 @@ def test_nics():
     user = board.Nic("c0", "52:54:00:00:01:01", tftp=Path("/srv/t"))
     assert board.nic_args((tap, user), B) == [
         "-netdev", "tap,id=n0,ifname=khtap0,script=no,downscript=no",
-        "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01",
+        "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=",
         "-netdev", "user,id=c0,restrict=on,tftp=/srv/t",
-        "-device", "virtio-net-pci,netdev=c0,mac=52:54:00:00:01:01"]
+        "-device", "virtio-net-pci,netdev=c0,mac=52:54:00:00:01:01,romfile="]
+
+
+def test_nics_need_no_option_rom():
+    """Every NIC says romfile= (none): a ppce500 node cannot run QEMU's x86 iPXE ROMs, and a
+    host without ipxe-qemu (a mere Recommends of QEMU) would fail to start the node at all."""
+    nics = tuple(board.Nic(f"d{i}", f"52:54:00:00:00:0{i}", tap=f"t{i}") for i in range(4))
+    devices = [a for a in board.nic_args(nics, B) if a.startswith(B.nic_model)]
+    assert len(devices) == 4
+    assert all(d.split(",")[-1] == "romfile=" for d in devices)
 
 
 def test_whole_command_line():
