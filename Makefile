@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 KH := $(VENV)/bin/kh
 VENV_STAMP := $(VENV)/.kh-installed
 
-.PHONY: setup apt venv images demo test lint unit integration bench clean-images
+.PHONY: setup apt venv images demo test lint unit integration bench clean-images check-fresh
 
 setup: apt venv images
 
@@ -49,3 +49,8 @@ bench: setup
 
 clean-images:
 	rm -rf images/out
+
+# The README's two commands (make demo, then make test) as a newcomer runs them: in a clean
+# Debian bookworm root, sharing only the image cache with this machine (tools/check-fresh).
+check-fresh:
+	@bash tools/check-fresh

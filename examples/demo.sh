@@ -15,9 +15,11 @@ $KH boot --append "kh.hostname=demo-node" -- 'uname -a; echo; head -n 4 /proc/cp
 end=$(date +%s.%N)
 printf '\n== node booted, ran the commands and was torn down in %.1f s\n\n' "$(echo "$end - $start" | bc)"
 
-# The service, with a state dir and name prefix of the demo's own, removed again at the end.
-export KH_STATE_DIR=/tmp/kh-demo-state KH_PREFIX=khdemo KH_API_PORT=7490 KH_SSH_PORT=7491
-trap '$KH clean >/dev/null' EXIT
+# The service, with a private state dir (mktemp: not a guessable path) and a name prefix of the
+# demo's own; `kh clean` and the trap remove both at the end, whether the demo passed or failed.
+KH_STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kh-demo.XXXXXXXX")
+export KH_STATE_DIR KH_PREFIX=khdemo KH_API_PORT=7490 KH_SSH_PORT=7491
+trap '$KH clean >/dev/null; rm -rf "$KH_STATE_DIR"' EXIT
 echo "== kh service start (4 nodes, warm at the U-Boot prompt)"
 $KH service start --nodes 4
 echo
@@ -60,4 +62,5 @@ $KH hw
 echo
 echo "== kh clean"
 $KH clean
+rm -rf "$KH_STATE_DIR"
 trap - EXIT

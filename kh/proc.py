@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kh import deps
 from kh.errors import ProcessError
 
 log = logging.getLogger("kh.proc")
@@ -34,6 +35,14 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def _cannot_start(argv: Argv, e: OSError) -> ProcessError:
+    """One line naming the program, why, and (when it is missing) the package that brings it."""
+    if isinstance(e, FileNotFoundError) and e.filename in (str(argv[0]), None):
+        return ProcessError(f"cannot start {argv[0]}: {e.strerror}",
+                            deps.missing_hint(str(argv[0])))
+    return ProcessError(f"cannot start {argv[0]}: {e.strerror}: {e.filename}")
 
 
 def reap(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
@@ -61,8 +70,7 @@ def spawn(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None 
                                 stdout=stdout, stderr=stderr,
                                 start_new_session=new_session)
     except OSError as e:
-        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}",
-                           "is it installed? `make setup` installs kh's dependencies") from e
+        raise _cannot_start(argv, e) from e
     try:
         yield proc
     finally:
@@ -80,7 +88,7 @@ def daemon(argv: Argv, log_file: Any, *, env: Mapping[str, str] | None = None
         return subprocess.Popen([str(a) for a in argv], env=_env(env), stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=log_file, start_new_session=True)
     except OSError as e:
-        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}") from e
+        raise _cannot_start(argv, e) from e
 
 
 def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
@@ -105,8 +113,7 @@ def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = 
             stderr=subprocess.STDOUT if merged else (subprocess.PIPE if capture else None),
             start_new_session=True)
     except OSError as e:
-        raise ProcessError(f"cannot start {argv[0]}: {e.strerror}",
-                           "is it installed? `make setup` installs kh's dependencies") from e
+        raise _cannot_start(argv, e) from e
     stderr_text = ""
     try:
         if merged:
