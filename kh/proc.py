@@ -45,17 +45,48 @@ def _cannot_start(argv: Argv, e: OSError) -> ProcessError:
     return ProcessError(f"cannot start {argv[0]}: {e.strerror}: {e.filename}")
 
 
-def reap(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
-    """Terminate ``proc`` (SIGTERM, then SIGKILL after ``grace``) and wait for it."""
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to ``proc`` and, when it leads its own process group (kh starts children in
+    a new session), to everything in that group: helpers it started go with it."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """Ask ``proc`` (and its process group) to stop, without waiting; ``reap`` waits."""
     if proc.poll() is None:
+        _signal(proc, signal.SIGTERM)
+
+
+def reap(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """Terminate ``proc`` and its process group (SIGTERM, then SIGKILL after ``grace``) and
+    wait for it."""
+    if proc.poll() is None:
+        _signal(proc, signal.SIGTERM)
         try:
-            proc.send_signal(signal.SIGTERM)
             return proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        except ProcessLookupError:
-            pass
+            _signal(proc, signal.SIGKILL)
     return proc.wait()
+
+
+def start(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+          stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
+          new_session: bool = True) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the background and hand the child over: the caller owns it and must
+    end it with ``reap`` (khd's NodeManager does, for node QEMUs, which outlive khd)."""
+    log.debug("start: %s", _fmt(argv))
+    try:
+        return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=_env(env), stdin=stdin,
+                                stdout=stdout, stderr=stderr, start_new_session=new_session)
+    except OSError as e:
+        raise _cannot_start(argv, e) from e
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 
 from kh.model import Domain, DomainKind, NodeState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
@@ -45,6 +45,12 @@ CREATE TABLE keys (
     alloc INTEGER REFERENCES allocations(id), key TEXT NOT NULL, comment TEXT NOT NULL,
     added REAL NOT NULL);
 """,
+    # Failed starts: how many in a row (the restart backoff), and when the next one is due
+    # (NULL: none; a failed node with no retry has given up until an operator acts).
+    3: """
+ALTER TABLE nodes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN retry_at REAL;
+""",
 }
 
 
@@ -57,7 +63,9 @@ class NodeRow:
     alloc: int | None
     workdir: str
     started: float
-    reason: str | None
+    reason: str | None  # why it failed: QEMU's last word, or the stage that timed out
+    attempts: int = 0  # failed starts in a row
+    retry_at: float | None = None  # when a failed start is tried again; None: not at all
 
 
 @dataclass(frozen=True)
@@ -226,25 +234,61 @@ class Store:
 
     def put_node(self, n: NodeRow) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO nodes (number, uid, state, pid, alloc, workdir, "
+                       "started, reason, attempts, retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (n.number, n.uid, n.state.value, n.pid, n.alloc, n.workdir, n.started,
-                        n.reason))
+                        n.reason, n.attempts, n.retry_at))
 
-    def nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
-        rows = self._rows("SELECT number, uid, state, pid, alloc, workdir, started, reason"
-                          f" FROM nodes {where} ORDER BY number", args)
-        return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7])
+    def _nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
+        rows = self._rows("SELECT number, uid, state, pid, alloc, workdir, started, reason, "
+                          f"attempts, retry_at FROM nodes {where} ORDER BY number", args)
+        return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9])
                 for r in rows]
 
+    def nodes(self, *states: NodeState) -> list[NodeRow]:
+        """Every node, or those in one of ``states``, by number."""
+        if not states:
+            return self._nodes()
+        marks = ", ".join("?" * len(states))
+        return self._nodes(f"WHERE state IN ({marks})", tuple(s.value for s in states))
+
+    def nodes_of(self, alloc: int, *states: NodeState) -> list[NodeRow]:
+        """The nodes of allocation ``alloc`` (in one of ``states``, if given)."""
+        return [r for r in self._nodes("WHERE alloc=?", (alloc,))
+                if not states or r.state in states]
+
     def node(self, number: int) -> NodeRow | None:
-        rows = self.nodes("WHERE number=?", (number,))
+        rows = self._nodes("WHERE number=?", (number,))
         return rows[0] if rows else None
 
-    def set_node(self, number: int, **fields: object) -> None:
+    def _update(self, number: int, **fields: object) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
         vals = [v.value if isinstance(v, NodeState) else v for v in fields.values()]
         with self.tx() as db:
             db.execute(f"UPDATE nodes SET {cols} WHERE number=?", (*vals, number))
+
+    def node_starting(self, number: int, pid: int | None = None) -> None:
+        """A start of the node is under way (again); ``pid`` once its QEMU runs."""
+        self._update(number, state=NodeState.STARTING, pid=pid, retry_at=None)
+
+    def node_free(self, number: int, pid: int, started: float) -> None:
+        """The node reached the U-Boot prompt: in the pool. Its failure count stays until it
+        has proved itself (see pool.attempts_after)."""
+        self._update(number, state=NodeState.FREE, pid=pid, started=started, reason=None,
+                     retry_at=None)
+
+    def node_failed(self, number: int, reason: str, attempts: int | None = None,
+                    retry_at: float | None = None) -> None:
+        """The node failed (its QEMU is gone): never handed out; started again at ``retry_at``
+        if that is set."""
+        fields: dict[str, object] = {"state": NodeState.FAILED, "pid": None, "reason": reason,
+                                     "retry_at": retry_at}
+        if attempts is not None:
+            fields["attempts"] = attempts
+        self._update(number, **fields)
+
+    def node_allocated(self, number: int, alloc: int) -> None:
+        self._update(number, state=NodeState.ALLOCATED, alloc=alloc, attempts=0)
 
     def delete_node(self, number: int) -> None:
         with self.tx() as db:

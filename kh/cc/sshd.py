@@ -63,12 +63,11 @@ class Access:
         return Target(row.id, row.principal, node)
 
     def nodes(self, alloc: int) -> list[int]:
-        return [r.number for r in self.svc.store.nodes("WHERE alloc=? AND state=?",
-                                                       (alloc, NodeState.ALLOCATED.value))]
+        return [r.number for r in self.svc.store.nodes_of(alloc, NodeState.ALLOCATED)]
 
     def members(self, alloc: int) -> list[int]:
         """Every node of the allocation, failed ones too (a load names what it missed)."""
-        return [r.number for r in self.svc.store.nodes("WHERE alloc=?", (alloc,))]
+        return [r.number for r in self.svc.store.nodes_of(alloc)]
 
     def password_ok(self, t: Target, password: str) -> bool:
         try:

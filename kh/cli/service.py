@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -13,6 +14,9 @@ from kh.cli.common import handle_errors
 from kh.client import Client
 from kh.errors import UsageError
 from kh.service.config import ServiceConfig, from_env
+
+if TYPE_CHECKING:
+    from kh.service.pool import PoolStatus
 
 
 def config() -> ServiceConfig:
@@ -53,15 +57,36 @@ def register(main: click.Group) -> None:
     @click.option("--nodes", type=int, help="Nodes the machine has (kept warm).")
     @click.option("--port", type=int, help="API port on 127.0.0.1 and in the fabric.")
     @click.option("--uplink-netns", help="Network namespace the external domain reaches.")
+    @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
-    def service_start(nodes: int | None, port: int | None, uplink_netns: str | None) -> None:
-        """Start khd (waits until it answers)."""
+    def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
+                      no_wait: bool) -> None:
+        """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
+        failed for good). Fails, stopping khd and removing what it made, when no node of the
+        pool can start."""
         cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns)
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control
-        pid = control.start(cfg, debug=debug)
-        click.echo(f"khd running (pid {pid}, state {cfg.state_dir})")
+        t0 = time.monotonic()
+        shown = [""]
 
+        def progress(st: PoolStatus) -> None:  # only when it takes a while, and has news
+            text = st.progress_text()
+            if time.monotonic() - t0 > 2 and text != shown[0] and not st.ready:
+                click.echo(f"kh: starting the pool: {text}", err=True)
+                shown[0] = text
+
+        started = control.start(cfg, debug=debug, wait=not no_wait, progress=progress)
+        where = f"pid {started.pid}, state {cfg.state_dir}"
+        st = started.status
+        if started.already or st is None:
+            click.echo(f"khd already running ({where})")
+        elif no_wait:
+            click.echo(f"khd running ({where}); the pool is starting: {st.progress_text()}")
+        else:
+            failed = f"; {st.failed_text()} (kh ps shows them)" if st.failures else ""
+            click.echo(f"khd running ({where}): {st.free + st.allocated} of {st.size} nodes "
+                       f"ready{failed}")
     @service.command("stop")
     @handle_errors
     def service_stop() -> None:
@@ -157,7 +182,7 @@ def register(main: click.Group) -> None:
     def logs(node: int, follow: bool) -> None:
         """NODE's console log (one time-stamped line per console line)."""
         import time as _time
-        path = config().logs / f"node{node}.log"
+        path = config().console_log(node)
         if not path.exists():
             raise UsageError(f"node {node} has no console log", "see `kh ps`")
         with open(path, "rb") as f:

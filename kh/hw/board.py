@@ -72,6 +72,7 @@ class NodeSpec:
     wait_for_console: bool = True
     gdb: Path | None = None  # unix socket of QEMU's gdbstub, for debugging a node
     shared_ram: bool = False  # RAM in a shared memfd: khd's bulk-load path (memload)
+    qemu: str | None = None  # the QEMU program; None: the board's (khd's `qemu` setting)
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -179,7 +180,7 @@ def check_memory(spec: NodeSpec) -> None:
 def qemu_argv(spec: NodeSpec) -> list[str]:
     """The whole command line for one node."""
     b = spec.board
-    return ([b.qemu] + name_args(spec.name) + machine_args(b, spec.shared_ram)
+    return ([spec.qemu or b.qemu] + name_args(spec.name) + machine_args(b, spec.shared_ram)
             + memory_args(spec.mem_mib, spec.shared_ram)
             + headless_args() + firmware_args(spec.bios)
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)

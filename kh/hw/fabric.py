@@ -10,8 +10,10 @@ domain and its uplink.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Iterator
 
@@ -30,6 +32,32 @@ log = logging.getLogger("kh.fabric")
 
 class FabricError(KhError):
     """The host refused to build a part of the fabric."""
+
+
+# The kernel module behind each kind of link kh makes (loaded on demand when modprobe can).
+DRIVERS = {"bridge": "bridge", "tuntap": "tun", "veth": "veth"}
+
+
+def link_error(kind: str, name: str, e: Exception) -> FabricError:
+    """One line for a link the kernel would not make; a missing driver is named with the
+    command that loads it (measured: no /dev/net/tun gives ENOENT, an unknown kind
+    EOPNOTSUPP)."""
+    code = e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)
+    what = f"{'tap' if kind == 'tuntap' else kind} {name}"
+    if code in (errno.EOPNOTSUPP, errno.ENOENT, errno.ENODEV) and kind in DRIVERS:
+        module = DRIVERS[kind]
+        why = ("/dev/net/tun is missing" if kind == "tuntap"
+               else f"the kernel has no {kind} driver")
+        return FabricError(f"cannot create {what}: {why}",
+                           f"load the {module} module: `modprobe {module}`")
+    return FabricError(f"cannot create {what}: {os.strerror(code) if code else e}")
+
+
+def add_link(ns: NetNS, kind: str, name: str, **kw: object) -> None:
+    try:
+        ns.link("add", ifname=name, kind=kind, **kw)
+    except (NetlinkError, OSError) as e:
+        raise link_error(kind, name, e) from None
 
 
 class Fabric:
@@ -81,8 +109,7 @@ class Fabric:
         with self.ns() as ns:
             idx = ns.link_lookup(ifname=name)
             if not idx:
-                ns.link("add", ifname=name, kind="bridge", br_stp_state=0,
-                        br_forward_delay=0)
+                add_link(ns, "bridge", name, br_stp_state=0, br_forward_delay=0)
                 idx = ns.link_lookup(ifname=name)
             ns.link("set", index=idx[0], state="up")
             if netid in (EXTERNAL, PUBLIC):
@@ -106,7 +133,7 @@ class Fabric:
         name = self.cfg.tap(node, slot)
         with self.ns() as ns:
             if not ns.link_lookup(ifname=name):
-                ns.link("add", ifname=name, kind="tuntap", mode="tap")
+                add_link(ns, "tuntap", name, mode="tap")
             ns.link("set", index=ns.link_lookup(ifname=name)[0], state="up")
         return name
 
@@ -152,7 +179,7 @@ class Fabric:
         out_net = ipaddress.IPv4Interface("10.254.255.2/30")
         with self.ns() as ns:
             if not ns.link_lookup(ifname=cfg.uplink):
-                ns.link("add", ifname=cfg.uplink, kind="veth", peer=cfg.outside)
+                add_link(ns, "veth", cfg.uplink, peer=cfg.outside)
                 out_idx = ns.link_lookup(ifname=cfg.outside)[0]
                 ns.link("set", index=out_idx, net_ns_fd=nsutil.path(cfg.uplink_netns))
                 up_idx = ns.link_lookup(ifname=cfg.uplink)[0]

@@ -15,6 +15,7 @@ import re
 import shutil
 import socketserver
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -228,7 +229,7 @@ def ps(svc: Service, body: dict[str, Any]) -> Result:
     lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8}  NOTE"]
     for n in data["nodes"]:
         lines.append(f"{n['node']:>5} {n['uid']:>5} {n['state']:<10} "
-                     f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8}  {n['reason'] or ''}")
+                     f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8}  {n['note']}")
     lines.append("")
     lines.append(f"{'ALLOC':>5} {'PRINCIPAL':<12} {'DOMAINS':<16} NODES")
     for a in data["allocations"]:
@@ -250,10 +251,18 @@ def hw(svc: Service, body: dict[str, Any]) -> Result:
 
 
 def status(svc: Service, body: dict[str, Any]) -> Result:
-    nodes = svc.ps()["nodes"]
-    free = sum(1 for n in nodes if n["state"] == "free")
-    return 200, f"khd running: {len(nodes)} nodes, {free} free\n", {
-        "running": True, "nodes": len(nodes), "free": free, "repairs": svc.repairs}
+    st = svc.pool.status()
+    counts = [f"{st.free} free", f"{st.allocated} allocated"]
+    counts += [f"{n} {what}" for n, what in ((st.starting, "starting"),
+                                             (st.retrying, "to start again after failing"),
+                                             (st.failed, "failed to start"),
+                                             (st.lost, "died allocated")) if n]
+    text = (f"khd running: {st.size} nodes, {', '.join(counts)}"
+            f"{'' if st.ready else ' (the pool is still starting)'}\n")
+    now = time.time()
+    text += "".join(f"node {f.node}: {f.text(now)}\n" for f in st.failures)
+    return 200, text, {"running": True, "nodes": st.size, **st.to_json(),
+                       "repairs": svc.repairs}
 
 
 def images(svc: Service, body: dict[str, Any]) -> Result:

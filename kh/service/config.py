@@ -1,7 +1,14 @@
-"""khd's configuration: one frozen value built from options and the environment."""
+"""khd's configuration: one frozen value built from options and the environment.
+
+`kh service start` hands khd every setting as a command-line option (``to_argv``; khd reads them
+back with ``add_options``/``from_options``), so the value khd runs with is exactly the caller's,
+and khd's command line carries its state directory and name prefix for `kh clean` to find.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,7 @@ class ServiceConfig:
     server: str = "127.0.0.1"  # host name khget prints in con<ID>@<server>
     prefix: str = "kh"
     uplink_netns: str | None = None
+    qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
 
     @property
     def fabric(self) -> FabricConfig:
@@ -30,6 +38,10 @@ class ServiceConfig:
     @property
     def db(self) -> Path:
         return self.state_dir / "kh.db"
+
+    @property
+    def host_key(self) -> Path:
+        return self.state_dir / "ssh_host_rsa_key"  # the control channel's ssh host key
 
     @property
     def run(self) -> Path:
@@ -47,8 +59,32 @@ class ServiceConfig:
     def pidfile(self) -> Path:
         return self.run / "khd.pid"
 
+    @property
+    def khd_log(self) -> Path:
+        return self.logs / "khd.log"
+
     def node_dir(self, number: int) -> Path:
         return self.run / f"node{number}"
+
+    def console_log(self, number: int) -> Path:
+        return self.logs / f"node{number}.log"
+
+    def qemu_log(self, number: int) -> Path:
+        """QEMU's own output (stderr) for the node's latest start: where a failure's reason is."""
+        return self.logs / f"node{number}.qemu.log"
+
+    @property
+    def state_paths(self) -> tuple[Path, ...]:
+        """Everything khd keeps in its state directory; `kh clean` removes exactly these."""
+        db = self.db
+        sqlite_files = tuple(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))
+        return (db, *sqlite_files, self.host_key, self.run, self.logs)
+
+    @property
+    def images_needed(self) -> tuple[Path, ...]:
+        """The published images every node is started from."""
+        return (self.images / "u-boot.elf", self.images / "uImage",
+                self.images / f"{self.appliance}.cpio.gz.uimg")
 
 
 def default_state_dir() -> Path:
@@ -66,6 +102,37 @@ def from_env(**overrides: object) -> ServiceConfig:
         "ssh_port": int(env.get("KH_SSH_PORT", "7422")),
         "prefix": env.get("KH_PREFIX", "kh"),
         "uplink_netns": env.get("KH_UPLINK_NETNS") or None,
+        "qemu": env.get("KH_QEMU") or None,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServiceConfig(**values)  # type: ignore[arg-type]
+
+
+# How each setting's annotation reads back from a command-line option.
+_OPTION_TYPES = {"Path": Path, "int": int, "str": str, "str | None": str}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def to_argv(cfg: ServiceConfig) -> list[str]:
+    """Every setting of ``cfg`` as khd's command-line options (paths made absolute)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            argv += [_option(f.name),
+                     os.path.abspath(value) if isinstance(value, Path) else str(value)]
+    return argv
+
+
+def add_options(ap: argparse.ArgumentParser) -> None:
+    """One option per setting, named as ``to_argv`` writes them."""
+    for f in dataclasses.fields(ServiceConfig):
+        ap.add_argument(_option(f.name), dest=f.name, type=_OPTION_TYPES[str(f.type)])
+
+
+def from_options(args: argparse.Namespace) -> ServiceConfig:
+    """The config khd was given; settings not on its command line come from the environment."""
+    return from_env(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)})

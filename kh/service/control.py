@@ -1,126 +1,223 @@
-"""Starting, stopping and cleaning up after khd, from the host side."""
+"""Starting, stopping and cleaning up after khd, from the host side.
+
+`kh service start` either succeeds, with khd running and its pool settled, or leaves nothing
+behind but khd's logs: any failure stops khd and removes what it made.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from kh import proc
 from kh.client import Client, NotRunning
 from kh.errors import KhError
+from kh.hw import netns as nsutil
 from kh.hw.fabric import Fabric
+from kh.service import config, preflight
 from kh.service.config import ServiceConfig
 from kh.service.nodes import kill_pids
+from kh.service.pool import PoolStatus, summarize_json
+
+STALL = 180.0  # `kh service start` gives up when the pool changes for this long: longer
+# than any one start may take (console 10 s, QMP 10 s, U-Boot prompt 30 s) plus a backoff
+
+
+class PoolFailed(KhError):
+    """Not one node of the pool could start."""
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    status: PoolStatus | None  # None: khd was running already
+    already: bool = False
+
+
+def _cmdlines() -> Iterator[tuple[int, list[bytes]]]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
+def khd_pids(cfg: ServiceConfig) -> list[int]:
+    """khd processes serving ``cfg``'s state directory, found by command line (khd gets it as
+    an option), so also a khd that has no pidfile yet or any more."""
+    state = os.path.abspath(cfg.state_dir).encode()
+    found = []
+    for pid, args in _cmdlines():
+        if b"kh.service.daemon" in args and any(
+                a == b"--state-dir" and b == state for a, b in itertools.pairwise(args)):
+            found.append(pid)
+    return found
 
 
 def pid_of(cfg: ServiceConfig) -> int | None:
+    """The running khd of ``cfg``'s state directory."""
+    pids = khd_pids(cfg)
     try:
-        pid = int(cfg.pidfile.read_text().strip())
+        recorded = int(cfg.pidfile.read_text().strip())
     except (OSError, ValueError):
-        return None
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"kh.service.daemon" in cmd else None
-
-
-def start(cfg: ServiceConfig, timeout: float = 120.0, debug: bool = False) -> int:
-    """Start khd in the background and wait until it answers; return its PID."""
-    if os.geteuid() != 0:
-        raise KhError("khd needs root", "it creates network namespaces, bridges and taps")
-    existing = pid_of(cfg)
-    if existing:
-        return existing
-    cfg.logs.mkdir(parents=True, exist_ok=True)
-    cfg.run.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "kh.service.daemon", "--foreground",
-            "--state-dir", str(cfg.state_dir), "--nodes", str(cfg.nodes),
-            "--port", str(cfg.api_port), "--ssh-port", str(cfg.ssh_port)]
-    if cfg.uplink_netns:
-        argv += ["--uplink-netns", cfg.uplink_netns]
-    if debug:
-        argv.append("--debug")
-    logf = open(cfg.logs / "khd.log", "ab")
-    try:
-        p = proc.daemon(argv, logf, env={"KH_PREFIX": cfg.prefix,
-                                         "KH_IMAGES_OUT": str(cfg.images)})
-    finally:
-        logf.close()
-    client = Client(cfg.socket, timeout=5)
-    deadline = time.monotonic() + timeout
-    while True:
-        if p.poll() is not None:
-            tail = (cfg.logs / "khd.log").read_text(errors="replace").strip().splitlines()
-            raise KhError(f"khd exited at start: {tail[-1] if tail else 'no output'}",
-                          f"log: {cfg.logs / 'khd.log'}")
-        try:
-            client.call("GET", "/v1/status")
-            return p.pid
-        except (NotRunning, TimeoutError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            raise KhError(f"khd did not answer within {timeout:.0f} s",
-                          f"log: {cfg.logs / 'khd.log'}")
-        time.sleep(0.1)
-
-
-def stop(cfg: ServiceConfig, timeout: float = 30.0) -> bool:
-    pid = pid_of(cfg)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_of(cfg) == pid and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_of(cfg) == pid:
-        os.kill(pid, signal.SIGKILL)
-    return True
+        recorded = None
+    if recorded in pids:
+        return recorded
+    return pids[0] if pids else None
 
 
 def kh_qemu_pids(prefix: str) -> list[int]:
-    """PIDs of QEMUs carrying kh's node tag (and nothing else)."""
+    """PIDs of processes carrying kh's node tag (QEMU's ``-name X,process=<prefix>-nodeN``),
+    whatever program the `qemu` setting names, and nothing else."""
     marker = f",process={prefix}-node".encode()
+    return [pid for pid, args in _cmdlines() if any(marker in a for a in args)]
+
+
+def netns_pids(name: str) -> list[int]:
+    """Processes whose network namespace is ``name`` (they keep it alive when it is removed)."""
+    try:
+        st = os.stat(nsutil.path(name))
+    except OSError:
+        return []
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and marker in cmd:
-            pids.append(int(entry))
+        if entry.isdigit():
+            try:
+                ns = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
+                pids.append(int(entry))
     return pids
 
 
-def clean(cfg: ServiceConfig) -> list[str]:
-    """Remove every host object kh created (by kh's tags) and nothing else."""
-    done = []
-    if stop(cfg):
-        done.append("stopped khd")
+def _status(cfg: ServiceConfig) -> PoolStatus:
+    return summarize_json(json.loads(Client(cfg.socket, timeout=10).call(
+        "GET", "/v1/status", as_json=True)))
+
+
+def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
+          timeout: float = 120.0, progress: Callable[[PoolStatus], None] | None = None
+          ) -> Started:
+    """Start khd in the background; with ``wait``, until its pool has settled (every node at
+    the U-Boot prompt or failed for good). Raises PoolFailed when no node could start. Any
+    failure stops khd and removes what it made (its logs stay)."""
+    preflight.check(cfg)  # refuses before anything is created
+    existing = pid_of(cfg)
+    if existing:
+        return Started(existing, None, already=True)
+    cfg.logs.mkdir(parents=True, exist_ok=True)
+    cfg.run.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "kh.service.daemon", "--foreground", *config.to_argv(cfg)]
+    if debug:
+        argv.append("--debug")
+    log_start = cfg.khd_log.stat().st_size if cfg.khd_log.exists() else 0
+    with open(cfg.khd_log, "ab") as logf:
+        p = proc.daemon(argv, logf)
+
+    def exited() -> KhError:
+        text = cfg.khd_log.read_bytes()[log_start:].decode(errors="replace").strip()
+        last = text.splitlines()[-1] if text else ""
+        if last.startswith("khd: "):  # khd's own one-line error, with its hint
+            return KhError(last.removeprefix("khd: "))
+        return KhError(f"khd exited at start: {last or 'no output'}", f"log: {cfg.khd_log}")
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if p.poll() is not None:
+                raise exited()
+            try:
+                status = _status(cfg)
+                break
+            except (NotRunning, TimeoutError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise KhError(f"khd did not answer within {timeout:.0f} s",
+                              f"log: {cfg.khd_log}")
+            time.sleep(0.1)
+        last, changed = status, time.monotonic()
+        while wait and not status.ready:
+            if p.poll() is not None:
+                raise exited()
+            if time.monotonic() - changed > STALL:
+                raise KhError(f"the pool made no progress for {STALL:.0f} s "
+                              f"({status.progress_text()})", f"log: {cfg.khd_log}")
+            time.sleep(0.25)
+            status = _status(cfg)
+            if status != last:
+                last, changed = status, time.monotonic()
+                if progress:
+                    progress(status)
+        if status.dead:
+            first = status.failures[0]
+            raise PoolFailed(f"no node of the pool could start: node {first.node}: "
+                             f"{first.reason}", f"khd stopped, nothing of it left running; "
+                             f"logs in {cfg.logs}")
+    except BaseException:
+        clean(cfg, keep_logs=True)
+        raise
+    return Started(p.pid, status)
+
+
+def stop(cfg: ServiceConfig, timeout: float = 30.0) -> list[int]:
+    """Stop every khd of ``cfg``'s state directory (SIGTERM; SIGKILL after ``timeout``);
+    return their PIDs."""
+    pids = khd_pids(cfg)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and set(khd_pids(cfg)) & set(pids):
+        time.sleep(0.1)
+    for pid in set(khd_pids(cfg)) & set(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    while set(khd_pids(cfg)) & set(pids):
+        time.sleep(0.05)
+    return pids
+
+
+def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
+    """Remove every host object kh created (by kh's tags) and nothing else: khd, node QEMUs
+    (with whatever they started), the fabric namespace and everything in it, the external
+    uplink's outside end, and khd's files (``cfg.state_paths``)."""
+    done = [f"stopped khd {pid}" for pid in stop(cfg)]
     pids = kh_qemu_pids(cfg.prefix)
     kill_pids(pids)
     done += [f"stopped node QEMU {pid}" for pid in pids]
-    with contextlib.suppress(KhError):
+    for pid in netns_pids(cfg.fabric.netns):
+        done.append(f"left process {pid} alone: it is in {cfg.fabric.netns} but not kh's "
+                    "(the namespace lives on until it exits)")
+    try:
         if Fabric(cfg.fabric).destroy():
             done.append(f"removed network namespace {cfg.fabric.netns}")
-    for name in ("kh.db", "kh.db-wal", "kh.db-shm", "ssh_host_rsa_key"):
-        p = cfg.state_dir / name
-        if p.exists():
+    except OSError as e:
+        raise KhError(f"cannot remove network namespace {cfg.fabric.netns}: {e.strerror}",
+                      "kh clean needs root") from None
+    for p in cfg.state_paths:
+        if keep_logs and p == cfg.logs:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
             p.unlink()
-            done.append(f"removed {p}")
-    for d in (cfg.run, cfg.logs):
-        if d.exists():
-            shutil.rmtree(d)
-            done.append(f"removed {d}")
-    with contextlib.suppress(OSError):
-        cfg.state_dir.rmdir()
+        else:
+            continue
+        done.append(f"removed {p}")
+    if not keep_logs and cfg.state_dir.is_dir():
+        try:
+            cfg.state_dir.rmdir()
+        except OSError:
+            done.append(f"kept {cfg.state_dir}: it holds files that are not kh's")
     return done
-
-

@@ -38,8 +38,9 @@ from kh.model import (
     NodeState,
 )
 from kh.service.config import ServiceConfig
-from kh.service.nodes import NodeManager, node_tag
-from kh.store import NodeRow, Store
+from kh.service.nodes import NodeManager
+from kh.service.pool import Pool, note, shortage, summarize
+from kh.store import Store
 
 log = logging.getLogger("kh.service")
 
@@ -75,91 +76,28 @@ class Service:
         self.fabric = Fabric(cfg.fabric)
         self.nodes = NodeManager(cfg, self.fabric)
         self.lock = threading.RLock()
+        self.pool = Pool(cfg, self.store, self.nodes, self.lock)
         self.repairs: list[str] = []
-        self._stop = threading.Event()
-        self._refill = threading.Event()
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Bring the fabric and nodes to what the state says; report what had to be repaired."""
+        """Bring the fabric to what the state says, take over the nodes that kept running
+        (reporting what had to be repaired), and start filling the pool in the background."""
         self.cfg.run.mkdir(parents=True, exist_ok=True)
         self.fabric.ensure()
         for d in self.store.domains():
             self.fabric.ensure_domain(d.netid)
-        for row in self.store.nodes():
-            tag = node_tag(self.cfg, row.number)
-            try:
-                node = self.nodes.reattach(row.number, row.pid or 0)
-            except KhError as e:
-                log.warning("node %d: cannot reattach: %s", row.number, e)
-                node = None
-            if node is not None:
-                continue
-            if row.state == NodeState.ALLOCATED:
-                self.store.set_node(row.number, state=NodeState.FAILED, pid=None,
-                                    reason="QEMU exited while khd was away")
-                self.repairs.append(f"node {row.number}: {tag} had exited; marked failed")
-            elif row.state != NodeState.FAILED:
-                self.store.delete_node(row.number)
-                self.repairs.append(f"node {row.number}: {tag} had exited; restarting it")
-        self._fill_pool()
-        threading.Thread(target=self._watch, daemon=True, name="watch").start()
+        with self.lock:
+            self.repairs = self.pool.adopt()
         for r in self.repairs:
             log.warning("repaired: %s", r)
+        self.pool.start()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._refill.set()
+        """khd is going away: starts under way are ended; running nodes keep running."""
+        self.pool.stop()
         self.nodes.detach_all()
         self.store.close()
-
-    def _fill_pool(self) -> None:
-        """Start nodes until the machine has its configured size (failed ones don't count)."""
-        with self.lock:
-            rows = {r.number: r for r in self.store.nodes()}
-            live = [n for n, r in rows.items() if r.state != NodeState.FAILED]
-            missing = self.cfg.nodes - len(live)
-            numbers = [n for n in range(1, self.cfg.nodes * 4 + 2) if n not in rows][:missing]
-            for n in numbers:
-                self.store.put_node(NodeRow(n, self.store.new_uid(), NodeState.STARTING, None,
-                                            None, str(self.cfg.node_dir(n)), time.time(), None))
-        if not numbers:
-            return
-        with ThreadPoolExecutor(max_workers=4) as ex:
-            list(ex.map(self._start_node, numbers))
-
-    def _start_node(self, number: int) -> None:
-        try:
-            node = self.nodes.start(number)
-        except (KhError, OSError) as e:
-            log.error("node %d failed to start: %s", number, e)
-            self.store.set_node(number, state=NodeState.FAILED, reason=str(e))
-            return
-        self.store.set_node(number, state=NodeState.FREE, pid=node.pid, started=time.time())
-
-    def _watch(self) -> None:
-        """Mark nodes that died; replace free ones and released ones."""
-        while not self._stop.is_set():
-            self._refill.wait(1.0)
-            self._refill.clear()
-            if self._stop.is_set():
-                return
-            with self.lock:
-                for row in self.store.nodes("WHERE state IN ('free', 'allocated')"):
-                    node = self.nodes.running.get(row.number)
-                    if node is None or node.alive(node_tag(self.cfg, row.number)):
-                        continue
-                    log.warning("node %d died", row.number)
-                    self.nodes.stop(row.number)
-                    if row.state == NodeState.ALLOCATED:
-                        self.store.set_node(row.number, state=NodeState.FAILED, pid=None,
-                                            reason="QEMU exited")
-                    else:
-                        self.store.delete_node(row.number)
-            try:
-                self._fill_pool()
-            except KhError as e:
-                log.error("refilling the pool: %s", e)
 
     # -- admission -----------------------------------------------------------------------------
     def authenticate(self, user: str, credential: str | None, *, register: bool
@@ -188,8 +126,10 @@ class Service:
             owned = self.store.private_owners()
             next_id = max([FIRST_PRIVATE - 1, *owned]) + 1
             plan = plan_domains(req, owned, next_id)
-            free = [r.number for r in self.store.nodes("WHERE state='free'")
+            free = [r.number for r in self.store.nodes(NodeState.FREE)
                     if r.number in self.nodes.running]
+            if req.count > len(free):
+                raise shortage(req.count, len(free), self.pool.status())
             chosen = choose_nodes(free, req.count)
             with contextlib.ExitStack() as undo:
                 if pending is not None:
@@ -206,7 +146,7 @@ class Service:
                 with ThreadPoolExecutor(max_workers=8) as ex:
                     list(ex.map(lambda n: self._configure(n, plan.order), chosen))
                 for n in chosen:
-                    self.store.set_node(n, state=NodeState.ALLOCATED, alloc=alloc)
+                    self.store.node_allocated(n, alloc)
                 undo.pop_all()
             return self.info(alloc)
 
@@ -229,7 +169,7 @@ class Service:
                       for n in row.netids)
         nodes = tuple(NodeInfo(r.number, r.uid, str(node_address(order[0].netid, r.number).ip)
                                if order else "")
-                      for r in self.store.nodes("WHERE alloc=?", (alloc,)))
+                      for r in self.store.nodes_of(alloc))
         return AllocationInfo(alloc, self.cfg.server, order, nodes)
 
     # -- management --------------------------------------------------------------------------
@@ -247,8 +187,7 @@ class Service:
         survives into the pool). Domains stay until `kh domain rm`."""
         with self.lock:
             self._own_allocation(alloc, user, credential)
-            rows = self.store.nodes("WHERE alloc=?", (alloc,))
-            numbers = [r.number for r in rows]
+            numbers = [r.number for r in self.store.nodes_of(alloc)]
             if nodes:
                 stray = sorted(set(nodes) - set(numbers))
                 if stray:
@@ -257,9 +196,9 @@ class Service:
             for n in numbers:
                 self.nodes.stop(n)
                 self.store.delete_node(n)
-            if not self.store.nodes("WHERE alloc=?", (alloc,)):
+            if not self.store.nodes_of(alloc):
                 self.store.release_allocation(alloc)
-        self._refill.set()
+        self.pool.wake()
         return numbers
 
     def reset(self, number: int, user: str, credential: str | None) -> None:
@@ -312,13 +251,16 @@ class Service:
 
     def ps(self) -> dict[str, Any]:
         nodes = self.store.nodes()
+        now = time.time()
         return {
             "allocations": [{"id": a.id, "principal": a.principal, "netids": list(a.netids),
                              "nodes": [n.number for n in nodes if n.alloc == a.id],
                              "created": a.created} for a in self.store.allocations()],
             "nodes": [{"node": n.number, "uid": n.uid, "state": n.state.value, "pid": n.pid,
-                       "allocation": n.alloc, "reason": n.reason} for n in nodes],
+                       "allocation": n.alloc, "reason": n.reason, "attempts": n.attempts,
+                       "retry_at": n.retry_at, "note": note(n, now)} for n in nodes],
             "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
                         for d in self.store.domains()],
+            "pool": summarize(nodes, self.cfg.nodes).to_json(),
             "repairs": self.repairs,
         }

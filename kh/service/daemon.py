@@ -1,7 +1,8 @@
 """khd itself: start the service, serve its API, stop cleanly on SIGTERM.
 
 Nodes are not stopped with khd: they keep running (and keep their allocations) until released
-or `kh clean`, and the next khd finds them again.
+or `kh clean`, and the next khd finds them again. Starts still under way when khd stops are
+ended, QEMU and all; the next khd starts those nodes again.
 """
 
 from __future__ import annotations
@@ -13,60 +14,68 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
+from typing import Any
 
 from kh.allocation import host_address
 from kh.cc.sshd import Access, SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
-from kh.service import api
-from kh.service.config import ServiceConfig, from_env
+from kh.service import api, config
+from kh.service.config import ServiceConfig
 from kh.service.core import Service
+from kh.service.preflight import check_images
 
 log = logging.getLogger("kh.khd")
 
 
 def run(cfg: ServiceConfig) -> int:
+    check_images(cfg)  # before anything is created
     cfg.run.mkdir(parents=True, exist_ok=True)
     cfg.logs.mkdir(parents=True, exist_ok=True)
-    for name in ("u-boot.elf", "uImage", f"{cfg.appliance}.cpio.gz.uimg"):
-        if not (cfg.images / name).exists():
-            raise KhError(f"image {cfg.images / name} is missing", "run `kh images build`")
-    svc = Service(cfg)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    svc.start()
-    handler = api.handler_for(svc)
-    servers: list[object] = []
-    servers.append(api.tcp_server("127.0.0.1", cfg.api_port, handler))
-    public = str(host_address(PUBLIC).ip)
-    svc.fabric.ensure_domain(PUBLIC)
-    servers.append(nsutil.run_in(cfg.fabric.netns,
-                                 lambda: api.tcp_server(public, cfg.api_port, handler)))
-    sshd = SshServer(Access(svc), host_key(cfg.state_dir / "ssh_host_rsa_key"))
-    sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
-    sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
-    # The unix socket last: once it exists, khd answers on every listener.
-    cfg.socket.unlink(missing_ok=True)
-    servers.append(api.UnixServer(str(cfg.socket), handler))
-    os.chmod(cfg.socket, 0o660)
-    for s in servers:
-        api.serve(s)  # type: ignore[arg-type]
+    # First of all: from here on `kh service stop` and `kh clean` find this khd, even while it
+    # is still setting up.
     cfg.pidfile.write_text(f"{os.getpid()}\n")
-    log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric), ssh on port %d; "
-                "%d nodes", os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port,
-                cfg.ssh_port, cfg.nodes)
+    svc: Service | None = None
+    sshd: SshServer | None = None
+    servers: list[Any] = []
+    served: list[Any] = []
     try:
+        svc = Service(cfg)
+        svc.start()  # the pool fills in the background; `kh service start` waits for it
+        handler = api.handler_for(svc)
+        servers.append(api.tcp_server("127.0.0.1", cfg.api_port, handler))
+        public = str(host_address(PUBLIC).ip)
+        svc.fabric.ensure_domain(PUBLIC)
+        servers.append(nsutil.run_in(cfg.fabric.netns,
+                                     lambda: api.tcp_server(public, cfg.api_port, handler)))
+        sshd = SshServer(Access(svc), host_key(cfg.host_key))
+        sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
+        sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
+        # The unix socket last: once it exists, khd answers on every listener.
+        cfg.socket.unlink(missing_ok=True)
+        servers.append(api.UnixServer(str(cfg.socket), handler))
+        os.chmod(cfg.socket, 0o660)
+        for s in servers:
+            api.serve(s)
+            served.append(s)
+        log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric), ssh on port %d; "
+                    "%d nodes", os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port,
+                    cfg.ssh_port, cfg.nodes)
         stop.wait()
     finally:
-        sshd.close()
+        if sshd is not None:
+            sshd.close()
         for s in servers:
-            s.shutdown()  # type: ignore[attr-defined]
-            s.server_close()  # type: ignore[attr-defined]
+            if s in served:
+                s.shutdown()
+            s.server_close()
         cfg.socket.unlink(missing_ok=True)
-        svc.shutdown()
+        if svc is not None:
+            svc.shutdown()
         if cfg.pidfile.exists() and cfg.pidfile.read_text().strip() == str(os.getpid()):
             cfg.pidfile.unlink()
     return 0
@@ -89,12 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="khd", description="kh's service (usually started by "
                                  "`kh service start`)")
     ap.add_argument("--foreground", action="store_true", help="run here, log to stderr")
-    ap.add_argument("--state-dir", type=Path)
-    ap.add_argument("--nodes", type=int)
-    ap.add_argument("--port", type=int, dest="api_port")
-    ap.add_argument("--ssh-port", type=int, dest="ssh_port")
-    ap.add_argument("--uplink-netns")
     ap.add_argument("--debug", action="store_true")
+    config.add_options(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s khd[%(name)s]: %(message)s", stream=sys.stderr)
@@ -104,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print("khd: use `kh service start` to run it in the background, or --foreground",
               file=sys.stderr)
         return 2
-    cfg = from_env(state_dir=args.state_dir, nodes=args.nodes, api_port=args.api_port,
-                   ssh_port=args.ssh_port,
-                   uplink_netns=args.uplink_netns)
+    cfg = config.from_options(args)
     try:
         return run(cfg)
     except KhError as e:

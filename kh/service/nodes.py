@@ -10,23 +10,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
-import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kh import boot, proc
 from kh.allocation import NIC_SLOTS
 from kh.cc.channel import NodeWriter
-from kh.errors import BootError
+from kh.errors import BootError, KhError, KhTimeout
 from kh.hw import board, qemu
 from kh.hw import netns as nsutil
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
 from kh.service.config import ServiceConfig
+from kh.service.mux import Mux
 
 log = logging.getLogger("kh.nodes")
 
@@ -47,7 +49,7 @@ def node_spec(cfg: ServiceConfig, number: int) -> board.NodeSpec:
     return board.NodeSpec(
         name=node_tag(cfg, number), bios=cfg.images / "u-boot.elf", console=d / "qemu-con.sock",
         qmp=d / "qmp.sock", shared_ram=True, board=b, mem_mib=cfg.mem_mib,
-        wait_for_console=False, nics=nics,
+        wait_for_console=False, nics=nics, qemu=cfg.qemu,
         loads=(board.Load(cfg.images / "uImage", b.loadaddr),
                board.Load(cfg.images / f"{cfg.appliance}.cpio.gz.uimg", b.ramfsaddr)))
 
@@ -63,54 +65,61 @@ def pid_is_node(pid: int | None, tag: str) -> bool:
     return f"{tag},process={tag}".encode() in cmdline
 
 
-class Mux:
-    """A node's console offered on a unix socket: every client sees the output, and what any
-    client writes goes to the node."""
+class StartFailed(BootError):
+    """A node did not come to the U-Boot prompt; ``reason`` says why in one line."""
 
-    def __init__(self, console: Console, path: Path) -> None:
-        self.console = console
-        self.path = path
-        path.unlink(missing_ok=True)
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        os.chmod(path, 0o600)
-        self.server.listen(8)
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True, name=f"mux-{path.name}").start()
+    def __init__(self, number: int, reason: str) -> None:
+        super().__init__(f"node {number} failed to start: {reason}")
+        self.number = number
+        self.reason = reason
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket) -> None:
-        def out(data: bytes) -> None:
-            try:
-                client.sendall(data)
-            except OSError:
-                pass
+class StartAborted(BootError):
+    """khd is going away: the node's start was stopped, its QEMU ended."""
 
-        unsub = self.console.subscribe(out)
-        try:
-            while True:
-                data = client.recv(4096)
-                if not data:
-                    break
-                self.console.write(data)
-        except (OSError, BootError):
-            pass
-        finally:
-            unsub()
-            client.close()
 
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.server.close()
-        self.path.unlink(missing_ok=True)
+# QEMU's own words when kh ends it, which never explain a failure.
+_NOISE = re.compile(r"terminating on signal|^qemu-system-\w+: warning:")
+MAX_REASON = 300
+
+
+def last_words(text: str) -> str | None:
+    """The last meaningful line of a QEMU's output (its stderr), e.g. ``qemu-system-ppc:
+    -device ...: failed to find romfile "efi-virtio.rom"``; None if it said nothing useful."""
+    for line in reversed(text.splitlines()):
+        line = " ".join(line.split())
+        if line and not _NOISE.search(line):
+            return line if len(line) <= MAX_REASON else line[:MAX_REASON - 3] + "..."
+    return None
+
+
+def start_reason(error: KhError, exit_code: int | None, qemu_output: str, *names: str) -> str:
+    """Why a start failed, in one line: what QEMU said when it exited on its own, or else the
+    stage that did not come (the error's own message, without the node's ``names``: its tag,
+    its console's name)."""
+    if exit_code is not None:
+        said = last_words(qemu_output)
+        if said:
+            return said
+        return f"QEMU exited at start with status {exit_code} and said nothing"
+    message = error.message
+    for name in names:
+        message = message.removeprefix(f"{name}: ")
+    return message
+
+
+def died_reason(exit_code: int | None, qemu_output: str) -> str:
+    """Why a node that had been running is gone."""
+    said = last_words(qemu_output)
+    status = f" with status {exit_code}" if exit_code is not None else ""
+    return f"QEMU exited{status}" + (f": {said}" if said else "")
+
+
+def read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -131,6 +140,10 @@ class RunningNode:
             return self.popen.poll() is None
         return pid_is_node(self.pid, tag)
 
+    def exit_code(self) -> int | None:
+        """QEMU's exit status, when it was our child and has exited."""
+        return self.popen.poll() if self.popen is not None else None
+
     def qmp(self, spec: board.NodeSpec, command: str, /, **args: object) -> object:
         assert spec.qmp is not None
         q = qemu.Qmp(spec.qmp)
@@ -145,33 +158,55 @@ class NodeManager:
         self.cfg = cfg
         self.fabric = fabric
         self.running: dict[int, RunningNode] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+        self._starting: dict[int, subprocess.Popen[bytes]] = {}
 
     def _attach_console(self, number: int, timeout: float = 10.0,
-                        alive: object = None) -> tuple[Console, Mux]:
+                        alive: Callable[[], bool] = lambda: True) -> tuple[Console, Mux]:
         spec = node_spec(self.cfg, number)
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
-        con = Console(spec.console, self.cfg.logs / f"node{number}.log", name=f"node{number}")
-        con.connect(timeout, alive=alive if callable(alive) else (lambda: True))
-        mux = Mux(con, self.cfg.node_dir(number) / "console.sock")
+        con = Console(spec.console, self.cfg.console_log(number), name=f"node{number}")
+        try:
+            con.connect(timeout, alive=alive)
+            mux = Mux(con, self.cfg.node_dir(number) / "console.sock")
+        except BaseException:
+            con.close()
+            raise
         return con, mux
 
-    def start(self, number: int, timeout: float = 30.0) -> RunningNode:
-        """Start node ``number`` paused, connect its console, run it to the U-Boot prompt."""
+    def start(self, number: int, timeout: float = 30.0,
+              on_spawn: Callable[[int], None] = lambda pid: None) -> RunningNode:
+        """Start node ``number`` paused, connect its console, run it to the U-Boot prompt.
+
+        ``on_spawn`` learns the QEMU's PID as soon as it runs. Raises StartFailed with the
+        reason, or StartAborted once ``abort_starts`` was called; either way nothing of the
+        attempt is left running.
+        """
         spec = node_spec(self.cfg, number)
+        tag = node_tag(self.cfg, number)
         d = self.cfg.node_dir(number)
         d.mkdir(parents=True, exist_ok=True)
-        for slot in range(NIC_SLOTS):
-            self.fabric.ensure_tap(number, slot)
-            self.fabric.attach(number, slot, None)
+        self.cfg.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            for slot in range(NIC_SLOTS):
+                self.fabric.ensure_tap(number, slot)
+                self.fabric.attach(number, slot, None)
+        except KhError as e:
+            raise StartFailed(number, str(e)) from e
         argv = nsutil.enter_argv(self.cfg.fabric.netns) + board.qemu_argv(spec) + ["-S"]
-        err = open(d / "qemu.log", "wb")
+        qemu_log = self.cfg.qemu_log(number)
+        with self._lock:
+            if self._closing:
+                raise StartAborted(f"node {number}: khd is stopping")
+            with open(qemu_log, "wb") as err:
+                popen = proc.start(argv, stdout=err, stderr=err)
+            self._starting[number] = popen
+        log.debug("node %d: pid %d", number, popen.pid)
+        con: Console | None = None
+        mux: Mux | None = None
         try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                     start_new_session=True)
-        finally:
-            err.close()
-        log.debug("node %d: pid %d: %s", number, popen.pid, " ".join(argv))
-        try:
+            on_spawn(popen.pid)
             con, mux = self._attach_console(number, alive=lambda: popen.poll() is None)
             node = RunningNode(number, popen.pid, con, mux, popen)
             self._wait_qmp(spec, popen)
@@ -180,19 +215,49 @@ class NodeManager:
             start = con.mark()
             node.qmp(spec, "cont")
             con.expect(boot.UBOOT_PROMPT, timeout, stage="U-Boot prompt", start=start)
-        except BaseException:
+        except BaseException as e:
+            if popen.poll() is None and isinstance(e, BootError) and \
+                    not isinstance(e, KhTimeout):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(1.0)  # the console or QMP went away: QEMU is on its way out
+            exit_code = popen.poll()
             proc.reap(popen)
+            if mux is not None:
+                mux.close()
+            if con is not None:
+                con.close()
+            self._remove_sockets(number)
+            with self._lock:
+                closing = self._closing
+            if closing:
+                raise StartAborted(f"node {number}: khd is stopping") from e
+            if isinstance(e, KhError):
+                raise StartFailed(number, start_reason(e, exit_code, read_log(qemu_log), tag,
+                                                       f"node{number}")) from e
             raise
+        finally:
+            with self._lock:
+                self._starting.pop(number, None)
         self.running[number] = node
         return node
+
+    def abort_starts(self) -> None:
+        """khd is stopping: end the QEMUs of starts under way and refuse new ones."""
+        with self._lock:
+            self._closing = True
+            starting = list(self._starting.values())
+        for popen in starting:
+            proc.terminate(popen)
 
     @staticmethod
     def _wait_qmp(spec: board.NodeSpec, popen: subprocess.Popen[bytes]) -> None:
         assert spec.qmp is not None
         deadline = time.monotonic() + 10
         while not spec.qmp.exists():
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise BootError(f"{spec.name}: QMP socket never appeared")
+            if popen.poll() is not None:
+                raise BootError(f"{spec.name}: QEMU exited before its QMP socket appeared")
+            if time.monotonic() > deadline:
+                raise KhTimeout(f"{spec.name}: no QMP socket within 10 s")
             time.sleep(0.01)
 
     def reattach(self, number: int, pid: int) -> RunningNode | None:
@@ -214,6 +279,9 @@ class NodeManager:
                 proc.reap(node.popen)
             else:
                 kill_pid(node.pid)
+        self._remove_sockets(number)
+
+    def _remove_sockets(self, number: int) -> None:
         d = self.cfg.node_dir(number)
         for f in ("qemu-con.sock", "qmp.sock", "console.sock"):
             (d / f).unlink(missing_ok=True)
@@ -262,19 +330,28 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _kill(pid: int, sig: int) -> None:
+    """Signal ``pid`` and, when it leads its own process group (kh starts every node QEMU in a
+    new session), the whole group: nothing it started is left behind."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
 def kill_pids(pids: list[int], grace: float = 5.0) -> None:
     """Stop nodes that are not our children (found again after a khd restart): SIGTERM all,
     wait, SIGKILL what is left."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        _kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not all(_gone(p) for p in pids):
         time.sleep(0.02)
     for pid in pids:
         if not _gone(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)
 
 
 def kill_pid(pid: int, grace: float = 5.0) -> None:

@@ -1,0 +1,66 @@
+"""What khd needs from the host, checked before anything is created.
+
+Each refusal is one line naming what is missing and the command or package that provides it.
+A kernel driver that is missing only shows when kh asks for a device of that kind (the kernel
+loads modules on demand): kh.hw.fabric names it then.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from kh import deps
+from kh.errors import ImageError, KhError
+from kh.hw import board
+from kh.hw import netns as nsutil
+from kh.service.config import ServiceConfig
+
+TUN = Path("/dev/net/tun")
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise KhError("khd needs root", "it creates network namespaces, bridges and taps")
+
+
+def check_images(cfg: ServiceConfig) -> None:
+    for image in cfg.images_needed:
+        if not image.is_file():
+            raise ImageError(f"image {image} is missing",
+                             "build the images: `make images` or `kh images build`")
+
+
+def qemu_program(cfg: ServiceConfig) -> str:
+    return cfg.qemu or board.BOARDS["ppce500"].qemu
+
+
+def check_programs(cfg: ServiceConfig) -> None:
+    programs = [qemu_program(cfg), "nsenter"] + (["iptables"] if cfg.uplink_netns else [])
+    for program in programs:
+        if shutil.which(program) is None:
+            raise KhError(f"{program} is not installed (not on PATH)",
+                          deps.missing_hint(program))
+
+
+def check_tun(path: Path = TUN) -> None:
+    if not path.exists():
+        raise KhError(f"{path} is missing: the kernel's tun driver (node interfaces) is not "
+                      "loaded", "load it with `modprobe tun`")
+
+
+def check_uplink(cfg: ServiceConfig) -> None:
+    if cfg.uplink_netns and not nsutil.exists(cfg.uplink_netns):
+        raise KhError(f"uplink network namespace {cfg.uplink_netns} does not exist",
+                      f"create it (`ip netns add {cfg.uplink_netns}`) or leave out "
+                      "--uplink-netns")
+
+
+def check(cfg: ServiceConfig) -> None:
+    """Everything khd needs that can be known without creating anything."""
+    check_images(cfg)
+    check_root()
+    check_programs(cfg)
+    check_tun()
+    check_uplink(cfg)
