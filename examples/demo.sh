@@ -11,7 +11,7 @@ $KH images list
 echo
 echo "== booting one ppce500 node: QEMU -> our U-Boot -> run kboot -> Linux -> shell appliance"
 start=$(date +%s.%N)
-$KH boot --append "kh.hostname=demo-node" -- 'uname -a; echo; head -n 4 /proc/cpuinfo; echo; free -m'
+$KH boot --append "kh.hostname=demo-node" --sh 'uname -a; echo; head -n 4 /proc/cpuinfo; echo; free -m'
 end=$(date +%s.%N)
 printf '\n== node booted, ran the commands and was torn down in %.1f s\n\n' "$(echo "$end - $start" | bc)"
 

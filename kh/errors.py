@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class KhError(Exception):
     """Base of every error kh reports to a user.
@@ -52,3 +54,13 @@ class BootError(KhError):
 
 class KhTimeout(BootError):
     """A node did not print what was expected in time."""
+
+
+class Stopped(KhError):
+    """kh was stopped by a signal (raised by the CLI's handler, never by library code), so that
+    every ``with`` block unwinds and tears down what it started; the exit code is 128+signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum

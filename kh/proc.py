@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
@@ -89,17 +90,45 @@ def start(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None 
         raise _cannot_start(argv, e) from e
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec function: the child gets SIGKILL when the thread that forked it ends.
+
+    Runs in the forked child before exec, so it only calls a function resolved here, in the
+    parent. The parent may already be gone by then (the signal would never come): then the
+    child ends itself.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 @contextlib.contextmanager
 def spawn(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
           stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
-          grace: float = 5.0,
-          new_session: bool = True) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv`` in the background; on exit from the block it is terminated and reaped."""
+          grace: float = 5.0, new_session: bool = True,
+          die_with_parent: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` in the background; on exit from the block it is terminated and reaped.
+
+    With ``die_with_parent`` the kernel also sends the child SIGKILL when the calling thread
+    ends, however it ends (SIGKILL included), so the child cannot outlive a short-lived command
+    like `kh boot`. Only for a caller whose thread lives as long as the child should: a
+    service thread that ends would take its children along.
+    """
     log.debug("spawn: %s", _fmt(argv))
     try:
         proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=_env(env), stdin=stdin,
                                 stdout=stdout, stderr=stderr,
-                                start_new_session=new_session)
+                                start_new_session=new_session,
+                                preexec_fn=_die_with(os.getpid()) if die_with_parent else None)
     except OSError as e:
         raise _cannot_start(argv, e) from e
     try:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
 
-from kh.errors import KhError, ProcessError
+from kh.errors import KhError, ProcessError, Stopped
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,6 +39,33 @@ def report(e: BaseException, debug: bool) -> int:
     click.echo(f"kh: internal error: {type(e).__name__}: {e} (run with --debug and report it)",
                err=True)
     return 70
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+                    ) -> Iterator[None]:
+    """Within the block, these signals raise ``Stopped`` in the main thread, so the ``with``
+    blocks inside unwind (a node torn down, its QEMU reaped, its directory removed) and the
+    command ends `kh: stopped by SIGTERM` with 128+signal.
+
+    Only the first signal raises: a second one (Ctrl-C pressed again, `timeout -k`'s follow-up
+    before its SIGKILL) must not cut short the teardown the first one began. The previous
+    handlers come back on the way out.
+    """
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def handle_errors(fn: F) -> F:

@@ -12,8 +12,9 @@ import click
 from kh import boot as boot_mod
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
-from kh.cli.common import entry, handle_errors, setup_logging
+from kh.cli.common import entry, handle_errors, setup_logging, stop_on_signals
 from kh.cli.service import register as register_service_commands
+from kh.errors import UsageError
 from kh.hw.board import parse_mem
 from kh.images import build as image_build
 from kh.settings import paths
@@ -113,7 +114,8 @@ def appliance_build(spec: str, root: Path | None, out: Path | None) -> None:
                f"{res.share * 100:.2f}% of the {res.root_size / 1e6:.1f} MB root")
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(context_settings={"ignore_unknown_options": False,
+                                "allow_interspersed_args": False})
 @click.option("--appliance", default="shell", show_default=True, help="Appliance to boot.")
 @click.option("--kernel", type=click.Path(path_type=Path), help="Kernel uImage.")
 @click.option("--ramdisk", type=click.Path(path_type=Path), help="Ramdisk U-Boot image.")
@@ -122,17 +124,26 @@ def appliance_build(spec: str, root: Path | None, out: Path | None) -> None:
 @click.option("--append", "append", default="", help="Extra kernel arguments (khargs).")
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to reach the ready line.")
 @click.option("--console-log", type=click.Path(path_type=Path), help="Keep the console here.")
+@click.option("--sh", "sh", metavar="'CMD'",
+              help="Run this shell command line on the node instead of an ARGV.")
 @click.option("--show-command", is_flag=True, help="Print the QEMU command line and exit.")
-@click.argument("command", nargs=-1)
+@click.argument("argv", nargs=-1)
 @handle_errors
 def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path | None, mem: str,
-         append: str, timeout: float, console_log: Path | None, show_command: bool,
-         command: tuple[str, ...]) -> None:
-    """Boot one node through U-Boot into an appliance; run COMMAND there or attach.
+         append: str, timeout: float, console_log: Path | None, sh: str | None,
+         show_command: bool, argv: tuple[str, ...]) -> None:
+    """Boot one node through U-Boot into an appliance; run ARGV (or --sh 'CMD') there, or attach.
 
-    With `-- COMMAND...` the command runs in the node's shell; its output is printed and its
-    exit status becomes kh's. Without, the terminal is attached to the console (Ctrl-] leaves).
+    `kh boot -- ARGV...` runs exactly that argv on the node, as `docker run IMAGE ARGV` would
+    (`-- sh -c 'exit 7'` exits 7; `-- exit 7` is the shell's exit builtin); `--sh 'CMD'` runs
+    one shell command line. Either runs in a subshell of the node's shell with stdin from
+    /dev/null, for as long as it runs; its output is printed and its exit status becomes kh's.
+    Without either, the terminal is attached to the console (Ctrl-] leaves). SIGTERM, SIGHUP
+    or Ctrl-C tear the node down and exit 128+signal.
     """
+    if sh is not None and argv:
+        raise UsageError("give either --sh 'CMD' or -- ARGV..., not both")
+    command = sh if sh is not None else boot_mod.argv_command(argv) if argv else None
     p = paths()
     cfg = boot_mod.default_config(p, appliance=appliance, kernel=kernel, ramdisk=ramdisk,
                                   bios=bios, mem_mib=parse_mem(mem), khargs=append,
@@ -140,9 +151,9 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
     if show_command:
         click.echo(boot_mod.show_command(cfg))
         return
-    with boot_mod.booted(cfg, p) as node:
-        if command:
-            out, status = node.run(" ".join(command))
+    with stop_on_signals(), boot_mod.booted(cfg, p) as node:
+        if command is not None:
+            out, status = node.run(command, timeout=None)
             sys.stdout.write(out)
             sys.stdout.flush()
             sys.exit(status)

@@ -176,11 +176,15 @@ class Console:
         text = self.text().decode("utf-8", "replace").replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
 
-    def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float, *, stage: str,
+    def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float | None, *, stage: str,
                start: int | None = None) -> re.Match[bytes]:
-        """Wait until ``pattern`` appears after ``start`` (default: the last match)."""
+        """Wait until ``pattern`` appears after ``start`` (default: the last match).
+
+        ``timeout`` in seconds; None waits as long as the console is open. Raises KhTimeout, or
+        BootError when the console closes first.
+        """
         rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             pos = self._pos if start is None else start
             while True:
@@ -191,6 +195,9 @@ class Console:
                 if self._closed:
                     raise BootError(f"{self.name}: console closed while waiting for {stage}",
                                     "the node stopped; see its console log")
+                if deadline is None:
+                    self._cond.wait()  # a signal handler's exception still gets through
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise KhTimeout(f"{self.name}: no {stage} within {timeout:g} s",

@@ -76,14 +76,19 @@ class Node:
 
 @contextlib.contextmanager
 def running(spec: board.NodeSpec, *, console_log: Path | None, workdir: Path,
-            connect_timeout: float = 10.0) -> Iterator[Node]:
-    """Start the node's QEMU, connect its console; always stop and reap it on the way out."""
+            connect_timeout: float = 10.0, die_with_parent: bool = False) -> Iterator[Node]:
+    """Start the node's QEMU, connect its console; always stop and reap it on the way out.
+
+    ``die_with_parent``: QEMU also gets SIGKILL when the calling thread ends without leaving
+    the block (kh SIGKILLed); see ``proc.spawn``.
+    """
     board.check_memory(spec)
     argv = board.qemu_argv(spec)
     stderr_log = workdir / f"{spec.name}.qemu.log"
     with contextlib.ExitStack() as stack:
         err = stack.enter_context(open(stderr_log, "wb"))
-        p = stack.enter_context(proc.spawn(argv, stdout=err, stderr=err))
+        p = stack.enter_context(proc.spawn(argv, stdout=err, stderr=err,
+                                           die_with_parent=die_with_parent))
         stack.callback(lambda: spec.console.unlink(missing_ok=True))
         if spec.qmp is not None:
             stack.callback(lambda: spec.qmp.unlink(missing_ok=True) if spec.qmp else None)

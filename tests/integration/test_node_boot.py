@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -72,6 +77,26 @@ def test_boot_into_shell_runs_commands(boot_config, kh_paths):
         assert status == 0 and "/dev/console" in out
 
 
+def test_run_survives_exit_and_takes_any_command(boot_config, kh_paths):
+    with boot.booted(boot_config(), kh_paths) as node:
+        shell_pid, status = node.run("echo $$")
+        assert status == 0 and shell_pid.strip().isdigit()
+        assert node.run("exit 7") == ("", 7)
+        assert node.run("cat") == ("", 0)  # stdin is /dev/null, not the console
+        # The subshell itself killed (exec): still a status, still the same console shell
+        # (which, interactive, says "Killed").
+        out, status = node.run("echo partial; exec sh -c 'kill -9 $$'")
+        assert (out.splitlines()[0], status) == ("partial", 137)
+        # Every byte but NUL, in one line and then far past busybox's 1022-character line
+        # editor (kh types it in parts): the node gets exactly these bytes.
+        for size in (255, 20000):
+            data = bytes(range(1, 256)) * (size // 255)
+            script = "printf %s " + shlex.quote(data.decode("latin-1")) + " | md5sum"
+            out, status = node.run(script.encode("latin-1").decode("utf-8", "surrogateescape"))
+            assert (out.split()[0], status) == (hashlib.md5(data).hexdigest(), 0)
+        assert node.run("echo $$") == (shell_pid, 0)  # the same console shell all along
+
+
 def test_malformed_boot_key_is_named_and_node_still_comes_up(boot_config, kh_paths):
     cfg = boot_config(khargs="kh.eth0=10.1.2.300/24 kh.node=x")
     with boot.booted(cfg, kh_paths) as node:
@@ -84,10 +109,99 @@ def test_malformed_boot_key_is_named_and_node_still_comes_up(boot_config, kh_pat
 
 def test_kh_boot_cli_prints_output_and_returns_status(kh_paths, artifacts):
     log = artifacts / "cli.console.log"
-    r = subprocess.run(KH + ["boot", "--console-log", str(log), "--", "uname -m; false"],
+    r = subprocess.run(KH + ["boot", "--console-log", str(log), "--sh", "uname -m; false"],
                        capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "ppc"
     assert r.returncode == 1, r.stderr
+
+
+@pytest.mark.parametrize("args,out,status", [
+    (["--", "sh", "-c", "exit 7"], "", 7),
+    (["--", "exit", "7"], "", 7),  # two words: the shell's exit builtin, in a subshell
+    (["--sh", "exit 7"], "", 7),
+    (["--", "echo", "a  b", "$HOME", "it's"], "a  b $HOME it's\n", 0),
+    (["--", "exit 7"], None, 127),  # one word: a program named "exit 7", not found
+], ids=["sh-c", "exit-builtin", "sh-option", "quoting", "one-word"])
+def test_kh_boot_cli_runs_argv_exactly(kh_paths, artifacts, args, out, status):
+    log = artifacts / "cli.console.log"
+    r = subprocess.run(KH + ["boot", "--console-log", str(log), *args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == status, r.stderr
+    if out is not None:
+        assert r.stdout == out
+    assert r.stderr == "" or status == 127
+
+
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name ([0] state, [1] PPID, [19] start time);
+    [] once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return []
+
+
+def qemu_children(pid: int) -> list[int]:
+    """PIDs of the kh-boot QEMUs whose parent is ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                comm = (d / "comm").read_text().strip()
+            except OSError:
+                continue
+            stat = proc_stat(int(d.name))
+            if comm == "kh-boot" and stat and int(stat[1]) == pid:
+                found.append(int(d.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT,
+                                    signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_kh_boot_stopped_by_a_signal_tears_the_node_down(kh_paths, artifacts, tmp_path, signum):
+    log = artifacts / "cli.console.log"
+    runtime = tmp_path / "runtime"  # kh boot's work directory goes here, and only here
+    runtime.mkdir()
+    kh = subprocess.Popen(KH + ["boot", "--console-log", str(log), "--", "sleep", "600"],
+                          env={**os.environ, "KH_RUNTIME": str(runtime)},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemu: list[int] = []
+    started = ""
+    try:
+        # Running: the console log shows the command's begin marker (a whole line).
+        deadline = time.monotonic() + 300
+        while not (log.exists() and re.search(r"KH[0-9a-f]{12}_B$", log.read_text(), re.M)):
+            assert kh.poll() is None, kh.communicate()
+            assert time.monotonic() < deadline, "sleep 600 never started on the node"
+            time.sleep(0.2)
+        qemu = qemu_children(kh.pid)
+        assert len(qemu) == 1
+        started = proc_stat(qemu[0])[19]
+        workdirs = list(runtime.glob("kh-boot-*"))
+        assert len(workdirs) == 1 and (workdirs[0] / "console.sock").exists()
+        kh.send_signal(signum)
+        _, err = kh.communicate(timeout=60)
+        if signum == signal.SIGKILL:
+            # Nothing of kh's runs: the kernel takes QEMU along (its parent-death signal); the
+            # directory stays behind for `kh clean`.
+            assert kh.returncode == -signum
+            deadline = time.monotonic() + 60
+            while proc_stat(qemu[0])[:1] not in ([], ["Z"]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        else:
+            assert kh.returncode == 128 + signum, err
+            assert err == f"kh: stopped by {signal.Signals(signum).name}\n"
+            assert list(runtime.glob("kh-boot-*")) == []
+        stat = proc_stat(qemu[0])
+        assert stat == [] or stat[0] == "Z" or stat[19] != started, "QEMU outlived kh boot"
+    finally:
+        if kh.poll() is None:
+            kh.kill()
+            kh.communicate()
+        for pid in qemu:
+            stat = proc_stat(pid)
+            if stat and stat[0] != "Z" and stat[19] == started:
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_ready_line_timeout_names_the_stage(boot_config, kh_paths, tmp_path):
