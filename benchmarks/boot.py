@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kh import boot
-from kh.hw import qemu
+from kh.hw import qemu, uboot
 from kh.settings import paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +33,10 @@ def prompt_and_kboot(runs: int) -> tuple[list[float], list[float]]:
         spec = boot.node_spec(cfg, workdir)
         t0 = time.monotonic()
         with qemu.running(spec, console_log=None, workdir=workdir) as node:
-            node.console.expect(boot.UBOOT_PROMPT, 30, stage="U-Boot prompt")
+            node.console.expect(uboot.UBOOT_PROMPT, 30, stage="U-Boot prompt")
             t1 = time.monotonic()
             node.console.write(b"run kboot\n")
-            node.console.expect(boot.READY, 60, stage="ready line")
+            node.console.expect(uboot.READY, 60, stage="ready line")
             t2 = time.monotonic()
         prompt.append(t1 - t0)
         kboot.append(t2 - t1)
@@ -48,7 +48,7 @@ def mrw_rate(size: int = 65536) -> float:
     with boot.at_prompt(boot.default_config(p), p) as node:
         blob = os.urandom(size)
         t0 = time.monotonic()
-        boot.mrw(node.console, 0x9000000, blob)  # free RAM between kernel and ramdisk
+        uboot.mrw(node.console, 0x9000000, blob)  # free RAM between kernel and ramdisk
         return size / (time.monotonic() - t0)
 
 

@@ -23,22 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kh.appliance import uimage
-from kh.errors import BootError, ImageError, UsageError
-from kh.hw import board, qemu
+from kh.errors import ImageError, UsageError
+from kh.hw import board, qemu, uboot
 from kh.hw.console import Console
 from kh.settings import Paths
 
-UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 output is no prompt
-READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
-KBOOT_OUTCOME = re.compile(
-    READY.pattern
-    # Whole lines only: the console may hand over half a line, and the message is the point.
-    + rb"|kh-failed: (?P<failed>[^\r\n]*)\r?\n"
-    + rb"|(?P<panic>Kernel panic[^\r\n]*)\r?\n"
-    + rb"|(?P<uboot>(?:Bad Magic Number|Wrong Image Format|Bad Data CRC|Bad Header Checksum"
-    rb"|ERROR: )[^\r\n]*)\r?\n")
-MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
-                         rb"|error: (?P<error>[^\r\n]*))(?=\r?\n)", re.MULTILINE)
 DETACH = b"\x1d"  # Ctrl-]
 
 # The longest line kh types at a node's shell, newline included. Busybox ash's line editor keeps
@@ -245,17 +234,6 @@ def attach(console: Console) -> None:
         out.flush()
 
 
-def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:
-    """Type one command at the U-Boot prompt and return what it printed."""
-    start = console.mark()
-    console.write(line.encode() + b"\n")
-    m = console.expect(UBOOT_PROMPT, timeout, stage=f"U-Boot prompt after {line!r}",
-                       start=start)
-    text = console.text(start)[: m.start() - start].decode("utf-8", "replace")
-    text = text.replace("\r\n", "\n")
-    return text.split("\n", 1)[1] if "\n" in text else ""
-
-
 def default_console_log(paths: Paths) -> Path:
     """Where `kh boot` keeps the last node's console transcript (kept after it stops)."""
     log = paths.cache / "logs" / "kh-boot-console.log"
@@ -276,7 +254,7 @@ def at_prompt(cfg: BootConfig, paths: Paths) -> Iterator[qemu.Node]:
         # The node is the calling thread's: its QEMU dies with it even if kh is SIGKILLed.
         with qemu.running(spec, console_log=log, workdir=workdir,
                           die_with_parent=True) as node:
-            node.console.expect(UBOOT_PROMPT, cfg.prompt_timeout, stage="U-Boot prompt")
+            node.console.expect(uboot.UBOOT_PROMPT, cfg.prompt_timeout, stage="U-Boot prompt")
             yield node
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -287,26 +265,8 @@ def kboot(node: qemu.Node, cfg: BootConfig) -> BootedNode:
     if cfg.khargs:
         if "'" in cfg.khargs:
             raise UsageError("kernel arguments must not contain a single quote")
-        uboot_command(node.console, f"setenv khargs '{cfg.khargs}'")
-    return run_kboot(node.console, cfg.ready_timeout, node=node)
-
-
-def run_kboot(con: Console, timeout: float, node: qemu.Node | None = None) -> BootedNode:
-    """Type `run kboot` at a U-Boot prompt and wait for the appliance's ready line."""
-    log = con.log_path
-    start = con.mark()
-    con.write(b"run kboot\n")
-    m = con.expect(KBOOT_OUTCOME, timeout, stage="appliance ready line", start=start)
-    if m.group("failed"):
-        raise BootError(f"the appliance failed: {m.group('failed').decode(errors='replace')}",
-                        f"console log: {log}")
-    if m.group("panic"):
-        raise BootError(f"the kernel panicked: {m.group('panic').decode(errors='replace')}",
-                        f"console log: {log}")
-    if m.group("uboot"):
-        raise BootError(f"U-Boot refused the images: {m.group('uboot').decode(errors='replace')}",
-                        f"console log: {log}")
-    return BootedNode(con, m.group("appliance").decode(), node)
+        uboot.uboot_command(node.console, f"setenv khargs '{cfg.khargs}'")
+    return BootedNode(node.console, uboot.run_kboot(node.console, cfg.ready_timeout), node)
 
 
 @contextlib.contextmanager
@@ -314,20 +274,3 @@ def booted(cfg: BootConfig, paths: Paths) -> Iterator[BootedNode]:
     """Start a node, boot it through U-Boot into the appliance; tear it down on exit."""
     with at_prompt(cfg, paths) as node:
         yield kboot(node, cfg)
-
-
-def mrw(console: Console, addr: int, data: bytes, timeout: float | None = None) -> str:
-    """Load ``data`` at ``addr`` through the console with U-Boot's ``mrw``; return its line.
-
-    The data follows the command line at once: ``mrw`` takes exactly ``len(data)`` raw bytes
-    from the console, so nothing has to be escaped.
-    """
-    start = console.mark()
-    console.write(f"mrw 0x{addr:x} {len(data)}\n".encode() + data)
-    budget = timeout if timeout is not None else 30 + len(data) / 5000
-    m = console.expect(MRW_OUTCOME, budget, stage="mrw completion line", start=start)
-    console.expect(UBOOT_PROMPT, 10, stage="U-Boot prompt after mrw", start=m.end())
-    if m.group("error"):
-        raise BootError(f"mrw refused the load: {m.group('error').decode(errors='replace')}",
-                        "load into free RAM below U-Boot's own memory")
-    return m.group(0).decode().strip()

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kh import boot, proc
+from kh import proc
 from kh.allocation import NIC_SLOTS
 from kh.cc.channel import NodeWriter
 from kh.errors import BootError, KhError, KhTimeout
-from kh.hw import board, qemu
+from kh.hw import board, qemu, uboot
 from kh.hw import netns as nsutil
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
@@ -214,7 +214,7 @@ class NodeManager:
                 node.qmp(spec, "set_link", name=f"d{slot}", up=False)
             start = con.mark()
             node.qmp(spec, "cont")
-            con.expect(boot.UBOOT_PROMPT, timeout, stage="U-Boot prompt", start=start)
+            con.expect(uboot.UBOOT_PROMPT, timeout, stage="U-Boot prompt", start=start)
         except BaseException as e:
             if popen.poll() is None and isinstance(e, BootError) and \
                     not isinstance(e, KhTimeout):
@@ -297,7 +297,7 @@ class NodeManager:
     def uboot(self, number: int, line: str, timeout: float = 10.0) -> str:
         node = self.running[number]
         with node.lock:
-            return boot.uboot_command(node.console, line, timeout)
+            return uboot.uboot_command(node.console, line, timeout)
 
     def set_links(self, number: int, used: int) -> None:
         node = self.running[number]
@@ -312,13 +312,13 @@ class NodeManager:
             node.writer.flush()  # input still queued for the old run must not reach the new
             start = node.console.mark()
             node.qmp(spec, "system_reset")
-            node.console.expect(boot.UBOOT_PROMPT, timeout, stage="U-Boot prompt after reset",
+            node.console.expect(uboot.UBOOT_PROMPT, timeout, stage="U-Boot prompt after reset",
                                 start=start)
             # What QEMU already held may still have reached the prompt: clear the line.
             node.console.wait_sent(10)
             start = node.console.mark()
             node.console.write(b"\x03")
-            node.console.expect(boot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
+            node.console.expect(uboot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
                                 start=start)
 
 

@@ -21,6 +21,7 @@ import pytest
 from pyroute2 import NetNS, netns
 
 from kh import boot
+from kh.hw import uboot
 from kh.hw.console import Console
 from kh.service import control
 from kh.service.config import ServiceConfig
@@ -148,8 +149,8 @@ def shell(cfg: ServiceConfig, node: int, artifacts: Path) -> boot.BootedNode:
     con.connect(5)
     start = con.mark()
     con.write(b"\n")
-    con.expect(boot.UBOOT_PROMPT, 10, stage="U-Boot prompt", start=start)
-    return boot.run_kboot(con, 60)
+    con.expect(uboot.UBOOT_PROMPT, 10, stage="U-Boot prompt", start=start)
+    return boot.BootedNode(con, uboot.run_kboot(con, 60))
 
 
 def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 from kh import boot
 from kh.allocation import node_address
 from kh.errors import BootError
-from kh.hw import netns
+from kh.hw import netns, uboot
 from kh.hw.console import Console
 from kh.model import EXTERNAL, PUBLIC
 from kh.service.config import ServiceConfig
@@ -64,8 +64,8 @@ def boot_appliance(cfg: ServiceConfig, text: str, appliance: str, cons: dict[int
     for n, con in cons.items():
         extra = (keys or {}).get(n)
         if extra:
-            boot.uboot_command(con, f'setenv khargs "${{khargs}} {extra}"')
-        booted[n] = boot.run_kboot(con, timeout)
+            uboot.uboot_command(con, f'setenv khargs "${{khargs}} {extra}"')
+        booted[n] = boot.BootedNode(con, uboot.run_kboot(con, timeout))
         assert booted[n].appliance == appliance
     return booted
 

@@ -18,6 +18,7 @@ import pytest
 from kh import boot
 from kh.appliance import builder, spec, uimage
 from kh.errors import BootError, ImageError, KhTimeout
+from kh.hw import uboot
 
 pytestmark = pytest.mark.guest
 REPO = Path(__file__).resolve().parents[2]
@@ -26,11 +27,11 @@ KH = [sys.executable, "-m", "kh.cli.main"]
 
 def test_uboot_prompt_and_kh_environment(boot_config, kh_paths):
     with boot.at_prompt(boot_config(), kh_paths) as node:
-        env = boot.uboot_command(node.console, "printenv loadaddr ramfsaddr kboot")
+        env = uboot.uboot_command(node.console, "printenv loadaddr ramfsaddr kboot")
         assert "loadaddr=0x8000000" in env
         assert "ramfsaddr=0xa000000" in env
         assert "bootm ${loadaddr} ${ramfsaddr}" in env and "${khargs}" in env
-        version = boot.uboot_command(node.console, "version")
+        version = uboot.uboot_command(node.console, "version")
         assert "U-Boot 2023.01" in version
 
 
@@ -38,25 +39,25 @@ def test_mrw_64k_blob_crc32_matches(boot_config, kh_paths):
     blob = bytes(range(256)) * 64 + os.urandom(65536 - 256 * 64)  # every byte value, 64 KiB
     # The paper's own example address; it needs more than 256 MiB of RAM.
     with boot.at_prompt(boot_config(mem_mib=512), kh_paths) as node:
-        line = boot.mrw(node.console, 0x10000000, blob)
+        line = uboot.mrw(node.console, 0x10000000, blob)
         assert line == "mrw: 65536 bytes at 0x10000000"
-        out = boot.uboot_command(node.console, "crc32 0x10000000 10000")
+        out = uboot.uboot_command(node.console, "crc32 0x10000000 10000")
         assert f"==> {zlib.crc32(blob):08x}" in out
-        assert boot.uboot_command(node.console, "printenv filesize").strip() == "filesize=10000"
+        assert uboot.uboot_command(node.console, "printenv filesize").strip() == "filesize=10000"
 
 
 def test_mrw_outside_ram_is_refused_and_console_stays_in_step(boot_config, kh_paths):
     with boot.at_prompt(boot_config(), kh_paths) as node:
         with pytest.raises(BootError, match="mrw refused the load"):
-            boot.mrw(node.console, 0x10000000, b"x" * 1000)  # past the end of 256 MiB
-        assert "U-Boot" in boot.uboot_command(node.console, "version")
+            uboot.mrw(node.console, 0x10000000, b"x" * 1000)  # past the end of 256 MiB
+        assert "U-Boot" in uboot.uboot_command(node.console, "version")
 
 
 def test_mrw_bad_arguments_print_usage(boot_config, kh_paths):
     with boot.at_prompt(boot_config(), kh_paths) as node:
-        out = boot.uboot_command(node.console, "mrw")
+        out = uboot.uboot_command(node.console, "mrw")
         assert "Usage" in out and "mrw" in out
-        out = boot.uboot_command(node.console, "mrw 0x10000000 notanumber")
+        out = uboot.uboot_command(node.console, "mrw 0x10000000 notanumber")
         assert "Usage" in out
 
 

@@ -1,5 +1,5 @@
-"""kh boot's reading of a node's console (what ends a `run kboot`) and its typing of commands
-(checked with the host's own shells, on a pipe and on a terminal)."""
+"""How kh boot types commands at a node's shell (checked with the host's own shells, on a pipe
+and on a terminal), and its command line and signals."""
 
 import json
 import os
@@ -19,23 +19,6 @@ from kh import boot
 from kh.cli.common import stop_on_signals
 from kh.errors import Stopped, UsageError
 from kh.hw.console import Console
-
-
-@pytest.mark.parametrize("line,group,text", [
-    (b"kh-failed: vblade node1: boot key kh.aoe=12.x is missing or malformed\r\n", "failed",
-     b"vblade node1: boot key kh.aoe=12.x is missing or malformed"),
-    (b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n", "panic",
-     b"Kernel panic - not syncing: VFS: Unable to mount root fs"),
-    (b"Wrong Image Format for bootm command\r\n", "uboot", b"Wrong Image Format for bootm command"),
-    (b"kh-ready: apache node3 eth0=10.1.0.3\r\n", "appliance", b"apache"),
-])
-def test_kboot_outcomes_are_whole_lines(line, group, text):
-    # The console can hand over half a line; a half line must not be taken for the message.
-    for cut in range(1, len(line) - 2):
-        assert boot.KBOOT_OUTCOME.search(b"Run /init as init process\r\n" + line[:cut]) is None
-    m = boot.KBOOT_OUTCOME.search(b"Run /init as init process\r\n" + line)
-    assert m is not None and m.group(group) == text
-
 
 # --- how `kh boot` and BootedNode.run type a command at the node's shell -------------------
 

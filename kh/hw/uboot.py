@@ -1,0 +1,72 @@
+"""kh's U-Boot over a node's serial console: the prompt, a command, `run kboot`, `mrw`.
+
+Used by `kh boot` and by khd's node manager.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kh.errors import BootError
+from kh.hw.console import Console
+
+UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 output is no prompt
+READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
+KBOOT_OUTCOME = re.compile(
+    READY.pattern
+    # Whole lines only: the console may hand over half a line, and the message is the point.
+    + rb"|kh-failed: (?P<failed>[^\r\n]*)\r?\n"
+    + rb"|(?P<panic>Kernel panic[^\r\n]*)\r?\n"
+    + rb"|(?P<uboot>(?:Bad Magic Number|Wrong Image Format|Bad Data CRC|Bad Header Checksum"
+    rb"|ERROR: )[^\r\n]*)\r?\n")
+MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
+                         rb"|error: (?P<error>[^\r\n]*))(?=\r?\n)", re.MULTILINE)
+
+
+def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:
+    """Type one command at the U-Boot prompt and return what it printed (the lines between
+    the echoed command and the next prompt, ``\\n`` line ends)."""
+    start = console.mark()
+    console.write(line.encode() + b"\n")
+    m = console.expect(UBOOT_PROMPT, timeout, stage=f"U-Boot prompt after {line!r}",
+                       start=start)
+    text = console.text(start)[: m.start() - start].decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n")
+    return text.split("\n", 1)[1] if "\n" in text else ""
+
+
+def run_kboot(con: Console, timeout: float) -> str:
+    """Type `run kboot` at a U-Boot prompt and wait for the appliance's ready line; return the
+    appliance's name. Raises BootError for a failed appliance, a kernel panic or images U-Boot
+    refused (with the line that said so), KhTimeout after ``timeout`` seconds."""
+    log = con.log_path
+    start = con.mark()
+    con.write(b"run kboot\n")
+    m = con.expect(KBOOT_OUTCOME, timeout, stage="appliance ready line", start=start)
+    if m.group("failed"):
+        raise BootError(f"the appliance failed: {m.group('failed').decode(errors='replace')}",
+                        f"console log: {log}")
+    if m.group("panic"):
+        raise BootError(f"the kernel panicked: {m.group('panic').decode(errors='replace')}",
+                        f"console log: {log}")
+    if m.group("uboot"):
+        raise BootError(f"U-Boot refused the images: {m.group('uboot').decode(errors='replace')}",
+                        f"console log: {log}")
+    return m.group("appliance").decode()
+
+
+def mrw(console: Console, addr: int, data: bytes, timeout: float | None = None) -> str:
+    """Load ``data`` at ``addr`` through the console with U-Boot's ``mrw``; return its line.
+
+    The data follows the command line at once: ``mrw`` takes exactly ``len(data)`` raw bytes
+    from the console, so nothing has to be escaped.
+    """
+    start = console.mark()
+    console.write(f"mrw 0x{addr:x} {len(data)}\n".encode() + data)
+    budget = timeout if timeout is not None else 30 + len(data) / 5000
+    m = console.expect(MRW_OUTCOME, budget, stage="mrw completion line", start=start)
+    console.expect(UBOOT_PROMPT, 10, stage="U-Boot prompt after mrw", start=m.end())
+    if m.group("error"):
+        raise BootError(f"mrw refused the load: {m.group('error').decode(errors='replace')}",
+                        "load into free RAM below U-Boot's own memory")
+    return m.group(0).decode().strip()
