@@ -24,11 +24,12 @@ def free_port() -> int:
 
 
 def khget(cfg: ServiceConfig, count: int, *opts: str, user: str = "bench") -> str:
-    """The text object of `khget -c bench [OPTS] USER COUNT` against ``cfg``'s khd."""
-    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix}
-    return subprocess.run([str(REPO / ".venv/bin/khget"), *opts, "-c", CRED, user,
-                           str(count)], env=env, capture_output=True, text=True,
-                          check=True).stdout
+    """The text object of `KH_CREDENTIAL=bench khget [OPTS] USER COUNT` against ``cfg``'s
+    khd (the credential in the environment, not on the command line)."""
+    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
+           "KH_CREDENTIAL": CRED}
+    return subprocess.run([str(REPO / ".venv/bin/khget"), *opts, user, str(count)], env=env,
+                          capture_output=True, text=True, check=True).stdout
 
 
 def alloc_of(text: str) -> int:

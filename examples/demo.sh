@@ -25,8 +25,8 @@ $KH service start --nodes 4
 echo
 echo "== the paper's Listing 1 with the shell appliance: khget, khdo loadkernel, loadramdisk, run kboot"
 KHDO=.venv/bin/khdo
-export KH_CREDENTIAL=democred
-nodes=$($KHGET -c democred alice 2)
+export KH_CREDENTIAL=democred  # the credential itself, for khget and khdo: never on a command line
+nodes=$($KHGET alice 2)
 echo "$nodes"
 echo "$nodes" | $KHDO loadkernel images/out/uImage >/dev/null
 echo "$nodes" | $KHDO loadramdisk images/out/shell.cpio.gz.uimg >/dev/null
@@ -41,7 +41,7 @@ done
 echo "$out" | grep -E '^(Linux|[0-9]+: eth0)'
 echo
 echo "== the web farm: two more nodes on the public domain boot the apache appliance (Apache httpd)"
-web=$($KHGET -c democred -i alice 2)
+web=$($KHGET -i alice 2)
 echo "$web" | $KHDO loadkernel images/out/uImage >/dev/null
 echo "$web" | $KHDO loadramdisk images/out/apache.cpio.gz.uimg >/dev/null
 echo "$web" | $KHDO write "run kboot" >/dev/null 2>&1

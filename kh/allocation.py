@@ -32,8 +32,14 @@ class Request:
     def check(self) -> None:
         if self.count < 1:
             raise UsageError(f"node count must be at least 1, got {self.count}")
+        if self.count > MAX_NODE:
+            raise UsageError(f"node count {self.count} is more than a machine has",
+                             f"at most {MAX_NODE}")
         if self.new_private < 0:
             raise UsageError(f"-p takes a non-negative number, got {self.new_private}")
+        if self.new_private + len(self.existing) > NIC_SLOTS:
+            raise UsageError(f"{self.new_private + len(self.existing)} private domains asked "
+                             f"for; a node has {NIC_SLOTS} interfaces")
         if len(set(self.existing)) != len(self.existing):
             raise UsageError("-n lists a domain twice")
         for d in self.existing:
@@ -51,11 +57,14 @@ class DomainPlan:
     create: tuple[Domain, ...]
 
 
-def plan_domains(req: Request, owned: dict[int, str], next_netid: int) -> DomainPlan:
+def plan_domains(req: Request, owned: dict[int, str], next_netid: int = FIRST_PRIVATE,
+                 quota: int | None = None) -> DomainPlan:
     """Decide the allocation's domains.
 
     ``owned`` maps every existing private netid to its owner. Without -p/-n the nodes join the
-    principal's first private domain, which the first allocation creates.
+    principal's first private domain, which the first allocation creates. New domains take
+    the lowest free ids from ``next_netid`` on (ids of removed domains come back). A principal
+    holds at most ``quota`` private domains.
     """
     req.check()
     mine = sorted(d for d, o in owned.items() if o == req.user)
@@ -73,6 +82,11 @@ def plan_domains(req: Request, owned: dict[int, str], next_netid: int) -> Domain
             private.append(Domain(mine[0], DomainKind.PRIVATE, req.user))
         else:
             wanted_new = 1
+    if quota is not None and len(mine) + wanted_new > quota:
+        raise AllocationError(
+            f"principal {req.user} holds {len(mine)} private domains and asks for "
+            f"{wanted_new} more: over its private-domain quota of {quota}",
+            "remove one with `kh domain rm`, or ask the operator to raise --domain-quota")
     for _ in range(wanted_new):
         while netid in owned or netid < FIRST_PRIVATE:
             netid += 1

@@ -182,9 +182,17 @@ class Store:
             db.execute("INSERT INTO domains VALUES (?, ?, ?, ?)",
                        (d.netid, d.kind.value, d.owner, time.time()))
 
-    def remove_domain(self, netid: int) -> None:
+    def remove_domain(self, netid: int) -> bool:
+        """Forget domain ``netid`` in one transaction, unless a live allocation uses it (then
+        nothing changes and the answer is False). Released allocations that used it forget it
+        too, so that its id can be given to another domain."""
         with self.tx() as db:
+            if self.domain_in_use(netid):
+                return False
+            db.execute("DELETE FROM alloc_domains WHERE netid=? AND alloc IN "
+                       "(SELECT id FROM allocations WHERE released IS NOT NULL)", (netid,))
             db.execute("DELETE FROM domains WHERE netid=?", (netid,))
+            return True
 
     def domain_in_use(self, netid: int) -> bool:
         return bool(self._rows(
@@ -219,6 +227,13 @@ class Store:
             if a:
                 out.append(a)
         return out
+
+    def forget_allocation(self, alloc: int) -> None:
+        """Undo ``add_allocation`` of an allocation no node joined (a khget that failed)."""
+        with self.tx() as db:
+            db.execute("DELETE FROM alloc_domains WHERE alloc=?", (alloc,))
+            db.execute("DELETE FROM allocations WHERE id=? AND NOT EXISTS "
+                       "(SELECT 1 FROM nodes WHERE alloc=?)", (alloc, alloc))
 
     def release_allocation(self, alloc: int) -> None:
         with self.tx() as db:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kh import proc, textobj
-from kh.admission import read_credential
+from kh.cli import credential
 from kh.cli.common import entry, handle_errors, setup_logging
 from kh.errors import KhError, UsageError
 from kh.hw.board import BOARDS
@@ -165,8 +165,9 @@ def _one(args: list[str], func: str) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
                                  "ignore_unknown_options": True})
-@click.option("-c", "cred", envvar="KH_CREDENTIAL",
-              help="The principal's credential (or a file); else ssh keys are tried.")
+@click.option("-c", "cred", metavar="FILE",
+              help=f"File holding the principal's credential; without -c, "
+                   f"${credential.ENV} holds the credential itself; else ssh keys are tried.")
 @click.option("-p", "--port", type=int, envvar="KH_SSH_PORT", default=7422, show_default=True,
               help="The control channel's ssh port.")
 @click.option("-i", "key", type=click.Path(path_type=Path), help="An ssh private key.")
@@ -186,6 +187,7 @@ def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug
     setup_logging(debug)
     if func not in FUNCS:
         raise UsageError(f"unknown function {func!r}", f"one of: {', '.join(FUNCS)}")
+    cred_text = credential.resolve(cred, stdin_free=False)
     if sys.stdin.isatty():
         raise UsageError("khdo reads khget's text object on stdin",
                          'echo "$nodes" | khdo ' + func)
@@ -193,7 +195,7 @@ def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug
     obj = textobj.parse(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
-    c = Ctx(obj, read_credential(cred), port, key, netns)
+    c = Ctx(obj, cred_text, port, key, netns)
     try:
         status = FUNCS[func](c, list(args))
     except subprocess.SubprocessError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kh.admission import read_credential
+from kh.cli import credential
 from kh.cli.common import entry, handle_errors, setup_logging
 from kh.cli.service import client
 from kh.errors import UsageError
@@ -20,7 +20,8 @@ def _netids(text: str | None) -> list[int]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "cred", help="Credential (or a file holding it); registers a new USER.")
+@click.option("-c", "cred", metavar="FILE",
+              help=credential.HELP + " The first use registers a new USER with it.")
 @click.option("-p", "new_private", type=int, default=0, help="Create N private domains.")
 @click.option("-n", "netids", help="Existing private domains, e.g. 3,4.")
 @click.option("-i", "public", is_flag=True, help="Add the nodes to the public domain (D1).")
@@ -34,7 +35,7 @@ def main(cred: str | None, new_private: int, netids: str | None, public: bool, e
          as_json: bool, debug: bool, user: str, count: int) -> None:
     """Allocate COUNT nodes (default 1) for principal USER."""
     setup_logging(debug)
-    body = {"user": user, "credential": read_credential(cred), "count": count,
+    body = {"user": user, "credential": credential.resolve(cred), "count": count,
             "p": new_private, "n": _netids(netids), "i": public, "x": external}
     click.echo(client().call("POST", "/v1/allocations", body, as_json=as_json), nl=False)
 

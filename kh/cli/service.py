@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from kh.admission import read_credential
+from kh.cli import credential
 from kh.cli.common import handle_errors
 from kh.client import Client
 from kh.errors import UsageError
@@ -31,13 +31,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def principal_options(fn: F) -> F:
-    fn = click.option("-c", "--credential", "cred", help="Credential, or a file holding it.")(fn)
+    fn = click.option("-c", "--credential", "cred", metavar="FILE", help=credential.HELP)(fn)
     return click.option("-u", "--user", required=True, help="The principal.")(fn)
 
 
 def as_principal(user: str, cred: str | None, path: str, **extra: object) -> None:
     """POST a principal's request to khd and print its answer."""
-    body = {"user": user, "credential": read_credential(cred), **extra}
+    body = {"user": user, "credential": credential.resolve(cred), **extra}
     click.echo(client().call("POST", path, body), nl=False)
 
 
@@ -57,14 +57,17 @@ def register(main: click.Group) -> None:
     @click.option("--nodes", type=int, help="Nodes the machine has (kept warm).")
     @click.option("--port", type=int, help="API port on 127.0.0.1 and in the fabric.")
     @click.option("--uplink-netns", help="Network namespace the external domain reaches.")
+    @click.option("--domain-quota", type=int,
+                  help="Private domains one principal may hold (default 16).")
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
     def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
-                      no_wait: bool) -> None:
+                      domain_quota: int | None, no_wait: bool) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
         pool can start."""
-        cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns)
+        cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns,
+                       domain_quota=domain_quota)
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control
         t0 = time.monotonic()

@@ -122,7 +122,15 @@ class Fabric:
             self._ensure_nat()
         return name
 
+    def domain_bridges(self) -> list[int]:
+        """The netids whose bridges exist now (found by their names)."""
+        prefix = self.cfg.bridge(0)[:-1]
+        return sorted(int(n[len(prefix):]) for n in self.links()
+                      if n.startswith(prefix) and n[len(prefix):].isdigit()
+                      and n[len(prefix):].isascii())
+
     def remove_domain(self, netid: int) -> None:
+        """Delete the domain's bridge, if it is there (so removal can be done again)."""
         with self.ns() as ns:
             idx = ns.link_lookup(ifname=self.cfg.bridge(netid))
             if idx:

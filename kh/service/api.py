@@ -1,12 +1,14 @@
 """khd's HTTP API: on a unix socket, on 127.0.0.1, and inside the fabric on the public domain.
 
 Text by default (khget's text object), JSON with ``Accept: application/json`` or
-``?format=json``. Request bodies are JSON or form-encoded (busybox wget inside a node posts
-forms). docs/api.yaml is the OpenAPI description.
+``?format=json``. Request bodies are JSON objects only (kh.service.request reads them, strictly);
+every malformed request is a 4xx with a one-line reason. docs/api.yaml is the OpenAPI
+description.
 """
 
 from __future__ import annotations
 
+import http
 import http.server
 import json
 import logging
@@ -22,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from kh import textobj
-from kh.admission import AuthError, read_credential
-from kh.allocation import AllocationError, Request
+from kh.admission import AuthError
+from kh.allocation import MAX_NODE, AllocationError, Request
 from kh.errors import KhError, UsageError
+from kh.service import request as rq
 from kh.service.core import Hardware, NotFound, Service
 
 log = logging.getLogger("kh.api")
-MAX_BODY = 64 * 1024
-STATUS = {UsageError: 400, AuthError: 403, NotFound: 404, AllocationError: 409}
+MAX_BODY = rq.MAX_BODY
+# The most specific first: TooLarge and Unsupported are UsageErrors.
+STATUS = {rq.TooLarge: 413, rq.Unsupported: 415, UsageError: 400, AuthError: 403,
+          NotFound: 404, AllocationError: 409}
 
 
 def _status(e: KhError) -> int:
@@ -37,35 +42,6 @@ def _status(e: KhError) -> int:
         if isinstance(e, cls):
             return code
     return 500
-
-
-def _int(body: dict[str, Any], key: str, default: int) -> int:
-    v = body.get(key)
-    if v in ("", None):
-        return default
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise UsageError(f"`{key}` must be a number, got {v!r}") from None
-
-
-def _flag(body: dict[str, Any], key: str) -> bool:
-    v = body.get(key, False)
-    if isinstance(v, str):
-        return v.lower() in ("1", "true", "yes", "on")
-    return bool(v)
-
-
-def _netids(body: dict[str, Any]) -> tuple[int, ...]:
-    v = body.get("n", [])
-    if isinstance(v, str):
-        v = [x for x in v.split(",") if x.strip()]
-    if not isinstance(v, list):
-        raise UsageError("`n` must be a list of domain ids")
-    try:
-        return tuple(int(x) for x in v)
-    except (TypeError, ValueError):
-        raise UsageError(f"bad domain list {v!r}", "write -n 3,4") from None
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -93,11 +69,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = (json.dumps(data, indent=1) + "\n").encode()
             ctype = "application/json"
         else:
-            body = text.encode()
+            body = text.encode("utf-8", "backslashreplace")
             ctype = "text/plain; charset=utf-8"
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -113,43 +91,51 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _error(self, code: int, e: KhError) -> None:
         self._send(code, f"kh: {e}\n", {"error": e.message, "hint": e.hint})
 
-    def _body(self) -> dict[str, Any]:
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise UsageError("bad Content-Length") from None
-        if n > MAX_BODY:
-            raise UsageError(f"request body of {n} bytes is too large", f"at most {MAX_BODY}")
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (a bad request line, headers too long, a method khd
+        does not serve) in khd's one-line form; the connection is closed after them."""
+        if code == http.HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's fault
+            code, message = 405, f"method {self.command!r} is not served"
+        elif code == http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # so is HTTP/2.0 or 9.9
+            code, message = 400, f"{message} (khd speaks HTTP/1.0 and 1.1)"
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in 1.0
+            self.request_version = "HTTP/1.0"
+        body = f"kh: {message or http.HTTPStatus(code).phrase}\n".encode("utf-8", "replace")
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+
+    def _body(self, method: str) -> dict[str, Any]:
+        """The request's JSON object; its length is checked before a byte of it is read."""
+        n = rq.content_length(self.headers)
         raw = self.rfile.read(n) if n else b""
-        if not raw:
-            return {}
-        ctype = self.headers.get("Content-Type", "")
-        try:
-            if "json" in ctype:
-                data = json.loads(raw)
-            else:
-                data = {k: v[-1] for k, v in
-                        urllib.parse.parse_qs(raw.decode(), keep_blank_values=True).items()}
-        except (ValueError, UnicodeDecodeError):
-            raise UsageError("request body is not valid JSON or form data") from None
-        if not isinstance(data, dict):
-            raise UsageError("request body must be an object")
-        return data
+        if len(raw) < n:
+            self.close_connection = True
+            raise rq.BadFraming(f"request body ended after {len(raw)} of {n} bytes")
+        return rq.parse_body(raw, self.headers.get("Content-Type")) if method == "POST" else {}
 
     def _route(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
         try:
-            body = self._body() if method == "POST" else {}
+            body = self._body(method)
             for m, rx, fn in ROUTES:
                 if m == method and (match := re.fullmatch(rx, path)):
                     code, text, data = fn(self.service, body, *match.groups())
                     self._send(code, text, data)
                     return
-            raise NotFound(f"no such API endpoint: {method} {path}")
+            raise NotFound(f"no such API endpoint: {method} {path[:80]}")
         except KhError as e:
+            if isinstance(e, (rq.BadFraming, rq.TooLarge)):
+                self.close_connection = True  # the body was not read: the stream is lost
             self._error(_status(e), e)
         except Exception as e:
-            log.exception("internal error on %s %s", method, path)
+            log.exception("internal error on %s %s", method, path[:80])
             self._error(500, KhError(f"internal error: {type(e).__name__}: {e}"))
 
     def do_GET(self) -> None:
@@ -162,63 +148,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
 Result = tuple[int, "str | Path", Any]
 
 
-def _cred(body: dict[str, Any]) -> str | None:
-    c = body.get("credential")
-    if c is not None and not isinstance(c, str):
-        raise UsageError("`credential` must be a string")
-    return read_credential(c) if c else None
-
-
-def _user(body: dict[str, Any]) -> str:
-    u = body.get("user")
-    if not isinstance(u, str) or not u:
-        raise UsageError("`user` is required")
-    return u
-
-
 def allocate(svc: Service, body: dict[str, Any]) -> Result:
-    req = Request(user=_user(body), count=_int(body, "count", 1),
-                  new_private=_int(body, "p", 0), existing=_netids(body),
-                  public=_flag(body, "i"), external=_flag(body, "x"))
-    a = svc.khget(req, _cred(body))
+    # any integer here; Request.check says what is wrong with one out of range
+    req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, -rq.MAX_ID),
+                  new_private=rq.integer(body, "p", 0, -rq.MAX_ID),
+                  existing=rq.integers(body, "n"),
+                  public=rq.flag(body, "i"), external=rq.flag(body, "x"))
+    a = svc.khget(req, rq.credential(body))
     return 201, textobj.format(a), textobj.to_json(a)
 
 
 def release(svc: Service, body: dict[str, Any], alloc: str) -> Result:
-    nodes = body.get("nodes") or []
-    if isinstance(nodes, str):
-        nodes = [x for x in nodes.split(",") if x]
-    done = svc.release(int(alloc), _user(body), _cred(body), [int(n) for n in nodes])
+    done = svc.release(rq.path_id(alloc, "allocation"), rq.user(body), rq.credential(body),
+                       list(rq.integers(body, "nodes", MAX_NODE)))
     return 200, f"released {' '.join(map(str, done))}\n", {"released": done}
 
 
 def reset(svc: Service, body: dict[str, Any], node: str) -> Result:
-    svc.reset(int(node), _user(body), _cred(body))
-    return 200, f"node {node} is at the U-Boot prompt\n", {"reset": int(node)}
+    number = rq.path_id(node, "node")
+    svc.reset(number, rq.user(body), rq.credential(body))
+    return 200, f"node {number} is at the U-Boot prompt\n", {"reset": number}
 
 
 def domain_rm(svc: Service, body: dict[str, Any], netid: str) -> Result:
-    svc.remove_domain(int(netid), _user(body), _cred(body))
-    return 200, f"domain {netid} removed\n", {"removed": int(netid)}
+    n = rq.path_id(netid, "domain")
+    svc.remove_domain(n, rq.user(body), rq.credential(body))
+    return 200, f"domain {n} removed\n", {"removed": n}
 
 
 def key_add(svc: Service, body: dict[str, Any]) -> Result:
-    key = body.get("key")
-    if not isinstance(key, str):
-        raise UsageError("`key` must be an OpenSSH public key line")
+    key = rq.text(body, "key", 16 * 1024)
     alloc = body.get("allocation")
-    kid = svc.add_key(_user(body), _cred(body), key,
-                      None if alloc in (None, "") else _int(body, "allocation", 0))
+    kid = svc.add_key(rq.user(body), rq.credential(body), key,
+                      None if alloc is None else rq.integer(body, "allocation", 0))
     return 201, f"key {kid} added\n", {"id": kid}
 
 
 def key_remove(svc: Service, body: dict[str, Any], key_id: str) -> Result:
-    svc.remove_key(_user(body), _cred(body), int(key_id))
-    return 200, f"key {key_id} removed\n", {"removed": int(key_id)}
+    kid = rq.path_id(key_id, "key")
+    svc.remove_key(rq.user(body), rq.credential(body), kid)
+    return 200, f"key {kid} removed\n", {"removed": kid}
 
 
 def key_list(svc: Service, body: dict[str, Any]) -> Result:
-    keys = svc.list_keys(_user(body), _cred(body))
+    keys = svc.list_keys(rq.user(body), rq.credential(body))
     text = "".join(f"{k['id']:>4} {k['allocation'] or 'all'!s:>5} {k['key']} {k['comment']}\n"
                    for k in keys)
     return 200, text, keys
@@ -280,14 +253,15 @@ def image(svc: Service, body: dict[str, Any], name: str) -> Result:
     return 200, p, None
 
 
+ID = r"([^/]+)"  # an id in a path: checked by its handler (rq.path_id), so "abc" is a 400
 ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/allocations", allocate),
-    ("POST", r"/v1/allocations/(\d+)/release", release),
-    ("POST", r"/v1/nodes/(\d+)/reset", reset),
-    ("POST", r"/v1/domains/(\d+)/remove", domain_rm),
+    ("POST", rf"/v1/allocations/{ID}/release", release),
+    ("POST", rf"/v1/nodes/{ID}/reset", reset),
+    ("POST", rf"/v1/domains/{ID}/remove", domain_rm),
     ("POST", r"/v1/keys", key_add),
     ("POST", r"/v1/keys/list", key_list),
-    ("POST", r"/v1/keys/(\d+)/remove", key_remove),
+    ("POST", rf"/v1/keys/{ID}/remove", key_remove),
     ("GET", r"/v1/ps", ps),
     ("GET", r"/v1/hw", hw),
     ("GET", r"/v1/status", status),

@@ -30,6 +30,7 @@ class ServiceConfig:
     prefix: str = "kh"
     uplink_netns: str | None = None
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
+    domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
 
     @property
     def fabric(self) -> FabricConfig:
@@ -103,6 +104,7 @@ def from_env(**overrides: object) -> ServiceConfig:
         "prefix": env.get("KH_PREFIX", "kh"),
         "uplink_netns": env.get("KH_UPLINK_NETNS") or None,
         "qemu": env.get("KH_QEMU") or None,
+        "domain_quota": int(env.get("KH_DOMAIN_QUOTA", "16")),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServiceConfig(**values)  # type: ignore[arg-type]

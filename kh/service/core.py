@@ -10,6 +10,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,16 @@ class NotFound(KhError):
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """A principal whose credential was checked: its stored (salt, hash) as seen then (None:
+    a new principal), and for a new one the salted hash to store once the request succeeds."""
+
+    user: str
+    seen: tuple[bytes, bytes] | None
+    pending: tuple[bytes, bytes] | None
+
+
+@dataclass(frozen=True)
 class Hardware:
     """`kh hw`: the documented node."""
 
@@ -85,13 +96,23 @@ class Service:
         (reporting what had to be repaired), and start filling the pool in the background."""
         self.cfg.run.mkdir(parents=True, exist_ok=True)
         self.fabric.ensure()
-        for d in self.store.domains():
-            self.fabric.ensure_domain(d.netid)
+        self.sync_fabric()
         with self.lock:
             self.repairs = self.pool.adopt()
         for r in self.repairs:
             log.warning("repaired: %s", r)
         self.pool.start()
+
+    def sync_fabric(self) -> None:
+        """A bridge for every domain of the state, and none for a domain it no longer has (a
+        `kh domain rm` whose bridge removal did not happen is finished here)."""
+        known = {d.netid for d in self.store.domains()}
+        for netid in sorted(known):
+            self.fabric.ensure_domain(netid)
+        for netid in sorted(set(self.fabric.domain_bridges()) - known):
+            self.fabric.remove_domain(netid)
+            log.warning("removed the bridge of domain %d, which the state no longer has",
+                        netid)
 
     def shutdown(self) -> None:
         """khd is going away: starts under way are ended; running nodes keep running."""
@@ -100,40 +121,53 @@ class Service:
         self.store.close()
 
     # -- admission -----------------------------------------------------------------------------
-    def authenticate(self, user: str, credential: str | None, *, register: bool
-                     ) -> tuple[bytes, bytes] | None:
-        """Check a principal's credential. For an unknown principal with ``register``, return
-        the salted hash to store once the request has succeeded (a refused request leaves no
-        trace); otherwise refuse."""
+    def authenticate(self, user: str, credential: str | None, *, register: bool = False
+                     ) -> Admitted:
+        """Check a principal's credential, without khd's lock (scrypt takes ~15 ms). An
+        unknown principal and a wrong credential get the same answer after the same work.
+        With ``register`` an unknown principal is new: its salted hash comes back, to be stored
+        once the request has succeeded (a refused request leaves no trace)."""
         admission.check_user(user)
+        if credential is not None:
+            admission.check_credential(credential)
         known = self.store.principal(user)
-        if known is None:
-            if not register:
-                raise admission.AuthError(f"unknown principal {user}",
-                                          "khget -c CRED USER registers it")
+        if known is None and register:
             if credential is None:
-                raise admission.AuthError(f"principal {user} is new: a credential is needed "
-                                          "to register it", "pass one with -c")
-            return admission.hash_credential(credential)
-        admission.verify(credential, known[0], known[1], user)
-        return None
+                raise admission.missing(user)
+            return Admitted(user, None, admission.hash_credential(credential))
+        admission.verify(credential, known, user)
+        return Admitted(user, known, None)
+
+    @contextlib.contextmanager
+    def admitted(self, user: str, credential: str | None, *, register: bool = False
+                 ) -> Iterator[Admitted]:
+        """Authenticate outside the lock, then hold khd's lock for the request while the
+        principal is still as it was checked (a concurrent first use may have registered
+        it in between: then the check is made again)."""
+        for _ in range(3):
+            adm = self.authenticate(user, credential, register=register)
+            with self.lock:
+                if self.store.principal(user) != adm.seen:
+                    continue
+                yield adm
+                return
+        raise admission.refused(user)
 
     # -- khget -------------------------------------------------------------------------------
     def khget(self, req: Request, credential: str | None) -> AllocationInfo:
         req.check()
-        with self.lock:
-            pending = self.authenticate(req.user, credential, register=True)
+        with self.admitted(req.user, credential, register=True) as adm:
             owned = self.store.private_owners()
-            next_id = max([FIRST_PRIVATE - 1, *owned]) + 1
-            plan = plan_domains(req, owned, next_id)
+            # the lowest free id: ids of removed domains are given out again
+            plan = plan_domains(req, owned, FIRST_PRIVATE, quota=self.cfg.domain_quota)
             free = [r.number for r in self.store.nodes(NodeState.FREE)
                     if r.number in self.nodes.running]
             if req.count > len(free):
                 raise shortage(req.count, len(free), self.pool.status())
             chosen = choose_nodes(free, req.count)
             with contextlib.ExitStack() as undo:
-                if pending is not None:
-                    self.store.add_principal(req.user, *pending)
+                if adm.pending is not None:
+                    self.store.add_principal(req.user, *adm.pending)
                     undo.callback(self.store.remove_principal, req.user)
                 for d in plan.create:
                     self.store.add_domain(d)
@@ -142,7 +176,7 @@ class Service:
                     undo.callback(self.fabric.remove_domain, d.netid)
                 netids = tuple(d.netid for d in plan.order)
                 alloc = self.store.add_allocation(req.user, netids)
-                undo.callback(self.store.release_allocation, alloc)
+                undo.callback(self.store.forget_allocation, alloc)
                 with ThreadPoolExecutor(max_workers=8) as ex:
                     list(ex.map(lambda n: self._configure(n, plan.order), chosen))
                 for n in chosen:
@@ -173,8 +207,8 @@ class Service:
         return AllocationInfo(alloc, self.cfg.server, order, nodes)
 
     # -- management --------------------------------------------------------------------------
-    def _own_allocation(self, alloc: int, user: str, credential: str | None) -> None:
-        self.authenticate(user, credential, register=False)
+    def _own_allocation(self, alloc: int, user: str) -> None:
+        """Under the lock, for an authenticated ``user``: ``alloc`` is live and theirs."""
         row = self.store.allocation(alloc)
         if row is None or row.released is not None:
             raise NotFound(f"no active allocation {alloc}")
@@ -185,8 +219,8 @@ class Service:
                 nodes: list[int] | None = None) -> list[int]:
         """Give nodes back; their QEMUs are replaced by fresh ones (no principal data
         survives into the pool). Domains stay until `kh domain rm`."""
-        with self.lock:
-            self._own_allocation(alloc, user, credential)
+        with self.admitted(user, credential):
+            self._own_allocation(alloc, user)
             numbers = [r.number for r in self.store.nodes_of(alloc)]
             if nodes:
                 stray = sorted(set(nodes) - set(numbers))
@@ -202,11 +236,11 @@ class Service:
         return numbers
 
     def reset(self, number: int, user: str, credential: str | None) -> None:
-        with self.lock:
+        with self.admitted(user, credential):
             row = self.store.node(number)
             if row is None or row.alloc is None:
                 raise NotFound(f"node {number} is not allocated")
-            self._own_allocation(row.alloc, user, credential)
+            self._own_allocation(row.alloc, user)
             if number not in self.nodes.running:
                 raise NotFound(f"node {number} is not running ({row.state.value})")
             a = self.info(row.alloc)
@@ -214,38 +248,41 @@ class Service:
         self._configure(number, a.domains)
 
     def remove_domain(self, netid: int, user: str, credential: str | None) -> None:
-        with self.lock:
-            self.authenticate(user, credential, register=False)
+        """Remove a private domain of the principal's, wholly or not at all: the state first
+        (one transaction, refused while a live allocation uses the domain), then the bridge.
+        Should the bridge outlive a failure, the next khd start removes it, and a domain
+        given the same id later takes the bridge over (it has no node left on it)."""
+        with self.admitted(user, credential):
             owners = self.store.private_owners()
             if netid in (EXTERNAL, PUBLIC) or netid not in owners:
                 raise NotFound(f"no private domain {netid}")
             if owners[netid] != user:
                 raise admission.AuthError(f"domain {netid} belongs to another principal")
-            if self.store.domain_in_use(netid):
+            if not self.store.remove_domain(netid):
                 raise AllocationError(f"domain {netid} still has allocated nodes",
                                       "release them first")
-            self.fabric.remove_domain(netid)
-            self.store.remove_domain(netid)
+            try:
+                self.fabric.remove_domain(netid)
+            except Exception as e:  # the state is already right; the bridge goes later
+                log.warning("domain %d removed, but not its bridge yet: %s", netid, e)
 
     # -- control-channel keys ------------------------------------------------------------------
     def add_key(self, user: str, credential: str | None, key: str, alloc: int | None) -> int:
         """Let a public key open the principal's channels (or only allocation ``alloc``'s)."""
         from kh.cc.sshd import parse_public_key
-        with self.lock:
-            self.authenticate(user, credential, register=False)
+        with self.admitted(user, credential):
             if alloc is not None:
-                self._own_allocation(alloc, user, credential)
+                self._own_allocation(alloc, user)
             blob, comment = parse_public_key(key)
             return self.store.add_key(user, blob, comment, alloc)
 
     def remove_key(self, user: str, credential: str | None, key_id: int) -> None:
-        with self.lock:
-            self.authenticate(user, credential, register=False)
+        with self.admitted(user, credential):
             if not self.store.remove_key(user, key_id):
                 raise NotFound(f"principal {user} has no key {key_id}")
 
     def list_keys(self, user: str, credential: str | None) -> list[dict[str, Any]]:
-        self.authenticate(user, credential, register=False)
+        self.authenticate(user, credential)
         return [{"id": k[0], "allocation": k[2], "key": k[3][:40] + "...", "comment": k[4]}
                 for k in self.store.keys(user)]
 

@@ -6,6 +6,8 @@ test fails, so a red CI run carries every node's console log.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,8 +156,24 @@ def shell(cfg: ServiceConfig, node: int, artifacts: Path) -> boot.BootedNode:
     return boot.BootedNode(con, uboot.run_kboot(con, 60))
 
 
+_CRED_DIR: list[Path] = []
+
+
+def credfile(secret: str) -> str:
+    """A file holding ``secret``, readable by root only: what `-c FILE` takes (a credential is
+    never put on a command line)."""
+    if not _CRED_DIR:
+        _CRED_DIR.append(Path(tempfile.mkdtemp(prefix="kh-test-cred-")))
+        atexit.register(shutil.rmtree, _CRED_DIR[0], True)
+    path = _CRED_DIR[0] / hashlib.sha256(secret.encode()).hexdigest()[:16]
+    if not path.exists():
+        path.write_text(secret + "\n")
+        path.chmod(0o600)
+    return str(path)
+
+
 def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:
-    r = kh(cfg, "release", "-u", user, "-c", cred, str(alloc))
+    r = kh(cfg, "release", "-u", user, "-c", credfile(cred), str(alloc))
     assert r.returncode == 0, r.stderr
 
 

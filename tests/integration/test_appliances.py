@@ -20,7 +20,7 @@ from kh.hw import netns, uboot
 from kh.hw.console import Console
 from kh.model import EXTERNAL, PUBLIC
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import allocate, ps, release, wait_free
+from tests.integration.conftest import allocate, credfile, ps, release, wait_free
 from tests.integration.test_channel import khdo
 
 pytestmark = [pytest.mark.guest, pytest.mark.scenario]
@@ -90,7 +90,7 @@ def netid_of(text: str, iface: int) -> int:
 def test_apache_answers_200_with_its_node_name(khd, artifacts):
     wait_free(khd, 1)
     # In the external domain, so the principal's host (the test's outside world) can fetch.
-    alloc, nodes, text = take(khd, "-x", "-c", CRED, USER, "1")
+    alloc, nodes, text = take(khd, "-x", "-c", credfile(CRED), USER, "1")
     with consoles(khd, nodes, artifacts) as cons:
         (web,) = boot_appliance(khd, text, "apache", cons).values()
         assert "apache" in ready_line(web)
@@ -104,11 +104,11 @@ def test_apache_answers_200_with_its_node_name(khd, artifacts):
 def test_gateway_forwards_out_of_pnet_and_not_back_in(khd, artifacts):
     wait_free(khd, 3)
     # The gateway: public domain + a new private domain (pnet), as in Figure 3 (without -x).
-    ga, (gw,), gtext = take(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
+    ga, (gw,), gtext = take(khd, "-i", "-p", "1", "-c", credfile(CRED), USER, "1")
     pnet = netid_of(gtext, 1)
-    pa, (inner,), ptext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+    pa, (inner,), ptext = take(khd, "-n", str(pnet), "-c", credfile(CRED), USER, "1")
     # A server on the public domain, of another principal.
-    sa, (server,), stext = take(khd, "-i", "-c", "othercred", "other", "1")
+    sa, (server,), stext = take(khd, "-i", "-c", credfile("othercred"), "other", "1")
     gw_pnet, gw_pub = ip(pnet, gw), ip(PUBLIC, gw)
     srv_pub, inner_ip = ip(PUBLIC, server), ip(pnet, inner)
     with consoles(khd, [gw, inner, server], artifacts) as cons:
@@ -136,7 +136,7 @@ def test_gateway_forwards_out_of_pnet_and_not_back_in(khd, artifacts):
 
 def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
     wait_free(khd, 2)
-    alloc, nodes, text = take(khd, "-p", "1", "-c", CRED, USER, "2")
+    alloc, nodes, text = take(khd, "-p", "1", "-c", credfile(CRED), USER, "2")
     disk, reader = nodes
     with consoles(khd, nodes, artifacts) as cons:
         d = boot_appliance(khd, text, "vblade", {disk: cons[disk]},
@@ -162,10 +162,10 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_ro
     wait_free(khd, 5)
     # The file server: the public domain (eth0: the service, for the root image), pnet (eth1)
     # and disknet (eth2), both new.
-    fa, (fs,), ftext = take(khd, "-i", "-p", "2", "-c", CRED, USER, "1")
+    fa, (fs,), ftext = take(khd, "-i", "-p", "2", "-c", credfile(CRED), USER, "1")
     pnet, disknet = netid_of(ftext, 1), netid_of(ftext, 2)
-    da, disks, dtext = take(khd, "-n", str(disknet), "-c", CRED, USER, "2")
-    wa, (worker,), wtext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+    da, disks, dtext = take(khd, "-n", str(disknet), "-c", credfile(CRED), USER, "2")
+    wa, (worker,), wtext = take(khd, "-n", str(pnet), "-c", credfile(CRED), USER, "1")
     fs_ip = ip(pnet, fs)
     with consoles(khd, [fs, *disks, worker], artifacts) as cons:
         boot_appliance(khd, dtext, "vblade", {n: cons[n] for n in disks},
@@ -193,7 +193,7 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_ro
         assert ok(w, "cksum < /mnt/nfs/hello").split()[0] == want
         # The paper's general-purpose servers, first approach: the full root on the file
         # server, booted read-only over NFS by another node with the root's own init.
-        na, (nr,), ntext = take(khd, "-n", str(pnet), "-c", CRED, USER, "1")
+        na, (nr,), ntext = take(khd, "-n", str(pnet), "-c", credfile(CRED), USER, "1")
         with consoles(khd, [nr], artifacts) as ncons:
             boot_appliance(khd, ntext, "nfsroot", ncons, {nr: f"kh.nfsroot={fs_ip}:/export/root"})
             ncons[nr].expect(re.compile(rb"kh-ready: server node\d+ [^\r\n]*root=(\S+)\r?\n"), 120,
@@ -222,7 +222,7 @@ def test_fileserver_pools_two_disks_a_worker_writes_and_a_node_boots_the_full_ro
 def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
     wait_free(khd, 3)
     # The disk server: public (for the service interface) and a new disknet.
-    alloc, (ds,), text = take(khd, "-i", "-p", "1", "-c", CRED, USER, "1")
+    alloc, (ds,), text = take(khd, "-i", "-p", "1", "-c", credfile(CRED), USER, "1")
     disknet = netid_of(text, 1)
     with consoles(khd, [ds], artifacts) as cons:
         d = boot_appliance(khd, text, "diskserver", cons,
@@ -242,7 +242,7 @@ def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
 
 def test_a_malformed_appliance_key_is_named_and_leaves_a_shell(khd, artifacts):
     wait_free(khd, 1)
-    alloc, nodes, text = take(khd, "-p", "1", "-c", CRED, USER, "1")
+    alloc, nodes, text = take(khd, "-p", "1", "-c", credfile(CRED), USER, "1")
     with consoles(khd, nodes, artifacts) as cons:
         with pytest.raises(BootError, match=r"kh.aoe=12\.x is missing or malformed"):
             boot_appliance(khd, text, "vblade", cons, {nodes[0]: "kh.aoe=12.x"})
@@ -258,7 +258,7 @@ def test_a_principal_logs_into_a_worker_over_ssh(khd, artifacts, tmp_path, outsi
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(tmp_path / name)], check=True)
     kind, b64 = (tmp_path / "key.pub").read_text().split()[:2]
-    alloc, (node,), text = take(khd, "-x", "-c", CRED, USER, "1")
+    alloc, (node,), text = take(khd, "-x", "-c", credfile(CRED), USER, "1")
     addr = ip(EXTERNAL, node)
     with consoles(khd, [node], artifacts) as cons:
         w = boot_appliance(khd, text, "worker", cons, {node: f"kh.sshkey={kind}:{b64}"})[node]

@@ -15,7 +15,7 @@ import pytest
 
 from kh.service import control
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import allocate, env, kh, khget, ps, release, wait_free
+from tests.integration.conftest import allocate, credfile, env, kh, khget, ps, release, wait_free
 
 pytestmark = pytest.mark.guest
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_listing_1_as_written(khd, tmp_path, count):
     """nodes=$(khget -x ...); khdo loadkernel; loadramdisk; write "run kboot";
     peripcmd "wget http://%ip%/" from the outside world."""
     wait_free(khd, count)
-    r = khget(khd, "-x", "-c", "l1cred", "listing", str(count))
+    r = khget(khd, "-x", "-c", credfile("l1cred"), "listing", str(count))
     assert r.returncode == 0, r.stderr
     nodes = r.stdout
     alloc = int(nodes.split("@")[0][3:])
@@ -102,18 +102,18 @@ def test_listing_1_as_written(khd, tmp_path, count):
 
 def test_openssh_password_key_refusals_and_handing_over(khd, tmp_path):
     wait_free(khd, 2)
-    alloc, nodes, _ = allocate(khd, "-c", "ocred", "olga", "2")
+    alloc, nodes, _ = allocate(khd, "-c", credfile("ocred"), "olga", "2")
     r = ssh(khd, f"con{alloc}", "ocred", stdin=b"version\n", tmp=tmp_path)
     assert r.returncode == 0 and r.stdout.count(b"U-Boot 2023.01") >= 2, r
     # the wrong credential, another principal's credential, a released allocation: refused
-    assert khget(khd, "-c", "pcred", "pete").returncode == 0
+    assert khget(khd, "-c", credfile("pcred"), "pete").returncode == 0
     assert ssh(khd, f"con{alloc}", "wrong", "nodes", tmp=tmp_path).returncode == 255
     assert ssh(khd, f"con{alloc}", "pcred", "nodes", tmp=tmp_path).returncode == 255
     # a key registered by the principal, then one handed to another party for this
     # allocation only, then revoked
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    r = kh(khd, "key", "add", "-u", "olga", "-c", "ocred", "--allocation", str(alloc),
+    r = kh(khd, "key", "add", "-u", "olga", "-c", credfile("ocred"), "--allocation", str(alloc),
            str(key) + ".pub")
     assert r.returncode == 0, r.stderr
     kid = int(r.stdout.split()[1])
@@ -121,7 +121,7 @@ def test_openssh_password_key_refusals_and_handing_over(khd, tmp_path):
     assert r.returncode == 0 and r.stdout.split() == [str(n).encode() for n in nodes]
     r = ssh(khd, f"con{alloc}.{nodes[1]}", None, "nodes", key=key)  # single-node session
     assert r.stdout.split() == [str(nodes[1]).encode()]
-    assert kh(khd, "key", "rm", "-u", "olga", "-c", "ocred", str(kid)).returncode == 0
+    assert kh(khd, "key", "rm", "-u", "olga", "-c", credfile("ocred"), str(kid)).returncode == 0
     assert ssh(khd, f"con{alloc}", None, "nodes", key=key).returncode == 255
     release(khd, "olga", "ocred", alloc)
     assert ssh(khd, f"con{alloc}", "ocred", "nodes", tmp=tmp_path).returncode == 255
@@ -129,7 +129,7 @@ def test_openssh_password_key_refusals_and_handing_over(khd, tmp_path):
 
 def test_mrw_64k_and_bulk_load_checked_on_every_node(khd, tmp_path):
     wait_free(khd, 3)
-    alloc, nodes, lines = allocate(khd, "-c", "qcred", "quinn", "3")
+    alloc, nodes, lines = allocate(khd, "-c", credfile("qcred"), "quinn", "3")
     text = "\n".join(lines) + "\n"
     blob = bytes(range(256)) * 64 + os.urandom(65536 - 256 * 64)
     (tmp_path / "blob").write_bytes(blob)
@@ -153,8 +153,8 @@ def test_mrw_64k_and_bulk_load_checked_on_every_node(khd, tmp_path):
 
 def test_garbage_and_dropped_connections_do_not_hurt_khd(khd, tmp_path):
     wait_free(khd, 2)
-    a, (na,), _ = allocate(khd, "-c", "rcred", "rita")
-    b, (nb,), _ = allocate(khd, "-c", "scred", "sam")
+    a, (na,), _ = allocate(khd, "-c", credfile("rcred"), "rita")
+    b, (nb,), _ = allocate(khd, "-c", credfile("scred"), "sam")
     junk = os.urandom(256 * 1024) + b"x" * (200 * 1024) + b"\n"  # binary garbage, huge line
     proc_ = subprocess.Popen(["setsid", "ssh", "-o", "StrictHostKeyChecking=no", "-o",
                               "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
@@ -175,7 +175,7 @@ def test_garbage_and_dropped_connections_do_not_hurt_khd(khd, tmp_path):
     assert "U-Boot" in answers[nb]
     assert control.pid_of(khd)
     # rita's node can be reset and used again after the garbage
-    assert kh(khd, "reset", "-u", "rita", "-c", "rcred", str(na)).returncode == 0
+    assert kh(khd, "reset", "-u", "rita", "-c", credfile("rcred"), str(na)).returncode == 0
     answers = tagged(khd, a, "rcred", "printenv khargs", tmp_path)
     assert f"kh.node={na}" in answers[na]
     release(khd, "rita", "rcred", a)
@@ -201,7 +201,7 @@ def test_khdo_bad_input_one_line(khd, tmp_path):
 
 def test_console_logs_survive_a_khd_restart(khd, tmp_path):
     wait_free(khd, 1)
-    alloc, (node,), _ = allocate(khd, "-c", "tcred", "tina")
+    alloc, (node,), _ = allocate(khd, "-c", credfile("tcred"), "tina")
     tagged(khd, alloc, "tcred", "echo marker-before-restart", tmp_path)
     control.stop(khd)
     control.start(khd)
@@ -215,7 +215,7 @@ def test_console_logs_survive_a_khd_restart(khd, tmp_path):
 
 def test_a_node_that_fails_mid_load_is_named_and_the_others_complete(khd, tmp_path):
     wait_free(khd, 2)
-    alloc, (bad, good), lines = allocate(khd, "-c", "ucred", "uma", "2")
+    alloc, (bad, good), lines = allocate(khd, "-c", credfile("ucred"), "uma", "2")
     text = "\n".join(lines) + "\n"
     # The bad node's QEMU dies as the load starts ...
     big = os.urandom(8 << 20)
@@ -232,6 +232,6 @@ def test_a_node_that_fails_mid_load_is_named_and_the_others_complete(khd, tmp_pa
     while next(n["state"] for n in ps(khd)["nodes"] if n["node"] == bad) != "failed":
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    assert kh(khd, "reset", "-u", "uma", "-c", "ucred", str(good)).returncode == 0
+    assert kh(khd, "reset", "-u", "uma", "-c", credfile("ucred"), str(good)).returncode == 0
     assert "U-Boot" in tagged(khd, alloc, "ucred", "version", tmp_path)[good]
     release(khd, "uma", "ucred", alloc)

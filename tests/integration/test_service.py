@@ -25,6 +25,7 @@ from kh.service.config import ServiceConfig
 from tests.integration.conftest import (
     NODES,
     allocate,
+    credfile,
     free_port,
     kh,
     khget,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.guest
 
 
 def test_khget_text_object_and_boot_into_private_domain(khd, artifacts):
-    alloc, nodes, lines = allocate(khd, "-c", "alicecred", "alice", "2")
+    alloc, nodes, lines = allocate(khd, "-c", credfile("alicecred"), "alice", "2")
     assert lines[1] == "protocol: uboot"
     assert lines[2] == "network 3 : eth0" or lines[2].startswith("network ")
     netid = int(lines[2].split()[1])
@@ -55,8 +56,8 @@ def test_khget_text_object_and_boot_into_private_domain(khd, artifacts):
 
 def test_private_domains_are_isolated_public_is_shared(khd, artifacts):
     wait_free(khd, 2)
-    a_alloc, (a_node,), a_lines = allocate(khd, "-c", "c1", "carol", "-i")
-    b_alloc, (b_node,), b_lines = allocate(khd, "-c", "d1", "dave", "-i")
+    a_alloc, (a_node,), a_lines = allocate(khd, "-c", credfile("c1"), "carol", "-i")
+    b_alloc, (b_node,), b_lines = allocate(khd, "-c", credfile("d1"), "dave", "-i")
     assert a_lines[2] == "network Internal : eth0" and b_lines[2] == "network Internal : eth0"
     a_net = int(a_lines[3].split()[1])
     b_net = int(b_lines[3].split()[1])
@@ -79,7 +80,7 @@ def test_private_domains_are_isolated_public_is_shared(khd, artifacts):
 
 def test_nodes_sharing_a_domain_exchange_broadcast_and_arp(khd, artifacts):
     wait_free(khd, 2)
-    alloc, nodes, lines = allocate(khd, "-c", "e1", "erin", "-p", "1", "2")
+    alloc, nodes, lines = allocate(khd, "-c", credfile("e1"), "erin", "-p", "1", "2")
     netid = int(lines[2].split()[1])
     a, _b = (shell(khd, n, artifacts) for n in nodes)
     out, status = a.run(f"arping -c 2 -w 3 -I eth0 10.{netid}.0.{nodes[1]}")
@@ -92,7 +93,7 @@ def test_external_domain_reaches_the_outside_server(khd, outside, artifacts, tmp
     server = nsutil.enter_argv(outside) + [sys.executable, "-m", "http.server", "--bind",
                                            "10.254.255.2", "8000", "--directory", str(tmp_path)]
     wait_free(khd, 1)
-    alloc, (node,), lines = allocate(khd, "-c", "f1", "frank", "-x")
+    alloc, (node,), lines = allocate(khd, "-c", credfile("f1"), "frank", "-x")
     assert lines[2] == "network External : eth0"
     with proc.spawn(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         n = shell(khd, node, artifacts)
@@ -110,7 +111,7 @@ def test_khget_from_inside_a_node(khd, artifacts):
     """The paper's disk server calls khget from a node: the in-node client over the public
     domain, with busybox wget."""
     wait_free(khd, 2)
-    alloc, (node,), _ = allocate(khd, "-c", "m1", "mia", "-i")
+    alloc, (node,), _ = allocate(khd, "-c", credfile("m1"), "mia", "-i")
     n = shell(khd, node, artifacts)
     out, status = n.run("khget -c m1 mia 1")
     assert status == 0, out
@@ -125,19 +126,20 @@ def test_khget_from_inside_a_node(khd, artifacts):
 
 def test_bad_input_is_refused_and_changes_nothing(khd):
     wait_free(khd, NODES)
-    assert khget(khd, "-c", "g1", "gina").returncode == 0  # registers gina
+    assert khget(khd, "-c", credfile("g1"), "gina").returncode == 0  # registers gina
     before = ps(khd)
     cases = [
         (["--bogus", "gina"], 2, "No such option"),
-        (["-c", "g1", "gina", "0"], 2, "at least 1"),
-        (["-c", "g1", "gina", "--", "-3"], 2, "at least 1"),
-        (["-c", "g1", "gina", str(NODES + 5)], 1, "free"),
-        (["-c", "g1", "-n", "999", "gina"], 1, "does not exist"),
-        (["-c", "g1", "-n", "1", "gina"], 2, "not private"),
-        (["-c", "wrong", "gina"], 3, "wrong credential"),
+        (["-c", credfile("g1"), "gina", "0"], 2, "at least 1"),
+        (["-c", credfile("g1"), "gina", "--", "-3"], 2, "at least 1"),
+        (["-c", credfile("g1"), "gina", str(NODES + 5)], 1, "free"),
+        (["-c", credfile("g1"), "-n", "999", "gina"], 1, "does not exist"),
+        (["-c", credfile("g1"), "-n", "1", "gina"], 2, "not private"),
+        (["-c", credfile("wrong"), "gina"], 3, "credential refused"),
+        (["-c", "g1", "gina"], 2, "no credential file"),  # a secret is not a -c FILE
         (["gina"], 3, "needs its credential"),
-        (["-c", "h1", "-n", "abc", "hank"], 2, "bad domain list"),
-        (["-c", "x", "Bad User"], 2, "bad principal name"),
+        (["-c", credfile("h1"), "-n", "abc", "hank"], 2, "bad domain list"),
+        (["-c", credfile("x"), "Bad User"], 2, "bad principal name"),
     ]
     for args, code, msg in cases:
         r = khget(khd, *args)
@@ -145,13 +147,13 @@ def test_bad_input_is_refused_and_changes_nothing(khd):
         assert msg in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) <= 3, r.stderr
     gina_domain = next(d for d in ps(khd)["domains"] if d["owner"] == "gina")["netid"]
-    r = khget(khd, "-c", "i1", "ivan", "-n", str(gina_domain))
+    r = khget(khd, "-c", credfile("i1"), "ivan", "-n", str(gina_domain))
     assert r.returncode == 1 and "another principal" in r.stderr
     after = ps(khd)
     assert [a["id"] for a in after["allocations"]] == [a["id"] for a in before["allocations"]]
     assert after["domains"] == before["domains"]
     # a refused first use must not register the principal
-    assert khget(khd, "-c", "other", "ivan").returncode == 0
+    assert khget(khd, "-c", credfile("other"), "ivan").returncode == 0
     for a in ps(khd)["allocations"]:
         user = a["principal"]
         release(khd, user, {"gina": "g1", "ivan": "other"}[user], a["id"])
@@ -176,11 +178,40 @@ def test_malformed_and_oversized_api_requests(khd):
     assert post(b"{not json")[0] == 400
     assert post(b"[1, 2]")[0] == 400
     assert post(json.dumps({"user": "x", "credential": "y", "count": "many"}).encode())[0] == 400
-    assert post(b"x" * (70 * 1024))[0] == 400
+    assert post(b"x" * (70 * 1024))[0] == 413
+    assert post(b"user=x&credential=y", "application/x-www-form-urlencoded")[0] == 415
     assert post(json.dumps({"credential": "y"}).encode())[0] == 400
+    assert post(json.dumps({"user": "x\n", "credential": "y"}).encode())[0] == 400
+    # a credential is the secret, never a path khd would read (as root) for the caller
+    assert khget(khd, "-c", credfile("pathcred"), "paula").returncode == 0
+    status, text = post(json.dumps({"user": "paula", "credential": credfile("pathcred")}
+                                   ).encode())
+    assert status == 403 and b"credential refused" in text, text
+    assert ps(khd)["allocations"] != before["allocations"]
+    for a in ps(khd)["allocations"]:
+        if a["principal"] == "paula":
+            release(khd, "paula", "pathcred", a["id"])
     assert ps(khd)["allocations"] == before["allocations"]
     r = kh(khd, "service", "status")
     assert r.returncode == 0 and "khd running" in r.stdout
+
+
+def test_a_used_private_domain_is_removed_and_its_id_comes_back(khd):
+    """Issue 10, finding 7: after release, `kh domain rm` removes the domain (state, then
+    bridge); the next plain khget makes a fresh one, with a bridge; a domain in use is 409."""
+    wait_free(khd, 1)
+    alloc, _, lines = allocate(khd, "-c", credfile("r1"), "rosa")
+    netid = int(lines[2].split()[1])
+    r = kh(khd, "domain", "rm", "-u", "rosa", "-c", credfile("r1"), str(netid))
+    assert r.returncode == 1 and "still has allocated nodes" in r.stderr, r.stderr
+    release(khd, "rosa", "r1", alloc)
+    r = kh(khd, "domain", "rm", "-u", "rosa", "-c", credfile("r1"), str(netid))
+    assert r.returncode == 0 and r.stdout == f"domain {netid} removed\n", r.stderr
+    assert netid not in [d["netid"] for d in ps(khd)["domains"]]
+    wait_free(khd, 1)
+    alloc, _, lines = allocate(khd, "-c", credfile("r1"), "rosa")  # the bridge is there
+    assert int(lines[2].split()[1]) == netid  # the lowest free id: the one just freed
+    release(khd, "rosa", "r1", alloc)
 
 
 def test_concurrent_khget_never_shares_a_node(khd):
@@ -189,11 +220,11 @@ def test_concurrent_khget_never_shares_a_node(khd):
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        r = khget(khd, "-c", "jcred", "judy", "1")
+        r = khget(khd, "-c", credfile("jcred"), "judy", "1")
         with lock:
             results.append(r)
 
-    assert khget(khd, "-c", "jcred", "judy", "1").returncode == 0  # register first
+    assert khget(khd, "-c", credfile("jcred"), "judy", "1").returncode == 0  # register first
     threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
@@ -214,7 +245,7 @@ def test_concurrent_khget_never_shares_a_node(khd):
 
 def test_khd_sigkill_and_restart_keeps_allocations_and_consoles(khd, artifacts):
     wait_free(khd, 1)
-    alloc, (node,), _ = allocate(khd, "-c", "k1", "kate")
+    alloc, (node,), _ = allocate(khd, "-c", credfile("k1"), "kate")
     before = ps(khd)
     pid = control.pid_of(khd)
     assert pid
@@ -242,7 +273,7 @@ def test_kh_clean_leaves_the_host_as_found(kh_paths, tmp_path, outside):
                         api_port=free_port(), ssh_port=free_port(), prefix="kc",
                         uplink_netns=None)
     control.start(cfg)
-    assert khget(cfg, "-c", "l1", "leo", "-i").returncode == 0
+    assert khget(cfg, "-c", credfile("l1"), "leo", "-i").returncode == 0
     assert host_state() != before
     done = control.clean(cfg)
     assert any("network namespace" in d for d in done)

@@ -23,7 +23,7 @@ import pytest
 
 from kh.service import control
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import free_port, kh, khget, ps
+from tests.integration.conftest import credfile, free_port, kh, khget, ps
 
 ROM = ('qemu-system-ppc: -device virtio-net-pci,netdev=d0,mac=52:54:00:00:01:00: '
        'failed to find romfile "efi-virtio.rom"')
@@ -154,7 +154,7 @@ def test_a_failing_pool_says_why_in_ps_status_and_khget(failing):
         f"khd running: {NODES} nodes, 0 free, 0 allocated, {NODES} failed to start",
         *(f"node {n}: start failed 5 times, given up: {ROM}" for n in range(1, NODES + 1))]
 
-    r = khget(cfg, "-c", "acred", "alice", "2")
+    r = khget(cfg, "-c", credfile("acred"), "alice", "2")
     assert r.returncode == 1
     assert r.stderr == (f"kh: 2 nodes asked for, 0 free: {NODES} nodes failed to start "
                         f"(node 1: {ROM}) (kh ps shows them)\n")
@@ -263,10 +263,10 @@ def test_a_pool_with_one_failing_node_starts_and_says_so(kh_paths, tmp_path):
         assert r.stdout.strip().endswith(
             f"2 of {NODES} nodes ready; 1 node failed to start (node 2: {ROM}) "
             "(kh ps shows them)"), r.stdout
-        r = khget(cfg, "-c", "bcred", "bob", "2")
+        r = khget(cfg, "-c", credfile("bcred"), "bob", "2")
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines()[-1] == "nodes: 1 3"
-        r = khget(cfg, "-c", "bcred", "bob", "1")
+        r = khget(cfg, "-c", credfile("bcred"), "bob", "1")
         assert r.returncode == 1 and f"1 node failed to start (node 2: {ROM})" in r.stderr
         assert json.loads(kh(cfg, "ps", "--json").stdout)["nodes"][1]["reason"] == ROM
         assert kh(cfg, "clean").returncode == 0

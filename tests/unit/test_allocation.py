@@ -81,3 +81,19 @@ def test_choose_nodes():
     assert choose_nodes([5, 2, 9], 2) == [2, 5]
     with pytest.raises(AllocationError, match="3 nodes asked for, 2 free"):
         choose_nodes([1, 2], 3)
+
+
+def test_new_domains_take_the_lowest_free_ids():
+    # a principal once held 253, the highest id: others still get ids (3 was freed)
+    plan = plan_domains(Request("a", new_private=2), {4: "b", 253: "c"})
+    assert [d.netid for d in plan.create] == [3, 5]
+
+
+def test_the_private_domain_quota_names_itself():
+    owned = {3: "a", 4: "a", 5: "b"}
+    assert len(plan_domains(Request("a", new_private=1), owned, quota=3).create) == 1
+    with pytest.raises(AllocationError, match="private-domain quota of 2"):
+        plan_domains(Request("a", new_private=1), owned, quota=2)
+    with pytest.raises(AllocationError, match="quota of 0"):  # the implicit first domain
+        plan_domains(Request("c"), owned, quota=0)
+    assert plan_domains(Request("a"), owned, quota=2).create == ()  # joining one is free

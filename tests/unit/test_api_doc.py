@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from kh.service.api import ROUTES
+from kh.service.api import ID, ROUTES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api.yaml"
 
@@ -24,12 +24,12 @@ def served() -> set[tuple[str, str]]:
     for method, rx, _fn in ROUTES:
         names = iter(["{id}", "{node}", "{netid}"])
         path = rx
-        while r"(\d+)" in path:
-            seg = path.split(r"(\d+)")[0].rstrip("/").rsplit("/", 1)[-1]
+        while ID in path:
+            seg = path.split(ID)[0].rstrip("/").rsplit("/", 1)[-1]
             name = {"allocations": "{id}", "nodes": "{node}", "domains": "{netid}",
                     "keys": "{id}"}.get(
                 seg, next(names))
-            path = path.replace(r"(\d+)", name, 1)
+            path = path.replace(ID, name, 1)
         path = re.sub(r"\(\[[^)]*\)", "{name}", path)
         out.add((method, path))
     return out

@@ -1,0 +1,147 @@
+"""What a request to khd's API may carry, read strictly: its length, its JSON body and the typed
+fields in it. Anything malformed is a 4xx with a one-line reason, never an internal error.
+
+A body is JSON (``application/json``, UTF-8, an object) of at most MAX_BODY bytes, announced by
+one ``Content-Length`` of ASCII digits; its length is checked before a byte of it is read.
+Numbers are JSON integers in a stated range; ids in paths are ASCII digits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from email.message import Message
+from typing import Any
+
+from kh.admission import check_credential
+from kh.errors import UsageError
+
+MAX_BODY = 64 * 1024
+MAX_ID = 2**31 - 1  # SQLite takes 64-bit integers; no id of kh's comes near this
+_DIGITS = re.compile(r"[0-9]{1,10}", re.ASCII)
+
+
+class TooLarge(UsageError):
+    """413: the body is over MAX_BODY."""
+
+
+class Unsupported(UsageError):
+    """415: the body is not JSON."""
+
+
+class BadFraming(UsageError):
+    """400 where the rest of the connection cannot be trusted (its body length is unknown)."""
+
+
+def content_length(headers: Message) -> int:
+    """The body's length, checked before it is read: one Content-Length of ASCII digits, at
+    most MAX_BODY; no Transfer-Encoding (a chunked body is refused, not skipped)."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise BadFraming("Transfer-Encoding is not accepted", "send a Content-Length")
+    values = headers.get_all("Content-Length") or []
+    if not values:
+        return 0
+    if len(set(values)) > 1:
+        raise BadFraming("conflicting Content-Length headers")
+    text = values[0].strip()
+    if not re.fullmatch(r"[0-9]{1,19}", text, re.ASCII):
+        raise BadFraming(f"bad Content-Length {text[:40]!r}", "a number of bytes")
+    n = int(text)
+    if n > MAX_BODY:
+        raise TooLarge(f"request body of {n} bytes is too large", f"at most {MAX_BODY}")
+    return n
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The JSON object a request carries (an empty body is an empty object)."""
+    if not raw:
+        return {}
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise Unsupported(f"request bodies must be JSON, not {media or 'untyped'!r}",
+                          "send Content-Type: application/json")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise UsageError("request body is not UTF-8") from None
+    except (ValueError, RecursionError):
+        raise UsageError("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UsageError("request body must be a JSON object")
+    return data
+
+
+def path_id(text: str, what: str) -> int:
+    """An id from the request's path: ASCII digits, at most MAX_ID."""
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_ID:
+        raise UsageError(f"bad {what} {text[:40]!r}", "a number")
+    return int(text)
+
+
+def integer(body: dict[str, Any], key: str, default: int, lo: int = 0,
+            hi: int = MAX_ID) -> int:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UsageError(f"`{key}` must be an integer, got {_show(v)}")
+    if not lo <= v <= hi:
+        raise UsageError(f"`{key}` must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def integers(body: dict[str, Any], key: str, hi: int = MAX_ID) -> tuple[int, ...]:
+    """A list of integers, or a string of comma-separated ones (`n: "3,4"`, as khget -n)."""
+    v = body.get(key)
+    if v is None or v == "":
+        return ()
+    if isinstance(v, str):
+        parts = [x.strip() for x in v.split(",") if x.strip()]
+        if not all(_DIGITS.fullmatch(x) for x in parts):
+            raise UsageError(f"bad `{key}` list {v[:40]!r}", "write 3,4")
+        v = [int(x) for x in parts]
+    if not isinstance(v, list) or len(v) > 256:
+        raise UsageError(f"`{key}` must be a list of integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= hi:
+            raise UsageError(f"`{key}` must be a list of integers from 0 to {hi}, "
+                             f"got {_show(x)}")
+    return tuple(v)
+
+
+def flag(body: dict[str, Any], key: str) -> bool:
+    v = body.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise UsageError(f"`{key}` must be true or false, got {_show(v)}")
+    return v
+
+
+def user(body: dict[str, Any]) -> str:
+    u = body.get("user")
+    if not isinstance(u, str) or not u:
+        raise UsageError("`user` is required (a principal's name)")
+    return u
+
+
+def credential(body: dict[str, Any]) -> str | None:
+    """The secret itself, never a path: khd reads no file on a caller's behalf."""
+    c = body.get("credential")
+    return None if c is None else check_credential(c)
+
+
+def text(body: dict[str, Any], key: str, limit: int = MAX_BODY) -> str:
+    v = body.get(key)
+    if not isinstance(v, str) or len(v) > limit:
+        raise UsageError(f"`{key}` must be a string of at most {limit} characters")
+    return v
+
+
+def _show(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."

@@ -1,0 +1,117 @@
+"""A real Service and its real API server on a temporary unix socket, with only the host parts
+stood in (no QEMU, no fabric namespace; no root): nodes are rows that say `free` and a set of
+bridge numbers. What the API, admission, allocation and the store do is the real thing."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kh.model import NodeState
+from kh.service import api
+from kh.service.config import ServiceConfig
+from kh.service.core import Service
+from kh.store import NodeRow
+
+
+class FakeFabric:
+    """The bridges that exist, by netid; ``fail_remove`` makes the next removal fail."""
+
+    def __init__(self) -> None:
+        self.bridges: set[int] = set()
+        self.fail_remove = False
+
+    def ensure_domain(self, netid: int) -> str:
+        self.bridges.add(netid)
+        return f"br{netid}"
+
+    def remove_domain(self, netid: int) -> None:
+        if self.fail_remove:
+            self.fail_remove = False
+            raise OSError("the kernel said no")
+        self.bridges.discard(netid)
+
+    def domain_bridges(self) -> list[int]:
+        return sorted(self.bridges)
+
+
+def make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodes: int = 4,
+                 **settings: Any) -> Service:
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, nodes=nodes,
+                        prefix="ku", **settings)
+    svc = Service(cfg)
+    fabric = FakeFabric()
+    for name in ("ensure_domain", "remove_domain", "domain_bridges"):
+        monkeypatch.setattr(svc.fabric, name, getattr(fabric, name))
+    monkeypatch.setattr(svc, "_configure", lambda number, domains: None)
+    svc.fake_fabric = fabric  # type: ignore[attr-defined]
+    refill(svc)
+    return svc
+
+
+def refill(svc: Service) -> None:
+    """Every configured node that is not allocated is free again (as the pool would make it)."""
+    for n in range(1, svc.cfg.nodes + 1):
+        if svc.store.node(n) is None:
+            svc.store.put_node(NodeRow(n, svc.store.new_uid(), NodeState.FREE, None, None,
+                                       str(svc.cfg.node_dir(n)), time.time(), None))
+        svc.nodes.running.setdefault(n, None)  # type: ignore[arg-type]
+
+
+@contextmanager
+def serving(svc: Service, sock: Path) -> Iterator[Path]:
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    server = api.UnixServer(str(sock), api.handler_for(svc))
+    api.serve(server)
+    try:
+        yield sock
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def exchange(sock: Path, request: bytes, *, close_write: bool = True,
+             timeout: float = 20.0) -> tuple[int, bytes]:
+    """Send raw bytes, read the answer: (status, whole response); status 0 if khd said
+    nothing and closed. Without ``close_write`` the request stays open (no EOF), so an
+    answer proves khd did not wait for the body."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    try:
+        s.sendall(request)
+        if close_write:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if length and len(rest) >= length[0]:
+                    break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    if not data:
+        return 0, data
+    return int(data.split(b" ", 2)[1]), data
+
+
+def post(sock: Path, path: str, body: bytes, ctype: str = "application/json",
+         extra: bytes = b"") -> tuple[int, bytes]:
+    return exchange(sock, f"POST {path} HTTP/1.1\r\nHost: khd\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\n".encode() + extra + b"\r\n" + body)
+
+
+def text_of(response: bytes) -> str:
+    return response.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
