@@ -184,7 +184,7 @@ def test_kh_boot_stopped_by_a_signal_tears_the_node_down(kh_paths, artifacts, tm
         _, err = kh.communicate(timeout=60)
         if signum == signal.SIGKILL:
             # Nothing of kh's runs: the kernel takes QEMU along (its parent-death signal); the
-            # directory stays behind for `kh clean`.
+            # work directory stays behind (tmp_path here; nothing removes it in /tmp).
             assert kh.returncode == -signum
             deadline = time.monotonic() + 60
             while proc_stat(qemu[0])[:1] not in ([], ["Z"]) and time.monotonic() < deadline:
