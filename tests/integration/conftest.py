@@ -115,7 +115,8 @@ def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 def env(cfg: ServiceConfig) -> dict[str, str]:
     extra = {"KH_QEMU": cfg.qemu} if cfg.qemu else {}
-    return {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
+    outer = {k: v for k, v in os.environ.items() if k != "KH_CREDENTIAL"}  # tests pass -c
+    return {**outer, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
             "KH_API_PORT": str(cfg.api_port), "KH_SSH_PORT": str(cfg.ssh_port),
             "KH_IMAGES_OUT": str(cfg.images), "KH_NODES": str(cfg.nodes), **extra}
 
