@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KH := $(VENV)/bin/kh
 VENV_STAMP := $(VENV)/.kh-installed
+# Debian's python3 (tools/setup-apt installs it), not whatever python3 comes first on PATH.
+PYTHON3 ?= /usr/bin/python3
 
 .PHONY: setup apt venv images demo test lint unit integration bench clean-images check-fresh
 
@@ -13,7 +15,7 @@ apt:
 	@bash tools/setup-apt
 
 $(VENV_STAMP): setup.cfg pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $@

@@ -15,10 +15,21 @@ $KH boot --append "kh.hostname=demo-node" --sh 'uname -a; echo; head -n 4 /proc/
 end=$(date +%s.%N)
 printf '\n== node booted, ran the commands and was torn down in %.1f s\n\n' "$(echo "$end - $start" | bc)"
 
-# The service, with a private state dir (mktemp: not a guessable path) and a name prefix of the
-# demo's own; `kh clean` and the trap remove both at the end, whether the demo passed or failed.
+# The service, with a private state dir (mktemp: not a guessable path), a name prefix of this
+# run's own (kh clean finds kh's objects by prefix: another kh on this host, or another demo, is
+# never touched) and two free loopback ports; `kh clean` and the trap remove it all at the end,
+# whether the demo passed or failed.
 KH_STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kh-demo.XXXXXXXX")
-export KH_STATE_DIR KH_PREFIX=khdemo KH_API_PORT=7490 KH_SSH_PORT=7491
+KH_PREFIX=kd$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+read -r KH_API_PORT KH_SSH_PORT < <(.venv/bin/python - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+export KH_STATE_DIR KH_PREFIX KH_API_PORT KH_SSH_PORT
 trap '$KH clean >/dev/null; rm -rf "$KH_STATE_DIR"' EXIT
 echo "== kh service start (4 nodes, warm at the U-Boot prompt)"
 $KH service start --nodes 4
