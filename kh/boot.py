@@ -17,13 +17,14 @@ import shutil
 import sys
 import tempfile
 import termios
+import time
 import tty
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kh.appliance import uimage
-from kh.errors import ImageError, UsageError
+from kh.errors import BootError, ImageError, KhTimeout, UsageError
 from kh.hw import board, qemu, uboot
 from kh.hw.console import Console
 from kh.settings import Paths
@@ -38,6 +39,8 @@ LINE_MAX = 960
 # Seconds the node's shell may take to answer a typed line (a chunk's or the begin marker):
 # it is at its prompt, and a line of LINE_MAX bytes crosses the UART (~20 KB/s) in 50 ms.
 LINE_TIMEOUT = 60.0
+# `kh boot` runs whose console logs are kept (in <cache>/logs/kh-boot/).
+KEEP_LOGS = 20
 # printf format units for each byte: printable ASCII as itself, but for the quote that delimits
 # the format, the backslash and the percent sign; anything else as a 3-digit octal escape (a
 # control character would be a line-editing key, a tab a completion, a newline the end of the
@@ -52,6 +55,32 @@ _END = "printf '\\n%s_E%d\\n' {tok} $?"
 # lines kh types next.
 _RUN = _BEGIN + '( eval "$(printf {fmt})" ) </dev/null; ' + _END
 _CHUNK = "{var}={prev}'{body}'; printf '%s_C%d\\n' {tok} {i}"
+# The node leaving Linux while a command runs: the kernel's halt, power-off and restart lines
+# (a ppce500 kernel cannot power the machine off: `poweroff -f` halts it, "System halted"), a
+# panic, or U-Boot's banner after a reset. Whole lines (the console may hand over half a
+# line); a command that prints one of them itself is taken at its word.
+LEFT_LINUX = re.compile(
+    rb"(?P<halted>reboot: System halted|System Halted, OK to turn off power)\r?\n"
+    rb"|(?P<off>reboot: Power down)\r?\n"
+    rb"|(?P<restart>reboot: Restarting system)\r?\n"
+    rb"|(?P<panic>Kernel panic[^\r\n]*)\r?\n"
+    rb"|(?:^|\n)(?P<uboot>U-Boot 20\d\d\.\d\d[^\r\n]*)\r?\n")
+_LEFT_WHAT = {"halted": "halted (powered off)", "off": "powered off", "restart": "rebooted",
+              "uboot": "restarted into U-Boot"}
+# How the lines LEFT_LINUX looks for begin: a last, unfinished line that may be one of them is
+# not handed on as the command's output.
+_LEFT_STARTS = (b"reboot: ", b"System Halted", b"Kernel panic", b"U-Boot 20")
+# Bytes before a match's start that LEFT_LINUX looks at again: a line begun in one read and
+# ended in the next.
+_LEFT_OVERLAP = 256
+
+
+class NodeLeft(BootError):
+    """The node stopped running Linux before the command ended: it powered off, halted,
+    rebooted or panicked, or its QEMU exited. kh boot exits 125 for it (any other status may
+    be the command's own)."""
+
+    exit_code = 125
 
 
 @dataclass(frozen=True)
@@ -72,9 +101,14 @@ def default_config(paths: Paths, *, appliance: str = "shell", kernel: Path | Non
                    ramdisk: Path | None = None, bios: Path | None = None, mem_mib: int = 256,
                    khargs: str = "", console_log: Path | None = None,
                    ready_timeout: float = 90.0) -> BootConfig:
-    """Fill in images/out defaults for whatever the caller did not name."""
+    """Fill in images/out defaults for whatever the caller did not name. Raises UsageError for
+    an appliance that has neither a spec nor a built ramdisk, naming the known ones."""
     if ramdisk is None:
         ramdisk = paths.out / f"{appliance}.cpio.gz.uimg"
+        if not ramdisk.exists() and not (paths.specs / f"{appliance}.toml").is_file():
+            known = sorted(p.stem for p in paths.specs.glob("*.toml"))
+            raise UsageError(f"no appliance named {appliance!r}",
+                             f"known appliances: {', '.join(known) or 'none'}")
     return BootConfig(kernel=kernel or paths.out / "uImage", ramdisk=ramdisk,
                       bios=bios or paths.out / "u-boot.elf", mem_mib=mem_mib, khargs=khargs,
                       console_log=console_log, ready_timeout=ready_timeout)
@@ -97,7 +131,7 @@ def check_images(cfg: BootConfig) -> None:
 def node_spec(cfg: BootConfig, workdir: Path) -> board.NodeSpec:
     return board.NodeSpec(
         name=cfg.name, bios=cfg.bios, console=workdir / "console.sock", board=cfg.board,
-        mem_mib=cfg.mem_mib,
+        mem_mib=cfg.mem_mib, no_reboot=True,  # a reset (`reboot`) ends QEMU, never loops
         loads=(board.Load(cfg.kernel, cfg.board.loadaddr),
                board.Load(cfg.ramdisk, cfg.board.ramfsaddr)))
 
@@ -123,33 +157,103 @@ class BootedNode:
         ``$?``: the status is 0-255 (128+N for a command killed by signal N). ``command`` may
         hold any characters but NUL, and be of any length (see ``typed_lines``). ``timeout``:
         seconds the command may run, None for as long as it runs. Output is text with ``\\n``
-        line ends. Raises UsageError for a NUL, KhTimeout, or BootError if the node stops.
+        line ends. Raises UsageError for a NUL, KhTimeout, NodeLeft if the node powers off,
+        halts, reboots, panics or its QEMU exits first, or BootError.
         """
+        parts: list[bytes] = []
+        status = self.run_streaming(command, parts.append, timeout)
+        return b"".join(parts).decode("utf-8", "replace"), status
+
+    def run_streaming(self, command: str, output: Callable[[bytes], None],
+                      timeout: float | None = None) -> int:
+        """``run``, handing the command's output to ``output`` as it arrives (bytes, ``\\n``
+        line ends); return its status. All but a tail that could be the start of the end
+        marker is handed on at once (a final newline waits for the next byte)."""
         tok = "KH" + secrets.token_hex(6)
         *chunks, line = typed_lines(command, tok)
+        con = self.console
         for i, chunk in enumerate(chunks):
-            start = self.console.mark()
-            self.console.write(chunk.encode() + b"\n")
-            self.console.expect(re.compile(b"%s_C%d\r?\n" % (tok.encode(), i)), LINE_TIMEOUT,
-                                stage=f"part {i + 1} of {len(chunks)} of a long command",
-                                start=start)
-        start = self.console.mark()
+            start = con.mark()
+            con.write(chunk.encode() + b"\n")
+            con.expect(re.compile(b"%s_C%d\r?\n" % (tok.encode(), i)), LINE_TIMEOUT,
+                       stage=f"part {i + 1} of {len(chunks)} of a long command", start=start)
+        start = con.mark()
         # Markers are printed by printf with the token as an argument, so the terminal's echo
         # of the typed line can never be mistaken for them; one line, so that echo is complete
         # before the begin marker prints.
-        self.console.write(line.encode() + b"\n")
-        begin = self.console.expect(re.compile(tok.encode() + rb"_B\r?\n"), LINE_TIMEOUT,
-                                    stage="command start", start=start)
+        con.write(line.encode() + b"\n")
+        begin = con.expect(re.compile(tok.encode() + rb"_B\r?\n"), LINE_TIMEOUT,
+                           stage="command start", start=start)
         what = command if len(command) <= 60 else command[:57] + "..."
-        end = self.console.expect(re.compile(rb"\r?\n" + tok.encode() + rb"_E(\d+)\r?\n"),
-                                  timeout, stage=f"end of command {what!r}",
-                                  start=begin.end())
-        out = self.console.text(begin.end())[: end.start() - begin.end()]
-        return out.decode("utf-8", "replace").replace("\r\n", "\n"), int(end.group(1))
+        end_rx = re.compile(rb"\r?\n" + tok.encode() + rb"_E(\d+)\r?\n")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = seen = begin.end()  # handed on everything before done; looked at up to seen
+        while True:
+            more = con.wait_past(seen, None if deadline is None else deadline - time.monotonic())
+            text = con.text(done)
+            seen = done + len(text)
+            end = end_rx.search(text)
+            if end:
+                output(text[:end.start()].replace(b"\r\n", b"\n"))
+                return int(end.group(1))
+            left = LEFT_LINUX.search(con.text(max(begin.end(), done - _LEFT_OVERLAP)))
+            if left:
+                raise self._left(left)
+            if con.closed:
+                why = self._qemu_reason() or "its console closed"
+                raise NodeLeft(f"the node stopped while running the command: {why}",
+                               con.log_hint())
+            if not more:
+                raise KhTimeout(f"{con.name}: no end of command {what!r} within {timeout:g} s",
+                                con.log_hint())
+            cut = held_back(text, tok)
+            if cut:
+                output(text[:cut].replace(b"\r\n", b"\n"))
+                done += cut
+
+    def _qemu_reason(self) -> str | None:
+        return self.console.closed_reason() if self.console.closed_reason else None
+
+    def _left(self, m: re.Match[bytes]) -> NodeLeft:
+        hint = self.console.log_hint()
+        if m.group("panic"):
+            return NodeLeft("the kernel panicked while running the command: "
+                            + m.group("panic").decode(errors="replace"), hint)
+        kind = next(k for k in _LEFT_WHAT if m.group(k))
+        return NodeLeft(f"the node {_LEFT_WHAT[kind]} while running the command", hint)
 
     def interact(self) -> None:
         """Attach this terminal to the console until Ctrl-] (or the node stops)."""
         attach(self.console)
+
+
+def held_back(text: bytes, tok: str) -> int:
+    """How much of ``text`` (a command's output so far) can be handed on: all but a tail that
+    may be the beginning of its end marker, ``\\r?\\n<tok>_E<status>\\r?\\n``, or an unfinished
+    last line that may be the kernel's saying the node leaves Linux (see LEFT_LINUX)."""
+    cut = _marker_start(text, tok)
+    line = text.rfind(b"\n", 0, cut) + 1
+    last = text[line:cut]
+    if last and any(p.startswith(last) or last.startswith(p) for p in _LEFT_STARTS):
+        return line
+    return cut
+
+
+def _marker_start(text: bytes, tok: str) -> int:
+    marker = tok.encode() + b"_E"
+    for i in range(max(0, len(text) - len(marker) - 8), len(text)):
+        rest = text[i:]
+        if rest[:1] == b"\r":
+            rest = rest[1:]
+            if not rest:
+                return i
+        if rest[:1] != b"\n":
+            continue
+        rest = rest[1:]
+        if marker.startswith(rest) or (rest.startswith(marker)
+                                       and re.fullmatch(rb"\d{0,3}\r?", rest[len(marker):])):
+            return i
+    return len(text)
 
 
 def argv_command(argv: Sequence[str]) -> str:
@@ -234,12 +338,26 @@ def attach(console: Console) -> None:
         out.flush()
 
 
-def default_console_log(paths: Paths) -> Path:
-    """Where `kh boot` keeps the last node's console transcript (kept after it stops)."""
-    log = paths.cache / "logs" / "kh-boot-console.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_bytes(b"")
-    return log
+def default_console_log(paths: Paths, keep: int = KEEP_LOGS) -> Path:
+    """A new file for this `kh boot`'s console transcript (kept after it stops), in
+    ``<cache>/logs/kh-boot/``; only the newest ``keep`` runs' logs stay there."""
+    d = paths.cache / "logs" / "kh-boot"
+    d.mkdir(parents=True, exist_ok=True)
+    logs = sorted(d.glob("*.console.log"), key=_mtime)
+    for old in logs[: max(0, len(logs) - keep + 1)]:
+        for f in (old, *old.parent.glob(old.name + ".*")):  # and its rotated parts
+            f.unlink(missing_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    fd, name = tempfile.mkstemp(prefix=f"{stamp}-{os.getpid()}-", suffix=".console.log", dir=d)
+    os.close(fd)
+    return Path(name)
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:  # pruned by a concurrent kh boot
+        return 0.0
 
 
 @contextlib.contextmanager

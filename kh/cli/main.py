@@ -122,8 +122,11 @@ def appliance_build(spec: str, root: Path | None, out: Path | None) -> None:
 @click.option("--bios", type=click.Path(path_type=Path), help="U-Boot ELF.")
 @click.option("--mem", default="256M", show_default=True, help="Node memory.")
 @click.option("--append", "append", default="", help="Extra kernel arguments (khargs).")
-@click.option("--timeout", default=90.0, show_default=True, help="Seconds to reach the ready line.")
-@click.option("--console-log", type=click.Path(path_type=Path), help="Keep the console here.")
+@click.option("--timeout", default=90.0, show_default=True,
+              help="Seconds from `run kboot` to the appliance's ready line; the command itself "
+                   "runs as long as it runs (on the node: timeout S CMD).")
+@click.option("--console-log", type=click.Path(path_type=Path),
+              help="Keep the console here (default: a new file in ~/.cache/kh/logs/kh-boot/).")
 @click.option("--sh", "sh", metavar="'CMD'",
               help="Run this shell command line on the node instead of an ARGV.")
 @click.option("--show-command", is_flag=True, help="Print the QEMU command line and exit.")
@@ -137,9 +140,11 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
     `kh boot -- ARGV...` runs exactly that argv on the node, as `docker run IMAGE ARGV` would
     (`-- sh -c 'exit 7'` exits 7; `-- exit 7` is the shell's exit builtin); `--sh 'CMD'` runs
     one shell command line. Either runs in a subshell of the node's shell with stdin from
-    /dev/null, for as long as it runs; its output is printed and its exit status becomes kh's.
-    Without either, the terminal is attached to the console (Ctrl-] leaves). SIGTERM, SIGHUP
-    or Ctrl-C tear the node down and exit 128+signal.
+    /dev/null, for as long as it runs; its output is printed as it comes and its exit status
+    becomes kh's. If the node powers off, halts, reboots or panics, or its QEMU exits, before
+    the command ends, kh says so and exits 125. Without either, the terminal is attached to
+    the console (Ctrl-] leaves). SIGTERM, SIGHUP or Ctrl-C tear the node down and exit
+    128+signal.
     """
     if sh is not None and argv:
         raise UsageError("give either --sh 'CMD' or -- ARGV..., not both")
@@ -153,12 +158,14 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
         return
     with stop_on_signals(), boot_mod.booted(cfg, p) as node:
         if command is not None:
-            out, status = node.run(command, timeout=None)
-            sys.stdout.write(out)
-            sys.stdout.flush()
-            sys.exit(status)
+            sys.exit(node.run_streaming(command, _write_out, timeout=None))
         click.echo("kh: attached to the node's console; Ctrl-] leaves", err=True)
         node.interact()
+
+
+def _write_out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 register_service_commands(main)

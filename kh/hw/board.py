@@ -73,6 +73,7 @@ class NodeSpec:
     gdb: Path | None = None  # unix socket of QEMU's gdbstub, for debugging a node
     shared_ram: bool = False  # RAM in a shared memfd: khd's bulk-load path (memload)
     qemu: str | None = None  # the QEMU program; None: the board's (khd's `qemu` setting)
+    no_reboot: bool = False  # a guest reset ends QEMU instead of restarting the node
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -134,6 +135,10 @@ def headless_args() -> list[str]:
     return ["-nodefaults", "-display", "none", "-monitor", "none"]
 
 
+def reset_args(no_reboot: bool) -> list[str]:
+    return ["-no-reboot"] if no_reboot else []
+
+
 def loader_args(loads: tuple[Load, ...], board: Board) -> list[str]:
     args: list[str] = []
     for ld in loads:
@@ -182,7 +187,7 @@ def qemu_argv(spec: NodeSpec) -> list[str]:
     b = spec.board
     return ([spec.qemu or b.qemu] + name_args(spec.name) + machine_args(b, spec.shared_ram)
             + memory_args(spec.mem_mib, spec.shared_ram)
-            + headless_args() + firmware_args(spec.bios)
+            + headless_args() + reset_args(spec.no_reboot) + firmware_args(spec.bios)
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
             + gdb_args(spec.gdb)
             + loader_args(spec.loads, b) + nic_args(spec.nics, b))

@@ -63,10 +63,14 @@ class ConsoleLog:
 
 
 class Console:
-    def __init__(self, path: Path, log: Path | None = None, *, name: str = "node") -> None:
+    def __init__(self, path: Path, log: Path | None = None, *, name: str = "node",
+                 closed_reason: Callable[[], str | None] | None = None) -> None:
+        """``closed_reason`` says why the console closed (the node's QEMU exited, and what it
+        said), for the error that reports it; None when it cannot tell."""
         self.path = path
         self.name = name
         self.log_path = log
+        self.closed_reason = closed_reason
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._pos = 0  # expect() consumed everything before this offset
@@ -172,6 +176,31 @@ class Console:
         with self._cond:
             return bytes(self._buf[start:])
 
+    def wait_past(self, offset: int, timeout: float | None) -> bool:
+        """Wait until more than ``offset`` bytes have been read, the console closed or
+        ``timeout`` seconds (None: no limit) passed; True if there is more to read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while len(self._buf) <= offset and not self._closed:
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return len(self._buf) > offset
+
+    def log_hint(self) -> str:
+        return f"console log: {self.log_path}" if self.log_path else "run with --debug"
+
+    def closed_error(self, what: str) -> BootError:
+        """The error for a console that closed ``what`` (e.g. "while waiting for X"): with
+        QEMU's own reason when it exited."""
+        why = self.closed_reason() if self.closed_reason else None
+        return BootError(f"{self.name}: console closed {what}" + (f": {why}" if why else ""),
+                         self.log_hint())
+
     def tail(self, lines: int = 15) -> str:
         text = self.text().decode("utf-8", "replace").replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
@@ -193,15 +222,14 @@ class Console:
                     self._pos = m.end()
                     return m
                 if self._closed:
-                    raise BootError(f"{self.name}: console closed while waiting for {stage}",
-                                    "the node stopped; see its console log")
+                    break
                 if deadline is None:
                     self._cond.wait()  # a signal handler's exception still gets through
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise KhTimeout(f"{self.name}: no {stage} within {timeout:g} s",
-                                    f"console log: {self.log_path}" if self.log_path
-                                    else "run with --debug")
+                                    self.log_hint())
                 self._cond.wait(left)
+        raise self.closed_error(f"while waiting for {stage}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,36 @@ from kh.hw import board, unixsock
 from kh.hw.console import Console
 
 log = logging.getLogger("kh.qemu")
+
+# QEMU's own words that never explain a failure: when kh ends it, its warnings, its notes.
+_NOISE = re.compile(r"terminating on signal|^qemu-system-[\w-]+: (?:.*: )?(?:warning|info): ")
+MAX_REASON = 300
+# Seconds a QEMU whose console closed may take to exit before kh says why it stopped.
+EXIT_WAIT = 5.0
+
+
+def last_words(text: str) -> str | None:
+    """The last meaningful line of a QEMU's output (its stderr), e.g. ``qemu-system-ppc:
+    -device ...: failed to find romfile "efi-virtio.rom"``; None if it said nothing useful."""
+    for line in reversed(text.splitlines()):
+        line = " ".join(line.split())
+        if line and not _NOISE.search(line):
+            return line if len(line) <= MAX_REASON else line[:MAX_REASON - 3] + "..."
+    return None
+
+
+def died_reason(exit_code: int | None, qemu_output: str) -> str:
+    """Why a node that had been running is gone."""
+    said = last_words(qemu_output)
+    status = f" with status {exit_code}" if exit_code is not None else ""
+    return f"QEMU exited{status}" + (f": {said}" if said else "")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 class Qmp:
@@ -68,10 +99,20 @@ class Node:
         return self.process.poll() is None
 
     def qemu_stderr(self) -> str:
-        try:
-            return self.stderr_log.read_text(errors="replace").strip()
-        except OSError:
-            return ""
+        return _read(self.stderr_log).strip()
+
+    def exit_reason(self, wait: float = EXIT_WAIT) -> str | None:
+        """Why the node's QEMU stopped, with its own last meaningful words (its console closed:
+        it is exiting, so wait up to ``wait`` seconds); None if it is still running."""
+        return _exit_reason(self.process, self.stderr_log, wait)
+
+
+def _exit_reason(p: subprocess.Popen[bytes], stderr_log: Path, wait: float) -> str | None:
+    try:
+        code = p.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        return None
+    return died_reason(code, _read(stderr_log))
 
 
 @contextlib.contextmanager
@@ -92,14 +133,15 @@ def running(spec: board.NodeSpec, *, console_log: Path | None, workdir: Path,
         stack.callback(lambda: spec.console.unlink(missing_ok=True))
         if spec.qmp is not None:
             stack.callback(lambda: spec.qmp.unlink(missing_ok=True) if spec.qmp else None)
-        console = Console(spec.console, console_log, name=spec.name)
+        console = Console(spec.console, console_log, name=spec.name,
+                          closed_reason=lambda: _exit_reason(p, stderr_log, EXIT_WAIT))
         stack.callback(console.close)
         try:
             console.connect(connect_timeout, alive=lambda: p.poll() is None)
         except BootError as e:
-            detail = stderr_log.read_text(errors="replace").strip().splitlines()
-            if detail:
-                raise BootError(f"{spec.name}: QEMU failed: {detail[-1]}",
+            said = last_words(_read(stderr_log))
+            if said:
+                raise BootError(f"{spec.name}: QEMU failed: {said}",
                                 "run with --show-command to see the command line") from e
             raise
         yield Node(spec, p, console, stderr_log)

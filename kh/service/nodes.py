@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -27,6 +26,8 @@ from kh.hw import board, qemu, uboot
 from kh.hw import netns as nsutil
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
+from kh.hw.qemu import died_reason as died_reason  # khd's pool reads it here
+from kh.hw.qemu import last_words
 from kh.service.config import ServiceConfig
 from kh.service.mux import Mux
 
@@ -78,21 +79,6 @@ class StartAborted(BootError):
     """khd is going away: the node's start was stopped, its QEMU ended."""
 
 
-# QEMU's own words when kh ends it, which never explain a failure.
-_NOISE = re.compile(r"terminating on signal|^qemu-system-\w+: warning:")
-MAX_REASON = 300
-
-
-def last_words(text: str) -> str | None:
-    """The last meaningful line of a QEMU's output (its stderr), e.g. ``qemu-system-ppc:
-    -device ...: failed to find romfile "efi-virtio.rom"``; None if it said nothing useful."""
-    for line in reversed(text.splitlines()):
-        line = " ".join(line.split())
-        if line and not _NOISE.search(line):
-            return line if len(line) <= MAX_REASON else line[:MAX_REASON - 3] + "..."
-    return None
-
-
 def start_reason(error: KhError, exit_code: int | None, qemu_output: str, *names: str) -> str:
     """Why a start failed, in one line: what QEMU said when it exited on its own, or else the
     stage that did not come (the error's own message, without the node's ``names``: its tag,
@@ -106,13 +92,6 @@ def start_reason(error: KhError, exit_code: int | None, qemu_output: str, *names
     for name in names:
         message = message.removeprefix(f"{name}: ")
     return message
-
-
-def died_reason(exit_code: int | None, qemu_output: str) -> str:
-    """Why a node that had been running is gone."""
-    said = last_words(qemu_output)
-    status = f" with status {exit_code}" if exit_code is not None else ""
-    return f"QEMU exited{status}" + (f": {said}" if said else "")
 
 
 def read_log(path: Path) -> str:
