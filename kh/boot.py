@@ -196,8 +196,11 @@ class BootedNode:
             if end:
                 output(text[:end.start()].replace(b"\r\n", b"\n"))
                 return int(end.group(1))
-            left = LEFT_LINUX.search(con.text(max(begin.end(), done - _LEFT_OVERLAP)))
-            if left:
+            back = min(done - begin.end(), _LEFT_OVERLAP)
+            left = LEFT_LINUX.search(con.text(done - back))
+            if left:  # the output before the kernel's line is the command's
+                output(text[: max(0, left.start(left.lastgroup or 0) - back)]
+                       .replace(b"\r\n", b"\n"))
                 raise self._left(left)
             if con.closed:
                 why = self._qemu_reason() or "its console closed"

@@ -210,3 +210,130 @@ def test_signals_raise_once_then_handlers_come_back(signum):
     assert e.value.exit_code == 128 + signum
     assert str(e.value) == f"stopped by {signal.Signals(signum).name}"
     assert signal.getsignal(signum) == before
+
+
+# --- a command's output as it comes, and the node leaving Linux under it -------------------
+
+def test_output_is_handed_on_while_the_command_runs(tty_node, tmp_path):
+    # The command goes on only once kh has handed "started" on: output held to the end would
+    # leave it waiting until the timeout.
+    flag = tmp_path / "seen"
+    parts: list[bytes] = []
+
+    def output(data: bytes) -> None:
+        parts.append(data)
+        if b"started" in b"".join(parts):
+            flag.touch()
+
+    command = f"echo started; while [ ! -e {flag} ]; do sleep 0.05; done; echo done"
+    assert tty_node.run_streaming(command, output, timeout=60) == 0
+    assert b"".join(parts) == b"started\ndone\n"
+
+
+END = b"\r\n" + TOK.encode() + b"_E0\r\n"
+
+
+@pytest.mark.parametrize("out", [b"abc\r\n", b"abc", b"\r\n\r\n", b"", b"x\r\nKH0123\r\n",
+                                 b"reboot: Power down is a phrase\r\nU-Boot 2 lines\r\n"])
+def test_no_part_of_the_end_marker_is_ever_handed_on(out):
+    text = out + END
+    for n in range(len(text)):  # the whole marker is the end, found before anything is cut
+        cut = boot.held_back(text[:n], TOK)
+        assert out.startswith(text[:cut]), (n, text[:cut])
+    assert boot.held_back(out + b"more", TOK) == len(out) + 4  # only a marker's start waits
+
+
+@pytest.mark.parametrize("tail,cut", [
+    (b"reboot: Resta", 4), (b"System Halted, OK", 4), (b"Kernel panic - not syncing: x", 4),
+    (b"U-Boot 2023.01 (Jan", 4), (b"U", 4), (b"rebuilt", 11), (b"Kernel", 4), (b"half", 8),
+])
+def test_an_unfinished_kernel_line_is_not_output(tail, cut):
+    assert boot.held_back(b"ok\r\n" + tail, TOK) == cut
+
+
+@pytest.mark.parametrize("line,message", [
+    ("reboot: Power down", "the node powered off while running the command"),
+    ("reboot: System halted", "the node halted (powered off) while running the command"),
+    ("System Halted, OK to turn off power", "the node halted (powered off) while running"),
+    ("reboot: Restarting system", "the node rebooted while running the command"),
+    ("Kernel panic - not syncing: Attempted to kill init!",
+     "the kernel panicked while running the command: Kernel panic - not syncing: Attempted"),
+    ("U-Boot 2023.01 (Nov 14 2023 - 22:13:20 +0000)",
+     "the node restarted into U-Boot while running the command"),
+])
+def test_the_node_leaving_linux_ends_the_command(tty_node, line, message):
+    # The node's shell stands in for its kernel: the line arrives, the command never ends.
+    parts: list[bytes] = []
+    with pytest.raises(boot.NodeLeft, match=re.escape(message)) as e:
+        tty_node.run_streaming(f"echo before; printf '%s\\n' '{line}'; sleep 600", parts.append,
+                               timeout=60)
+    assert e.value.exit_code == 125
+    assert b"".join(parts) == b"before\n"  # the kernel's line is not the command's output
+
+
+def test_the_console_closing_ends_the_command(tty_node):
+    # $$ in the subshell is the console's shell itself: the "node" goes away under the command.
+    with pytest.raises(boot.NodeLeft, match="the node stopped while running the command: "
+                                            "its console closed"):
+        tty_node.run("kill -9 $$; sleep 600", timeout=60)
+
+
+# --- QEMU's own reason, the console log, the appliance -------------------------------------
+
+FAKE_QEMU = """#!{python}
+import socket, sys
+path = next(a for a in sys.argv if a.startswith("socket,")).split("path=")[1].split(",")[0]
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(1)
+conn, _ = srv.accept()  # QEMU waits for its console, then sets up the machine
+print("qemu-system-ppc: -machine x: warning: an old warning", file=sys.stderr)
+print("qemu-system-ppc: cannot set up guest memory 'mpc8544ds.ram': Cannot allocate memory",
+      file=sys.stderr)
+print("qemu-system-ppc: warning: a later warning", file=sys.stderr)
+print("qemu-system-ppc: -chardev socket: info: QEMU waiting for connection", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_a_qemu_that_exits_says_why(tmp_path):
+    from kh.errors import BootError
+    from kh.hw import board, qemu, uboot
+    fake = tmp_path / "fake-qemu"
+    fake.write_text(FAKE_QEMU.format(python=sys.executable))
+    fake.chmod(0o755)
+    spec = board.NodeSpec(name="kh-boot", bios=tmp_path / "u-boot.elf",
+                          console=tmp_path / "console.sock", qemu=str(fake))
+    log = tmp_path / "console.log"
+    with pytest.raises(BootError) as e, \
+            qemu.running(spec, console_log=log, workdir=tmp_path) as node:
+        node.console.expect(uboot.UBOOT_PROMPT, 60, stage="U-Boot prompt")
+    assert str(e.value) == (
+        "kh-boot: console closed while waiting for U-Boot prompt: QEMU exited with status 1: "
+        "qemu-system-ppc: cannot set up guest memory 'mpc8544ds.ram': Cannot allocate memory "
+        f"(console log: {log})")
+
+
+def test_each_run_has_its_own_console_log_and_old_ones_go(tmp_path):
+    from kh.settings import Paths
+    p = Paths(repo=tmp_path, cache=tmp_path / "cache", out=tmp_path, runtime=tmp_path)
+    logs = [boot.default_console_log(p, keep=3) for _ in range(5)]
+    assert len(set(logs)) == 5
+    for i, log in enumerate(logs):
+        log.write_text(f"run {i}\n")
+        os.utime(log, (i, i))
+    logs[0].with_name(logs[0].name + ".1").write_text("rotated part of run 0\n")
+    newest = boot.default_console_log(p, keep=3)
+    left = sorted((p.cache / "logs" / "kh-boot").iterdir())
+    assert left == sorted([logs[3], logs[4], newest])
+
+
+def test_an_unknown_appliance_names_the_known_ones():
+    from kh.settings import paths
+    with pytest.raises(UsageError) as e:
+        boot.default_config(paths(), appliance="nosuch")
+    assert e.value.message == "no appliance named 'nosuch'"
+    assert e.value.hint is not None and e.value.hint.startswith("known appliances: ")
+    assert "shell" in e.value.hint.split(": ")[1].split(", ")
+    r = kh_boot("--appliance", "nosuch", "--", "true")
+    assert r.returncode == 2 and r.stderr == f"kh: {e.value}\n"
