@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from kh.cli import credential
-from kh.cli.common import handle_errors
+from kh.cli.common import handle_errors, stop_on_signals
 from kh.client import Client
 from kh.errors import UsageError
-from kh.service.config import ServiceConfig, from_env
+from kh.service.config import SETTINGS, ServiceConfig, env_help, from_env, given
 
 if TYPE_CHECKING:
     from kh.service.pool import PoolStatus
+
+
+ENV_EPILOG = "\b\nEnvironment (options win over it):\n" + env_help()
+SETTINGS_HELP = {s.field: s.help[0].upper() + s.help[1:] + "." for s in SETTINGS}
 
 
 def config() -> ServiceConfig:
@@ -49,37 +53,39 @@ def alloc_id(text: str) -> int:
 
 
 def register(main: click.Group) -> None:
-    @main.group()
+    @main.group(epilog=ENV_EPILOG)
     def service() -> None:
         """Run khd, the service interface, in the background."""
 
-    @service.command("start")
-    @click.option("--nodes", type=int, help="Nodes the machine has (kept warm).")
-    @click.option("--port", type=int, help="API port on 127.0.0.1 and in the fabric.")
-    @click.option("--uplink-netns", help="Network namespace the external domain reaches.")
-    @click.option("--domain-quota", type=int,
-                  help="Private domains one principal may hold (default 16).")
+    @service.command("start", epilog=ENV_EPILOG)
+    @click.option("--nodes", type=int, help=SETTINGS_HELP["nodes"])
+    @click.option("--port", type=int, help=SETTINGS_HELP["api_port"])
+    @click.option("--uplink-netns", help=SETTINGS_HELP["uplink_netns"])
+    @click.option("--domain-quota", type=int, help=SETTINGS_HELP["domain_quota"])
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
     def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
                       domain_quota: int | None, no_wait: bool) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
-        pool can start."""
-        cfg = from_env(nodes=nodes, api_port=port, uplink_netns=uplink_netns,
-                       domain_quota=domain_quota)
+        pool can start, or when stopped (Ctrl-C, SIGTERM, SIGHUP). With khd already running,
+        fails if it runs with other settings than the ones asked for."""
+        asked = {"nodes": nodes, "api_port": port, "uplink_netns": uplink_netns,
+                 "domain_quota": domain_quota}
+        cfg = from_env(**asked)  # every setting checked before anything else
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control
         t0 = time.monotonic()
-        shown = [""]
+        shown: list[tuple[int, int, int]] = []
 
         def progress(st: PoolStatus) -> None:  # only when it takes a while, and has news
-            text = st.progress_text()
-            if time.monotonic() - t0 > 2 and text != shown[0] and not st.ready:
-                click.echo(f"kh: starting the pool: {text}", err=True)
-                shown[0] = text
+            if time.monotonic() - t0 > 2 and st.milestone not in shown[-1:] and not st.ready:
+                click.echo(f"kh: starting the pool: {st.milestone_text()}", err=True)
+                shown.append(st.milestone)
 
-        started = control.start(cfg, debug=debug, wait=not no_wait, progress=progress)
+        with stop_on_signals():
+            started = control.start(cfg, debug=debug, wait=not no_wait, progress=progress,
+                                    given=given(**asked))
         where = f"pid {started.pid}, state {cfg.state_dir}"
         st = started.status
         if started.already or st is None:
@@ -188,7 +194,7 @@ def register(main: click.Group) -> None:
         path = config().console_log(node)
         if not path.exists():
             raise UsageError(f"node {node} has no console log", "see `kh ps`")
-        with open(path, "rb") as f:
+        with stop_on_signals(), open(path, "rb") as f:
             while True:
                 data = f.read()
                 if data:
@@ -216,12 +222,13 @@ def register(main: click.Group) -> None:
         path = config().node_dir(node) / "console.sock"
         if not path.exists():
             raise UsageError(f"node {node} has no console here", "see `kh ps`")
-        con = Console(path, name=f"node{node}")
-        con.connect(5)
-        click.echo(f"kh: attached to node {node}; Ctrl-] leaves", err=True)
-        try:
-            attach(con)
-        finally:
-            con.close()
+        with stop_on_signals():  # a SIGTERM or SIGHUP restores the terminal as Ctrl-] does
+            con = Console(path, name=f"node{node}")
+            con.connect(5)
+            click.echo(f"kh: attached to node {node}; Ctrl-] leaves", err=True)
+            try:
+                attach(con)
+            finally:
+                con.close()
 
 

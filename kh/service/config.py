@@ -3,6 +3,11 @@
 `kh service start` hands khd every setting as a command-line option (``to_argv``; khd reads them
 back with ``add_options``/``from_options``), so the value khd runs with is exactly the caller's,
 and khd's command line carries its state directory and name prefix for `kh clean` to find.
+
+``SETTINGS`` describes every setting once: its environment variable, `kh service start`'s option,
+its allowed range and its help. ``from_env`` parses and checks them all there (a bad value is a
+one-line UsageError naming the variable or option and what is allowed), and the CLI's help
+lists the environment variables from it.
 """
 
 from __future__ import annotations
@@ -10,11 +15,88 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kh.allocation import MAX_NETID
+from kh.errors import UsageError
 from kh.hw.tags import FabricConfig
+from kh.model import FIRST_PRIVATE
 from kh.settings import paths
+
+# Node numbers go into each node's MACs (16 bits) and addresses (10.d.(n>>8).(n&255), at most
+# allocation.MAX_NODE), and a node that dies allocated is replaced under a number past the
+# size; 1024 leaves room for that, and 1024 nodes of 256 MiB already ask for 256 GiB.
+MAX_NODES = 1024
+MIN_MEM_MIB, MAX_MEM_MIB = 256, 2048  # the board's least; a 32-bit e500v2 node maps 2 GiB
+MAX_PREFIX = 8  # the longest tap name, <prefix><node>s<slot>, must fit IFNAMSIZ (15 chars)
+PREFIX_RE = re.compile(rf"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of ServiceConfig: where it comes from and what it may be."""
+
+    field: str
+    env: str | None  # KH_* variable it is read from
+    option: str | None  # `kh service start`'s option for it
+    help: str
+    low: int | None = None  # integers: the allowed range, inclusive
+    high: int | None = None
+    what: str = ""  # the value in words, "{} nodes", for `khd already running with ...`
+
+    def label(self, from_env: bool) -> str:
+        if from_env and self.env:
+            return self.env
+        return self.option or "--" + self.field.replace("_", "-")
+
+    def describe(self, value: object) -> str:
+        return (self.what or self.field.replace("_", " ") + " {}").format(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("state_dir", "KH_STATE_DIR", None, "khd's state directory (default /var/lib/kh)"),
+    Setting("images", None, None, "the published images"),
+    Setting("nodes", "KH_NODES", "--nodes", f"nodes the machine has, kept warm (default 8, "
+            f"1 to {MAX_NODES})", 1, MAX_NODES, "{} nodes"),
+    Setting("mem_mib", None, None, "MiB of memory per node", MIN_MEM_MIB, MAX_MEM_MIB,
+            "{} MiB per node"),
+    Setting("appliance", None, None, "the preloaded ramdisk"),
+    Setting("api_port", "KH_API_PORT", "--port", "API port on 127.0.0.1 and in the fabric "
+            "(default 7480; 1 to 65535)", 1, 65535, "API port {}"),
+    Setting("ssh_port", "KH_SSH_PORT", None, "control-channel ssh port (default 7422; 1 to 65535)",
+            1, 65535, "ssh port {}"),
+    Setting("server", None, None, "host name khget prints"),
+    Setting("prefix", "KH_PREFIX", None, f"tag of kh's host objects, one per kh instance "
+            f"(default kh; [a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}})", what="prefix {}"),
+    Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "network namespace the "
+            "external domain reaches", what="uplink namespace {}"),
+    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default qemu-system-ppc)",
+            what="QEMU {}"),
+    Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
+            f"principal may hold (default 16, 1 to {MAX_NETID - FIRST_PRIVATE + 1})",
+            1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
+)
+BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+def env_help() -> str:
+    """The environment variables the service honours, for --help (one per line)."""
+    return "\n".join(f"  {s.env:<16} {s.help}" for s in SETTINGS if s.env)
+
+
+def check(field: str, value: object, label: str | None = None) -> None:
+    """Refuse a value outside its setting's range, naming ``label`` (variable or option)."""
+    s = BY_FIELD[field]
+    name = label or s.label(False)
+    if isinstance(value, int) and s.low is not None and s.high is not None \
+            and not s.low <= value <= s.high:
+        raise UsageError(f"{name} must be {s.low} to {s.high}, not {value}")
+    if field == "prefix" and not (isinstance(value, str) and PREFIX_RE.fullmatch(value)):
+        raise UsageError(f"{name} must be a lowercase letter then up to {MAX_PREFIX - 1} "
+                         f"lowercase letters or digits, not {value!r}",
+                         "it starts every interface name kh makes")
 
 
 @dataclass(frozen=True)
@@ -31,6 +113,10 @@ class ServiceConfig:
     uplink_netns: str | None = None
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
+
+    def __post_init__(self) -> None:
+        for s in SETTINGS:
+            check(s.field, getattr(self, s.field))
 
     @property
     def fabric(self) -> FabricConfig:
@@ -92,21 +178,39 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("KH_STATE_DIR", "/var/lib/kh"))
 
 
+def _from_env(s: Setting, text: str) -> object:
+    kind = str(next(f.type for f in dataclasses.fields(ServiceConfig) if f.name == s.field))
+    if kind == "int":
+        if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+            raise UsageError(f"{s.env} must be a whole number from {s.low} to {s.high}, "
+                             f"not {text!r}")
+        value: object = int(text)
+    elif kind == "Path":
+        value = Path(text)
+    else:
+        value = text or None if kind == "str | None" else text
+    check(s.field, value, s.env)
+    return value
+
+
+def given(**overrides: object) -> set[str]:
+    """The settings the caller asked for: options given, or their variable set."""
+    return ({k for k, v in overrides.items() if v is not None}
+            | {s.field for s in SETTINGS if s.env and os.environ.get(s.env)})
+
+
 def from_env(**overrides: object) -> ServiceConfig:
-    """Defaults, then KH_* environment variables, then explicit overrides (CLI options)."""
-    env = os.environ
-    values: dict[str, object] = {
-        "state_dir": default_state_dir(),
-        "images": paths().out,
-        "nodes": int(env.get("KH_NODES", "8")),
-        "api_port": int(env.get("KH_API_PORT", "7480")),
-        "ssh_port": int(env.get("KH_SSH_PORT", "7422")),
-        "prefix": env.get("KH_PREFIX", "kh"),
-        "uplink_netns": env.get("KH_UPLINK_NETNS") or None,
-        "qemu": env.get("KH_QEMU") or None,
-        "domain_quota": int(env.get("KH_DOMAIN_QUOTA", "16")),
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """Defaults, then KH_* environment variables, then explicit overrides (CLI options), each
+    checked against its setting (UsageError naming the variable or option)."""
+    values: dict[str, object] = {"state_dir": default_state_dir(), "images": paths().out}
+    for s in SETTINGS:
+        text = os.environ.get(s.env) if s.env and overrides.get(s.field) is None else None
+        if text:  # an empty variable counts as unset; an option wins over it
+            values[s.field] = _from_env(s, text)
+    for k, v in overrides.items():
+        if v is not None:
+            check(k, v)
+            values[k] = v
     return ServiceConfig(**values)  # type: ignore[arg-type]
 
 
@@ -133,6 +237,18 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     """One option per setting, named as ``to_argv`` writes them."""
     for f in dataclasses.fields(ServiceConfig):
         ap.add_argument(_option(f.name), dest=f.name, type=_OPTION_TYPES[str(f.type)])
+
+
+def parse_argv(argv: list[str]) -> ServiceConfig:
+    """The config a khd command line (its options after the module) names, without looking
+    at this process's environment: what a running khd runs with."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--foreground", action="store_true")
+    ap.add_argument("--debug", action="store_true")
+    add_options(ap)
+    args, _ = ap.parse_known_args(argv)
+    return ServiceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
+        ServiceConfig) if getattr(args, f.name) is not None})
 
 
 def from_options(args: argparse.Namespace) -> ServiceConfig:

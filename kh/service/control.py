@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from kh.client import Client, NotRunning
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.hw.fabric import Fabric
-from kh.service import config, preflight
+from kh.service import config, preflight, statedir
 from kh.service.config import ServiceConfig
 from kh.service.nodes import kill_pids
 from kh.service.pool import PoolStatus, summarize_json
@@ -101,60 +100,105 @@ def netns_pids(name: str) -> list[int]:
     return pids
 
 
+def running_config(pid: int) -> ServiceConfig | None:
+    """The settings khd ``pid`` runs with, read back from its command line."""
+    try:
+        args = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except (OSError, UnicodeDecodeError):
+        return None
+    if "kh.service.daemon" not in args:
+        return None
+    try:
+        return config.parse_argv(args[args.index("kh.service.daemon") + 1:])
+    except (KhError, TypeError, SystemExit):
+        return None
+
+
+def mismatch(running: ServiceConfig, asked: ServiceConfig, given: set[str]) -> str | None:
+    """`khd already running with 8 nodes, not 4`, when a setting asked for differs."""
+    diffs = [(s.describe(getattr(running, s.field)), getattr(asked, s.field))
+             for s in config.SETTINGS
+             if s.field in given and getattr(running, s.field) != getattr(asked, s.field)]
+    if not diffs:
+        return None
+    return "khd already running with " + ", ".join(f"{r}, not {a}" for r, a in diffs)
+
+
+def _exit_text(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"status {returncode}"
+
+
 def _status(cfg: ServiceConfig) -> PoolStatus:
     return summarize_json(json.loads(Client(cfg.socket, timeout=10).call(
         "GET", "/v1/status", as_json=True)))
 
 
 def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
-          timeout: float = 120.0, progress: Callable[[PoolStatus], None] | None = None
-          ) -> Started:
+          timeout: float = 120.0, progress: Callable[[PoolStatus], None] | None = None,
+          given: set[str] | None = None) -> Started:
     """Start khd in the background; with ``wait``, until its pool has settled (every node at
     the U-Boot prompt or failed for good). Raises PoolFailed when no node could start. Any
-    failure stops khd and removes what it made (its logs stay)."""
+    failure (a signal's Stopped too) stops khd and removes what it made (its logs stay).
+
+    When khd runs already, ``given`` names the settings the caller asked for: any that differ
+    from the running khd's are refused (KhError), the rest is Started(already=True)."""
     preflight.check(cfg)  # refuses before anything is created
     existing = pid_of(cfg)
     if existing:
+        running = running_config(existing)
+        differs = mismatch(running, cfg, given or set()) if running else None
+        if differs:
+            raise KhError(differs, "kh service stop first")
         return Started(existing, None, already=True)
-    cfg.logs.mkdir(parents=True, exist_ok=True)
-    cfg.run.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "kh.service.daemon", "--foreground", *config.to_argv(cfg)]
     if debug:
         argv.append("--debug")
-    log_start = cfg.khd_log.stat().st_size if cfg.khd_log.exists() else 0
-    with open(cfg.khd_log, "ab") as logf:
-        p = proc.daemon(argv, logf)
+    log_start = 0
+    p = None
 
     def exited() -> KhError:
+        assert p is not None
+        with contextlib.suppress(Exception):  # khd is gone or going: let it finish its log
+            p.wait(5)
         text = cfg.khd_log.read_bytes()[log_start:].decode(errors="replace").strip()
         last = text.splitlines()[-1] if text else ""
         if last.startswith("khd: "):  # khd's own one-line error, with its hint
             return KhError(last.removeprefix("khd: "))
-        return KhError(f"khd exited at start: {last or 'no output'}", f"log: {cfg.khd_log}")
+        how = "" if p.returncode is None else f" ({_exit_text(p.returncode)})"
+        return KhError(f"khd exited at start{how}: {last or 'no output'}",
+                       f"log: {cfg.khd_log}")
+
+    def ask() -> PoolStatus | None:
+        """khd's pool status; None while khd does not answer yet. khd gone is exited()."""
+        if p is not None and p.poll() is not None:
+            raise exited()
+        try:
+            return _status(cfg)
+        except (NotRunning, TimeoutError, ConnectionError):
+            if p is not None and p.poll() is not None:
+                raise exited() from None
+            return None
 
     try:
+        statedir.prepare(cfg)
+        log_start = cfg.khd_log.stat().st_size if cfg.khd_log.exists() else 0
+        with open(cfg.khd_log, "ab") as logf:
+            p = proc.daemon(argv, logf)
         deadline = time.monotonic() + timeout
-        while True:
-            if p.poll() is not None:
-                raise exited()
-            try:
-                status = _status(cfg)
-                break
-            except (NotRunning, TimeoutError, ConnectionError):
-                pass
+        while (status := ask()) is None:
             if time.monotonic() > deadline:
                 raise KhError(f"khd did not answer within {timeout:.0f} s",
                               f"log: {cfg.khd_log}")
             time.sleep(0.1)
         last, changed = status, time.monotonic()
         while wait and not status.ready:
-            if p.poll() is not None:
-                raise exited()
             if time.monotonic() - changed > STALL:
                 raise KhError(f"the pool made no progress for {STALL:.0f} s "
                               f"({status.progress_text()})", f"log: {cfg.khd_log}")
             time.sleep(0.25)
-            status = _status(cfg)
+            status = ask() or status
             if status != last:
                 last, changed = status, time.monotonic()
                 if progress:
@@ -191,7 +235,9 @@ def stop(cfg: ServiceConfig, timeout: float = 30.0) -> list[int]:
 def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     """Remove every host object kh created (by kh's tags) and nothing else: khd, node QEMUs
     (with whatever they started), the fabric namespace and everything in it, the external
-    uplink's outside end, and khd's files (``cfg.state_paths``)."""
+    uplink's outside end, and khd's files in the directories it marked (kh.service.statedir).
+    Processes and namespaces are found by the prefix tag, so two kh instances on one host
+    need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
     pids = kh_qemu_pids(cfg.prefix)
     kill_pids(pids)
@@ -205,19 +251,4 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     except OSError as e:
         raise KhError(f"cannot remove network namespace {cfg.fabric.netns}: {e.strerror}",
                       "kh clean needs root") from None
-    for p in cfg.state_paths:
-        if keep_logs and p == cfg.logs:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
-            continue
-        done.append(f"removed {p}")
-    if not keep_logs and cfg.state_dir.is_dir():
-        try:
-            cfg.state_dir.rmdir()
-        except OSError:
-            done.append(f"kept {cfg.state_dir}: it holds files that are not kh's")
-    return done
+    return done + statedir.remove(cfg, keep_logs=keep_logs)

@@ -21,7 +21,7 @@ from kh.cc.sshd import Access, SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
-from kh.service import api, config
+from kh.service import api, config, statedir
 from kh.service.config import ServiceConfig
 from kh.service.core import Service
 from kh.service.preflight import check_images
@@ -31,8 +31,7 @@ log = logging.getLogger("kh.khd")
 
 def run(cfg: ServiceConfig) -> int:
     check_images(cfg)  # before anything is created
-    cfg.run.mkdir(parents=True, exist_ok=True)
-    cfg.logs.mkdir(parents=True, exist_ok=True)
+    statedir.prepare(cfg)  # the state directory, run/ and logs/, each marked as kh's
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

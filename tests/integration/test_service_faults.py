@@ -23,6 +23,7 @@ import pytest
 
 from kh.service import control
 from kh.service.config import ServiceConfig
+from kh.service.statedir import MARKER
 from tests.integration.conftest import credfile, free_port, kh, khget, ps
 
 ROM = ('qemu-system-ppc: -device virtio-net-pci,netdev=d0,mac=52:54:00:00:01:00: '
@@ -126,7 +127,7 @@ def test_kh_service_start_fails_with_the_reason_and_clean_restores_the_host(fail
     after = failing.snapshot()
     assert after["netns"] == before["netns"] and after["links"] == before["links"]
     assert after["pids"] == [] and control.pid_of(cfg) is None
-    assert {f.split("/")[1] for f in after["files"] if f.count("/") >= 1} == {"logs"}
+    assert {f.split("/")[1] for f in after["files"] if f.count("/") >= 1} == {"logs", MARKER}
     assert ROM in cfg.qemu_log(1).read_text()
     r = kh(cfg, "service", "status")
     assert r.returncode == 1 and "khd is not running" in r.stderr
@@ -196,7 +197,7 @@ def test_khd_failing_at_start_leaves_nothing_half_made(failing):
     after = failing.snapshot()
     assert {k: v for k, v in after.items() if k != "files"} == \
         {k: v for k, v in before.items() if k != "files"}
-    assert {f.split("/")[1] for f in after["files"] if "/" in f} == {"logs"}
+    assert {f.split("/")[1] for f in after["files"] if "/" in f} == {"logs", MARKER}
 
 
 def hanging_qemu(path: Path, prefix: str) -> Path:
