@@ -1,17 +1,23 @@
 """khd's warm pool: the machine's nodes kept started at the U-Boot prompt, and what happens
 when one cannot start.
 
-A node that fails to start (or dies while free) keeps its number and the reason: QEMU's last
-word, or the stage that did not come. It is started again after a delay that doubles each time
-(``retry_delay``: 1, 2, 4, 8 s), at most START_ATTEMPTS times in a row; then it stays failed
-with its reason until an operator acts (`kh service stop` and `kh service start` try again
-afresh; `kh clean` removes everything). Failed nodes are never replaced by new numbers, so a
-host where QEMU cannot start does not spin.
+A node that fails to start (or dies while free) keeps its number, its slot and the reason:
+QEMU's last word, or the stage that did not come. It is started again after a delay that
+doubles each time (``retry_delay``: 1, 2, 4, 8 s), at most START_ATTEMPTS times in a row; then
+it stays failed with its reason until an operator acts (`kh service stop` and `kh service
+start` try again afresh; `kh clean` removes everything). Such nodes are never replaced by new
+numbers, so a host where QEMU cannot start does not spin.
+
+A node that dies allocated is another matter: it belongs to its allocation, stays there
+`failed` with its reason (the principal sees it; `kh service status` counts it as died
+allocated) and is never handed out again; it holds no slot of the pool, so the pool starts a
+node under the next free number in its place. Releasing it removes it.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +58,19 @@ def retry_delay(attempts: int, *, limit: int = START_ATTEMPTS, first: float = FI
     if attempts >= limit:
         return None
     return min(cap, first * 2.0 ** (attempts - 1))
+
+
+def death_reason(exit_code: int | None, qemu_output: str) -> str:
+    """Why a node that had been running is gone, naming the signal that killed its QEMU
+    (``QEMU was killed by SIGKILL``) rather than a negative status."""
+    if exit_code is None or exit_code >= 0:
+        return died_reason(exit_code, qemu_output)
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"QEMU was killed by {name}" + died_reason(None, qemu_output).removeprefix(
+        "QEMU exited")
 
 
 def attempts_after(row: NodeRow, now: float) -> int:
@@ -132,6 +151,18 @@ class PoolStatus:
         n, first = len(self.failures), self.failures[0]
         return (f"{n} node{'s' if n > 1 else ''} failed to start "
                 f"(node {first.node}: {first.reason})")
+
+    @property
+    def milestone(self) -> tuple[int, int, int]:
+        """What a user waiting for the pool cares about: (ready, failing and being retried,
+        given up). It does not flap while a failing node goes between waiting for its retry
+        and being started again."""
+        return (self.free + self.allocated, len(self.failures) - self.failed, self.failed)
+
+    def milestone_text(self) -> str:
+        ready, failing, failed = self.milestone
+        retried = f", {failing} failing (retried with backoff)" if failing else ""
+        return f"{ready} of {self.size} nodes ready{retried}, {failed} failed for good"
 
     def progress_text(self) -> str:
         again = f" ({self.retrying} to retry after failing)" if self.retrying else ""
@@ -335,7 +366,7 @@ class Pool:
                     continue
                 code = node.exit_code()
                 self.nodes.stop(row.number)
-                reason = died_reason(code, read_log(self.cfg.qemu_log(row.number)))
+                reason = death_reason(code, read_log(self.cfg.qemu_log(row.number)))
                 log.warning("node %d died: %s", row.number, reason)
                 if row.state == NodeState.ALLOCATED:
                     self.store.node_failed(row.number, reason)

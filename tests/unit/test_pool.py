@@ -151,3 +151,44 @@ def test_start_reason_when_qemu_exited_or_a_stage_timed_out():
 def test_died_reason():
     assert died_reason(None, "") == "QEMU exited"
     assert died_reason(-9, ROM) == f"QEMU exited with status -9: {ROM}"
+
+
+def test_a_killed_node_names_the_signal():
+    assert pool.death_reason(-9, ROM) == f"QEMU was killed by SIGKILL: {ROM}"
+    assert pool.death_reason(-15, "") == "QEMU was killed by SIGTERM"
+    assert pool.death_reason(1, ROM) == f"QEMU exited with status 1: {ROM}"
+    assert pool.death_reason(None, "") == "QEMU exited"
+
+
+def test_progress_news_does_not_flap_while_a_node_retries():
+    """Node 2 fails, waits, is started again, fails again: what a waiting user is told (ready,
+    failing, failed for good) stays the same until a node comes up or is given up."""
+    seq = [[row(1, NodeState.STARTING), row(2, NodeState.STARTING)],
+           [row(1, NodeState.STARTING), row(2, NodeState.FAILED, attempts=1, retry_at=5.0,
+                                               reason=ROM)],
+           [row(1, NodeState.STARTING), row(2, NodeState.STARTING, attempts=1, reason=ROM)],
+           [row(1, NodeState.STARTING), row(2, NodeState.FAILED, attempts=2, retry_at=9.0,
+                                               reason=ROM)],
+           [row(1, NodeState.FREE), row(2, NodeState.STARTING, attempts=2, reason=ROM)],
+           [row(1, NodeState.FREE), row(2, NodeState.FAILED, attempts=5, reason=ROM)]]
+    statuses = [pool.summarize(rows, 2) for rows in seq]
+    assert len({st.progress_text() for st in statuses[1:4]}) > 1  # the internal flapping
+    news = []
+    for st in statuses:
+        if st.milestone not in news[-1:]:
+            news.append(st.milestone)
+    assert news == [(0, 0, 0), (0, 1, 0), (1, 1, 0), (1, 0, 1)]
+    assert statuses[4].milestone_text() == \
+        "1 of 2 nodes ready, 1 failing (retried with backoff), 0 failed for good"
+
+
+def test_the_docs_give_the_backoff_kh_really_uses():
+    from pathlib import Path
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    text = " ".join(docs.split())
+    delays = []
+    while (d := pool.retry_delay(len(delays) + 1)) is not None:
+        delays.append(f"{d:g}")
+    assert f"after {', '.join(delays[:-1])} and {delays[-1]} s" in text
+    assert f"{pool.START_ATTEMPTS} failed starts in a row" in text
+    assert "capped" not in text
