@@ -116,9 +116,13 @@ def running_config(pid: int) -> ServiceConfig | None:
 
 def mismatch(running: ServiceConfig, asked: ServiceConfig, given: set[str]) -> str | None:
     """`khd already running with 8 nodes, not 4`, when a setting asked for differs."""
-    diffs = [(s.describe(getattr(running, s.field)), getattr(asked, s.field))
+    def value(cfg: ServiceConfig, field: str) -> object:
+        v = getattr(cfg, field)
+        return Path(os.path.abspath(v)) if isinstance(v, Path) else v  # khd's are absolute
+
+    diffs = [(s.describe(value(running, s.field)), value(asked, s.field))
              for s in config.SETTINGS
-             if s.field in given and getattr(running, s.field) != getattr(asked, s.field)]
+             if s.field in given and value(running, s.field) != value(asked, s.field)]
     if not diffs:
         return None
     return "khd already running with " + ", ".join(f"{r}, not {a}" for r, a in diffs)

@@ -126,6 +126,9 @@ def test_khd_running_with_other_settings_is_refused(running_khd):
     assert control.start(config.from_env(images=cfg.images, nodes=8),
                          given={"nodes"}).already
     assert control.start(cfg, given=set()).pid == pid
+    relative = config.from_env(images=cfg.images, state_dir=Path(os.path.relpath(
+        cfg.state_dir)))  # the same directory, named relatively: the same khd
+    assert control.start(relative, given={"state_dir"}).pid == pid
 
 
 # --- 2: every signal unwinds `kh service start` as Ctrl-C does ------------------------------
