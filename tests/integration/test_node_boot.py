@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -251,3 +252,76 @@ def test_uboot_rejects_wrong_image_type(boot_config, kh_paths, tmp_path):
     with pytest.raises(BootError), boot.booted(boot_config(kernel=k, ready_timeout=30),
                                                kh_paths):
         pass
+
+
+def qemus_of(runtime: Path) -> list[int]:
+    """PIDs of the live QEMUs whose command line names a path under ``runtime`` (any parent)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmdline = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            stat = proc_stat(int(d.name))
+            if str(runtime).encode() in cmdline and stat and stat[0] != "Z" \
+                    and cmdline.startswith(b"qemu-system"):
+                found.append(int(d.name))
+    return found
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["poweroff", "-f"], "kh: the node halted (powered off) while running the command"),
+    (["reboot", "-f"], "kh: the node rebooted while running the command"),
+], ids=["poweroff", "reboot"])
+def test_kh_boot_ends_when_the_node_leaves_linux(kh_paths, artifacts, tmp_path, argv, message):
+    log = artifacts / "cli.console.log"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    r = subprocess.run(KH + ["boot", "--console-log", str(log), "--", *argv], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "KH_RUNTIME": str(runtime)})
+    assert r.returncode == 125, r.stderr
+    assert r.stderr.startswith(message) and f"(console log: {log})" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert "reboot:" not in r.stdout and "Halted" not in r.stdout
+    assert qemus_of(runtime) == [] and list(runtime.iterdir()) == []
+
+
+def test_kh_boot_says_why_qemu_would_not_run(kh_paths, tmp_path):
+    # 99 GiB of guest RAM is more than this host can give a process: QEMU says so and exits.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    r = subprocess.run(KH + ["boot", "--mem", "99G", "--", "true"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "KH_RUNTIME": str(runtime)})
+    assert r.returncode == 1
+    assert r.stderr.startswith("kh: kh-boot: console closed while waiting for U-Boot prompt: "
+                               "QEMU exited with status 1: qemu-system-ppc: cannot set up guest "
+                               "memory 'mpc8544ds.ram': Cannot allocate memory (console log: "), \
+        r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert qemus_of(runtime) == [] and list(runtime.iterdir()) == []
+
+
+def test_kh_boot_prints_output_as_it_comes(kh_paths, artifacts):
+    log = artifacts / "cli.console.log"
+    kh = subprocess.Popen(KH + ["boot", "--console-log", str(log), "--", "sh", "-c",
+                                "echo started; sleep 100000"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    try:
+        assert kh.stdout is not None
+        deadline = time.monotonic() + 300  # a guard against hanging, not a measurement
+        while not (log.exists() and re.search(r"Z started$", log.read_text(), re.M)):
+            assert kh.poll() is None, kh.communicate()
+            assert time.monotonic() < deadline, "the command never started on the node"
+            time.sleep(0.2)
+        # The node printed it and the command goes on: kh must print it now, not at the end.
+        ready, _, _ = select.select([kh.stdout], [], [], 120)
+        assert ready, "kh boot printed nothing of a running command"
+        assert kh.stdout.read1(100).startswith(b"started")  # type: ignore[attr-defined]
+        kh.send_signal(signal.SIGTERM)
+        _, err = kh.communicate(timeout=60)
+        assert kh.returncode == 128 + signal.SIGTERM, err
+    finally:
+        if kh.poll() is None:
+            kh.kill()
+            kh.communicate()
