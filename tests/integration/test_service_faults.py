@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,5 +273,27 @@ def test_a_pool_with_one_failing_node_starts_and_says_so(kh_paths, tmp_path):
         assert json.loads(kh(cfg, "ps", "--json").stdout)["nodes"][1]["reason"] == ROM
         assert kh(cfg, "clean").returncode == 0
         assert s.snapshot() == before
+    finally:
+        control.clean(cfg)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_stops_kh_service_start_and_what_it_started(tmp_path, sig):
+    """`timeout -s TERM` and Ctrl-C take one path: khd and its node QEMUs are stopped, only
+    the logs stay, and kh says so in one line with 128+signal."""
+    s = setup(tmp_path, "g", fake_images(tmp_path / "img"), None)
+    qemu = hanging_qemu(tmp_path / "qemu-hangs", s.cfg.prefix)
+    cfg = s.cfg = ServiceConfig(**{**vars(s.cfg), "qemu": str(qemu)})
+    from tests.integration.conftest import env
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "kh.cli.main", "service", "start"],
+                             env=env(cfg), stderr=subprocess.PIPE, text=True)
+        wait_for("node QEMUs", lambda: control.kh_qemu_pids(cfg.prefix))
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        assert (p.returncode, err.splitlines()[-1]) == (128 + sig, f"kh: stopped by "
+                                                                   f"{sig.name}")
+        assert control.pid_of(cfg) is None and control.kh_qemu_pids(cfg.prefix) == []
+        assert not cfg.run.exists() and cfg.khd_log.exists()
     finally:
         control.clean(cfg)
