@@ -302,11 +302,11 @@ def test_kh_boot_says_why_qemu_would_not_run(kh_paths, tmp_path):
     assert qemus_of(runtime) == [] and list(runtime.iterdir()) == []
 
 
-def test_kh_boot_prints_output_as_it_comes(kh_paths, artifacts):
+def test_kh_boot_prints_output_as_it_comes(kh_paths, artifacts, tmp_path):
     log = artifacts / "cli.console.log"
     kh = subprocess.Popen(KH + ["boot", "--console-log", str(log), "--", "sh", "-c",
                                 "echo started; sleep 100000"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, env={**os.environ, "KH_RUNTIME": str(tmp_path)})
     try:
         assert kh.stdout is not None
         deadline = time.monotonic() + 300  # a guard against hanging, not a measurement
