@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,13 @@ def running_khd(env: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m",
                           "kh.service.daemon", "--foreground", *config.to_argv(cfg)])
     try:
+        # Seen once in a fresh root: start() did not find this process. Wait until khd_pids
+        # sees it (or say why not) rather than race its exec.
+        deadline = time.monotonic() + 10
+        while p.pid not in control.khd_pids(cfg):
+            assert p.poll() is None, f"the stand-in khd exited with {p.returncode}"
+            assert time.monotonic() < deadline, (p.pid, cfg.state_dir, list(control._cmdlines()))
+            time.sleep(0.01)
         yield cfg, p.pid
     finally:
         p.kill()
