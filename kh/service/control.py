@@ -188,7 +188,9 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
     try:
         statedir.prepare(cfg)
         log_start = cfg.khd_log.stat().st_size if cfg.khd_log.exists() else 0
-        with open(cfg.khd_log, "ab") as logf:
+        # khd.log is the operator's alone (0600), like everything khd itself writes.
+        fd = os.open(cfg.khd_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "ab") as logf:
             p = proc.daemon(argv, logf)
         deadline = time.monotonic() + timeout
         while (status := ask()) is None:

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg = config.from_options(args)
+    # Everything khd writes (database, host key, console logs that can hold boot keys, sockets)
+    # is the operator's alone: no other local user reads a principal's console or credentials.
+    os.umask(0o077)
     try:
         return run(cfg)
     except KhError as e:

@@ -10,6 +10,7 @@ nothing else is left in it. Whatever it leaves, it says what and why, in one lin
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,14 +27,16 @@ def _mark(d: Path, cfg: ServiceConfig) -> None:
     if marker.exists():
         return
     try:
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, mode=0o700)  # the operator's alone (a found one keeps its mode)
         how = _MADE
     except FileExistsError:
         how = _FOUND
     if not d.is_dir():
         raise KhError(f"{d} is not a directory", "pick another state directory (KH_STATE_DIR)")
-    marker.write_text(f"kh {how} this directory (prefix {cfg.prefix}); `kh clean` removes "
-                      "kh's files from it, and the directory only if kh made it\n")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(f"kh {how} this directory (prefix {cfg.prefix}); `kh clean` removes "
+                "kh's files from it, and the directory only if kh made it\n")
 
 
 def prepare(cfg: ServiceConfig) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -217,6 +218,25 @@ def test_a_used_private_domain_is_removed_and_its_id_comes_back(khd):
     assert int(lines[2].split()[1]) == netid  # the lowest free id: the one just freed
     assert netid in fabric.domain_bridges()
     release(khd, "rosa", "r1", alloc)
+
+
+def test_state_logs_and_sockets_are_the_operators_alone(khd):
+    """No other local user reads khd's database, host key, or consoles (which can hold boot
+    keys): everything under the state dir is closed to others, secrets to the group too."""
+    assert ps(khd)["nodes"], "the pool has nodes, so node logs exist"
+    open_to_others = []
+    for p in [khd.state_dir, *khd.state_dir.rglob("*")]:
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        if mode & 0o007:
+            open_to_others.append(f"{p} {stat.filemode(mode)}")
+    assert not open_to_others, open_to_others
+    secrets = [khd.db, khd.state_dir / "ssh_host_rsa_key", khd.logs / "khd.log",
+               *khd.logs.glob("node*.log")]
+    loose = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in secrets
+             if p.exists() and p.stat().st_mode & 0o077]
+    assert not loose, loose
 
 
 def test_concurrent_khget_never_shares_a_node(khd):
