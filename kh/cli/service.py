@@ -189,20 +189,16 @@ def register(main: click.Group) -> None:
     @click.option("-f", "--follow", is_flag=True, help="Keep printing as the node prints.")
     @handle_errors
     def logs(node: int, follow: bool) -> None:
-        """NODE's console log (one time-stamped line per console line)."""
-        import time as _time
+        """NODE's console log (one time-stamped line per console line); control characters
+        the node printed are shown as ^X (`kh console` is the raw one)."""
+        from kh.logview import follow as follow_log
+        from kh.logview import terminal_writer
         path = config().console_log(node)
         if not path.exists():
             raise UsageError(f"node {node} has no console log", "see `kh ps`")
-        with stop_on_signals(), open(path, "rb") as f:
-            while True:
-                data = f.read()
-                if data:
-                    click.echo(data.decode("utf-8", "replace"), nl=False)
-                elif not follow:
-                    return
-                else:
-                    _time.sleep(0.2)
+        with stop_on_signals():
+            follow_log(path, terminal_writer(lambda text: click.echo(text, nl=False)),
+                       follow=follow)
 
     @main.command()
     @handle_errors
@@ -216,7 +212,8 @@ def register(main: click.Group) -> None:
     @click.argument("node", type=int)
     @handle_errors
     def console(node: int) -> None:
-        """Attach to NODE's console (Ctrl-] leaves)."""
+        """Attach to NODE's console (Ctrl-] leaves). Raw by design: what the node prints,
+        escape sequences included, reaches this terminal as is (`kh logs` shows them safely)."""
         from kh.boot import attach
         from kh.hw.console import Console
         path = config().node_dir(node) / "console.sock"
