@@ -49,7 +49,7 @@ _FORMAT = [chr(b) if 0x20 <= b < 0x7F and chr(b) not in "'\\%" else f"\\{b:03o}"
            for b in range(256)]
 _FORMAT[ord("%")] = "%%"
 _BEGIN = "printf '%s_B\\n' {tok}; "
-_END = "printf '\\n%s_E%d\\n' {tok} $?"
+_END = "printf '%s_E%d\\n' {tok} $?"
 # Runs the script in a subshell, so `exit N` (or exec, or set -e) ends the subshell and never
 # the console's shell; stdin is /dev/null, so a command that reads it can never swallow the
 # lines kh types next.
@@ -168,7 +168,8 @@ class BootedNode:
                       timeout: float | None = None) -> int:
         """``run``, handing the command's output to ``output`` as it arrives (bytes, ``\\n``
         line ends); return its status. All but a tail that could be the start of the end
-        marker is handed on at once (a final newline waits for the next byte)."""
+        marker (which follows the output directly, so a line's newline is never held) is
+        handed on at once."""
         tok = "KH" + secrets.token_hex(6)
         *chunks, line = typed_lines(command, tok)
         con = self.console
@@ -185,7 +186,7 @@ class BootedNode:
         begin = con.expect(re.compile(tok.encode() + rb"_B\r?\n"), LINE_TIMEOUT,
                            stage="command start", start=start)
         what = command if len(command) <= 60 else command[:57] + "..."
-        end_rx = re.compile(rb"\r?\n" + tok.encode() + rb"_E(\d+)\r?\n")
+        end_rx = re.compile(tok.encode() + rb"_E(\d+)\r?\n")
         deadline = None if timeout is None else time.monotonic() + timeout
         done = seen = begin.end()  # handed on everything before done; looked at up to seen
         while True:
@@ -232,7 +233,7 @@ class BootedNode:
 
 def held_back(text: bytes, tok: str) -> int:
     """How much of ``text`` (a command's output so far) can be handed on: all but a tail that
-    may be the beginning of its end marker, ``\\r?\\n<tok>_E<status>\\r?\\n``, or an unfinished
+    may be the beginning of its end marker, ``<tok>_E<status>\\r?\\n``, or an unfinished
     last line that may be the kernel's saying the node leaves Linux (see LEFT_LINUX)."""
     cut = _marker_start(text, tok)
     line = text.rfind(b"\n", 0, cut) + 1
@@ -243,16 +244,10 @@ def held_back(text: bytes, tok: str) -> int:
 
 
 def _marker_start(text: bytes, tok: str) -> int:
+    """Where a tail of ``text`` that may begin ``<tok>_E<status>\\r?\\n`` starts, else its end."""
     marker = tok.encode() + b"_E"
     for i in range(max(0, len(text) - len(marker) - 8), len(text)):
         rest = text[i:]
-        if rest[:1] == b"\r":
-            rest = rest[1:]
-            if not rest:
-                return i
-        if rest[:1] != b"\n":
-            continue
-        rest = rest[1:]
         if marker.startswith(rest) or (rest.startswith(marker)
                                        and re.fullmatch(rb"\d{0,3}\r?", rest[len(marker):])):
             return i
@@ -280,7 +275,8 @@ def typed_lines(command: str, tok: str) -> list[str]:
     All lines but the last carry a part of a command too long for one line (LINE_MAX) into a
     shell variable; the node answers each with ``<tok>_C<i>``. The last runs the command in a
     subshell with stdin from /dev/null, printing ``<tok>_B`` before its output and
-    ``<tok>_E<status>`` on a line of its own after it. The command travels as a printf format
+    ``<tok>_E<status>`` and a newline right after it (no newline of its own first, so the
+    output's last line is handed on as soon as it ends). The command travels as a printf format
     (octal escapes for all but plain printable ASCII), so no byte of it is typed as itself
     where the line editor, the tty or the shell would read it as more than text. ``command``
     is UTF-8 (lone surrogates from undecodable argv bytes go back to those bytes). Raises

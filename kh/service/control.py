@@ -21,6 +21,7 @@ from kh import proc
 from kh.client import Client, NotRunning
 from kh.errors import KhError
 from kh.hw import netns as nsutil
+from kh.hw.board import BOARDS
 from kh.hw.fabric import Fabric
 from kh.service import config, preflight, statedir
 from kh.service.config import ServiceConfig
@@ -118,6 +119,8 @@ def mismatch(running: ServiceConfig, asked: ServiceConfig, given: set[str]) -> s
     """`khd already running with 8 nodes, not 4`, when a setting asked for differs."""
     def value(cfg: ServiceConfig, field: str) -> object:
         v = getattr(cfg, field)
+        if field == "qemu" and v is None:  # unset is the board's own program: the same thing
+            v = BOARDS["ppce500"].qemu
         return Path(os.path.abspath(v)) if isinstance(v, Path) else v  # khd's are absolute
 
     diffs = [(s.describe(value(running, s.field)), value(asked, s.field))

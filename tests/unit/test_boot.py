@@ -58,7 +58,7 @@ def host_shell(shell: str, command: str, tok: str = TOK) -> tuple[str, int, str]
                        capture_output=True, timeout=30,
                        env={"PATH": os.environ["PATH"], "HOME": "/home-of-the-shell"})
     out = r.stdout.decode("utf-8", "surrogateescape")
-    m = re.search(rf"(?s){tok}_B\n(.*)\n{tok}_E(\d+)\n(.*)", out)
+    m = re.search(rf"(?s){tok}_B\n(.*){tok}_E(\d+)\n(.*)", out)
     assert m, (out, r.stderr)
     return m.group(1), int(m.group(2)), m.group(3)
 
@@ -222,7 +222,7 @@ def test_output_is_handed_on_while_the_command_runs(tty_node, tmp_path):
 
     def output(data: bytes) -> None:
         parts.append(data)
-        if b"started" in b"".join(parts):
+        if b"started\n" in b"".join(parts):  # the line whole, newline included, at once
             flag.touch()
 
     command = f"echo started; while [ ! -e {flag} ]; do sleep 0.05; done; echo done"
@@ -230,7 +230,7 @@ def test_output_is_handed_on_while_the_command_runs(tty_node, tmp_path):
     assert b"".join(parts) == b"started\ndone\n"
 
 
-END = b"\r\n" + TOK.encode() + b"_E0\r\n"
+END = TOK.encode() + b"_E0\r\n"
 
 
 @pytest.mark.parametrize("out", [b"abc\r\n", b"abc", b"\r\n\r\n", b"", b"x\r\nKH0123\r\n",
@@ -241,6 +241,12 @@ def test_no_part_of_the_end_marker_is_ever_handed_on(out):
         cut = boot.held_back(text[:n], TOK)
         assert out.startswith(text[:cut]), (n, text[:cut])
     assert boot.held_back(out + b"more", TOK) == len(out) + 4  # only a marker's start waits
+
+
+def test_a_finished_line_is_handed_on_whole():
+    """A line's newline never waits for the command's next byte (readers go by lines)."""
+    assert boot.held_back(b"one\r\n", TOK) == len(b"one\r\n")
+    assert boot.held_back(b"one\r\n" + TOK.encode()[:5], TOK) == len(b"one\r\n")
 
 
 @pytest.mark.parametrize("tail,cut", [
