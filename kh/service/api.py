@@ -33,8 +33,8 @@ from kh.service.core import Hardware, NotFound, Service
 log = logging.getLogger("kh.api")
 MAX_BODY = rq.MAX_BODY
 # The most specific first: TooLarge and Unsupported are UsageErrors.
-STATUS = {rq.TooLarge: 413, rq.Unsupported: 415, UsageError: 400, AuthError: 403,
-          NotFound: 404, AllocationError: 409}
+STATUS = {rq.TooLarge: 413, rq.Unsupported: 415, rq.Misdirected: 421, UsageError: 400,
+          AuthError: 403, NotFound: 404, AllocationError: 409}
 
 
 def _status(e: KhError) -> int:
@@ -46,6 +46,7 @@ def _status(e: KhError) -> int:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     service: Service
+    by_tcp = False  # TCP listeners check the Host header (see request.check_host)
     protocol_version = "HTTP/1.1"
     server_version = "khd"
 
@@ -123,6 +124,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
         try:
+            if self.by_tcp:
+                rq.check_host(self.headers)
             body = self._body(method)
             for m, rx, fn in ROUTES:
                 if m == method and (match := re.fullmatch(rx, path)):
@@ -295,7 +298,7 @@ def serve(server: socketserver.BaseServer) -> threading.Thread:
 
 def tcp_server(addr: str, port: int, handler: type[Handler]) -> TCPServer:
     try:
-        return TCPServer((addr, port), handler)
+        return TCPServer((addr, port), type("TCPHandler", (handler,), {"by_tcp": True}))
     except OSError as e:
         if e.errno in (98,):
             raise KhError(f"port {port} on {addr} is in use", "pick another with --port") from None

@@ -145,3 +145,23 @@ def text(body: dict[str, Any], key: str, limit: int = MAX_BODY) -> str:
 def _show(v: object) -> str:
     r = repr(v)
     return r if len(r) <= 40 else r[:37] + "..."
+
+
+class Misdirected(UsageError):
+    """421: a request over TCP named a host other than an address of khd's."""
+
+
+# An IP literal (v4 or bracketed v6) or localhost, with an optional port.
+_HOST = re.compile(r"(?:localhost|[0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]+\])"
+                   r"(?::[0-9]{1,5})?", re.ASCII)
+
+
+def check_host(headers: Message) -> None:
+    """Over TCP, the Host header (when given) must be an address, not a name: a web page on
+    the host cannot then drive khd through a name it rebinds to 127.0.0.1 (DNS rebinding)."""
+    values = headers.get_all("Host") or []
+    if len(values) > 1:
+        raise Misdirected("more than one Host header")
+    if values and not _HOST.fullmatch(values[0].strip()):
+        raise Misdirected(f"khd does not answer for host {values[0].strip()[:60]!r}",
+                          "address khd by IP (127.0.0.1, or the fabric's address)")

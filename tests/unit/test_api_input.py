@@ -232,3 +232,35 @@ def test_fuzz_no_request_gets_a_5xx(khd, raw):
 def test_khd_still_answers_after_the_fuzzer(khd):
     status, resp = exchange(khd, b"GET /v1/status HTTP/1.1\r\nHost: khd\r\n\r\n")
     assert status == 200, resp
+
+
+@pytest.mark.parametrize("host,code", [
+    (b"Host: evil.example:7480\r\n", 421),         # a name that could rebind to 127.0.0.1
+    (b"Host: localhost.evil.example\r\n", 421),
+    (b"Host: 127.0.0.1\r\nHost: evil.example\r\n", 421),
+    (b"Host: 127.0.0.1:7480\r\n", 200),
+    (b"Host: localhost\r\n", 200),
+    (b"Host: [::1]:7480\r\n", 200),
+    (b"", 200),                                     # HTTP/1.0 without Host
+])
+def test_tcp_answers_only_for_its_addresses(svc, host, code):
+    """A browser page on the host cannot drive khd's loopback port through DNS rebinding:
+    over TCP, a Host that is a name other than localhost is refused with 421."""
+    import socket
+
+    from kh.service import api
+
+    server = api.tcp_server("127.0.0.1", 0, api.handler_for(svc))
+    api.serve(server)
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=20) as s:
+            s.sendall(b"GET /v1/status HTTP/1.0\r\n" + host + b"\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert int(data.split(b" ", 2)[1]) == code, data
+        if code == 421:
+            assert one_line(data).startswith("kh: ")
+    finally:
+        server.shutdown()
+        server.server_close()
