@@ -24,7 +24,8 @@ def state(pid: int) -> str:
     here: this machine's PID 1 does not reap)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # The process can be reaped between opening its stat file and reading it.
         return ""
 
 
