@@ -18,6 +18,7 @@ from kh import proc, textobj
 from kh.cli import credential
 from kh.cli.common import entry, handle_errors, setup_logging
 from kh.errors import KhError, UsageError
+from kh.hw import uboot
 from kh.hw.board import BOARDS
 from kh.model import AllocationInfo
 
@@ -57,12 +58,13 @@ def _read(path: str) -> bytes:
 
 
 def do_write(c: Ctx, args: list[str]) -> int:
+    """Each line of the text (see uboot.console_lines for the rule) to every node, whole."""
     if not args:
         raise UsageError("write needs the text to write", 'khdo write "run kboot"')
+    data = "".join(line + "\n" for line in uboot.console_lines(" ".join(args))).encode()
     ch = c.channel()
     try:
-        _, err, status = ch.exec("raw", (" ".join(args) + "\n").encode(),
-                                 on_output=_echo_err)
+        _, err, status = ch.exec("raw", data, on_output=_echo_err)
     finally:
         ch.close()
     _echo_err(err)

@@ -7,8 +7,40 @@ from __future__ import annotations
 
 import re
 
-from kh.errors import BootError
+from kh.errors import BootError, UsageError
 from kh.hw.console import Console
+
+# The longest command line U-Boot takes whole: CONFIG_SYS_CBSIZE=1024 in the u-boot.config kh
+# builds, less its terminating NUL. Measured here: a longer line is cut (at 1024 characters)
+# without a word. Linux's tty takes 4095, so this is the limit for a line to any node.
+LINE_MAX = 1023
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def console_lines(text: str) -> list[str]:
+    """``text`` as the command lines a node's console will run, one per line, each to be sent
+    ending in one ``\\n``: \\r\\n, \\r and \\n all end a line (so ``a\\r\\n`` is one command,
+    not ``a`` and then an empty line, which U-Boot takes as "repeat the last command"), and a
+    final line end adds no empty line.
+
+    Raises UsageError for a line longer than LINE_MAX bytes or one holding a control character
+    (at U-Boot's prompt Tab completes, Ctrl-U erases, ...: the node would not run what was sent).
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    for i, line in enumerate(lines, 1):
+        where = f"line {i}" if len(lines) > 1 else "the line"
+        size = len(line.encode())
+        if size > LINE_MAX:
+            raise UsageError(f"{where} is {size} bytes; a node's console takes at most "
+                             f"{LINE_MAX} (U-Boot's command buffer cuts longer ones)",
+                             "split the command, or send data with `khdo loadfile`")
+        if m := _CONTROL.search(line):
+            raise UsageError(f"{where} holds control character {m[0]!r} at column "
+                             f"{m.start() + 1}", "send raw bytes with `khdo loadfile`")
+    return lines
+
 
 UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 output is no prompt
 READY = re.compile(rb"kh-ready: (?P<appliance>[\w.-]+)[^\r\n]*\r?\n")
@@ -26,6 +58,8 @@ MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
 def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:
     """Type one command at the U-Boot prompt and return what it printed (the lines between
     the echoed command and the next prompt, ``\\n`` line ends)."""
+    if len(console_lines(line)) != 1:
+        raise UsageError(f"one U-Boot command is one line, not {line[:60]!r}")
     start = console.mark()
     console.write(line.encode() + b"\n")
     m = console.expect(UBOOT_PROMPT, timeout, stage=f"U-Boot prompt after {line!r}",

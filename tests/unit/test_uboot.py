@@ -2,6 +2,7 @@
 
 import pytest
 
+from kh.errors import UsageError
 from kh.hw import uboot
 
 
@@ -19,3 +20,40 @@ def test_kboot_outcomes_are_whole_lines(line, group, text):
         assert uboot.KBOOT_OUTCOME.search(b"Run /init as init process\r\n" + line[:cut]) is None
     m = uboot.KBOOT_OUTCOME.search(b"Run /init as init process\r\n" + line)
     assert m is not None and m.group(group) == text
+
+
+@pytest.mark.parametrize("text,lines", [
+    ("run kboot", ["run kboot"]),
+    ("run kboot\n", ["run kboot"]),
+    ("a\r\nb\rc\nd", ["a", "b", "c", "d"]),  # any line end is one line end
+    ("a\r\n", ["a"]),  # not "a" and an empty line (U-Boot: repeat the last command)
+    ("", [""]),
+    ("x" * uboot.LINE_MAX, ["x" * uboot.LINE_MAX]),
+])
+def test_console_lines_one_line_sent_is_one_command(text, lines):
+    assert uboot.console_lines(text) == lines
+
+
+def test_a_line_longer_than_u_boot_takes_is_refused_with_the_limit():
+    # Seen: `khdo write` of a 1,100-character line exited 0 while U-Boot kept part of it.
+    with pytest.raises(UsageError, match=r"line 2 is 1100 bytes; .* at most 1023"):
+        uboot.console_lines("echo ok\n" + "x" * 1100)
+    with pytest.raises(UsageError, match="1024 bytes"):
+        uboot.console_lines("é" * 512)  # bytes, not characters, fill U-Boot's buffer
+
+
+@pytest.mark.parametrize("ch", ["\t", "\x15", "\x1b", "\x7f", "\x00"])
+def test_a_control_character_in_a_line_is_refused(ch):
+    with pytest.raises(UsageError, match="control character"):
+        uboot.console_lines(f"echo a{ch}b")
+
+
+def test_uboot_command_refuses_what_is_not_one_line():
+    class NoConsole:  # nothing may be written
+        def mark(self):
+            raise AssertionError("written")
+
+    with pytest.raises(UsageError):
+        uboot.uboot_command(NoConsole(), "setenv khargs '" + "k" * 1100 + "'")  # type: ignore
+    with pytest.raises(UsageError):
+        uboot.uboot_command(NoConsole(), "echo a\nreset")  # type: ignore
