@@ -3,7 +3,11 @@
 User ``con<ID>`` is allocation ID; ``con<ID>.<N>`` is node N of it alone. Authentication: the
 owning principal's credential as password, or a public key the principal registered (for
 itself, or for this allocation only: that is how a channel is handed to another party).
-What a session may ask for is in docs/control-channel.md.
+The server holds no rights of its own: a login is a Grant, and every use of it (a channel
+opened, a command started, a node's memory written, the watcher's look twice a second) asks
+kh.service.access.ChannelAccess whether it still holds and what it reaches now. Connections
+and logins are bounded by kh.cc.gate. What a session may ask for is in
+docs/control-channel.md.
 """
 
 from __future__ import annotations
@@ -15,221 +19,205 @@ import socket
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import paramiko
+from paramiko.packet import Packetizer
 
-from kh.admission import AuthError
-from kh.cc.channel import Hub, Output
+from kh.cc.channel import Output
+from kh.cc.gate import Conn, Gate, Limits, Session, end_session
 from kh.errors import KhError
-from kh.hw import memload
-from kh.model import NodeState
+from kh.service.access import ChannelAccess, Grant, Ram, Reach, Revoked
 
 log = logging.getLogger("kh.sshd")
-USER_RE = re.compile(r"^con(\d+)(?:\.(\d+))?$")
-MAX_LOAD = 256 * 1024 * 1024
+USER_RE = re.compile(r"con([0-9]{1,9})(?:\.([0-9]{1,9}))?", re.ASCII)
 QUIET = 1.0  # after the client's EOF, wait for this much silence before closing
 MAX_DRAIN = 30.0
+PIECE = 1 << 20  # bytes of a load written to the nodes at a time: its memory in khd
+# The identification kh sends, from the lobby (paramiko's own, so nothing changes for clients).
+IDENT = f"SSH-2.0-paramiko_{paramiko.__version__}"
 
 
-@dataclass(frozen=True)
-class Target:
-    alloc: int
-    principal: str
-    node: int | None  # a single-node session
+def parse_user(username: str) -> tuple[int, int | None] | None:
+    """``con<ID>`` → (ID, None), ``con<ID>.<N>`` → (ID, N), anything else None."""
+    m = USER_RE.fullmatch(username)
+    if not m:
+        return None
+    return int(m[1]), int(m[2]) if m[2] else None
 
 
-class Access:
-    """What the ssh server needs from the service (kept small so it can be tested alone)."""
+class _Lobbied(Packetizer):
+    """The lobby (kh.cc.gate) already sent our identification and read the client's: the first
+    write (ours) is not sent again, and the first line read is the client's, as read there.
 
-    def __init__(self, service: Any) -> None:
-        self.svc = service
-        self.hubs: dict[int, Hub] = {}
-        self.lock = threading.Lock()
+    It also counts the transport thread's turns (one per message read), so that a session can
+    wait for the reply to its own exec/shell request to go out first: paramiko sends it only
+    after our check returns, and a client that sees the channel closed before the reply (a
+    quick command) takes the request as failed."""
 
-    def target(self, username: str) -> Target | None:
-        m = USER_RE.match(username)
-        if not m:
-            return None
-        row = self.svc.store.allocation(int(m[1]))
-        if row is None or row.released is not None:
-            return None
-        node = int(m[2]) if m[2] else None
-        if node is not None and node not in self.nodes(row.id):
-            return None
-        return Target(row.id, row.principal, node)
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.client_ident = ""
+        self._ident_sent = False
+        self._turn = threading.Condition()
+        self.turns = 0
 
-    def nodes(self, alloc: int) -> list[int]:
-        return [r.number for r in self.svc.store.nodes_of(alloc, NodeState.ALLOCATED)]
+    def write_all(self, out: bytes) -> None:
+        if not self._ident_sent:
+            self._ident_sent = True
+            if out == (IDENT + "\r\n").encode():
+                return
+        super().write_all(out)
 
-    def members(self, alloc: int) -> list[int]:
-        """Every node of the allocation, failed ones too (a load names what it missed)."""
-        return [r.number for r in self.svc.store.nodes_of(alloc)]
+    def readline(self, timeout: float) -> str:
+        if self.client_ident:
+            line, self.client_ident = self.client_ident, ""
+            return line
+        return str(super().readline(timeout))
 
-    def password_ok(self, t: Target, password: str) -> bool:
-        try:
-            self.svc.authenticate(t.principal, password, register=False)
-            return True
-        except (AuthError, KhError):
-            return False
+    def read_message(self) -> tuple[int, paramiko.Message]:
+        with self._turn:
+            self.turns += 1
+            self._turn.notify_all()
+        return super().read_message()  # type: ignore[no-any-return]
 
-    def key_ok(self, t: Target, key: paramiko.PKey) -> bool:
-        blob = f"{key.get_name()} {key.get_base64()}"
-        for _id, principal, alloc, stored, _comment in self.svc.store.keys(t.principal):
-            if principal == t.principal and (alloc is None or alloc == t.alloc) and \
-                    " ".join(stored.split()[:2]) == blob:
-                return True
-        return False
-
-    def consoles(self, t: Target) -> dict[int, Any]:
-        nodes = [t.node] if t.node is not None else self.nodes(t.alloc)
-        running = self.svc.nodes.running
-        return {n: running[n].console for n in nodes if n in running}
-
-    def hub(self, t: Target) -> Hub:
-        with self.lock:
-            h = self.hubs.get(t.alloc)
-            running = self.svc.nodes.running
-            writers = {n: running[n].writer for n in self.nodes(t.alloc) if n in running}
-            if h is None or h.writers != dict(sorted(writers.items())):
-                h = Hub(t.alloc, writers)
-                self.hubs[t.alloc] = h
-            return h
-
-    def ram(self, node: int) -> Path:
-        """The node's RAM file (see memload)."""
-        running = self.svc.nodes.running.get(node)
-        if running is None:
-            raise memload.LoadError("the node is not running")
-        return memload.ram_file(running.pid)
-
-    def mem_limit(self) -> int:
-        return int(self.svc.cfg.mem_mib) * 1024 * 1024 - 16 * 1024 * 1024
+    def past(self, turn: int, timeout: float = 5.0) -> None:
+        """Wait until the transport thread has finished its turn ``turn`` (its replies sent)."""
+        with self._turn:
+            self._turn.wait_for(lambda: self.turns > turn, timeout)
 
 
 class _Iface(paramiko.ServerInterface):
-    def __init__(self, access: Access) -> None:
-        self.access = access
-        self.target: Target | None = None
-        self.requests: dict[int, str] = {}
-        self.ready: dict[int, threading.Event] = {}
+    """One connection's answers to paramiko: logins and channel requests, each asked of the
+    service at that moment."""
+
+    def __init__(self, server: SshServer, conn: Conn) -> None:
+        self.server = server
+        self.conn = conn
 
     def get_allowed_auths(self, username: str) -> str:
         return "password,publickey"
 
+    def _login(self, grant: Grant | None) -> int:
+        """The answer to a login that found ``grant`` (None: refused)."""
+        if grant is None or not self.server.gate.admit(self.conn, grant):
+            self.server.gate.refused(self.conn)
+            return paramiko.AUTH_FAILED
+        return paramiko.AUTH_SUCCESSFUL
+
+    def _target(self, username: str) -> tuple[int, int | None] | None:
+        """Whom a login asks for; None once the connection used up its failed logins."""
+        return None if self.server.gate.spent(self.conn) else parse_user(username)
+
     def check_auth_password(self, username: str, password: str) -> int:
-        t = self.access.target(username)
-        if t is not None and self.access.password_ok(t, password):
-            self.target = t
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+        target = self._target(username)
+        grant = None if target is None else self.server.access.login_password(
+            *target, password, self.conn.source)
+        return self._login(grant)
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        t = self.access.target(username)
-        if t is not None and self.access.key_ok(t, key):
-            self.target = t
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+        target = self._target(username)
+        grant = None if target is None else self.server.access.login_key(
+            *target, f"{key.get_name()} {key.get_base64()}")
+        return self._login(grant)
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind == "session":
-            self.ready[chanid] = threading.Event()
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if kind != "session":
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return self.server.gate.open_channel(self.conn, chanid)
 
-    def check_channel_pty_request(self, *args: Any) -> bool:
+    def check_channel_pty_request(self, *args: object) -> bool:
         return True
 
-    def check_channel_window_change_request(self, *args: Any) -> bool:
+    def check_channel_window_change_request(self, *args: object) -> bool:
         return True
 
-    def check_channel_env_request(self, *args: Any) -> bool:
+    def check_channel_env_request(self, *args: object) -> bool:
         return True
 
     def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
-        self.requests[channel.get_id()] = ""
-        self.ready[channel.get_id()].set()
-        return True
+        return self._start(channel, "")
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
-        self.requests[channel.get_id()] = command.decode("utf-8", "replace").strip()
-        self.ready[channel.get_id()].set()
+        return self._start(channel, command.decode("utf-8", "replace").strip())
+
+    def _start(self, channel: paramiko.Channel, command: str) -> bool:
+        s = self.server.gate.start_session(self.conn, channel)
+        if s is None:
+            return False
+        packetizer = channel.get_transport().packetizer
+        turn = packetizer.turns  # this request's turn: the session waits until it is over
+        threading.Thread(target=self.server.session, args=(self.conn, s, command,
+                                                           lambda: packetizer.past(turn)),
+                         daemon=True, name="sshd-session").start()
         return True
 
 
 class SshServer:
-    def __init__(self, access: Access, host_key: paramiko.PKey) -> None:
+    def __init__(self, access: ChannelAccess, host_key: paramiko.PKey,
+                 limits: Limits | None = None) -> None:
         self.access = access
         self.host_key = host_key
-        self.listeners: list[socket.socket] = []
-        self._closed = False
+        # paramiko logs each client's protocol error at ERROR, with a traceback: anyone who
+        # can connect could fill khd's log with them. kh logs what it decides (kh.sshd).
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        self.gate = Gate(access, limits or Limits(), self._handover,
+                         (IDENT + "\r\n").encode())
 
     def listen(self, sock: socket.socket) -> None:
-        self.listeners.append(sock)
-        threading.Thread(target=self._accept, args=(sock,), daemon=True,
-                         name="sshd-accept").start()
+        """Serve connections on the listening ``sock`` (the lobby accepts them)."""
+        self.gate.listen(sock)
 
     def close(self) -> None:
-        self._closed = True
-        for s in self.listeners:
-            s.close()
+        self.gate.close()
 
-    def _accept(self, sock: socket.socket) -> None:
-        while not self._closed:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True,
-                             name="sshd-conn").start()
+    def _handover(self, conn: Conn) -> paramiko.Transport:
+        """A Transport (a thread) for a connection the lobby let through."""
+        t = paramiko.Transport(conn.sock, packetizer_class=_Lobbied)
+        t.local_version = IDENT
+        assert isinstance(t.packetizer, _Lobbied)
+        t.packetizer.client_ident = conn.ident.decode("utf-8", "replace").rstrip("\r\n")
+        t.banner_timeout = t.handshake_timeout = max(1.0, conn.deadline - time.monotonic())
+        t.add_server_key(self.host_key)
+        t.start_server(event=threading.Event(), server=_Iface(self, conn))
+        return t
 
-    def _connection(self, conn: socket.socket) -> None:
-        t = paramiko.Transport(conn)
+    # -- sessions ----------------------------------------------------------------------------
+    def session(self, conn: Conn, s: Session, command: str,
+                replied: Callable[[], None] = lambda: None) -> None:
+        """Run ``command`` on the session's channel, once ``replied`` returns (the request's
+        answer went out), and end it with its exit status (unless the watcher ended it)."""
+        chan = s.channel
+        grant = conn.grant
+        assert grant is not None
+        status = 1
+        replied()
         try:
-            t.add_server_key(self.host_key)
-            iface = _Iface(self.access)
-            t.start_server(server=iface)
-            while t.is_active():
-                chan = t.accept(timeout=1.0)
-                if chan is None:
-                    continue
-                threading.Thread(target=self._session, args=(iface, chan), daemon=True,
-                                 name="sshd-session").start()
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            log.info("ssh connection ended: %s", e)
-        finally:
-            if not t.is_active():
-                t.close()
-
-    def _session(self, iface: _Iface, chan: paramiko.Channel) -> None:
-        ev = iface.ready.get(chan.get_id())
-        if ev is None or not ev.wait(10) or iface.target is None:
-            chan.close()
-            return
-        command = iface.requests.get(chan.get_id(), "")
-        target = iface.target
-        try:
+            reach = self.access.reach(grant)
+            s.nodes = frozenset(reach.members)
             words = command.split()
             if command in ("", "raw"):
-                status = self._broadcast(chan, target, tagged=False)
+                status = self._broadcast(chan, grant, reach, tagged=False)
             elif command == "tagged":
-                status = self._broadcast(chan, target, tagged=True)
+                status = self._broadcast(chan, grant, reach, tagged=True)
             elif words and words[0] == "load" and len(words) == 2:
-                status = self._load(chan, target, words[1])
+                status = self._load(chan, s, grant, reach, words[1])
             elif command == "nodes":
-                nodes = [target.node] if target.node else self.access.nodes(target.alloc)
-                chan.sendall(" ".join(map(str, nodes)).encode() + b"\n")
+                chan.sendall(" ".join(map(str, reach.live)).encode() + b"\n")
                 status = 0
             else:
-                chan.sendall_stderr(f"kh: unknown channel command {command!r} (try: raw, "
+                chan.sendall_stderr(f"kh: unknown channel command {command[:80]!r} (try: raw, "
                                     "tagged, load ADDR, nodes)\n".encode())
                 status = 2
+        except Revoked as e:
+            end_session(s, e.message)
         except (OSError, EOFError, paramiko.SSHException) as e:
-            log.info("session ended: %s", e)
-            status = 1
+            log.info("session of %s ended: %s", grant.describe(), e)
+        finally:
+            self.gate.channel_done(conn, chan.get_id())
+        if s.ended is not None:
+            return
         try:
             chan.send_exit_status(status)
             chan.shutdown_write()
@@ -237,10 +225,11 @@ class SshServer:
         except (OSError, EOFError, paramiko.SSHException):
             pass
 
-    def _broadcast(self, chan: paramiko.Channel, t: Target, *, tagged: bool) -> int:
-        hub = self.access.hub(t)
-        consoles = self.access.consoles(t)
-        nodes = None if t.node is None else [t.node]
+    def _broadcast(self, chan: paramiko.Channel, grant: Grant, reach: Reach, *,
+                   tagged: bool) -> int:
+        hub = reach.hub
+        consoles = reach.consoles
+        nodes = None if grant.node is None else [grant.node]
 
         def sink(data: bytes) -> None:
             try:
@@ -257,8 +246,9 @@ class SshServer:
                 hub.write(data, nodes)
             # The client sent EOF (a script's stdin ended): show the nodes' answers until
             # they have been quiet for a while.
-            for w in hub.writers.values():
-                w.drain(MAX_DRAIN)
+            for n, w in hub.writers.items():
+                if nodes is None or n in nodes:
+                    w.drain(MAX_DRAIN)
             deadline = time.monotonic() + MAX_DRAIN
             while out.quiet_for() < QUIET and time.monotonic() < deadline and not chan.closed:
                 time.sleep(0.05)
@@ -266,50 +256,82 @@ class SshServer:
         finally:
             out.close()
 
-    def _load(self, chan: paramiko.Channel, t: Target, addr_text: str) -> int:
+    def _load(self, chan: paramiko.Channel, s: Session, grant: Grant, reach: Reach,
+              addr_text: str) -> int:
+        """``load ADDR``: the stream goes to every node's memory piece by piece as it arrives
+        (at most PIECE bytes held), then one line per node with the size and CRC-32."""
         try:
             addr = int(addr_text, 16)
         except ValueError:
             chan.sendall_stderr(b"kh: load takes a hex address, e.g. load 0x8000000\n")
             return 2
+        limit = self.access.mem_limit()
+        if not 0 <= addr < limit:
+            chan.sendall_stderr(f"kh: 0x{addr:x} is beyond the nodes' free memory (a load must "
+                                f"end below 0x{limit:x})\n".encode())
+            return 2
+        for n in reach.members:  # what was typed before the load reaches the node first
+            w = reach.hub.writers.get(n)
+            if w is not None:
+                w.drain(60)
+        rams: dict[int, Ram] = {}
+        failed: dict[int, str] = {}
+        try:
+            for n in reach.members:
+                try:
+                    rams[n] = self.access.open_ram(grant, n)
+                except Revoked:
+                    raise
+                except KhError as e:
+                    failed[n] = str(e)
+            size, crc = self._stream(chan, s, addr, limit, rams, failed)
+        finally:
+            for ram in rams.values():
+                ram.close()
+        if size < 0:
+            return 2
+        if s.ended is not None:
+            return 1
+        for n in reach.members:
+            if n in failed:
+                chan.sendall(f"node {n}: load failed: {failed[n]}\n".encode())
+            else:
+                chan.sendall(f"node {n}: {size} bytes at 0x{addr:08x} crc32 {crc:08x}\n"
+                             .encode())
+        return 1 if failed else 0
+
+    def _stream(self, chan: paramiko.Channel, s: Session, addr: int, limit: int,
+                rams: dict[int, Ram], failed: dict[int, str]) -> tuple[int, int]:
+        """Copy the channel's bytes into ``rams`` until EOF → (size, crc32); a node whose
+        write fails moves to ``failed``. (-1, 0) when the stream crossed ``limit`` (said on
+        stderr; what came before it was written)."""
+        size = crc = 0
         buf = bytearray()
-        while True:
-            data = chan.recv(1 << 20)
+        while s.ended is None:
+            data = chan.recv(PIECE - len(buf))
+            buf += data
+            if data and len(buf) < PIECE:
+                continue
+            if buf:
+                if addr + size + len(buf) > limit:
+                    chan.sendall_stderr(
+                        f"kh: 0x{addr:x}+{size + len(buf)}... is beyond the nodes' free memory "
+                        f"(a load must end below 0x{limit:x}); the first {size} bytes were "
+                        "written\n".encode())
+                    return -1, 0
+                piece = bytes(buf)
+                buf.clear()
+                crc = zlib.crc32(piece, crc)
+                for n, ram in list(rams.items()):
+                    try:
+                        ram.write(addr + size, piece)
+                    except KhError as e:
+                        failed[n] = str(e)
+                        rams.pop(n).close()
+                size += len(piece)
             if not data:
                 break
-            buf += data
-            if len(buf) > MAX_LOAD:
-                chan.sendall_stderr(b"kh: load is larger than a node's memory\n")
-                return 2
-        if addr + len(buf) > self.access.mem_limit():
-            chan.sendall_stderr(f"kh: 0x{addr:x}+{len(buf)} is beyond the nodes' free memory "
-                                f"(below 0x{self.access.mem_limit():x})\n".encode())
-            return 2
-        data = bytes(buf)
-        crc = zlib.crc32(buf) & 0xFFFFFFFF
-        nodes = [t.node] if t.node is not None else self.access.members(t.alloc)
-        hub = self.access.hub(t)
-
-        def one(n: int) -> tuple[int, str | None]:
-            w = hub.writers.get(n)
-            if w is not None:
-                w.drain(60)  # what was typed before the load reaches the node first
-            try:
-                memload.write(self.access.ram(n), addr, data)
-                return n, None
-            except KhError as e:
-                return n, str(e)
-
-        failed = 0
-        with ThreadPoolExecutor(max_workers=8) as ex:
-            for n, err in ex.map(one, nodes):
-                if err:
-                    failed += 1
-                    chan.sendall(f"node {n}: load failed: {err}\n".encode())
-                else:
-                    chan.sendall(f"node {n}: {len(buf)} bytes at 0x{addr:08x} crc32 "
-                                 f"{crc:08x}\n".encode())
-        return 1 if failed else 0
+        return size, crc & 0xFFFFFFFF
 
 
 def host_key(path: Path) -> paramiko.PKey:

@@ -17,11 +17,12 @@ import threading
 from typing import Any
 
 from kh.allocation import host_address
-from kh.cc.sshd import Access, SshServer, host_key
+from kh.cc.sshd import SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
 from kh.service import api, config, statedir
+from kh.service.access import ServiceAccess
 from kh.service.config import ServiceConfig
 from kh.service.core import Service
 from kh.service.preflight import check_images
@@ -51,7 +52,7 @@ def run(cfg: ServiceConfig) -> int:
         svc.fabric.ensure_domain(PUBLIC)
         servers.append(nsutil.run_in(cfg.fabric.netns,
                                      lambda: api.tcp_server(public, cfg.api_port, handler)))
-        sshd = SshServer(Access(svc), host_key(cfg.host_key))
+        sshd = SshServer(ServiceAccess(svc), host_key(cfg.host_key))
         sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
         sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
         # The unix socket last: once it exists, khd answers on every listener.

@@ -1,0 +1,185 @@
+"""The control channel's ssh server asks its ChannelAccess on every use (kh.cc.sshd, kh.cc.gate):
+a released allocation, a revoked key, a removed principal or a node leaving ends the sessions
+that depended on them, with one line on stderr, and refuses new channels."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import paramiko
+import pytest
+
+from kh.cc.gate import Limits
+from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, wait_until
+
+
+@pytest.fixture
+def srv() -> Iterator[Running]:
+    access = FakeAccess()
+    access.add("alice", "apw", 1, [1, 2])
+    access.add("bob", "bpw", 2, [3])
+    with serve(access) as running:
+        yield running
+
+
+def open_raw(client: paramiko.SSHClient, command: str = "raw") -> paramiko.Channel:
+    t = client.get_transport()
+    assert t is not None
+    ch = t.open_session()
+    ch.exec_command(command)
+    return ch
+
+
+def ended(ch: paramiko.Channel) -> tuple[int, bytes]:
+    """Wait for the server to end ``ch``: (exit status, everything on stderr)."""
+    wait_until(ch.exit_status_ready)
+    wait_until(lambda: ch.closed or ch.eof_received)
+    err = b""
+    while ch.recv_stderr_ready():
+        err += ch.recv_stderr(4096)
+    return ch.recv_exit_status(), err
+
+
+def new_channel_refused(client: paramiko.SSHClient) -> bool:
+    t = client.get_transport()
+    if t is None or not t.is_active():
+        return True
+    try:
+        t.open_session(timeout=5).close()
+    except (paramiko.SSHException, EOFError, OSError):
+        return True
+    return False
+
+
+def test_a_session_reaches_only_its_allocation(srv):
+    c = connect(srv.port, "con1", "apw")
+    try:
+        ch = open_raw(c, "nodes")
+        assert ch.makefile().read().split() == [b"1", b"2"]
+        ch = open_raw(c)
+        ch.sendall(b"hello\n")
+        wait_until(lambda: srv.access.writers[2].got == b"hello\n")
+        assert srv.access.writers[1].got == b"hello\n" and srv.access.writers[3].got == b""
+        srv.access.consoles[1].emit(b"from node 1\n")
+        assert ch.recv(100) == b"from node 1\n"
+        ch.close()
+    finally:
+        c.close()
+    assert srv.access.sources and set(srv.access.sources) == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("user, password", [("con1", "bpw"), ("con2", "apw"), ("con9", "apw"),
+                                            ("con1.3", "apw"), ("alice", "apw"),
+                                            ("con1\n", "apw")])
+def test_wrong_logins_are_refused(srv, user, password):
+    with pytest.raises(paramiko.AuthenticationException):
+        connect(srv.port, user, password)
+
+
+def test_release_ends_the_open_session_and_refuses_new_channels(srv):
+    """Finding 2: after alice released, her open connection kept reading and writing."""
+    c = connect(srv.port, "con1", "apw")
+    try:
+        ch = open_raw(c)
+        srv.access.allocs[1].released = True
+        status, err = ended(ch)
+        assert status == 1
+        assert err == b"kh: allocation 1 was released; this session ends\n"
+        assert new_channel_refused(c)
+        wait_until(lambda: not c.get_transport().is_active())  # type: ignore[union-attr]
+    finally:
+        c.close()
+
+
+def test_a_release_is_seen_at_channel_open_before_the_watcher():
+    access = FakeAccess()
+    access.add("alice", "apw", 1, [1])
+    with serve(access, Limits(watch_interval=3600.0)) as srv:  # the watcher does not look
+        c = connect(srv.port, "con1", "apw")
+        try:
+            ch = open_raw(c)
+            access.allocs[1].released = True
+            assert new_channel_refused(c)
+            assert not ch.closed  # only the watcher ends what is open
+        finally:
+            c.close()
+
+
+def test_a_revoked_key_ends_its_sessions_and_the_credential_still_works(srv):
+    key = paramiko.RSAKey.generate(1024)
+    srv.access.keys[7] = ("alice", 1, f"{key.get_name()} {key.get_base64()}")
+    by_key = connect(srv.port, "con1", key=key)
+    by_password = connect(srv.port, "con1", "apw")
+    try:
+        ch_key, ch_pw = open_raw(by_key), open_raw(by_password)
+        del srv.access.keys[7]
+        status, err = ended(ch_key)
+        assert status == 1 and err == b"kh: key 7 was revoked; this session ends\n"
+        assert new_channel_refused(by_key)
+        assert not ch_pw.closed and not new_channel_refused(by_password)
+        with pytest.raises(paramiko.AuthenticationException):
+            connect(srv.port, "con1", key=key)
+    finally:
+        by_key.close()
+        by_password.close()
+
+
+def test_a_key_for_another_allocation_is_refused(srv):
+    key = paramiko.RSAKey.generate(1024)
+    srv.access.keys[8] = ("alice", 5, f"{key.get_name()} {key.get_base64()}")
+    with pytest.raises(paramiko.AuthenticationException):
+        connect(srv.port, "con1", key=key)
+
+
+def test_a_removed_principal_ends_every_session(srv):
+    c = connect(srv.port, "con1.2", "apw")
+    try:
+        ch = open_raw(c, "tagged")
+        del srv.access.passwords["alice"]
+        status, err = ended(ch)
+        assert status == 1 and b"principal alice was removed" in err
+    finally:
+        c.close()
+
+
+def test_a_node_leaving_ends_the_sessions_that_reach_it(srv):
+    one = connect(srv.port, "con1.2", "apw")
+    whole = connect(srv.port, "con1", "apw")
+    other = connect(srv.port, "con1.1", "apw")
+    try:
+        ch_one, ch_whole, ch_other = open_raw(one), open_raw(whole), open_raw(other)
+        srv.access.allocs[1].members.discard(2)  # `kh release ... ` of node 2 alone
+        status, err = ended(ch_one)
+        assert status == 1 and err == b"kh: node 2 left allocation 1; this session ends\n"
+        assert ended(ch_whole)[1] == b"kh: node 2 left allocation 1; this session ends\n"
+        assert new_channel_refused(one)
+        # node 1's session and a new session of the whole allocation go on
+        assert not ch_other.closed
+        ch = open_raw(whole, "nodes")
+        assert ch.makefile().read().split() == [b"1"]
+    finally:
+        for c in (one, whole, other):
+            c.close()
+
+
+def test_an_unknown_command_and_a_garbage_client(srv):
+    c = connect(srv.port, "con2", "bpw")
+    try:
+        ch = open_raw(c, "frobnicate")
+        assert ch.recv_exit_status() == 2
+        assert b"unknown channel command" in ch.makefile_stderr().read()
+    finally:
+        c.close()
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    s.settimeout(5)
+    data = s.recv(4096)
+    while data and not data.endswith(b"\n"):
+        data += s.recv(4096)
+    assert data.startswith(b"SSH-2.0-")
+    try:  # not an ssh client: dropped (a reset, as the rest of its request was not read)
+        assert s.recv(4096) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
