@@ -74,6 +74,9 @@ class NodeSpec:
     shared_ram: bool = False  # RAM in a shared memfd: khd's bulk-load path (memload)
     qemu: str | None = None  # the QEMU program; None: the board's (khd's `qemu` setting)
     no_reboot: bool = False  # a guest reset ends QEMU instead of restarting the node
+    sandbox: bool = False  # QEMU's seccomp sandbox (sandbox_args)
+    run_as: str | None = None  # user QEMU switches to once it has opened what it needs
+    code_cache_mib: int | None = None  # TCG's translated-code cache; None: QEMU's (1 GiB)
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -135,6 +138,30 @@ def headless_args() -> list[str]:
     return ["-nodefaults", "-display", "none", "-monitor", "none"]
 
 
+def sandbox_args(sandbox: bool, run_as: str | None) -> list[str]:
+    """QEMU's seccomp filter: no obsolete system calls, no new processes or programs, no
+    changes to scheduling or CPU affinity, and no set*uid/set*gid. QEMU 7.2 installs the filter
+    before ``-runas`` switches users, so with ``run_as`` set*uid must stay allowed for that
+    switch (else QEMU dies of SIGSYS); once switched, the process has no capabilities and
+    every id is the user's, so set*uid can change nothing."""
+    if not sandbox:
+        return []
+    privileges = "" if run_as else ",elevateprivileges=deny"
+    return ["-sandbox", f"on,obsolete=deny{privileges},spawn=deny,resourcecontrol=deny"]
+
+
+def user_args(run_as: str | None) -> list[str]:
+    """Drop root: QEMU opens its files, sockets and taps as root, then becomes ``run_as``
+    (its groups too) before the guest runs, and checks it cannot become root again."""
+    return ["-runas", run_as] if run_as else []
+
+
+def accel_args(code_cache_mib: int | None) -> list[str]:
+    """TCG with a bounded translated-code cache (QEMU flushes it when full): QEMU's memory
+    beyond guest RAM stays small and known, which a node's memory limit needs."""
+    return ["-accel", f"tcg,tb-size={code_cache_mib}"] if code_cache_mib else []
+
+
 def reset_args(no_reboot: bool) -> list[str]:
     return ["-no-reboot"] if no_reboot else []
 
@@ -186,8 +213,9 @@ def qemu_argv(spec: NodeSpec) -> list[str]:
     """The whole command line for one node."""
     b = spec.board
     return ([spec.qemu or b.qemu] + name_args(spec.name) + machine_args(b, spec.shared_ram)
-            + memory_args(spec.mem_mib, spec.shared_ram)
+            + accel_args(spec.code_cache_mib) + memory_args(spec.mem_mib, spec.shared_ram)
             + headless_args() + reset_args(spec.no_reboot) + firmware_args(spec.bios)
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
             + gdb_args(spec.gdb)
-            + loader_args(spec.loads, b) + nic_args(spec.nics, b))
+            + loader_args(spec.loads, b) + nic_args(spec.nics, b)
+            + sandbox_args(spec.sandbox, spec.run_as) + user_args(spec.run_as))

@@ -20,12 +20,12 @@ from pathlib import Path
 from kh import proc
 from kh.client import Client, NotRunning
 from kh.errors import KhError
+from kh.hw import cgroup
 from kh.hw import netns as nsutil
 from kh.hw.board import BOARDS
 from kh.hw.fabric import Fabric
-from kh.service import config, preflight, statedir
+from kh.service import config, preflight, procid, statedir
 from kh.service.config import ServiceConfig
-from kh.service.nodes import kill_pids
 from kh.service.pool import PoolStatus, summarize_json
 
 STALL = 180.0  # `kh service start` gives up when the pool changes for this long: longer
@@ -248,9 +248,9 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     Processes and namespaces are found by the prefix tag, so two kh instances on one host
     need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
-    pids = kh_qemu_pids(cfg.prefix)
-    kill_pids(pids)
-    done += [f"stopped node QEMU {pid}" for pid in pids]
+    # Each found with its identity (PID, start time, tag), checked again before each signal.
+    done += [f"stopped node QEMU {i.pid}" for i in procid.stop(procid.tagged(cfg.prefix))]
+    done += [f"removed cgroup {d}" for d in cgroup.remove_all(cfg.prefix)]
     for pid in netns_pids(cfg.fabric.netns):
         done.append(f"left process {pid} alone: it is in {cfg.fabric.netns} but not kh's "
                     "(the namespace lives on until it exits)")

@@ -1,16 +1,20 @@
 """khd's nodes: QEMU processes in kh's fabric namespace, each with its console held by khd.
 
-Nodes outlive khd: a khd that is stopped or killed finds its nodes again by PID and process tag
-and reconnects to their consoles. Each node's console is read all the time, logged, and offered
-on a per-node unix socket to whoever attaches.
+Nodes outlive khd: a khd that is stopped or killed finds its nodes again by their identity (PID,
+start time and process tag, kh.service.procid) and reconnects to their consoles; a QEMU carrying
+kh's tag that the state does not know is stopped. Each node's console is read all the time,
+logged, and offered on a per-node unix socket to whoever attaches.
+
+Least privilege: each QEMU runs sandboxed (seccomp), as the user NODE_USER when the host has it
+(QEMU opens its taps, sockets and files as root first), in a cgroup of its own with CPU and
+memory limits (kh.hw.cgroup).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
+import pwd
 import subprocess
 import threading
 import time
@@ -22,16 +26,31 @@ from kh import proc
 from kh.allocation import NIC_SLOTS
 from kh.cc.channel import NodeWriter
 from kh.errors import BootError, KhError, KhTimeout
-from kh.hw import board, qemu, uboot
+from kh.hw import board, cgroup, qemu, uboot
 from kh.hw import netns as nsutil
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
 from kh.hw.qemu import died_reason as died_reason  # khd's pool reads it here
 from kh.hw.qemu import last_words
+from kh.service import procid
 from kh.service.config import ServiceConfig
 from kh.service.mux import Mux
+from kh.service.procid import ProcId
 
 log = logging.getLogger("kh.nodes")
+
+NODE_USER = "kh-node"  # node QEMUs run as this user; tools/setup-apt creates it
+CODE_CACHE_MIB = 64  # each node's TCG code cache (board.accel_args); in its memory limit
+IDENT_FILE = "qemu.id"  # in the node's run directory: its QEMU's PID and start time
+
+
+def node_user() -> str | None:
+    """NODE_USER when the host has it; None: QEMU stays root (khd says so once)."""
+    try:
+        pwd.getpwnam(NODE_USER)
+    except KeyError:
+        return None
+    return NODE_USER
 
 
 def node_tag(cfg: ServiceConfig, number: int) -> str:
@@ -50,20 +69,23 @@ def node_spec(cfg: ServiceConfig, number: int) -> board.NodeSpec:
     return board.NodeSpec(
         name=node_tag(cfg, number), bios=cfg.images / "u-boot.elf", console=d / "qemu-con.sock",
         qmp=d / "qmp.sock", shared_ram=True, board=b, mem_mib=cfg.mem_mib,
-        wait_for_console=False, nics=nics, qemu=cfg.qemu,
+        wait_for_console=False, nics=nics, qemu=cfg.qemu, sandbox=True, run_as=node_user(),
+        code_cache_mib=CODE_CACHE_MIB,
         loads=(board.Load(cfg.images / "uImage", b.loadaddr),
                board.Load(cfg.images / f"{cfg.appliance}.cpio.gz.uimg", b.ramfsaddr)))
 
 
-def pid_is_node(pid: int | None, tag: str) -> bool:
-    """True when ``pid`` is alive and is the QEMU carrying ``tag`` (not a reused PID)."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"{tag},process={tag}".encode() in cmdline
+def recorded(cfg: ServiceConfig, number: int, pid: int | None) -> ProcId | None:
+    """Node ``number``'s QEMU as the state recorded it, if ``pid`` still is that process
+    (procid.recorded: PID, start time, tag); else None."""
+    return procid.recorded(cfg.node_dir(number) / IDENT_FILE, node_tag(cfg, number), pid,
+                           f"node {number}")
+
+
+def kill_recorded(cfg: ServiceConfig, number: int, pid: int | None) -> bool:
+    """Stop node ``number``'s QEMU, only if ``pid`` is still it (``recorded``); True if so."""
+    ident = recorded(cfg, number, pid)
+    return bool(ident and procid.stop([ident]))
 
 
 class StartFailed(BootError):
@@ -104,20 +126,25 @@ def read_log(path: Path) -> str:
 @dataclass
 class RunningNode:
     number: int
-    pid: int
+    ident: ProcId
     console: Console
     mux: Mux
     popen: subprocess.Popen[bytes] | None = None  # None when reattached after a khd restart
+    cgroup: cgroup.NodeCgroup | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: NodeWriter = field(init=False)
 
     def __post_init__(self) -> None:
         self.writer = NodeWriter(self.number, self.console)
 
-    def alive(self, tag: str) -> bool:
+    @property
+    def pid(self) -> int:
+        return self.ident.pid
+
+    def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return pid_is_node(self.pid, tag)
+        return procid.is_alive(self.ident)
 
     def exit_code(self) -> int | None:
         """QEMU's exit status, when it was our child and has exited."""
@@ -140,6 +167,11 @@ class NodeManager:
         self._lock = threading.Lock()
         self._closing = False
         self._starting: dict[int, subprocess.Popen[bytes]] = {}
+        if node_user() is None:
+            log.warning("node QEMUs run as root: the host has no user %s (tools/setup-apt "
+                        "creates it)", NODE_USER)
+        self.cgroups = cgroup.detect()  # kh's parent cgroup is made at the first start
+        self._cgroups_ready = False
 
     def _attach_console(self, number: int, timeout: float = 10.0,
                         alive: Callable[[], bool] = lambda: True) -> tuple[Console, Mux]:
@@ -175,19 +207,30 @@ class NodeManager:
             raise StartFailed(number, str(e)) from e
         argv = nsutil.enter_argv(self.cfg.fabric.netns) + board.qemu_argv(spec) + ["-S"]
         qemu_log = self.cfg.qemu_log(number)
+        cg = self._cgroup(number)
         with self._lock:
             if self._closing:
                 raise StartAborted(f"node {number}: khd is stopping")
-            with open(qemu_log, "wb") as err:
-                popen = proc.start(argv, stdout=err, stderr=err)
+            try:
+                with open(qemu_log, "wb") as err:
+                    popen = proc.start(argv, stdout=err, stderr=err,
+                                       cgroups=cg.procs if cg else ())
+            except KhError as e:
+                if cg is not None:
+                    cgroup.remove(cg)
+                raise StartFailed(number, str(e)) from e
             self._starting[number] = popen
-        log.debug("node %d: pid %d", number, popen.pid)
+        # Our child, not yet reaped: its stat is there, and its PID cannot change hands.
+        started = procid.stat(popen.pid)
+        ident = ProcId(popen.pid, started[1] if started else 0, tag)
+        procid.save(d / IDENT_FILE, ident)
+        log.debug("node %d: %s", number, ident)
         con: Console | None = None
         mux: Mux | None = None
         try:
             on_spawn(popen.pid)
             con, mux = self._attach_console(number, alive=lambda: popen.poll() is None)
-            node = RunningNode(number, popen.pid, con, mux, popen)
+            node = RunningNode(number, ident, con, mux, popen, cg)
             self._wait_qmp(spec, popen)
             for slot in range(NIC_SLOTS):
                 node.qmp(spec, "set_link", name=f"d{slot}", up=False)
@@ -201,6 +244,8 @@ class NodeManager:
                     popen.wait(1.0)  # the console or QMP went away: QEMU is on its way out
             exit_code = popen.poll()
             proc.reap(popen)
+            if cg is not None:
+                cgroup.remove(cg)
             if mux is not None:
                 mux.close()
             if con is not None:
@@ -219,6 +264,35 @@ class NodeManager:
                 self._starting.pop(number, None)
         self.running[number] = node
         return node
+
+    def _cgroup(self, number: int) -> cgroup.NodeCgroup | None:
+        """Node ``number``'s cgroup, made afresh with its limits (None: none on this host)."""
+        with self._lock:
+            if not self._cgroups_ready:
+                self._cgroups_ready = True
+                try:
+                    if self.cgroups is None:
+                        raise cgroup.CgroupError("this host offers no cgroup with "
+                                                 f"{', '.join(cgroup.V1_CONTROLLERS)}")
+                    cgroup.prepare(self.cgroups, self.cfg.prefix)
+                except cgroup.CgroupError as e:
+                    log.warning("node QEMUs run without CPU and memory limits: %s", e)
+                    self.cgroups = None
+        if self.cgroups is None:
+            return None
+        limit = cgroup.memory_limit(self.cfg.mem_mib, CODE_CACHE_MIB)
+        try:
+            return cgroup.create(self.cgroups, self.cfg.prefix, number, limit)
+        except cgroup.CgroupError as e:
+            raise StartFailed(number, str(e)) from e
+
+    def usage(self, number: int) -> cgroup.Usage | None:
+        """What node ``number``'s QEMU used (CPU ns, memory bytes; for metering), or None
+        when it runs without a cgroup or is not running. Raises CgroupError if unreadable."""
+        node = self.running.get(number)
+        if node is None or node.cgroup is None:
+            return None
+        return cgroup.usage(node.cgroup)
 
     def abort_starts(self) -> None:
         """khd is stopping: end the QEMUs of starts under way and refuse new ones."""
@@ -240,13 +314,29 @@ class NodeManager:
             time.sleep(0.01)
 
     def reattach(self, number: int, pid: int) -> RunningNode | None:
-        """After a khd restart: reconnect to a node that kept running, if it did."""
-        if not pid_is_node(pid, node_tag(self.cfg, number)):
+        """After a khd restart: reconnect to a node that kept running, if it did (``pid`` is
+        still its QEMU: ``recorded``)."""
+        ident = recorded(self.cfg, number, pid)
+        if ident is None:
             return None
         con, mux = self._attach_console(number, timeout=5)
-        node = RunningNode(number, pid, con, mux, None)
+        node = RunningNode(number, ident, con, mux, None,
+                           cgroup.of_pid(pid, self.cfg.prefix, number))
         self.running[number] = node
         return node
+
+    def stop_orphans(self) -> list[str]:
+        """After ``reattach``: stop every QEMU carrying this khd's tag that is no running node
+        (one a khd started and died before recording it), and remove the cgroups of nodes
+        that no longer run; return what was done, in words."""
+        known = {node.pid for node in self.running.values()}  # each verified by reattach
+        orphans = [i for i in procid.tagged(self.cfg.prefix) if i.pid not in known]
+        done = [f"stopped QEMU {i}: the state did not know it"
+                for i in procid.stop(orphans)]
+        if self.cgroups is not None:
+            done += [f"removed cgroup {d}: its node no longer runs"
+                     for d in cgroup.prune(self.cgroups, self.cfg.prefix, set(self.running))]
+        return done
 
     def stop(self, number: int) -> None:
         node = self.running.pop(number, None)
@@ -257,12 +347,14 @@ class NodeManager:
             if node.popen is not None:
                 proc.reap(node.popen)
             else:
-                kill_pid(node.pid)
+                procid.stop([node.ident])
+            if node.cgroup is not None:
+                cgroup.remove(node.cgroup)
         self._remove_sockets(number)
 
     def _remove_sockets(self, number: int) -> None:
         d = self.cfg.node_dir(number)
-        for f in ("qemu-con.sock", "qmp.sock", "console.sock"):
+        for f in ("qemu-con.sock", "qmp.sock", "console.sock", IDENT_FILE):
             (d / f).unlink(missing_ok=True)
 
     def detach_all(self) -> None:
@@ -300,38 +392,3 @@ class NodeManager:
             node.console.expect(uboot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
                                 start=start)
 
-
-def _gone(pid: int) -> bool:
-    """True when ``pid`` has exited (a zombie waiting for its new parent counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _kill(pid: int, sig: int) -> None:
-    """Signal ``pid`` and, when it leads its own process group (kh starts every node QEMU in a
-    new session), the whole group: nothing it started is left behind."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-            return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def kill_pids(pids: list[int], grace: float = 5.0) -> None:
-    """Stop nodes that are not our children (found again after a khd restart): SIGTERM all,
-    wait, SIGKILL what is left."""
-    for pid in pids:
-        _kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
-        time.sleep(0.02)
-    for pid in pids:
-        if not _gone(pid):
-            _kill(pid, signal.SIGKILL)
-
-
-def kill_pid(pid: int, grace: float = 5.0) -> None:
-    kill_pids([pid], grace)

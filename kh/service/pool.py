@@ -33,9 +33,8 @@ from kh.service.nodes import (
     StartAborted,
     StartFailed,
     died_reason,
-    kill_pid,
+    kill_recorded,
     node_tag,
-    pid_is_node,
     read_log,
 )
 from kh.store import NodeRow, Store
@@ -253,8 +252,7 @@ class Pool:
         for row in self.store.nodes():
             n, tag = row.number, node_tag(self.cfg, row.number)
             if row.state == NodeState.STARTING:
-                if pid_is_node(row.pid, tag):
-                    kill_pid(row.pid or 0)
+                kill_recorded(self.cfg, n, row.pid)  # only if row.pid is still its QEMU
                 self.store.delete_node(n)
                 repairs.append(f"node {n}: was starting when khd stopped; starting it again")
                 continue
@@ -268,15 +266,16 @@ class Pool:
                     continue
             except KhError as e:
                 log.warning("node %d: cannot reattach: %s", n, e)
-                if pid_is_node(row.pid, tag):
-                    kill_pid(row.pid or 0)
+                kill_recorded(self.cfg, n, row.pid)
             if row.state == NodeState.ALLOCATED:
                 self.store.node_failed(n, "QEMU exited while khd was away")
                 repairs.append(f"node {n}: {tag} had exited; marked failed")
             else:
                 self.store.delete_node(n)
                 repairs.append(f"node {n}: {tag} had exited; restarting it")
-        return repairs
+        # QEMUs of this khd's tag that no node row holds (a khd killed between starting one
+        # and recording it) are stopped, and cgroups of nodes that are gone removed.
+        return repairs + self.nodes.stop_orphans()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True, name="pool")
@@ -362,7 +361,7 @@ class Pool:
         with self.lock:
             for row in self.store.nodes(NodeState.FREE, NodeState.ALLOCATED):
                 node = self.nodes.running.get(row.number)
-                if node is None or node.alive(node_tag(self.cfg, row.number)):
+                if node is None or node.alive():
                     continue
                 code = node.exit_code()
                 self.nodes.stop(row.number)

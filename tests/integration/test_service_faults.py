@@ -297,3 +297,35 @@ def test_a_signal_stops_kh_service_start_and_what_it_started(tmp_path, sig):
         assert not cfg.run.exists() and cfg.khd_log.exists()
     finally:
         control.clean(cfg)
+
+
+def test_a_qemu_a_dead_khd_started_is_stopped_when_khd_starts(tmp_path):
+    """Issue 10: a QEMU started for the pool while khd was SIGKILLed (before its PID reached
+    the state) survived the restart unknown to khd. The next khd stops every process that
+    carries its tag and is no node of its state, and says so in its repairs."""
+    s = setup(tmp_path, "o", fake_images(tmp_path / "img"), None)
+    qemu = hanging_qemu(tmp_path / "qemu-hangs", s.cfg.prefix)
+    cfg = s.cfg = ServiceConfig(**{**vars(s.cfg), "qemu": str(qemu)})
+    before = s.snapshot()
+    tag = f"{cfg.prefix}-node2"
+    # what the killed khd left: node 2's QEMU, in a session of its own, known to no state
+    orphan = subprocess.Popen([str(qemu), "-name", f"{tag},process={tag}"],
+                              start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for("the orphan", lambda: orphan.pid in control.kh_qemu_pids(cfg.prefix))
+        control.start(cfg, wait=False)
+        wait_for("the orphan to be stopped", lambda: orphan.poll() is not None, timeout=60)
+        assert orphan.returncode == -signal.SIGTERM
+        repairs = ps(cfg)["repairs"]
+        assert [r for r in repairs if f"stopped QEMU PID {orphan.pid} ({tag}, " in r and
+                r.endswith("): the state did not know it")], repairs
+        # its helper went with it (its process group); khd's own node 2 runs
+        wait_for("khd's own nodes", lambda: len(control.kh_qemu_pids(cfg.prefix)) == NODES)
+        r = kh(cfg, "clean")
+        assert r.returncode == 0, r.stderr
+        assert s.snapshot() == before
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+        control.clean(cfg)

@@ -192,3 +192,58 @@ def test_the_docs_give_the_backoff_kh_really_uses():
     assert f"after {', '.join(delays[:-1])} and {delays[-1]} s" in text
     assert f"{pool.START_ATTEMPTS} failed starts in a row" in text
     assert "capped" not in text
+
+
+def test_a_qemu_the_state_does_not_know_is_stopped_at_adopt(tmp_path):
+    """Issue 10: a QEMU started for the pool while khd was SIGKILLed (before its PID reached
+    the state) survived the restart unknown to khd. Now khd's start stops every process
+    carrying its tag that no node holds: not a known node's, nor another prefix's."""
+    import os
+    import subprocess
+    import threading
+    import time
+    import types
+
+    from kh.service.config import ServiceConfig
+    from kh.service.nodes import NodeManager
+    from kh.store import Store
+
+    prefix = f"ko{os.getpid() % 10000}"
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, prefix=prefix)
+    started = []
+
+    def tagged_sleep(name: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([f"{name},process={name}", "60"], executable="sleep",
+                             start_new_session=True)
+        started.append(p)
+        while not open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(name.encode()):
+            time.sleep(0.005)  # exec shows the new command line a moment after fork
+        return p
+
+    def alive(p: subprocess.Popen[bytes]) -> bool:
+        try:
+            p.wait(0.5)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
+    try:
+        orphan = tagged_sleep(f"{prefix}-node2")
+        known = tagged_sleep(f"{prefix}-node3")
+        stranger = tagged_sleep(f"{prefix}x-node2")
+        nodes = NodeManager(cfg, None)  # type: ignore[arg-type]  # no fabric needed here
+        nodes.running[3] = types.SimpleNamespace(pid=known.pid)  # type: ignore[assignment]
+        store = Store(cfg.db)
+        try:
+            repairs = pool.Pool(cfg, store, nodes, threading.RLock()).adopt()
+        finally:
+            store.close()
+        assert not alive(orphan)
+        assert alive(known) and alive(stranger)
+        (repair,) = repairs
+        assert repair.startswith(f"stopped QEMU PID {orphan.pid} ({prefix}-node2, started at "
+                                 "tick ") and repair.endswith("): the state did not know it")
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()

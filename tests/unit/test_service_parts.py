@@ -13,7 +13,7 @@ def test_node_argv_carries_the_tag_clean_and_reattach_look_for(tmp_path):
     c = cfg(tmp_path)
     argv = board.qemu_argv(node_spec(c, 7))
     name = argv[argv.index("-name") + 1]
-    # nodes.pid_is_node and control.kh_qemu_pids match exactly these
+    # procid.tagged (khd, kh clean) and control.kh_qemu_pids match exactly these
     assert name == f"{node_tag(c, 7)},process={node_tag(c, 7)}"
     assert ",process=kq-node" in name
 
