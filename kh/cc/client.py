@@ -35,25 +35,50 @@ class ChannelClient:
                                 allow_agent=password is None, timeout=timeout,
                                 banner_timeout=timeout, auth_timeout=timeout)
         except paramiko.AuthenticationException:
+            self._abandon()
             raise ChannelError(f"{user}@{host} refused our credential",
                                "pass the principal's credential with -c or register a key "
                                "with `kh key add`") from None
         except (OSError, paramiko.SSHException) as e:
+            self._abandon()
             raise ChannelError(f"cannot reach the control channel {user}@{host}:{port}: {e}",
                                "is khd running? the ssh port is KH_SSH_PORT (7422)") from None
 
+    def _abandon(self) -> None:
+        """A refused login leaves the connection open, and khd counts it against this host's
+        logins under way until its login timeout: close it now."""
+        self.client.close()
+
     def close(self) -> None:
         self.client.close()
+
+    def _session(self) -> paramiko.Channel:
+        """A new session channel, or ChannelError saying why khd refused it."""
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ChannelError("the control channel closed")
+        try:
+            return transport.open_session(timeout=30)
+        except paramiko.ChannelException as e:
+            if e.code == paramiko.OPEN_FAILED_RESOURCE_SHORTAGE:
+                raise ChannelError("khd refused another session on the control channel",
+                                   "too many open: close some (docs/control-channel.md, "
+                                   "Limits)") from None
+            raise ChannelError("khd refused a session on the control channel",
+                               "the allocation was released, the key revoked, or the node "
+                               "left it") from None
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise ChannelError(f"the control channel closed: {e}") from None
 
     def exec(self, command: str, data: bytes = b"", *, on_output=None,  # type: ignore[no-untyped-def]
              read_for: float | None = None) -> tuple[bytes, bytes, int]:
         """Run a channel command; send ``data`` then EOF (or, with ``read_for``, send nothing
         and read that long). Returns (stdout, stderr, exit status)."""
-        transport = self.client.get_transport()
-        if transport is None:
-            raise ChannelError("the control channel closed")
-        chan = transport.open_session()
-        chan.exec_command(command)
+        chan = self._session()
+        try:
+            chan.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise ChannelError(f"the control channel refused {command!r}: {e}") from None
         if data:
             chan.sendall(data)
         out = bytearray()
@@ -86,10 +111,7 @@ class ChannelClient:
 
     def interactive(self) -> None:
         """The terminal on the channel (a pty session); `~.` at a line start leaves."""
-        transport = self.client.get_transport()
-        if transport is None:
-            raise ChannelError("the control channel closed")
-        chan = transport.open_session()
+        chan = self._session()
         chan.get_pty(term=os.environ.get("TERM", "vt100"))
         chan.invoke_shell()
         try:

@@ -175,8 +175,9 @@ class Gate:
                 return
             source = str(addr[0])
             lim = self.limits
-            with self.lock:
-                waiting = [c for c in self.conns if c.grant is None]
+            with self.lock:  # (a transport that ended is not counted, reaped or not)
+                waiting = [c for c in self.conns if c.grant is None and (
+                    c.transport is None or c.transport.is_active())]
                 why = None
                 if len(waiting) >= lim.logins:
                     why = "too many ssh logins under way"

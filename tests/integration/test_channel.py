@@ -11,8 +11,10 @@ import time
 import zlib
 from pathlib import Path
 
+import paramiko
 import pytest
 
+from kh.cc.client import ChannelClient, ChannelError
 from kh.service import control
 from kh.service.config import ServiceConfig
 from tests.integration.conftest import allocate, credfile, env, kh, khget, ps, release, wait_free
@@ -237,3 +239,138 @@ def test_a_node_that_fails_mid_load_is_named_and_the_others_complete(khd, tmp_pa
     assert kh(khd, "reset", "-u", "uma", "-c", credfile("ucred"), str(good)).returncode == 0
     assert "U-Boot" in tagged(khd, alloc, "ucred", "version", tmp_path)[good]
     release(khd, "uma", "ucred", alloc)
+
+
+# -- authorization on every use (issue 10, finding 2) -------------------------------------------
+def _open(c: ChannelClient, command: str = "tagged") -> paramiko.Channel:
+    t = c.client.get_transport()
+    assert t is not None
+    ch = t.open_session(timeout=10)
+    ch.exec_command(command)
+    return ch
+
+
+def _ended(ch: paramiko.Channel, timeout: float = 30) -> bytes:
+    """Wait for khd to end the session (a bound, not a timing): what it said on stderr."""
+    deadline = time.monotonic() + timeout
+    while not ch.exit_status_ready():
+        assert time.monotonic() < deadline, "khd did not end the session"
+        time.sleep(0.1)
+    assert ch.recv_exit_status() == 1
+    return ch.makefile_stderr().read()
+
+
+def _refused(c: ChannelClient) -> bool:
+    """True when the connection can no longer open a channel."""
+    try:
+        _open(c, "nodes").close()
+    except (paramiko.SSHException, EOFError, OSError):
+        return True
+    return False
+
+
+def _read_until(ch: paramiko.Channel, marker: bytes, timeout: float = 30) -> bytes:
+    ch.settimeout(timeout)
+    got = b""
+    while marker not in got:
+        data = ch.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
+def test_release_revocation_and_a_node_leaving_end_what_depended_on_them(khd, tmp_path):
+    """A connection opened before a release, a key revocation or a node's release could go on
+    reading and writing those nodes (they were the next principal's soon after): each ends its
+    sessions with one line on stderr, and no new channel opens."""
+    wait_free(khd, 3)
+    alloc, (n1, n2, n3), _ = allocate(khd, "-c", credfile("vcred"), "vera", "3")
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    r = kh(khd, "key", "add", "-u", "vera", "-c", credfile("vcred"), "--allocation", str(alloc),
+           str(key) + ".pub")
+    assert r.returncode == 0, r.stderr
+    kid = int(r.stdout.split()[1])
+    port = khd.ssh_port
+    whole = ChannelClient(f"con{alloc}", "127.0.0.1", port, password="vcred")
+    single = ChannelClient(f"con{alloc}.{n3}", "127.0.0.1", port, password="vcred")
+    by_key = ChannelClient(f"con{alloc}.{n1}", "127.0.0.1", port, key_file=key)
+    released = False
+    try:
+        s_whole, s_single, s_key = _open(whole), _open(single), _open(by_key)
+        s_whole.sendall(b"version\n")
+        _read_until(s_whole, b"node%d: U-Boot" % n2)
+        # the key is revoked: its session ends, the credential's go on
+        assert kh(khd, "key", "rm", "-u", "vera", "-c", credfile("vcred"),
+                  str(kid)).returncode == 0
+        assert _ended(s_key) == b"kh: key %d was revoked; this session ends\n" % kid
+        assert _refused(by_key)
+        assert not s_whole.exit_status_ready() and not s_single.exit_status_ready()
+        # node n3 is released alone: the sessions that reach it end
+        r = kh(khd, "release", "-u", "vera", "-c", credfile("vcred"), str(alloc), str(n3))
+        assert r.returncode == 0, r.stderr
+        gone = b"kh: node %d left allocation %d; this session ends\n" % (n3, alloc)
+        assert _ended(s_single) == gone
+        assert _ended(s_whole) == gone
+        assert _refused(single)
+        # the allocation is still live: a new session reaches the two nodes left
+        ch = _open(whole, "nodes")
+        assert ch.makefile().read().split() == [b"%d" % n1, b"%d" % n2]
+        s_whole = _open(whole)
+        release(khd, "vera", "vcred", alloc)
+        released = True
+        assert _ended(s_whole) == b"kh: allocation %d was released; this session ends\n" % alloc
+        assert _refused(whole)
+        with pytest.raises(ChannelError, match="refused our credential"):
+            ChannelClient(f"con{alloc}", "127.0.0.1", port, password="vcred")
+    finally:
+        for c in (whole, single, by_key):
+            c.close()
+        if not released:
+            release(khd, "vera", "vcred", alloc)
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def test_half_open_logins_cost_khd_no_thread_and_end(khd):
+    """Finding 4: each unauthenticated ssh connection held khd threads, with no end."""
+    pid = control.pid_of(khd)
+    assert pid
+    before = _threads(pid)
+    held = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", khd.ssh_port))
+        s.settimeout(60)
+        held.append(s)
+    for s in held:
+        assert s.recv(100).startswith(b"SSH-2.0-")
+    # up to the per-source cap (64) more are taken; the ones after it are refused at once
+    more = [socket.create_connection(("127.0.0.1", khd.ssh_port)) for _ in range(20)]
+    refused = 0
+    for s in more:
+        s.settimeout(60)
+        refused += s.recv(200).startswith(b"kh: too many ssh logins under way from 127.0.0.1")
+    # (at least: a login that just ended may still count for an instant)
+    assert refused >= 20 - (64 - 50)
+    assert _threads(pid) < before + 10  # khd's own threads come and go; 70 would be one each
+    for s in held + more:  # all of them end at the login timeout (20 s)
+        while True:
+            try:
+                if not s.recv(4096):
+                    break
+            except ConnectionResetError:
+                break
+        s.close()
+    # and a login works again
+    wait_free(khd, 1)
+    alloc, _, _ = allocate(khd, "-c", credfile("wcred"), "wes")
+    try:
+        c = ChannelClient(f"con{alloc}", "127.0.0.1", khd.ssh_port, password="wcred")
+        c.close()
+    finally:
+        release(khd, "wes", "wcred", alloc)

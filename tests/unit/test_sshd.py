@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
+from kh.cc.client import ChannelClient, ChannelError
 from kh.cc.gate import Limits
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, wait_until
 
@@ -183,3 +184,23 @@ def test_an_unknown_command_and_a_garbage_client(srv):
     except ConnectionResetError:
         pass
     s.close()
+
+
+def test_the_client_says_why_a_session_is_refused():
+    access = FakeAccess()
+    access.add("alice", "apw", 1, [1, 2])
+    with serve(access, Limits(watch_interval=3600.0)) as srv:  # the watcher does not look
+        c = ChannelClient("con1", "127.0.0.1", srv.port, password="apw")
+        try:
+            assert c.exec("nodes") == (b"1 2\n", b"", 0)
+            access.allocs[1].released = True
+            with pytest.raises(ChannelError, match="khd refused a session"):
+                c.exec("nodes")
+        finally:
+            c.close()
+
+
+def test_a_refused_client_login_leaves_no_connection_behind(srv):
+    with pytest.raises(ChannelError, match="refused our credential"):
+        ChannelClient("con1", "127.0.0.1", srv.port, password="wrong")
+    wait_until(lambda: not srv.server.gate.conns)
