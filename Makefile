@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m benchmarks.service
 	$(PY) -m benchmarks.channel
 	$(PY) -m benchmarks.appliances
+	$(PY) -m benchmarks.hostile
 
 clean-images:
 	rm -rf images/out
