@@ -233,16 +233,23 @@ def prepare(lay: Layout, prefix: str) -> None:
 
 
 def create(lay: Layout, prefix: str, number: int, mem_bytes: int) -> NodeCgroup:
-    """Make node ``number``'s cgroup (or take over a leftover one) with its limits, in the
-    parent ``prepare`` made."""
+    """Make node ``number``'s cgroup (or take over a leftover one) with its limits, and kh's
+    parent cgroup first if it is not there (``prepare``)."""
     parents = lay.dirs(parent_name(prefix))
     cg = NodeCgroup(lay.version, {c: d / node_name(number) for c, d in parents.items()})
-    remove(cg, wait=0)  # a leftover (its QEMU gone) starts afresh, without its old limits
-    try:
-        for d in set(cg.dirs.values()):
-            d.mkdir(exist_ok=True)
-    except OSError as e:
-        raise CgroupError(f"cannot make cgroup {e.filename}: {e.strerror}") from None
+    _rmdirs(sorted(set(cg.dirs.values())), 0)  # a leftover starts afresh, without old limits
+    for again in (True, False):
+        prepare(lay, prefix)
+        try:
+            for d in sorted(set(cg.dirs.values())):
+                d.mkdir(exist_ok=True)
+            break
+        except FileNotFoundError:
+            if not again:  # the parent went with another node's last cgroup: make it again
+                raise CgroupError(f"cannot make cgroup {cg.dirs} (its parent keeps going)"
+                                  ) from None
+        except OSError as e:
+            raise CgroupError(f"cannot make cgroup {e.filename}: {e.strerror}") from None
     for controller, name, value in limits(lay.version, mem_bytes):
         path = cg.dirs[controller] / name
         if name in OPTIONAL and not path.exists():
@@ -286,11 +293,20 @@ def usage(cg: NodeCgroup) -> Usage:
 
 def remove(cg: NodeCgroup, wait: float = 2.0) -> list[Path]:
     """Remove the node's cgroup once its processes are gone (an exiting QEMU may take a
-    moment); return what was removed. One still in use after ``wait`` s stays (`kh clean`
-    or the node's next start deals with it)."""
+    moment), and kh's parent cgroup with it when that was its last node (kh leaves no empty
+    cgroups behind); return what was removed. One still in use after ``wait`` s stays (`kh
+    clean` or the node's next start deals with it)."""
+    removed = _rmdirs(sorted(set(cg.dirs.values())), wait)
+    parents = sorted({d.parent for d in removed if d.parent.name.startswith("kh-")})
+    return removed + _rmdirs(parents, 0)  # busy (EBUSY) while it has other nodes
+
+
+def _rmdirs(dirs: list[Path], wait: float) -> list[Path]:
+    """rmdir each of ``dirs`` that is empty of processes and children, waiting up to
+    ``wait`` s for processes to leave; those removed."""
     removed = []
     deadline = time.monotonic() + wait
-    for d in sorted(set(cg.dirs.values())):
+    for d in dirs:
         while True:
             try:
                 d.rmdir()
@@ -328,9 +344,7 @@ def remove_all(prefix: str) -> list[Path]:
     removed = []
     for parent in _kh_parents(prefix):
         nodes = [d for d in parent.iterdir() if d.is_dir() and NODE_DIR.fullmatch(d.name)]
-        for d in nodes:
-            removed += remove(NodeCgroup(1, {"": d}))
-        removed += remove(NodeCgroup(1, {"": parent}), wait=0)
+        removed += _rmdirs(sorted(nodes), 2.0) + _rmdirs([parent], 0)
     return removed
 
 
@@ -344,5 +358,6 @@ def prune(lay: Layout, prefix: str, keep: set[int]) -> list[Path]:
         for d in sorted(parent.iterdir()):
             m = NODE_DIR.fullmatch(d.name)
             if m and d.is_dir() and int(m[1]) not in keep:
-                removed += remove(NodeCgroup(lay.version, {"": d}), wait=0)
+                removed += _rmdirs([d], 0)
+        removed += _rmdirs([parent], 0)  # none of this khd's nodes runs (yet): none is left
     return removed

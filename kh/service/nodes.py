@@ -170,8 +170,12 @@ class NodeManager:
         if node_user() is None:
             log.warning("node QEMUs run as root: the host has no user %s (tools/setup-apt "
                         "creates it)", NODE_USER)
-        self.cgroups = cgroup.detect()  # kh's parent cgroup is made at the first start
+        self.cgroups = cgroup.detect()  # kh's cgroups are made when nodes start
         self._cgroups_ready = False
+        self._cgroup_lock = threading.Lock()  # a node's cgroup made while another's goes
+        if self.cgroups is None:
+            log.warning("node QEMUs run without CPU and memory limits: this host offers no "
+                        "cgroup with %s", ", ".join(cgroup.V1_CONTROLLERS))
 
     def _attach_console(self, number: int, timeout: float = 10.0,
                         alive: Callable[[], bool] = lambda: True) -> tuple[Console, Mux]:
@@ -216,8 +220,7 @@ class NodeManager:
                     popen = proc.start(argv, stdout=err, stderr=err,
                                        cgroups=cg.procs if cg else ())
             except KhError as e:
-                if cg is not None:
-                    cgroup.remove(cg)
+                self._drop_cgroup(cg)
                 raise StartFailed(number, str(e)) from e
             self._starting[number] = popen
         # Our child, not yet reaped: its stat is there, and its PID cannot change hands.
@@ -244,8 +247,7 @@ class NodeManager:
                     popen.wait(1.0)  # the console or QMP went away: QEMU is on its way out
             exit_code = popen.poll()
             proc.reap(popen)
-            if cg is not None:
-                cgroup.remove(cg)
+            self._drop_cgroup(cg)
             if mux is not None:
                 mux.close()
             if con is not None:
@@ -267,24 +269,28 @@ class NodeManager:
 
     def _cgroup(self, number: int) -> cgroup.NodeCgroup | None:
         """Node ``number``'s cgroup, made afresh with its limits (None: none on this host)."""
-        with self._lock:
-            if not self._cgroups_ready:
-                self._cgroups_ready = True
-                try:
-                    if self.cgroups is None:
-                        raise cgroup.CgroupError("this host offers no cgroup with "
-                                                 f"{', '.join(cgroup.V1_CONTROLLERS)}")
-                    cgroup.prepare(self.cgroups, self.cfg.prefix)
-                except cgroup.CgroupError as e:
-                    log.warning("node QEMUs run without CPU and memory limits: %s", e)
-                    self.cgroups = None
-        if self.cgroups is None:
-            return None
-        limit = cgroup.memory_limit(self.cfg.mem_mib, CODE_CACHE_MIB)
-        try:
-            return cgroup.create(self.cgroups, self.cfg.prefix, number, limit)
-        except cgroup.CgroupError as e:
-            raise StartFailed(number, str(e)) from e
+        with self._cgroup_lock:
+            if self.cgroups is None:
+                return None
+            try:
+                cgroup.prepare(self.cgroups, self.cfg.prefix)
+            except cgroup.CgroupError as e:
+                if self._cgroups_ready:
+                    raise StartFailed(number, str(e)) from e
+                log.warning("node QEMUs run without CPU and memory limits: %s", e)
+                self.cgroups = None  # this host does not let kh make them at all
+                return None
+            self._cgroups_ready = True
+            limit = cgroup.memory_limit(self.cfg.mem_mib, CODE_CACHE_MIB)
+            try:
+                return cgroup.create(self.cgroups, self.cfg.prefix, number, limit)
+            except cgroup.CgroupError as e:
+                raise StartFailed(number, str(e)) from e
+
+    def _drop_cgroup(self, cg: cgroup.NodeCgroup | None) -> None:
+        if cg is not None:
+            with self._cgroup_lock:
+                cgroup.remove(cg)
 
     def usage(self, number: int) -> cgroup.Usage | None:
         """What node ``number``'s QEMU used (CPU ns, memory bytes; for metering), or None
@@ -334,8 +340,9 @@ class NodeManager:
         done = [f"stopped QEMU {i}: the state did not know it"
                 for i in procid.stop(orphans)]
         if self.cgroups is not None:
-            done += [f"removed cgroup {d}: its node no longer runs"
-                     for d in cgroup.prune(self.cgroups, self.cfg.prefix, set(self.running))]
+            with self._cgroup_lock:
+                gone = cgroup.prune(self.cgroups, self.cfg.prefix, set(self.running))
+            done += [f"removed cgroup {d}: no node of it runs" for d in gone]
         return done
 
     def stop(self, number: int) -> None:
@@ -348,8 +355,7 @@ class NodeManager:
                 proc.reap(node.popen)
             else:
                 procid.stop([node.ident])
-            if node.cgroup is not None:
-                cgroup.remove(node.cgroup)
+            self._drop_cgroup(node.cgroup)
         self._remove_sockets(number)
 
     def _remove_sockets(self, number: int) -> None:

@@ -152,6 +152,30 @@ def test_remove_takes_empty_directories_and_leaves_others(tmp_path):
     assert cgroup.remove(cgroup.NodeCgroup(1, {"a": empty}), wait=0) == []  # already gone
 
 
+def test_a_nodes_last_cgroup_takes_khs_parent_along(tmp_path):
+    """kh leaves no empty cgroup behind (tests start nodes too); the parent comes back with
+    the next node."""
+    base = {c: tmp_path / c for c in ("cpu", "cpuacct", "memory")}
+    for d in base.values():
+        d.mkdir()
+    lay = cgroup.Layout(1, base)
+
+    def emptied(cg: cgroup.NodeCgroup) -> cgroup.NodeCgroup:
+        for d in cg.dirs.values():  # a stand-in tree holds files; cgroupfs would not
+            for f in d.iterdir():
+                f.unlink()
+        return cg
+
+    one, two = (emptied(cgroup.create(lay, "ab", n, 1 << 30)) for n in (1, 2))
+    assert (base["memory"] / "kh-ab/node2").is_dir()
+    assert cgroup.remove(one, wait=0) == sorted(d / "kh-ab/node1" for d in base.values())
+    assert cgroup.remove(two, wait=0) == sorted(
+        [d / "kh-ab/node2" for d in base.values()]) + sorted(d / "kh-ab" for d in base.values())
+    assert not any((d / "kh-ab").exists() for d in base.values())
+    again = cgroup.create(lay, "ab", 1, 1 << 30)
+    assert (again.dirs["memory"] / "memory.limit_in_bytes").read_text() == str(1 << 30)
+
+
 def test_prune_keeps_running_nodes(tmp_path):
     lay = fake_v2(tmp_path)
     parent = tmp_path / "user.slice/kh-ab"
@@ -210,7 +234,8 @@ def test_a_real_node_cgroup_limits_and_meters_a_process(tmp_path):
         finally:
             proc.reap(p)
         assert used.cpu_ns > 0 and used.mem_bytes <= 64 << 20
-        assert cgroup.remove(cg) == sorted(set(cg.dirs.values()))
+        removed = cgroup.remove(cg)
+        assert set(removed) == {*cg.dirs.values(), *(d.parent for d in cg.dirs.values())}
     finally:
         removed = cgroup.remove_all(prefix)
     assert not [d for d in lay.dirs(cgroup.parent_name(prefix)).values() if d.exists()], removed
