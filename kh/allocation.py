@@ -146,3 +146,13 @@ def choose_nodes(free: list[int], count: int) -> list[int]:
         raise AllocationError(f"{count} nodes asked for, {len(free)} free",
                               "ask for fewer or release some (kh ps shows them)")
     return sorted(free)[:count]
+
+
+def check_node_quota(user: str, held: int, count: int, quota: int) -> None:
+    """Refuse a request for ``count`` more nodes when the principal, holding ``held`` now,
+    would hold more than ``quota``."""
+    if held + count > quota:
+        raise AllocationError(
+            f"principal {user} holds {held} node{'' if held == 1 else 's'} and asks for "
+            f"{count} more: over its node quota of {quota}",
+            "release some with `kh release`, or ask the operator to raise --node-quota")

@@ -16,6 +16,9 @@ class NodeState(str, enum.Enum):
     FREE = "free"  # at the U-Boot prompt, in the pool
     ALLOCATED = "allocated"
     FAILED = "failed"  # died or misbehaved; never handed out again
+    # In the middle of a change that crosses the state and the host (see kh.service.core):
+    CONFIGURING = "configuring"  # chosen by a khget not yet committed: wired and configured
+    RELEASING = "releasing"  # leaving its allocation: its QEMU is being stopped
 
 
 class DomainKind(str, enum.Enum):

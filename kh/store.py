@@ -1,7 +1,10 @@
 """kh's state in SQLite (WAL): principals, domains, allocations, nodes.
 
 khd is the only writer. Every change is one transaction, so a khd killed at any point restarts
-from a consistent state and reconciles it with what is really running.
+from a consistent state and reconciles it with what is really running. A request whose side
+effects reach the host (QEMU, bridges, U-Boot) records what it is about to do in one transaction
+(nodes `configuring`, `releasing`, `resetting`; a principal `removing`), does it, and commits the
+outcome in one more; the next khd finishes or undoes what it finds half-done (kh.service.core).
 """
 
 from __future__ import annotations
@@ -15,43 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kh.errors import KhError
 from kh.model import Domain, DomainKind, NodeState
+from kh.store_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
-SCHEMA_VERSION = 3
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE principals (
-    name TEXT PRIMARY KEY, salt BLOB NOT NULL, hash BLOB NOT NULL, created REAL NOT NULL);
-CREATE TABLE domains (
-    netid INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT REFERENCES principals(name),
-    created REAL NOT NULL);
-CREATE TABLE allocations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
-    created REAL NOT NULL, released REAL);
-CREATE TABLE alloc_domains (
-    alloc INTEGER NOT NULL REFERENCES allocations(id), slot INTEGER NOT NULL,
-    netid INTEGER NOT NULL REFERENCES domains(netid), PRIMARY KEY (alloc, slot));
-CREATE TABLE nodes (
-    number INTEGER PRIMARY KEY, uid INTEGER NOT NULL UNIQUE, state TEXT NOT NULL,
-    pid INTEGER, alloc INTEGER REFERENCES allocations(id), workdir TEXT NOT NULL,
-    started REAL NOT NULL, reason TEXT);
-CREATE INDEX nodes_alloc ON nodes(alloc);
-"""
-# Each entry upgrades the schema from the version before it.
-MIGRATIONS = {
-    2: """
-CREATE TABLE keys (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
-    alloc INTEGER REFERENCES allocations(id), key TEXT NOT NULL, comment TEXT NOT NULL,
-    added REAL NOT NULL);
-""",
-    # Failed starts: how many in a row (the restart backoff), and when the next one is due
-    # (NULL: none; a failed node with no retry has given up until an operator acts).
-    3: """
-ALTER TABLE nodes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE nodes ADD COLUMN retry_at REAL;
-""",
-}
+__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "AllocRow", "NodeRow", "Store"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +37,7 @@ class NodeRow:
     reason: str | None  # why it failed: QEMU's last word, or the stage that timed out
     attempts: int = 0  # failed starts in a row
     retry_at: float | None = None  # when a failed start is tried again; None: not at all
+    resetting: bool = False  # a reset is under way (finished by the next khd if this one dies)
 
 
 @dataclass(frozen=True)
@@ -108,7 +80,6 @@ class Store:
                         db.execute(statement)
                 db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
             if version > SCHEMA_VERSION:
-                from kh.errors import KhError
                 raise KhError(f"state {self.path} has schema {version}, newer than this kh",
                               "upgrade kh or use another --state-dir")
 
@@ -143,12 +114,8 @@ class Store:
 
     def add_principal(self, name: str, salt: bytes, digest: bytes) -> None:
         with self.tx() as db:
-            db.execute("INSERT INTO principals VALUES (?, ?, ?, ?)",
-                       (name, salt, digest, time.time()))
-
-    def remove_principal(self, name: str) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM principals WHERE name=?", (name,))
+            db.execute("INSERT INTO principals (name, salt, hash, created) "
+                       "VALUES (?, ?, ?, ?)", (name, salt, digest, time.time()))
 
     # -- keys (control-channel access by public key) --------------------------------------------
     def add_key(self, principal: str, key: str, comment: str, alloc: int | None) -> int:
@@ -228,13 +195,6 @@ class Store:
                 out.append(a)
         return out
 
-    def forget_allocation(self, alloc: int) -> None:
-        """Undo ``add_allocation`` of an allocation no node joined (a khget that failed)."""
-        with self.tx() as db:
-            db.execute("DELETE FROM alloc_domains WHERE alloc=?", (alloc,))
-            db.execute("DELETE FROM allocations WHERE id=? AND NOT EXISTS "
-                       "(SELECT 1 FROM nodes WHERE alloc=?)", (alloc, alloc))
-
     def release_allocation(self, alloc: int) -> None:
         with self.tx() as db:
             db.execute("UPDATE allocations SET released=? WHERE id=? AND released IS NULL",
@@ -250,15 +210,17 @@ class Store:
     def put_node(self, n: NodeRow) -> None:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO nodes (number, uid, state, pid, alloc, workdir, "
-                       "started, reason, attempts, retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "started, reason, attempts, retry_at, resetting) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (n.number, n.uid, n.state.value, n.pid, n.alloc, n.workdir, n.started,
-                        n.reason, n.attempts, n.retry_at))
+                        n.reason, n.attempts, n.retry_at, int(n.resetting)))
 
     def _nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
         rows = self._rows("SELECT number, uid, state, pid, alloc, workdir, started, reason, "
-                          f"attempts, retry_at FROM nodes {where} ORDER BY number", args)
-        return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-                for r in rows]
+                          f"attempts, retry_at, resetting FROM nodes {where} ORDER BY number",
+                          args)
+        return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                        bool(r[10])) for r in rows]
 
     def nodes(self, *states: NodeState) -> list[NodeRow]:
         """Every node, or those in one of ``states``, by number."""
@@ -297,14 +259,134 @@ class Store:
         """The node failed (its QEMU is gone): never handed out; started again at ``retry_at``
         if that is set."""
         fields: dict[str, object] = {"state": NodeState.FAILED, "pid": None, "reason": reason,
-                                     "retry_at": retry_at}
+                                     "retry_at": retry_at, "resetting": 0}
         if attempts is not None:
             fields["attempts"] = attempts
         self._update(number, **fields)
 
-    def node_allocated(self, number: int, alloc: int) -> None:
-        self._update(number, state=NodeState.ALLOCATED, alloc=alloc, attempts=0)
-
     def delete_node(self, number: int) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM nodes WHERE number=?", (number,))
+
+    # -- changes that cross the state and the host (see the module's docstring) ---------------
+    @staticmethod
+    def _marks(numbers: list[int] | tuple[int, ...]) -> str:
+        return ", ".join("?" * len(numbers))
+
+    def nodes_configuring(self, numbers: list[int]) -> None:
+        """khget, before it touches the host: free nodes ``numbers`` become `configuring` for an
+        allocation not committed yet. All or none (KhError if one is no longer free)."""
+        with self.tx() as db:
+            cur = db.execute(f"UPDATE nodes SET state=? WHERE state=? AND alloc IS NULL AND "
+                             f"number IN ({self._marks(numbers)})",
+                             (NodeState.CONFIGURING.value, NodeState.FREE.value, *numbers))
+            if cur.rowcount != len(set(numbers)):
+                raise KhError(f"nodes {numbers} are not all free")
+
+    def commit_allocation(self, principal: str, register: tuple[bytes, bytes] | None,
+                          create: tuple[Domain, ...], netids: tuple[int, ...],
+                          numbers: list[int]) -> int:
+        """khget's outcome in one transaction: the principal (``register``: its salt and hash,
+        when new), its new domains, the allocation with its domains in eth order, and nodes
+        ``numbers`` (`configuring`) allocated to it. Returns the allocation's id."""
+        with self.tx() as db:
+            now = time.time()
+            if register is not None:
+                db.execute("INSERT INTO principals (name, salt, hash, created) "
+                           "VALUES (?, ?, ?, ?)", (principal, *register, now))
+            for d in create:
+                db.execute("INSERT INTO domains VALUES (?, ?, ?, ?)",
+                           (d.netid, d.kind.value, d.owner, now))
+            alloc = self.add_allocation(principal, netids)
+            cur = db.execute(f"UPDATE nodes SET state=?, alloc=?, attempts=0 WHERE state=? "
+                             f"AND number IN ({self._marks(numbers)})",
+                             (NodeState.ALLOCATED.value, alloc, NodeState.CONFIGURING.value,
+                              *numbers))
+            if cur.rowcount != len(set(numbers)):
+                raise KhError(f"nodes {numbers} are no longer being configured")
+            return alloc
+
+    def nodes_releasing(self, numbers: list[int]) -> None:
+        """A release (or a principal's removal), before its QEMUs are stopped: nodes
+        ``numbers`` leave their allocation's use (`releasing`)."""
+        with self.tx() as db:
+            db.execute(f"UPDATE nodes SET state=?, resetting=0 WHERE number IN "
+                       f"({self._marks(numbers)})", (NodeState.RELEASING.value, *numbers))
+
+    def drop_nodes(self, numbers: list[int]) -> list[int]:
+        """Nodes whose QEMUs are stopped leave the state in one transaction (the pool starts
+        fresh ones), with every allocation of theirs that has no node left: returns those
+        allocations, now released."""
+        with self.tx() as db:
+            marks = self._marks(numbers)
+            allocs = [r[0] for r in db.execute(
+                f"SELECT DISTINCT alloc FROM nodes WHERE alloc IS NOT NULL AND number IN "
+                f"({marks}) ORDER BY alloc", tuple(numbers))]
+            db.execute(f"DELETE FROM nodes WHERE number IN ({marks})", tuple(numbers))
+            emptied = [a for a in allocs if not db.execute(
+                "SELECT 1 FROM nodes WHERE alloc=? LIMIT 1", (a,)).fetchone()]
+            for a in emptied:
+                db.execute("UPDATE allocations SET released=? WHERE id=? AND released IS NULL",
+                           (time.time(), a))
+            return emptied
+
+    def node_resetting(self, number: int, resetting: bool) -> None:
+        self._update(number, resetting=int(resetting))
+
+    def principal_removing(self, name: str, numbers: list[int]) -> None:
+        """A principal's removal, before its QEMUs are stopped: the principal is marked, and
+        its nodes ``numbers`` are `releasing`, in one transaction."""
+        with self.tx() as db:
+            db.execute("UPDATE principals SET removing=? WHERE name=?", (time.time(), name))
+            if numbers:
+                self.nodes_releasing(numbers)
+
+    def removing_principals(self) -> list[str]:
+        return [r[0] for r in self._rows("SELECT name FROM principals WHERE removing IS NOT "
+                                         "NULL ORDER BY name")]
+
+    def forget_principal(self, name: str) -> dict[str, list[int]]:
+        """The principal, with its nodes (their QEMUs already stopped), allocations (released
+        ones too), private domains and keys, leaves the state in one transaction. Returns what
+        went: {"allocations": live ones released, "nodes", "domains", "keys"}."""
+        with self.tx() as db:
+            mine = "SELECT id FROM allocations WHERE principal=?"
+            live = [r[0] for r in db.execute(mine + " AND released IS NULL ORDER BY id",
+                                             (name,))]
+            nodes = [r[0] for r in db.execute(f"SELECT number FROM nodes WHERE alloc IN "
+                                              f"({mine}) ORDER BY number", (name,))]
+            netids = [r[0] for r in db.execute("SELECT netid FROM domains WHERE owner=? "
+                                               "ORDER BY netid", (name,))]
+            keys = [r[0] for r in db.execute("SELECT id FROM keys WHERE principal=? OR alloc "
+                                             f"IN ({mine}) ORDER BY id", (name, name))]
+            db.execute(f"DELETE FROM nodes WHERE alloc IN ({mine})", (name,))
+            db.execute(f"DELETE FROM keys WHERE principal=? OR alloc IN ({mine})", (name, name))
+            db.execute(f"DELETE FROM alloc_domains WHERE alloc IN ({mine}) OR netid IN "
+                       "(SELECT netid FROM domains WHERE owner=?)", (name, name))
+            db.execute("DELETE FROM allocations WHERE principal=?", (name,))
+            db.execute("DELETE FROM domains WHERE owner=?", (name,))
+            db.execute("DELETE FROM principals WHERE name=?", (name,))
+            return {"allocations": live, "nodes": nodes, "domains": netids, "keys": keys}
+
+    def principals(self) -> list[dict[str, Any]]:
+        """Every principal: name, created (s since the epoch), and how much it holds: live
+        allocations, their nodes, private domains, keys."""
+        rows = self._rows(
+            "SELECT p.name, p.created, "
+            "(SELECT COUNT(*) FROM allocations a WHERE a.principal=p.name AND a.released IS "
+            "NULL), "
+            "(SELECT COUNT(*) FROM nodes n JOIN allocations a ON a.id=n.alloc "
+            "WHERE a.principal=p.name AND a.released IS NULL), "
+            "(SELECT COUNT(*) FROM domains d WHERE d.owner=p.name), "
+            "(SELECT COUNT(*) FROM keys k WHERE k.principal=p.name) "
+            "FROM principals p ORDER BY p.name")
+        return [{"name": r[0], "created": r[1], "allocations": r[2], "nodes": r[3],
+                 "domains": r[4], "keys": r[5]} for r in rows]
+
+    def held_nodes(self, principal: str) -> int:
+        """Nodes the principal holds now (its live allocations' nodes that have not failed):
+        what its node quota counts."""
+        return int(self._rows(
+            "SELECT COUNT(*) FROM nodes n JOIN allocations a ON a.id=n.alloc WHERE "
+            "a.principal=? AND a.released IS NULL AND n.state != ?",
+            (principal, NodeState.FAILED.value))[0][0])

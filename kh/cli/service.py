@@ -53,6 +53,9 @@ def alloc_id(text: str) -> int:
 
 
 def register(main: click.Group) -> None:
+    from kh.cli.principal import register as register_principal
+    register_principal(main)
+
     @main.group(epilog=ENV_EPILOG)
     def service() -> None:
         """Run khd, the service interface, in the background."""
@@ -62,16 +65,17 @@ def register(main: click.Group) -> None:
     @click.option("--port", type=int, help=SETTINGS_HELP["api_port"])
     @click.option("--uplink-netns", help=SETTINGS_HELP["uplink_netns"])
     @click.option("--domain-quota", type=int, help=SETTINGS_HELP["domain_quota"])
+    @click.option("--node-quota", type=int, help=SETTINGS_HELP["node_quota"])
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
     def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
-                      domain_quota: int | None, no_wait: bool) -> None:
+                      domain_quota: int | None, node_quota: int | None, no_wait: bool) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
         pool can start, or when stopped (Ctrl-C, SIGTERM, SIGHUP). With khd already running,
         fails if it runs with other settings than the ones asked for."""
         asked = {"nodes": nodes, "api_port": port, "uplink_netns": uplink_netns,
-                 "domain_quota": domain_quota}
+                 "domain_quota": domain_quota, "node_quota": node_quota}
         cfg = from_env(**asked)  # every setting checked before anything else
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control
@@ -110,11 +114,21 @@ def register(main: click.Group) -> None:
         click.echo(client().call("GET", "/v1/status"), nl=False)
 
     @main.command()
+    @click.option("-u", "--user", help="Only this principal's (its credential by -c or "
+                  "$KH_CREDENTIAL); without it, everything (the operator's view).")
+    @click.option("-c", "--credential", "cred", metavar="FILE", help=credential.HELP)
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @handle_errors
-    def ps(as_json: bool) -> None:
-        """Allocations, nodes and domains."""
-        click.echo(client().call("GET", "/v1/ps", as_json=as_json), nl=False)
+    def ps(user: str | None, cred: str | None, as_json: bool) -> None:
+        """Allocations, nodes and domains: all of them (the operator, through khd's socket),
+        or with -u a principal's own."""
+        if user is None:
+            if cred is not None:
+                raise UsageError("-c goes with -u USER", "kh ps -u USER -c FILE")
+            click.echo(client().call("GET", "/v1/ps", as_json=as_json), nl=False)
+            return
+        body = {"user": user, "credential": credential.resolve(cred)}
+        click.echo(client().call("POST", "/v1/ps", body, as_json=as_json), nl=False)
 
     @main.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -77,6 +77,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
             f"principal may hold (default 16, 1 to {MAX_NETID - FIRST_PRIVATE + 1})",
             1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
+    Setting("node_quota", "KH_NODE_QUOTA", "--node-quota", "nodes one principal may hold at "
+            f"once (default 16, 1 to {MAX_NODES})", 1, MAX_NODES, "node quota {}"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -113,6 +115,7 @@ class ServiceConfig:
     uplink_netns: str | None = None
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
+    node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
 
     def __post_init__(self) -> None:
         for s in SETTINGS:

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -296,6 +297,85 @@ def test_a_signal_stops_kh_service_start_and_what_it_started(tmp_path, sig):
         assert control.pid_of(cfg) is None and control.kh_qemu_pids(cfg.prefix) == []
         assert not cfg.run.exists() and cfg.khd_log.exists()
     finally:
+        control.clean(cfg)
+
+
+def db_rows(cfg: ServiceConfig, sql: str) -> list[tuple]:
+    """A read of khd's state as it is on disk (a second reader; khd may be writing)."""
+    con = sqlite3.connect(f"file:{cfg.db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.guest
+def test_khd_killed_mid_khget_leaves_no_half_allocation(kh_paths, tmp_path):
+    """Issue 10, item 5: khd is SIGKILLed while a khget configures its node (made slow by
+    stopping the node's QEMU). After a restart nothing of the khget is left: no allocation, no
+    principal, no private domain or bridge; the node's QEMU, which may hold the principal's
+    khargs, is gone, and a fresh node takes its number in the pool, without khargs."""
+    s = setup(tmp_path, "he", kh_paths.out, None, nodes=1)
+    cfg = s.cfg
+    qemu_pid = 0
+    try:
+        control.start(cfg)
+        (node,) = ps(cfg)["nodes"]
+        assert (node["node"], node["state"]) == (1, "free")
+        qemu_pid = node["pid"]
+        os.kill(qemu_pid, signal.SIGSTOP)  # its QMP and console stop answering
+        from tests.integration.conftest import env
+        getter = subprocess.Popen([sys.executable, "-m", "kh.cli.khget", "-c",
+                                   credfile("ecred"), "erin"], env=env(cfg),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # under way: its node being configured (or, as before issue 10, erin already stored)
+        wait_for("the khget to configure node 1", lambda: db_rows(
+            cfg, "SELECT state FROM nodes WHERE number=1") == [("configuring",)] or db_rows(
+            cfg, "SELECT name FROM principals"), timeout=60)
+        khd = control.pid_of(cfg)
+        assert khd
+        os.kill(khd, signal.SIGKILL)
+        wait_for("khd to die", lambda: control.pid_of(cfg) is None, timeout=30)
+        os.kill(qemu_pid, signal.SIGCONT)  # a live QEMU, half configured for erin
+        getter.communicate(timeout=60)
+        assert getter.returncode != 0
+        assert db_rows(cfg, "SELECT COUNT(*) FROM principals") == [(0,)]
+
+        control.start(cfg)
+        after = ps(cfg)
+        assert after["allocations"] == [] and [d["netid"] for d in after["domains"]] == [0, 1]
+        assert any(r.startswith("node 1: was being configured for a khget") for r in
+                   after["repairs"]), after["repairs"]
+        assert not alive(qemu_pid)
+        assert db_rows(cfg, "SELECT COUNT(*) FROM principals") == [(0,)]
+        assert db_rows(cfg, "SELECT COUNT(*) FROM allocations") == [(0,)]
+        from kh.hw.fabric import Fabric
+        assert Fabric(cfg.fabric).domain_bridges() == [0, 1]
+        fresh = wait_for("a fresh node 1", lambda: [
+            n for n in ps(cfg)["nodes"] if n["state"] == "free"])
+        assert fresh[0]["node"] == 1 and fresh[0]["pid"] != qemu_pid
+        from kh.hw import uboot
+        from kh.hw.console import Console
+        con = Console(cfg.node_dir(1) / "console.sock", name="node1")
+        con.connect(5)
+        try:
+            said = uboot.uboot_command(con, "printenv khargs")
+        finally:
+            con.close()
+        assert "kh.node=" not in said and "not defined" in said, said
+        # and the machine goes on: erin's first khget registers her now
+        r = khget(cfg, "-c", credfile("ecred2"), "erin")
+        assert r.returncode == 0, r.stderr
+    finally:
+        if qemu_pid and alive(qemu_pid):
+            os.kill(qemu_pid, signal.SIGCONT)
         control.clean(cfg)
 
 

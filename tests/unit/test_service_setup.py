@@ -85,7 +85,8 @@ def test_a_version_2_state_gains_the_failure_columns(tmp_path):
     assert store.nodes(NodeState.FREE)[0].reason is None
     store.close()
     assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key='schema'"
-                                       ).fetchone()[0] == "3"
+                                       ).fetchone()[0] == "4"
+    assert Store(db).node(4).resetting is False  # type: ignore[union-attr]
 
 
 def test_missing_image_is_named_with_the_command_that_builds_it(tmp_path):

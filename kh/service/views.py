@@ -1,0 +1,66 @@
+"""What `kh ps` and `kh principal list` show: the operator's view of everything, and one
+principal's view of its own (no other principal's names, allocation ids or node PIDs).
+
+Both views have one shape: {"allocations": [...], "nodes": [...], "domains": [...],
+"pool": PoolStatus JSON, "repairs": [...]}; a principal's adds "principal" and "quota".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kh.model import DomainKind
+from kh.service.config import ServiceConfig
+from kh.service.pool import note, summarize
+from kh.store import NodeRow, Store
+
+
+def _node(n: NodeRow, now: float, *, pid: bool) -> dict[str, Any]:
+    return {"node": n.number, "uid": n.uid, "state": n.state.value,
+            "pid": n.pid if pid else None, "allocation": n.alloc, "reason": n.reason,
+            "attempts": n.attempts, "retry_at": n.retry_at, "note": note(n, now)}
+
+
+def operator(store: Store, cfg: ServiceConfig, repairs: list[str]) -> dict[str, Any]:
+    """Every allocation, node (with its QEMU's PID) and domain, the pool, khd's repairs."""
+    nodes = store.nodes()
+    now = time.time()
+    return {
+        "allocations": [{"id": a.id, "principal": a.principal, "netids": list(a.netids),
+                         "nodes": [n.number for n in nodes if n.alloc == a.id],
+                         "created": a.created} for a in store.allocations()],
+        "nodes": [_node(n, now, pid=True) for n in nodes],
+        "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
+                    for d in store.domains()],
+        "pool": summarize(nodes, cfg.nodes).to_json(),
+        "repairs": repairs,
+    }
+
+
+def principal(store: Store, cfg: ServiceConfig, user: str) -> dict[str, Any]:
+    """``user``'s live allocations and their nodes (with states, without PIDs), its private
+    domains and the shared ones, the pool's counts (no node of another principal is named),
+    and its quotas: {"nodes": [held, quota], "domains": [held, quota]}."""
+    nodes = store.nodes()
+    now = time.time()
+    allocs = [a for a in store.allocations() if a.principal == user]
+    ids = {a.id for a in allocs}
+    mine = [n for n in nodes if n.alloc in ids]
+    domains = [d for d in store.domains() if d.kind != DomainKind.PRIVATE or d.owner == user]
+    pool = summarize(nodes, cfg.nodes).to_json()
+    # the pool's own failures name pool nodes only; a node that died in another principal's
+    # allocation is counted in "lost", never named
+    return {
+        "principal": user,
+        "allocations": [{"id": a.id, "principal": user, "netids": list(a.netids),
+                         "nodes": [n.number for n in mine if n.alloc == a.id],
+                         "created": a.created} for a in allocs],
+        "nodes": [_node(n, now, pid=False) for n in mine],
+        "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
+                    for d in domains],
+        "pool": pool,
+        "repairs": [],
+        "quota": {"nodes": [store.held_nodes(user), cfg.node_quota],
+                  "domains": [sum(d.owner == user for d in domains), cfg.domain_quota]},
+    }

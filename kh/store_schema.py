@@ -1,0 +1,46 @@
+"""kh's SQLite schema (kh.store) and the steps that upgrade an older state to it."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 4
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE principals (
+    name TEXT PRIMARY KEY, salt BLOB NOT NULL, hash BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE domains (
+    netid INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT REFERENCES principals(name),
+    created REAL NOT NULL);
+CREATE TABLE allocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
+    created REAL NOT NULL, released REAL);
+CREATE TABLE alloc_domains (
+    alloc INTEGER NOT NULL REFERENCES allocations(id), slot INTEGER NOT NULL,
+    netid INTEGER NOT NULL REFERENCES domains(netid), PRIMARY KEY (alloc, slot));
+CREATE TABLE nodes (
+    number INTEGER PRIMARY KEY, uid INTEGER NOT NULL UNIQUE, state TEXT NOT NULL,
+    pid INTEGER, alloc INTEGER REFERENCES allocations(id), workdir TEXT NOT NULL,
+    started REAL NOT NULL, reason TEXT);
+CREATE INDEX nodes_alloc ON nodes(alloc);
+"""
+# Each entry upgrades the schema from the version before it.
+MIGRATIONS = {
+    2: """
+CREATE TABLE keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
+    alloc INTEGER REFERENCES allocations(id), key TEXT NOT NULL, comment TEXT NOT NULL,
+    added REAL NOT NULL);
+""",
+    # Failed starts: how many in a row (the restart backoff), and when the next one is due
+    # (NULL: none; a failed node with no retry has given up until an operator acts).
+    3: """
+ALTER TABLE nodes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN retry_at REAL;
+""",
+    # Changes that cross the state and the host, recorded before their side effects so that a
+    # khd killed half-way finishes or undoes them at its next start (kh.service.core): a node
+    # being reset, a principal being removed (when that was asked for).
+    4: """
+ALTER TABLE nodes ADD COLUMN resetting INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE principals ADD COLUMN removing REAL;
+""",
+}
