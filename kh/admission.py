@@ -3,15 +3,21 @@
 A credential is a secret string, never a path: khd reads no file on a caller's behalf (only the
 CLI reads `-c FILE`, see kh.cli.credential). It is never stored either: only a random salt and
 its scrypt hash. A check takes the same time, and gives the same answer, whether the principal
-is unknown or the credential wrong, so principals cannot be enumerated through it.
+is unknown or the credential wrong, so principals cannot be enumerated through it. Failed
+checks are rate-limited (Limiter) per source and per principal, before the hash is computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from kh.errors import KhError, UsageError
 
@@ -82,3 +88,101 @@ def verify(credential: str | None, known: tuple[bytes, bytes] | None, user: str)
     _, got = hash_credential(credential, salt)
     if not hmac.compare_digest(got, digest) or known is None:
         raise refused(user)
+
+
+class Throttled(AuthError):
+    """Too many refused credentials lately (HTTP 429): refused without checking this one.
+    ``retry_after``: whole seconds until the next attempt is checked again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, f"try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A token bucket's shape: ``burst`` failures at once, then one per 1/``per_second`` s."""
+
+    burst: int
+    per_second: float
+
+
+# Per source (a TCP peer address, all of loopback as one; `unix:uid=N`): a person who mistypes
+# never meets it, a guesser gets one guess per 2 s after a burst of 10.
+PER_SOURCE = Rate(10, 0.5)
+# Per principal, over all sources: it bounds guessing one principal's credential from many
+# sources (a principal's nodes can take many fabric addresses) to about one a second. One
+# source alone can never empty it (its own bucket is smaller and refills slower), so a flood
+# from one source does not lock the principal out anywhere else.
+PER_PRINCIPAL = Rate(30, 1.0)
+# Buckets tracked per kind; a bucket that has refilled is forgotten, so this is only reached
+# under attack from many sources or names at once (then the fullest buckets go first).
+MAX_TRACKED = 4096
+
+
+class Limiter:
+    """Token buckets of failed credential checks, by source and by principal name (known or
+    not: an unknown principal is limited like a known one, so answers do not tell them apart).
+    check() before the hash, failed() after a refusal. Thread-safe; memory is bounded by
+    MAX_TRACKED buckets per kind."""
+
+    def __init__(self, per_source: Rate = PER_SOURCE, per_principal: Rate = PER_PRINCIPAL,
+                 max_tracked: int = MAX_TRACKED,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rates = {"source": per_source, "principal": per_principal}
+        self.max_tracked = max_tracked
+        self.clock = clock
+        self.buckets: dict[str, dict[str, _Bucket]] = {"source": {}, "principal": {}}
+        self.lock = threading.Lock()
+
+    def _level(self, kind: str, key: str, now: float) -> float:
+        """The bucket's tokens now; a full bucket is forgotten (it is the default)."""
+        rate, table = self.rates[kind], self.buckets[kind]
+        b = table.get(key)
+        if b is None:
+            return rate.burst
+        b.tokens = min(rate.burst, b.tokens + (now - b.stamp) * rate.per_second)
+        b.stamp = now
+        if b.tokens >= rate.burst:
+            del table[key]
+        return b.tokens
+
+    def check(self, user: str, source: str | None) -> None:
+        """Raise Throttled when ``source`` (None: not known, e.g. the ssh channel) or
+        ``user`` has no failure left to spend."""
+        with self.lock:
+            now = self.clock()
+            for kind, key, what in (("source", source, f"from {source}"),
+                                    ("principal", user, f"for principal {user}")):
+                if key is None:
+                    continue
+                level = self._level(kind, key, now)
+                if level < 1:
+                    wait = math.ceil((1 - level) / self.rates[kind].per_second)
+                    raise Throttled(f"too many refused credentials {what}", max(1, wait))
+
+    def failed(self, user: str, source: str | None) -> None:
+        """Spend one failure of ``source``'s and ``user``'s."""
+        with self.lock:
+            now = self.clock()
+            for kind, key in (("source", source), ("principal", user)):
+                if key is None:
+                    continue
+                level = self._level(kind, key, now)
+                table = self.buckets[kind]
+                if key not in table and len(table) >= self.max_tracked:
+                    self._evict(kind, now)
+                table[key] = _Bucket(max(0.0, level - 1), now)
+
+    def _evict(self, kind: str, now: float) -> None:
+        table = self.buckets[kind]
+        for key in list(table):
+            self._level(kind, key, now)  # forgets the refilled ones
+        while len(table) >= self.max_tracked:
+            del table[max(table, key=lambda k: table[k].tokens)]

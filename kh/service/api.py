@@ -1,40 +1,50 @@
 """khd's HTTP API: on a unix socket, on 127.0.0.1, and inside the fabric on the public domain.
 
-Text by default (khget's text object), JSON with ``Accept: application/json`` or
-``?format=json``. Request bodies are JSON objects only (kh.service.request reads them, strictly);
-every malformed request is a 4xx with a one-line reason. docs/api.yaml is the OpenAPI
-description.
+A WSGI application (App) served by kh.service.httpd (waitress, bounded). Text by default
+(khget's text object), JSON with ``Accept: application/json`` or ``?format=json``. Request
+bodies are JSON objects only (kh.service.request reads them, strictly); every malformed request
+is a 4xx with a one-line reason. Each route is ``fn(svc, caller, body, *path_groups) ->
+(status, text or file, JSON data)``; the caller (request.Caller) comes from the transport:
+the operator is root on the unix socket, anyone else is a source address. docs/api.yaml is the
+OpenAPI description.
 """
 
 from __future__ import annotations
 
 import http
-import http.server
 import json
 import logging
 import os
 import re
-import shutil
-import socketserver
-import threading
+import stat
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kh import textobj
-from kh.admission import AuthError
+from kh.admission import AuthError, Throttled
 from kh.allocation import MAX_NODE, AllocationError, Request
 from kh.errors import KhError, UsageError
+from kh.service import httpd
 from kh.service import request as rq
 from kh.service.core import Hardware, NotFound, Service
+from kh.service.request import Caller
 
 log = logging.getLogger("kh.api")
 MAX_BODY = rq.MAX_BODY
-# The most specific first: TooLarge and Unsupported are UsageErrors.
-STATUS = {rq.TooLarge: 413, rq.Unsupported: 415, rq.Misdirected: 421, UsageError: 400,
-          AuthError: 403, NotFound: 404, AllocationError: 409}
+
+
+class MethodNotAllowed(UsageError):
+    """405: a method khd does not serve."""
+
+
+# The most specific first: TooLarge and Unsupported are UsageErrors, Throttled an AuthError.
+STATUS = {MethodNotAllowed: 405, rq.TooLarge: 413, rq.Unsupported: 415, rq.Misdirected: 421,
+          UsageError: 400, Throttled: 429, AuthError: 403, NotFound: 404, AllocationError: 409}
+METHODS = ("GET", "POST")
+Result = tuple[int, "str | Path", Any]
 
 
 def _status(e: KhError) -> int:
@@ -44,114 +54,97 @@ def _status(e: KhError) -> int:
     return 500
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    service: Service
-    by_tcp = False  # TCP listeners check the Host header (see request.check_host)
-    protocol_version = "HTTP/1.1"
-    server_version = "khd"
+class App:
+    """The API as a WSGI application over one Service. The server puts the caller in the
+    environment (``kh.caller``) and says whether it came over TCP (``kh.tcp``: then the Host
+    header is checked, request.check_host)."""
 
-    def address_string(self) -> str:
-        return str(self.client_address[0]) if self.client_address else "unix"
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    # -- plumbing ---------------------------------------------------------------------------
-    def _wants_json(self) -> bool:
-        q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        return q.get("format", [""])[0] == "json" or \
-            "application/json" in self.headers.get("Accept", "")
-
-    def _send(self, code: int, text: str | Path, data: Any) -> None:
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        # the path as sent: waitress's PATH_INFO is percent-decoded, and `%33` is not an id
+        path = urllib.parse.urlsplit(environ.get("REQUEST_URI", "")).path
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        as_json = query.get("format", [""])[0] == "json" or \
+            "application/json" in environ.get("HTTP_ACCEPT", "")
+        caller: Caller = environ.get("kh.caller") or Caller("unknown", False)
+        headers: list[tuple[str, str]] = []
+        try:
+            code, text, data = self._route(environ, method, path, caller)
+        except KhError as e:
+            code = _status(e)
+            text, data = f"kh: {e}\n", {"error": e.message, "hint": e.hint}
+            if isinstance(e, Throttled):
+                headers.append(("Retry-After", str(e.retry_after)))
+            if code == 405:
+                headers.append(("Allow", ", ".join(METHODS)))
+        except Exception as e:
+            log.exception("internal error on %s %s", method, path[:80])
+            code = 500
+            text = f"kh: internal error: {type(e).__name__}: {e}\n"
+            data = {"error": f"internal error: {type(e).__name__}: {e}", "hint": None}
+        status = f"{code} {http.HTTPStatus(code).phrase}"
         if isinstance(text, Path):
-            self._send_file(code, text)
-            return
-        if self._wants_json():
+            return self._file(environ, start_response, status, text)
+        if as_json:
             body = (json.dumps(data, indent=1) + "\n").encode()
             ctype = "application/json"
         else:
             body = text.encode("utf-8", "backslashreplace")
             ctype = "text/plain; charset=utf-8"
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                                *headers])
+        return [body]
 
-    def _send_file(self, code: int, path: Path) -> None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self.send_response(code)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            shutil.copyfileobj(f, self.wfile, 1 << 20)
+    def _route(self, environ: dict[str, Any], method: str, path: str, caller: Caller
+               ) -> Result:
+        if method not in METHODS:
+            raise MethodNotAllowed(f"method {method[:20]!r} is not served", "GET or POST")
+        if environ.get("kh.tcp"):
+            rq.check_host(environ.get("HTTP_HOST"))
+        body = self._body(environ) if method == "POST" else {}
+        for m, rx, fn in ROUTES:
+            if m == method and (match := re.fullmatch(rx, path)):
+                with rq.calling(caller):
+                    return fn(self.service, caller, body, *match.groups())
+        raise NotFound(f"no such API endpoint: {method} {path[:80]}")
 
-    def _error(self, code: int, e: KhError) -> None:
-        self._send(code, f"kh: {e}\n", {"error": e.message, "hint": e.hint})
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own refusals (a bad request line, headers too long, a method khd
-        does not serve) in khd's one-line form; the connection is closed after them."""
-        if code == http.HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's fault
-            code, message = 405, f"method {self.command!r} is not served"
-        elif code == http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # so is HTTP/2.0 or 9.9
-            code, message = 400, f"{message} (khd speaks HTTP/1.0 and 1.1)"
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in 1.0
-            self.request_version = "HTTP/1.0"
-        body = f"kh: {message or http.HTTPStatus(code).phrase}\n".encode("utf-8", "replace")
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    def _body(self, method: str) -> dict[str, Any]:
-        """The request's JSON object; its length is checked before a byte of it is read."""
-        n = rq.content_length(self.headers)
-        raw = self.rfile.read(n) if n else b""
+    @staticmethod
+    def _body(environ: dict[str, Any]) -> dict[str, Any]:
+        """The request's JSON object. The server has framed it (one Content-Length of ASCII
+        digits, at most MAX_BODY, refused before it was read otherwise); checked again here."""
+        n = rq.content_length(environ.get("CONTENT_LENGTH"),
+                              environ.get("HTTP_TRANSFER_ENCODING"))
+        raw = environ["wsgi.input"].read(n) if n else b""
         if len(raw) < n:
-            self.close_connection = True
             raise rq.BadFraming(f"request body ended after {len(raw)} of {n} bytes")
-        return rq.parse_body(raw, self.headers.get("Content-Type")) if method == "POST" else {}
+        return rq.parse_body(raw, environ.get("CONTENT_TYPE"))
 
-    def _route(self, method: str) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        try:
-            if self.by_tcp:
-                rq.check_host(self.headers)
-            body = self._body(method)
-            for m, rx, fn in ROUTES:
-                if m == method and (match := re.fullmatch(rx, path)):
-                    code, text, data = fn(self.service, body, *match.groups())
-                    self._send(code, text, data)
-                    return
-            raise NotFound(f"no such API endpoint: {method} {path[:80]}")
-        except KhError as e:
-            if isinstance(e, (rq.BadFraming, rq.TooLarge)):
-                self.close_connection = True  # the body was not read: the stream is lost
-            self._error(_status(e), e)
-        except Exception as e:
-            log.exception("internal error on %s %s", method, path[:80])
-            self._error(500, KhError(f"internal error: {type(e).__name__}: {e}"))
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
+    @staticmethod
+    def _file(environ: dict[str, Any], start_response: Callable[..., Any], status: str,
+              path: Path) -> Iterable[bytes]:
+        """An image, streamed from the open file by the server's loop as the client reads
+        it (never read into memory); opened without following a link."""
+        f: BinaryIO = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+        size = os.fstat(f.fileno()).st_size
+        start_response(status, [("Content-Type", "application/octet-stream"),
+                                ("Content-Length", str(size))])
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None:
+            return wrapper(f, 1 << 16)  # type: ignore[no-any-return]
+        return iter(lambda: f.read(1 << 16), b"")
 
 
-Result = tuple[int, "str | Path", Any]
+# -- the routes --------------------------------------------------------------------------------
+def _operator(caller: Caller, what: str, hint: str | None = None) -> None:
+    if not caller.operator:
+        raise AuthError(what, hint or "as root, on khd's unix socket")
 
 
-def allocate(svc: Service, body: dict[str, Any]) -> Result:
+def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     # any integer here; Request.check says what is wrong with one out of range
     req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, -rq.MAX_ID),
                   new_private=rq.integer(body, "p", 0, -rq.MAX_ID),
@@ -161,25 +154,25 @@ def allocate(svc: Service, body: dict[str, Any]) -> Result:
     return 201, textobj.format(a), textobj.to_json(a)
 
 
-def release(svc: Service, body: dict[str, Any], alloc: str) -> Result:
+def release(svc: Service, caller: Caller, body: dict[str, Any], alloc: str) -> Result:
     done = svc.release(rq.path_id(alloc, "allocation"), rq.user(body), rq.credential(body),
                        list(rq.integers(body, "nodes", MAX_NODE)))
     return 200, f"released {' '.join(map(str, done))}\n", {"released": done}
 
 
-def reset(svc: Service, body: dict[str, Any], node: str) -> Result:
+def reset(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
     number = rq.path_id(node, "node")
     svc.reset(number, rq.user(body), rq.credential(body))
     return 200, f"node {number} is at the U-Boot prompt\n", {"reset": number}
 
 
-def domain_rm(svc: Service, body: dict[str, Any], netid: str) -> Result:
+def domain_rm(svc: Service, caller: Caller, body: dict[str, Any], netid: str) -> Result:
     n = rq.path_id(netid, "domain")
     svc.remove_domain(n, rq.user(body), rq.credential(body))
     return 200, f"domain {n} removed\n", {"removed": n}
 
 
-def key_add(svc: Service, body: dict[str, Any]) -> Result:
+def key_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     key = rq.text(body, "key", 16 * 1024)
     alloc = body.get("allocation")
     kid = svc.add_key(rq.user(body), rq.credential(body), key,
@@ -187,21 +180,21 @@ def key_add(svc: Service, body: dict[str, Any]) -> Result:
     return 201, f"key {kid} added\n", {"id": kid}
 
 
-def key_remove(svc: Service, body: dict[str, Any], key_id: str) -> Result:
+def key_remove(svc: Service, caller: Caller, body: dict[str, Any], key_id: str) -> Result:
     kid = rq.path_id(key_id, "key")
     svc.remove_key(rq.user(body), rq.credential(body), kid)
     return 200, f"key {kid} removed\n", {"removed": kid}
 
 
-def key_list(svc: Service, body: dict[str, Any]) -> Result:
+def key_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     keys = svc.list_keys(rq.user(body), rq.credential(body))
     text = "".join(f"{k['id']:>4} {k['allocation'] or 'all'!s:>5} {k['key']} {k['comment']}\n"
                    for k in keys)
     return 200, text, keys
 
 
-def ps(svc: Service, body: dict[str, Any]) -> Result:
-    data = svc.ps()
+def ps_table(data: dict[str, Any]) -> str:
+    """`kh ps`'s tables: nodes, allocations, domains (a principal's view has no PIDs)."""
     lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8}  NOTE"]
     for n in data["nodes"]:
         lines.append(f"{n['node']:>5} {n['uid']:>5} {n['state']:<10} "
@@ -215,10 +208,21 @@ def ps(svc: Service, body: dict[str, Any]) -> Result:
     lines.append(f"{'DOMAIN':>6} {'KIND':<9} OWNER")
     for d in data["domains"]:
         lines.append(f"{d['netid']:>6} {d['kind']:<9} {d['owner'] or '-'}")
-    return 200, "\n".join(lines) + "\n", data
+    if "quota" in data:
+        q = data["quota"]
+        lines += ["", f"quota: {q['nodes'][0]} of {q['nodes'][1]} nodes, "
+                  f"{q['domains'][0]} of {q['domains'][1]} private domains"]
+    return "\n".join(lines) + "\n"
 
 
-def hw(svc: Service, body: dict[str, Any]) -> Result:
+def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """Everything, with QEMU PIDs: the operator's alone."""
+    _operator(caller, "`kh ps` over TCP needs a principal's credential", "POST /v1/ps")
+    data = svc.ps()
+    return 200, ps_table(data), data
+
+
+def hw(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     d = Hardware(svc.cfg).describe()
     text = "\n".join(f"{k}: {v}" if not isinstance(v, (list, dict)) else
                      f"{k}:\n" + "\n".join(f"  {x}" if isinstance(v, list) else f"  {x}: {v[x]}"
@@ -226,7 +230,7 @@ def hw(svc: Service, body: dict[str, Any]) -> Result:
     return 200, text + "\n", d
 
 
-def status(svc: Service, body: dict[str, Any]) -> Result:
+def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     st = svc.pool.status()
     counts = [f"{st.free} free", f"{st.allocated} allocated"]
     counts += [f"{n} {what}" for n, what in ((st.starting, "starting"),
@@ -241,17 +245,23 @@ def status(svc: Service, body: dict[str, Any]) -> Result:
                        "repairs": svc.repairs}
 
 
-def images(svc: Service, body: dict[str, Any]) -> Result:
-    """The published images a node may fetch (the disk server loads kernels and appliances)."""
+def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """The published images a node may fetch (the disk server loads kernels and appliances):
+    regular files only, never a link."""
     files = sorted(p for p in svc.cfg.images.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
-    data = [{"image": p.name, "size": p.stat().st_size} for p in files]
+                   if not p.name.startswith(".") and p.suffix != ".json"
+                   and stat.S_ISREG(p.lstat().st_mode))
+    data = [{"image": p.name, "size": p.lstat().st_size} for p in files]
     return 200, "".join(f"{d['image']} {d['size']}\n" for d in data), data
 
 
-def image(svc: Service, body: dict[str, Any], name: str) -> Result:
+def image(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
     p = svc.cfg.images / name
-    if name.startswith(".") or p.suffix == ".json" or not p.is_file():
+    try:
+        regular = stat.S_ISREG(p.lstat().st_mode)
+    except OSError:
+        regular = False
+    if name.startswith(".") or p.suffix == ".json" or not regular:
         raise NotFound(f"no image {name!r}", "GET /v1/images lists them")
     return 200, p, None
 
@@ -273,35 +283,23 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
 ]
 
 
-class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    # A unix socket whose backlog is full refuses at once (EAGAIN) rather than making the
-    # client wait as TCP does; socketserver's default of 5 lost khgets run 20 at a time.
-    request_queue_size = 128
+# -- servers -----------------------------------------------------------------------------------
+def handler_for(svc: Service) -> App:
+    return App(svc)
 
 
-class TCPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    allow_reuse_address = True
+def UnixServer(path: str | Path, app: App, limits: httpd.Limits | None = None
+               ) -> httpd.HttpServer:
+    """The API on a unix socket at ``path``: its peers' credentials say who is the operator.
+    Its own worker threads (httpd.OPERATOR_WORKERS), so TCP clients never hold it up."""
+    lim = limits or httpd.Limits(workers=httpd.OPERATOR_WORKERS)
+    return httpd.HttpServer(app, [httpd.bind_unix(path)], lim, name="api-unix")
 
 
-def handler_for(svc: Service) -> type[Handler]:
-    return type("BoundHandler", (Handler,), {"service": svc})
+def tcp_server(addr: str, port: int, app: App, limits: httpd.Limits | None = None
+               ) -> httpd.HttpServer:
+    return httpd.HttpServer(app, [httpd.bind_tcp(addr, port)], limits, name="api-tcp")
 
 
-def serve(server: socketserver.BaseServer) -> threading.Thread:
-    t = threading.Thread(target=server.serve_forever, daemon=True, name="api")
-    t.start()
-    return t
-
-
-def tcp_server(addr: str, port: int, handler: type[Handler]) -> TCPServer:
-    try:
-        return TCPServer((addr, port), type("TCPHandler", (handler,), {"by_tcp": True}))
-    except OSError as e:
-        if e.errno in (98,):
-            raise KhError(f"port {port} on {addr} is in use", "pick another with --port") from None
-        raise
-
-
+def serve(server: httpd.HttpServer) -> Any:
+    return server.start()

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any
 
 from kh.allocation import host_address
 from kh.cc.sshd import SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
-from kh.service import api, config, statedir
+from kh.service import api, config, httpd, statedir
 from kh.service.access import ServiceAccess
 from kh.service.config import ServiceConfig
 from kh.service.core import Service
@@ -41,27 +41,28 @@ def run(cfg: ServiceConfig) -> int:
     cfg.pidfile.write_text(f"{os.getpid()}\n")
     svc: Service | None = None
     sshd: SshServer | None = None
-    servers: list[Any] = []
-    served: list[Any] = []
+    servers: list[httpd.HttpServer] = []
     try:
         svc = Service(cfg)
         svc.start()  # the pool fills in the background; `kh service start` waits for it
-        handler = api.handler_for(svc)
-        servers.append(api.tcp_server("127.0.0.1", cfg.api_port, handler))
+        app = api.App(svc)
         public = str(host_address(PUBLIC).ip)
         svc.fabric.ensure_domain(PUBLIC)
-        servers.append(nsutil.run_in(cfg.fabric.netns,
-                                     lambda: api.tcp_server(public, cfg.api_port, handler)))
+        # 127.0.0.1 and the public domain's address (a socket made in the fabric's namespace
+        # stays there): one server, each listener with its own connection limits
+        tcp = [httpd.bind_tcp("127.0.0.1", cfg.api_port)]
+        tcp.append(nsutil.run_in(cfg.fabric.netns,
+                                 lambda: httpd.bind_tcp(public, cfg.api_port)))
+        servers.append(httpd.HttpServer(app, tcp, name="api-tcp"))
         sshd = SshServer(ServiceAccess(svc), host_key(cfg.host_key))
         sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
         sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
-        # The unix socket last: once it exists, khd answers on every listener.
-        cfg.socket.unlink(missing_ok=True)
-        servers.append(api.UnixServer(str(cfg.socket), handler))
-        os.chmod(cfg.socket, 0o660)
+        # The unix socket last: once it exists, khd answers on every listener. It lives in the
+        # operator's 0700 run directory, and each peer's uid is checked (SO_PEERCRED) too.
+        servers.append(api.UnixServer(cfg.socket, app))
+        os.chmod(cfg.socket, 0o600)
         for s in servers:
-            api.serve(s)
-            served.append(s)
+            s.start()
         log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric), ssh on port %d; "
                     "%d nodes", os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port,
                     cfg.ssh_port, cfg.nodes)
@@ -70,8 +71,7 @@ def run(cfg: ServiceConfig) -> int:
         if sshd is not None:
             sshd.close()
         for s in servers:
-            if s in served:
-                s.shutdown()
+            s.shutdown()
             s.server_close()
         cfg.socket.unlink(missing_ok=True)
         if svc is not None:
@@ -94,6 +94,48 @@ def listen_tcp(addr: str, port: int) -> socket.socket:
     return s
 
 
+# khd.log's size before it is rotated, and how many old logs are kept (khd.log.1 ...): a flood
+# of bad requests or a noisy node cannot fill the disk through it.
+LOG_BYTES = 4 * 1024 * 1024
+LOG_KEEP = 3
+LOG_FORMAT = "%(asctime)s khd[%(name)s]: %(message)s"
+
+
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """khd.log, rotated; khd's stdout and stderr (where `kh service start` started it, and
+    where a crash's traceback goes) follow the new file at each rotation."""
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.stream is not None:
+            for fd in (1, 2):
+                os.dup2(self.stream.fileno(), fd)
+
+
+def setup_logging(cfg: config.ServiceConfig, *, debug: bool = False) -> None:
+    """Log to stderr; when stderr is khd.log itself (as `kh service start` runs khd), through
+    a rotating handler instead: LOG_BYTES per file, LOG_KEEP old files, each 0600 (umask)."""
+    handler: logging.Handler
+    try:
+        err, path = os.fstat(2), os.stat(cfg.khd_log)
+        to_log = (err.st_dev, err.st_ino) == (path.st_dev, path.st_ino)
+    except OSError:
+        to_log = False
+    if to_log:
+        sys.stderr.flush()
+        handler = _RotatingLog(cfg.khd_log, maxBytes=LOG_BYTES, backupCount=LOG_KEEP)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler],
+                        force=True)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # waitress's own warnings are about load (queue depth, the connection limit): at a flood
+    # they would come once a request; khd's limits are documented instead
+    logging.getLogger("waitress").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="khd", description="kh's service (usually started by "
                                  "`kh service start`)")
@@ -101,18 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true")
     config.add_options(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s khd[%(name)s]: %(message)s", stream=sys.stderr)
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # Everything khd writes (database, host key, console logs that can hold boot keys, sockets,
+    # its own log) is the operator's alone: no other local user reads a principal's console or
+    # credentials.
+    os.umask(0o077)
     if not args.foreground:
         print("khd: use `kh service start` to run it in the background, or --foreground",
               file=sys.stderr)
         return 2
     cfg = config.from_options(args)
-    # Everything khd writes (database, host key, console logs that can hold boot keys, sockets)
-    # is the operator's alone: no other local user reads a principal's console or credentials.
-    os.umask(0o077)
+    setup_logging(cfg, debug=args.debug)
     try:
         return run(cfg)
     except KhError as e:

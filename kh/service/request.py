@@ -8,9 +8,12 @@ Numbers are JSON integers in a stated range; ids in paths are ASCII digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from email.message import Message
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from kh.admission import check_credential
@@ -33,19 +36,19 @@ class BadFraming(UsageError):
     """400 where the rest of the connection cannot be trusted (its body length is unknown)."""
 
 
-def content_length(headers: Message) -> int:
-    """The body's length, checked before it is read: one Content-Length of ASCII digits, at
-    most MAX_BODY; no Transfer-Encoding (a chunked body is refused, not skipped)."""
-    if headers.get("Transfer-Encoding") is not None:
+def content_length(value: str | None, transfer_encoding: str | None = None) -> int:
+    """The body's length, checked before it is read: one Content-Length of ASCII digits (a
+    repeated header arrives joined by commas, so it is refused too), at most MAX_BODY; no
+    Transfer-Encoding (a chunked body is refused, not skipped). khd's HTTP server
+    (kh.service.httpd) refuses these before the application sees them; this is the rule
+    written once, for the application's own check."""
+    if transfer_encoding is not None:
         raise BadFraming("Transfer-Encoding is not accepted", "send a Content-Length")
-    values = headers.get_all("Content-Length") or []
-    if not values:
+    if value is None or value == "":
         return 0
-    if len(set(values)) > 1:
-        raise BadFraming("conflicting Content-Length headers")
-    text = values[0].strip()
+    text = value.strip()
     if not re.fullmatch(r"[0-9]{1,19}", text, re.ASCII):
-        raise BadFraming(f"bad Content-Length {text[:40]!r}", "a number of bytes")
+        raise BadFraming(f"bad Content-Length {text[:40]!r}", "a number of bytes, given once")
     n = int(text)
     if n > MAX_BODY:
         raise TooLarge(f"request body of {n} bytes is too large", f"at most {MAX_BODY}")
@@ -156,12 +159,43 @@ _HOST = re.compile(r"(?:localhost|[0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]+
                    r"(?::[0-9]{1,5})?", re.ASCII)
 
 
-def check_host(headers: Message) -> None:
+def check_host(host: str | None) -> None:
     """Over TCP, the Host header (when given) must be an address, not a name: a web page on
-    the host cannot then drive khd through a name it rebinds to 127.0.0.1 (DNS rebinding)."""
-    values = headers.get_all("Host") or []
-    if len(values) > 1:
-        raise Misdirected("more than one Host header")
-    if values and not _HOST.fullmatch(values[0].strip()):
-        raise Misdirected(f"khd does not answer for host {values[0].strip()[:60]!r}",
+    the host cannot then drive khd through a name it rebinds to 127.0.0.1 (DNS rebinding).
+    Repeated Host headers arrive joined by a comma, which no address matches."""
+    if host is not None and not _HOST.fullmatch(host.strip()):
+        raise Misdirected(f"khd does not answer for host {host.strip()[:60]!r}",
                           "address khd by IP (127.0.0.1, or the fabric's address)")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the transport tells it (never as the request claims).
+
+    ``source``: ``unix:uid=N`` on khd's unix socket (the kernel's SO_PEERCRED), else the TCP
+    peer's address, with all of loopback (127.0.0.0/8, ::1) as the one source ``loopback``.
+    ``operator``: the peer is root (or khd's own uid) on the unix socket, which lives in the
+    operator's 0700 state directory: it may see and manage every principal."""
+
+    source: str
+    operator: bool
+
+
+_CALLER: ContextVar[Caller | None] = ContextVar("kh_caller", default=None)
+
+
+@contextlib.contextmanager
+def calling(caller: Caller) -> Iterator[None]:
+    """Run a request's work as ``caller``: the service's authentication reads it
+    (current_caller) to rate-limit failed credentials by source."""
+    token = _CALLER.set(caller)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+
+
+def current_caller() -> Caller | None:
+    """The caller of the API request this thread is serving; None outside one (e.g. the ssh
+    control channel's threads)."""
+    return _CALLER.get()

@@ -66,6 +66,7 @@ def refill(svc: Service) -> None:
 
 @contextmanager
 def serving(svc: Service, sock: Path) -> Iterator[Path]:
+    """khd's API on the unix socket ``sock`` (this test's own uid: the operator)."""
     sock.parent.mkdir(parents=True, exist_ok=True)
     server = api.UnixServer(str(sock), api.handler_for(svc))
     api.serve(server)
@@ -76,14 +77,33 @@ def serving(svc: Service, sock: Path) -> Iterator[Path]:
         server.server_close()
 
 
-def exchange(sock: Path, request: bytes, *, close_write: bool = True,
+@contextmanager
+def serving_tcp(svc: Service) -> Iterator[tuple[str, int]]:
+    """khd's API on 127.0.0.1 at a free port: every caller there is a principal."""
+    server = api.tcp_server("127.0.0.1", 0, api.handler_for(svc))
+    api.serve(server)
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+Address = Path | tuple[str, int]
+
+
+def exchange(sock: Address, request: bytes, *, close_write: bool = True,
              timeout: float = 20.0) -> tuple[int, bytes]:
-    """Send raw bytes, read the answer: (status, whole response); status 0 if khd said
-    nothing and closed. Without ``close_write`` the request stays open (no EOF), so an
-    answer proves khd did not wait for the body."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(sock))
+    """Send raw bytes to the unix socket ``sock`` (or a TCP address), read the answer:
+    (status, whole response); status 0 if khd said nothing and closed. Without
+    ``close_write`` the request stays open (no EOF), so an answer proves khd did not wait
+    for the body."""
+    if isinstance(sock, Path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(str(sock))
+    else:
+        s = socket.create_connection(sock, timeout=timeout)
     try:
         s.sendall(request)
         if close_write:
@@ -107,10 +127,17 @@ def exchange(sock: Path, request: bytes, *, close_write: bool = True,
     return int(data.split(b" ", 2)[1]), data
 
 
-def post(sock: Path, path: str, body: bytes, ctype: str = "application/json",
+def post(sock: Address, path: str, body: bytes, ctype: str = "application/json",
          extra: bytes = b"") -> tuple[int, bytes]:
-    return exchange(sock, f"POST {path} HTTP/1.1\r\nHost: khd\r\nContent-Type: {ctype}\r\n"
+    host = "khd" if isinstance(sock, Path) else "127.0.0.1"
+    return exchange(sock, f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\n".encode() + extra + b"\r\n" + body)
+
+
+def get(sock: Address, path: str, extra: bytes = b"") -> tuple[int, bytes]:
+    host = b"khd" if isinstance(sock, Path) else b"127.0.0.1"
+    return exchange(sock, f"GET {path} HTTP/1.1\r\n".encode() + b"Host: " + host + b"\r\n"
+                    + extra + b"\r\n")
 
 
 def text_of(response: bytes) -> str:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kh import admission
 from kh.service.request import MAX_BODY
-from tests.unit.fake_khd import exchange, make_service, post, serving, text_of
+from tests.unit.fake_khd import exchange, make_service, post, serving, serving_tcp, text_of
 
 
 def body(**kw: object) -> bytes:
@@ -35,6 +35,12 @@ def khd(svc):
     with serving(svc, svc.cfg.socket) as sock:
         assert post(sock, "/v1/allocations", body(user="alice", credential="s3cret"))[0] == 201
         yield sock
+
+
+@pytest.fixture(scope="module")
+def khd_tcp(svc, khd):
+    with serving_tcp(svc) as addr:
+        yield addr
 
 
 def one_line(resp: bytes) -> str:
@@ -198,7 +204,7 @@ header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> bytes:
+def requests(draw: st.DrawFn, host: str = "khd") -> bytes:
     method = draw(st.sampled_from(["GET", "POST", "POST", "POST", "PUT", "HEAD", "X"]))
     path = draw(st.sampled_from(PATHS) | st.text(
         st.characters(min_codepoint=33, max_codepoint=126), max_size=40).map(lambda t: "/" + t))
@@ -207,7 +213,7 @@ def requests(draw: st.DrawFn) -> bytes:
     payload = draw(bodies)
     length = draw(st.sampled_from([str(len(payload))] * 4 + ["-1", "x", "0", "70000", "",
                                                              str(len(payload) + 3)]))
-    headers = {"Host": "khd", "Content-Length": length,
+    headers = {"Host": host, "Content-Length": length,
                "Content-Type": draw(st.sampled_from(["application/json",
                                                      "application/json; charset=utf-8",
                                                      "text/plain", ""]) | header_values),
@@ -226,6 +232,16 @@ def requests(draw: st.DrawFn) -> bytes:
 @given(raw=requests())
 def test_fuzz_no_request_gets_a_5xx(khd, raw):
     status, resp = exchange(khd, raw)
+    assert status == 0 or 100 <= status < 500, (raw, resp)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(raw=requests(host="127.0.0.1"))
+def test_fuzz_over_tcp_no_request_gets_a_5xx(khd_tcp, raw):
+    """Over TCP every caller is a principal (no operator routes) and wrong credentials soon
+    meet the rate limit (429): still never a 5xx."""
+    status, resp = exchange(khd_tcp, raw)
     assert status == 0 or 100 <= status < 500, (raw, resp)
 
 

@@ -1,0 +1,154 @@
+"""Issue 10, "Also seen": 30 wrong credentials in a row all answered 403 with no slowdown.
+Refused credentials are now rate-limited per source and per principal (admission.Limiter),
+before the hash is computed; one source's flood locks no one out elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from kh import admission
+from kh.admission import Limiter, Rate, Throttled
+from kh.service.request import Caller, calling
+from tests.unit.fake_khd import make_service
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_source_gets_a_burst_then_one_failure_per_two_seconds():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    for _ in range(admission.PER_SOURCE.burst):
+        lim.check("alice", "10.1.0.5")
+        lim.failed("alice", "10.1.0.5")
+    with pytest.raises(Throttled) as e:
+        lim.check("bob", "10.1.0.5")  # per source: any principal
+    assert e.value.retry_after == 2
+    assert str(e.value) == "too many refused credentials from 10.1.0.5 (try again in 2 s)"
+    lim.check("bob", "10.1.0.6")  # another source is not concerned
+    clock.now += 2
+    lim.check("bob", "10.1.0.5")
+
+
+def test_one_source_alone_never_empties_a_principals_bucket():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    for _ in range(2000):  # a flood as fast as the limit lets it through, for over an hour
+        clock.now += 0.1
+        try:
+            lim.check("alice", "loopback")
+        except Throttled:
+            continue
+        lim.failed("alice", "loopback")
+        lim.check("alice", "10.1.0.7")  # alice from elsewhere is never refused meanwhile
+
+
+def test_many_sources_together_are_limited_per_principal():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    sources = [f"10.1.0.{i}" for i in range(1, 5)]
+    for _ in range(admission.PER_PRINCIPAL.burst // len(sources) + 1):
+        for s in sources:
+            try:
+                lim.check("alice", s)
+            except Throttled:
+                continue
+            lim.failed("alice", s)
+    with pytest.raises(Throttled, match="for principal alice"):
+        lim.check("alice", "10.1.0.99")
+    lim.check("bob", "10.1.0.99")
+
+
+def test_unknown_sources_are_limited_by_principal_only():
+    lim = Limiter(Rate(1, 0.01), Rate(3, 0.01), clock=Clock())
+    for _ in range(3):
+        lim.check("alice", None)
+        lim.failed("alice", None)
+    with pytest.raises(Throttled, match="for principal alice"):
+        lim.check("alice", None)
+    assert lim.buckets["source"] == {}
+
+
+def test_memory_is_bounded_and_refilled_buckets_are_forgotten():
+    clock = Clock()
+    lim = Limiter(max_tracked=8, clock=clock)
+    for i in range(100):
+        lim.failed(f"user{i}", f"10.1.{i}.1")
+        assert len(lim.buckets["source"]) <= 8 and len(lim.buckets["principal"]) <= 8
+    clock.now += 3600  # every bucket has refilled
+    lim.check("user99", "10.1.99.1")
+    assert "10.1.99.1" not in lim.buckets["source"] and "user99" not in lim.buckets["principal"]
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    s = make_service(tmp_path, monkeypatch, nodes=2)
+    s.store.add_principal("alice", *admission.hash_credential("s3cret"))
+    s.limiter = Limiter(clock=Clock())  # time stands still: however slow the hashes here
+    yield s
+    s.store.close()
+
+
+def count_hashes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = admission.hash_credential
+
+    def counting(credential, salt=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(credential, salt)
+
+    monkeypatch.setattr(admission, "hash_credential", counting)
+    return calls
+
+
+def test_the_service_refuses_a_throttled_check_without_hashing(svc, monkeypatch):
+    calls = count_hashes(monkeypatch)
+    answers = []
+    for _ in range(30):
+        try:
+            svc.authenticate("alice", "wrong", source="10.1.0.5")
+        except Throttled:
+            answers.append(429)
+        except admission.AuthError:
+            answers.append(403)
+    burst = admission.PER_SOURCE.burst
+    assert answers == [403] * burst + [429] * (30 - burst)
+    assert len(calls) == burst  # no scrypt for a refusal past the limit
+    svc.authenticate("alice", "s3cret", source="10.1.0.6")  # the right one, elsewhere
+
+
+def test_unknown_principal_and_wrong_credential_are_limited_alike(svc):
+    def answers(user: str, source: str) -> list[str]:
+        out = []
+        for _ in range(12):
+            try:
+                svc.authenticate(user, "wrong", source=source)
+            except admission.AuthError as e:
+                out.append(str(e).replace(user, "U").replace(source, "S"))
+        return out
+
+    assert answers("alice", "10.1.0.5") == answers("nobody", "10.1.0.6")
+
+
+def test_the_operator_is_not_limited_and_does_not_spend_others_budget(svc):
+    with calling(Caller("unix:uid=0", True)):
+        for _ in range(40):
+            with pytest.raises(admission.AuthError) as e:
+                svc.authenticate("alice", "wrong")
+            assert not isinstance(e.value, Throttled)
+    svc.authenticate("alice", "s3cret", source="10.1.0.6")
+
+
+def test_an_api_callers_source_is_the_default(svc):
+    with calling(Caller("10.1.0.8", False)):
+        for _ in range(admission.PER_SOURCE.burst):
+            with pytest.raises(admission.AuthError):
+                svc.authenticate("alice", "wrong")
+        with pytest.raises(Throttled, match=r"from 10\.1\.0\.8"):
+            svc.authenticate("alice", "s3cret")
+    svc.authenticate("alice", "s3cret")  # outside a request: no source, alice's bucket has room
