@@ -28,8 +28,8 @@ from kh.errors import KhError
 from kh.service.config import ServiceConfig
 
 MIB = 1 << 20
-# Another host as seen on loopback: the attackers' source address. A per-source limit of khd's
-# is meant to keep them apart from the principal the load runs beside (who uses 127.0.0.1).
+# The attackers' source: loopback, where any local user's program is, but not the 127.0.0.1 of
+# the principals they run beside (a khd may or may not tell the two apart).
 ATTACKER = "127.0.0.2"
 HALF_REQUEST = b"POST /v1/allocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 64\r\n"
 SSH_BANNER = b"SSH-2.0-kh_hostile_1.0\r\n"
@@ -293,10 +293,10 @@ class Listing1:
 
 
 def refusal(port: int, user: str, cred: str, source: str = "127.0.0.1",
-            path: str = "/v1/allocations") -> tuple[float, int]:
+            path: str = "/v1/allocations") -> tuple[float, int, float]:
     """One POST of ``path`` (a request that authenticates) over TCP with a wrong credential:
-    (seconds, HTTP status). Only a registered ``user`` for /v1/allocations: an unknown one
-    would be registered by it."""
+    (seconds, HTTP status or 0 for no answer, the Retry-After it asked for in seconds or 0).
+    Only a registered ``user`` for /v1/allocations: an unknown one would be registered."""
     t0 = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
     try:
@@ -304,9 +304,11 @@ def refusal(port: int, user: str, cred: str, source: str = "127.0.0.1",
                      {"Content-Type": "application/json", "Accept": "application/json"})
         resp = conn.getresponse()
         resp.read()
-        return time.monotonic() - t0, resp.status
+        after = resp.getheader("Retry-After") or ""
+        return (time.monotonic() - t0, resp.status,
+                float(after) if after.isdigit() else 0.0)
     except OSError:
-        return time.monotonic() - t0, 0  # 0: no answer (refused, reset, timed out)
+        return time.monotonic() - t0, 0, 0.0
     finally:
         conn.close()
 

@@ -1,13 +1,12 @@
 """Issue 10's stress test: hostile clients on 127.0.0.1 while another principal works.
 
 200 idle HTTP clients of khd's API (half send nothing, half the first lines of a request) and 50
-half-open ssh logins (half send nothing, half only a version banner), from 127.0.0.2 (another
-host as loopback sees it, so a per-source limit can tell them from B's 127.0.0.1), and one
-session of principal A that asks its node for megabytes of output and never reads, while
-principal B runs the paper's Listing 1 on 4 nodes with the apache appliance (each page fetched
-from the outside world). Listing 1 must complete, and khd's thread count and RSS must stay
-under the bounds below. The load is benchmarks/hostile_load.py's, which benchmarks/hostile.py
-measures.
+half-open ssh logins (half send nothing, half only a version banner), from 127.0.0.2 (loopback,
+where any local user's program is), and one session of principal A that asks its node for
+megabytes of output and never reads, while principal B runs the paper's Listing 1 on 4 nodes
+with the apache appliance (each page fetched from the outside world). Listing 1 must complete,
+and khd's thread count and RSS must stay under the bounds below. The load is
+benchmarks/hostile_load.py's, which benchmarks/hostile.py measures.
 """
 
 from __future__ import annotations
