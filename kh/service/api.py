@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kh import textobj
-from kh.admission import AuthError, Throttled
+from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NODE, AllocationError, Request
 from kh.errors import KhError, UsageError
 from kh.service import httpd
 from kh.service import request as rq
-from kh.service.core import Hardware, NotFound, Service
+from kh.service.core import NotFound, Service
+from kh.service.hardware import Hardware
 from kh.service.request import Caller
 
 log = logging.getLogger("kh.api")
@@ -222,6 +223,33 @@ def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, ps_table(data), data
 
 
+def ps_of(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """One principal's own allocations, nodes and domains, in ps's shape."""
+    data = svc.ps_of(rq.user(body), rq.credential(body))
+    return 200, ps_table(data), data
+
+
+def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    _operator(caller, "listing principals is the operator's")
+    data = svc.principals()
+    lines = [f"{'PRINCIPAL':<16} {'ALLOCS':>6} {'NODES':>5} {'DOMAINS':>7} {'KEYS':>4}  CREATED"]
+    lines += [f"{p['name']:<16} {p['allocations']:>6} {p['nodes']:>5} {p['domains']:>7} "
+              f"{p['keys']:>4}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p['created']))}"
+              for p in data]
+    return 200, "\n".join(lines) + "\n", data
+
+
+def principal_rm(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
+    _operator(caller, "removing a principal is the operator's")
+    gone = svc.remove_principal(check_user(name))
+    text = (f"principal {name} removed: released allocations "
+            f"{' '.join(map(str, gone.get('allocations', []))) or 'none'}, nodes "
+            f"{' '.join(map(str, gone.get('nodes', []))) or 'none'}, domains "
+            f"{' '.join(map(str, gone.get('domains', []))) or 'none'}, "
+            f"{gone.get('keys', 0)} keys\n")
+    return 200, text, gone
+
+
 def hw(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     d = Hardware(svc.cfg).describe()
     text = "\n".join(f"{k}: {v}" if not isinstance(v, (list, dict)) else
@@ -267,6 +295,7 @@ def image(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Resu
 
 
 ID = r"([^/]+)"  # an id in a path: checked by its handler (rq.path_id), so "abc" is a 400
+NAME = r"([^/]+?)"  # a principal's name in a path: checked by its handler (400 when bad)
 ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/allocations", allocate),
     ("POST", rf"/v1/allocations/{ID}/release", release),
@@ -276,6 +305,9 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/keys/list", key_list),
     ("POST", rf"/v1/keys/{ID}/remove", key_remove),
     ("GET", r"/v1/ps", ps),
+    ("POST", r"/v1/ps", ps_of),
+    ("GET", r"/v1/principals", principals),
+    ("POST", rf"/v1/principals/{NAME}/remove", principal_rm),
     ("GET", r"/v1/hw", hw),
     ("GET", r"/v1/status", status),
     ("GET", r"/v1/images", images),

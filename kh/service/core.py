@@ -2,6 +2,13 @@
 
 Every public method is one request of the API. Allocation holds one lock from the free-node
 check to the state change, so concurrent khget calls never share a node.
+
+khget, release, reset and a principal's removal reach the host (bridges, taps, QEMU, U-Boot)
+as well as the state. Each records its intent in one transaction, acts, then commits its
+outcome in one transaction; a khd killed in between leaves a mark that the next start acts on
+(kh.service.recovery): a khget is undone and its nodes scrapped, a release or a removal
+finished, a reset done again. So a crash leaves the old state or the new one, never half, and
+no principal's configuration survives into the pool.
 """
 
 from __future__ import annotations
@@ -9,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from kh.allocation import (
     AllocationError,
     Request,
     boot_keys,
+    check_node_quota,
     choose_nodes,
     host_address,
     node_address,
@@ -38,13 +45,16 @@ from kh.model import (
     NodeInfo,
     NodeState,
 )
+from kh.service import recovery, views
 from kh.service.config import ServiceConfig
+from kh.service.hardware import Hardware
 from kh.service.nodes import NodeManager
-from kh.service.pool import Pool, note, shortage, summarize
+from kh.service.pool import Pool, shortage
 from kh.service.request import current_caller
 from kh.store import Store
 
 log = logging.getLogger("kh.service")
+__all__ = ["Admitted", "Hardware", "NotFound", "Service"]
 
 
 class NotFound(KhError):
@@ -61,26 +71,6 @@ class Admitted:
     pending: tuple[bytes, bytes] | None
 
 
-@dataclass(frozen=True)
-class Hardware:
-    """`kh hw`: the documented node."""
-
-    cfg: ServiceConfig
-
-    def describe(self) -> dict[str, Any]:
-        return {"board": "QEMU ppce500 (Freescale MPC85xx e500 platform)",
-                "cpu": "1 x PowerPC e500v2 (32-bit Book E, SPE, no classic FPU: Linux emulates)",
-                "memory_mib": self.cfg.mem_mib,
-                "firmware": "U-Boot 2023.01 (Debian) + kh patches (mrw, environment)",
-                "console": "16550 UART, 115200 8N1: the node's control interface",
-                "interfaces": [f"eth{s}: virtio-net-pci, one per domain in khget's order"
-                               for s in range(NIC_SLOTS)],
-                "preloaded": {"kernel": "${loadaddr}=0x8000000 (Linux 6.1 uImage)",
-                              "ramdisk": f"${{ramfsaddr}}=0xa000000 ({self.cfg.appliance})"},
-                "boot": "run kboot (kernel arguments from ${khargs})",
-                "nodes": self.cfg.nodes}
-
-
 class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
@@ -88,19 +78,23 @@ class Service:
         self.fabric = Fabric(cfg.fabric)
         self.nodes = NodeManager(cfg, self.fabric)
         self.lock = threading.RLock()
+        self.idle = threading.Condition(self.lock)  # notified when a node's reset ends
+        self._resetting: set[int] = set()  # nodes being reset (under the lock)
         self.pool = Pool(cfg, self.store, self.nodes, self.lock)
         self.repairs: list[str] = []
         self.limiter = admission.Limiter()  # refused credentials, per source and principal
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Bring the fabric to what the state says, take over the nodes that kept running
-        (reporting what had to be repaired), and start filling the pool in the background."""
+        """Finish or undo what a khd that died left half-done, bring the fabric to what the
+        state says, take over the nodes that kept running (reporting what had to be
+        repaired), and start filling the pool in the background."""
         self.cfg.run.mkdir(parents=True, exist_ok=True)
         self.fabric.ensure()
-        self.sync_fabric()
         with self.lock:
-            self.repairs = self.pool.adopt()
+            self.repairs = recovery.recover(self.store, self.cfg) + self.pool.adopt()
+        self.sync_fabric()
+        self.repairs += recovery.resume_resets(self)
         for r in self.repairs:
             log.warning("repaired: %s", r)
         self.pool.start()
@@ -174,34 +168,62 @@ class Service:
 
     # -- khget -------------------------------------------------------------------------------
     def khget(self, req: Request, credential: str | None) -> AllocationInfo:
+        """Allocate: the chosen nodes are marked `configuring`, wired and configured, then
+        the principal (when new), its new domains, the allocation and its nodes are committed
+        in one transaction. A failure (or khd's death) before that commit scraps the nodes
+        (they may hold the principal's khargs) and the bridges: nothing of it is left."""
         req.check()
         with self.admitted(req.user, credential, register=True) as adm:
             owned = self.store.private_owners()
             # the lowest free id: ids of removed domains are given out again
             plan = plan_domains(req, owned, FIRST_PRIVATE, quota=self.cfg.domain_quota)
+            check_node_quota(req.user, self.store.held_nodes(req.user), req.count,
+                             self.cfg.node_quota)
             free = [r.number for r in self.store.nodes(NodeState.FREE)
                     if r.number in self.nodes.running]
             if req.count > len(free):
                 raise shortage(req.count, len(free), self.pool.status())
             chosen = choose_nodes(free, req.count)
-            with contextlib.ExitStack() as undo:
-                if adm.pending is not None:
-                    self.store.add_principal(req.user, *adm.pending)
-                    undo.callback(self.store.remove_principal, req.user)
+            self.store.nodes_configuring(chosen)
+            made: list[int] = []
+            try:
                 for d in plan.create:
-                    self.store.add_domain(d)
-                    undo.callback(self.store.remove_domain, d.netid)
+                    made.append(d.netid)
                     self.fabric.ensure_domain(d.netid)
-                    undo.callback(self.fabric.remove_domain, d.netid)
-                netids = tuple(d.netid for d in plan.order)
-                alloc = self.store.add_allocation(req.user, netids)
-                undo.callback(self.store.forget_allocation, alloc)
                 with ThreadPoolExecutor(max_workers=8) as ex:
                     list(ex.map(lambda n: self._configure(n, plan.order), chosen))
-                for n in chosen:
-                    self.store.node_allocated(n, alloc)
-                undo.pop_all()
+                alloc = self.store.commit_allocation(
+                    req.user, adm.pending, plan.create, tuple(d.netid for d in plan.order),
+                    chosen)
+            except BaseException:
+                self._scrap(chosen)
+                self._drop_bridges(made)
+                raise
             return self.info(alloc)
+
+    def _scrap(self, numbers: list[int]) -> None:
+        """Under the lock: nodes that may hold a principal's configuration leave the pool:
+        their QEMUs are stopped first, then their rows dropped (the pool starts fresh ones)."""
+        stopped = []
+        for n in numbers:
+            try:
+                self.nodes.stop(n)
+                stopped.append(n)
+            except Exception:  # its row stays as it is: the next khd start stops it
+                log.exception("node %d: cannot stop its QEMU", n)
+        if stopped:
+            self.store.drop_nodes(stopped)
+        self.pool.wake()
+
+    def _drop_bridges(self, netids: list[int]) -> None:
+        """Bridges of domains the state does not have (any more); one that stays is removed
+        by the next khd start (sync_fabric)."""
+        for netid in netids:
+            try:
+                self.fabric.remove_domain(netid)
+            except Exception as e:
+                log.warning("the bridge of domain %d stays until khd's next start: %s",
+                            netid, e)
 
     def _configure(self, number: int, domains: tuple[Domain, ...]) -> None:
         for slot in range(NIC_SLOTS):
@@ -234,37 +256,79 @@ class Service:
         if row.principal != user:
             raise admission.AuthError(f"allocation {alloc} belongs to another principal")
 
+    def _await_resets(self, numbers: list[int]) -> bool:
+        """Under the lock: True at once when no node of ``numbers`` is being reset; else wait,
+        giving the lock up meanwhile, until a reset ends, and answer False: what the caller
+        checked may have changed, so it checks again."""
+        if not self._resetting.intersection(numbers):
+            return True
+        self.idle.wait(30.0)
+        return False
+
     def release(self, alloc: int, user: str, credential: str | None,
                 nodes: list[int] | None = None) -> list[int]:
         """Give nodes back; their QEMUs are replaced by fresh ones (no principal data
-        survives into the pool). Domains stay until `kh domain rm`."""
+        survives into the pool). Domains stay until `kh domain rm`. The nodes are marked
+        `releasing`, their QEMUs stopped, then they leave the state with the allocation's
+        release in one transaction. A node being reset is waited for."""
         with self.admitted(user, credential):
-            self._own_allocation(alloc, user)
-            numbers = [r.number for r in self.store.nodes_of(alloc)]
-            if nodes:
-                stray = sorted(set(nodes) - set(numbers))
-                if stray:
-                    raise NotFound(f"node {stray[0]} is not in allocation {alloc}")
-                numbers = sorted(nodes)
-            for n in numbers:
-                self.nodes.stop(n)
-                self.store.delete_node(n)
-            if not self.store.nodes_of(alloc):
-                self.store.release_allocation(alloc)
-        self.pool.wake()
+            while True:
+                self._own_allocation(alloc, user)
+                numbers = [r.number for r in self.store.nodes_of(alloc)]
+                if nodes:
+                    stray = sorted(set(nodes) - set(numbers))
+                    if stray:
+                        raise NotFound(f"node {stray[0]} is not in allocation {alloc}")
+                    numbers = sorted(set(nodes))
+                if self._await_resets(numbers):
+                    break
+            self.store.nodes_releasing(numbers)
+            self._scrap(numbers)
         return numbers
 
     def reset(self, number: int, user: str, credential: str | None) -> None:
+        """Back to the U-Boot prompt with the allocation's khargs. The node is marked as being
+        reset under khd's lock; the reset runs outside it (a slow node stalls no one else),
+        and release waits for the mark to go: a per-node lock. A failed reset leaves the node
+        `failed` with the reason (AllocationError)."""
         with self.admitted(user, credential):
-            row = self.store.node(number)
-            if row is None or row.alloc is None:
-                raise NotFound(f"node {number} is not allocated")
-            self._own_allocation(row.alloc, user)
-            if number not in self.nodes.running:
+            while True:
+                row = self.store.node(number)
+                if row is None or row.alloc is None or row.state not in (
+                        NodeState.ALLOCATED, NodeState.FAILED):
+                    raise NotFound(f"node {number} is not allocated")
+                self._own_allocation(row.alloc, user)
+                if self._await_resets([number]):
+                    break
+            if row.state != NodeState.ALLOCATED or number not in self.nodes.running:
                 raise NotFound(f"node {number} is not running ({row.state.value})")
-            a = self.info(row.alloc)
-        self.nodes.reset(number)
-        self._configure(number, a.domains)
+            domains = self.info(row.alloc).domains
+            self._resetting.add(number)
+            self.store.node_resetting(number, True)
+        self._do_reset(number, domains)
+
+    def _do_reset(self, number: int, domains: tuple[Domain, ...]) -> None:
+        """The reset proper, for a node marked as being reset; clears the mark."""
+        try:
+            self.nodes.reset(number)
+            self._configure(number, domains)
+        except Exception as e:
+            why = e.message if isinstance(e, KhError) else f"{type(e).__name__}: {e}"
+            with self.lock:
+                row = self.store.node(number)
+                if row is not None and row.state == NodeState.ALLOCATED:
+                    # its U-Boot is in no known state: never handed out again
+                    self.nodes.stop(number)
+                    self.store.node_failed(number, f"reset failed: {why}")
+                self._resetting.discard(number)
+                self.idle.notify_all()
+            self.pool.wake()
+            raise AllocationError(f"node {number} did not come back from its reset: {why}",
+                                  "it is marked failed; release it and khget another") from e
+        with self.lock:
+            self.store.node_resetting(number, False)
+            self._resetting.discard(number)
+            self.idle.notify_all()
 
     def remove_domain(self, netid: int, user: str, credential: str | None) -> None:
         """Remove a private domain of the principal's, wholly or not at all: the state first
@@ -305,18 +369,41 @@ class Service:
         return [{"id": k[0], "allocation": k[2], "key": k[3][:40] + "...", "comment": k[4]}
                 for k in self.store.keys(user)]
 
+    # -- views and principals -------------------------------------------------------------------
     def ps(self) -> dict[str, Any]:
-        nodes = self.store.nodes()
-        now = time.time()
-        return {
-            "allocations": [{"id": a.id, "principal": a.principal, "netids": list(a.netids),
-                             "nodes": [n.number for n in nodes if n.alloc == a.id],
-                             "created": a.created} for a in self.store.allocations()],
-            "nodes": [{"node": n.number, "uid": n.uid, "state": n.state.value, "pid": n.pid,
-                       "allocation": n.alloc, "reason": n.reason, "attempts": n.attempts,
-                       "retry_at": n.retry_at, "note": note(n, now)} for n in nodes],
-            "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
-                        for d in self.store.domains()],
-            "pool": summarize(nodes, self.cfg.nodes).to_json(),
-            "repairs": self.repairs,
-        }
+        """The operator's view: every allocation, node (with its QEMU's PID) and domain."""
+        return views.operator(self.store, self.cfg, self.repairs)
+
+    def ps_of(self, user: str, credential: str | None) -> dict[str, Any]:
+        """A principal's view, in ps's shape: its own allocations, nodes and domains and the
+        shared domains, the pool's counts and its quotas; nothing of another principal's."""
+        self.authenticate(user, credential)
+        return views.principal(self.store, self.cfg, user)
+
+    def principals(self) -> list[dict[str, Any]]:
+        """The operator's list: name, created, live allocations, nodes, domains, keys."""
+        return self.store.principals()
+
+    def remove_principal(self, name: str) -> dict[str, Any]:
+        """The operator removes a principal: its allocations are released (nodes back to the
+        pool as fresh QEMUs), its private domains (bridges), keys and itself removed; marked
+        first, then every row in one transaction. Returns {"removed": name, "allocations":
+        [ids], "nodes": [numbers], "domains": [netids], "keys": count}; NotFound if none."""
+        admission.check_user(name)
+        with self.lock:
+            while True:
+                if self.store.principal(name) is None:
+                    raise NotFound(f"no principal {name}", "kh principal list shows them")
+                numbers = [n.number for a in self.store.allocations() if a.principal == name
+                           for n in self.store.nodes_of(a.id)]
+                if self._await_resets(numbers):
+                    break
+            self.store.principal_removing(name, numbers)
+            for n in numbers:
+                self.nodes.stop(n)
+            gone = self.store.forget_principal(name)
+        self._drop_bridges(gone["domains"])
+        self.pool.wake()
+        log.info("principal %s removed: %s", name, gone)
+        return {"removed": name, "allocations": gone["allocations"], "nodes": gone["nodes"],
+                "domains": gone["domains"], "keys": len(gone["keys"])}

@@ -190,7 +190,8 @@ def test_the_credential_hash_runs_outside_the_service_lock(khd, svc, monkeypatch
 # -- the fuzzer ---------------------------------------------------------------------------
 PATHS = ["/v1/allocations", "/v1/allocations/1/release", "/v1/nodes/1/reset",
          "/v1/domains/3/remove", "/v1/keys", "/v1/keys/list", "/v1/keys/1/remove", "/v1/ps",
-         "/v1/hw", "/v1/status", "/v1/images", "/v1/images/uImage"]
+         "/v1/hw", "/v1/status", "/v1/images", "/v1/images/uImage", "/v1/principals",
+         "/v1/principals/nobody/remove"]
 KEYS = ["user", "credential", "count", "p", "n", "i", "x", "nodes", "key", "allocation"]
 json_leaf = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
              | st.floats() | st.text(max_size=20)
