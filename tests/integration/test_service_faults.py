@@ -373,6 +373,15 @@ def test_khd_killed_mid_khget_leaves_no_half_allocation(kh_paths, tmp_path):
         # and the machine goes on: erin's first khget registers her now
         r = khget(cfg, "-c", credfile("ecred2"), "erin")
         assert r.returncode == 0, r.stderr
+        mine = json.loads(kh(cfg, "ps", "-u", "erin", "-c", credfile("ecred2"), "--json").stdout)
+        assert [n["node"] for n in mine["nodes"]] == [1] and mine["nodes"][0]["pid"] is None
+        listed = json.loads(kh(cfg, "principal", "list", "--json").stdout)
+        assert [(p["name"], p["nodes"]) for p in listed] == [("erin", 1)]
+        r = kh(cfg, "principal", "rm", "erin")
+        assert r.returncode == 0 and "principal erin removed" in r.stdout, r.stderr
+        assert ps(cfg)["allocations"] == [] and db_rows(cfg, "SELECT * FROM principals") == []
+        wait_for("node 1 back in the pool", lambda: [
+            n for n in ps(cfg)["nodes"] if n["state"] == "free"])
     finally:
         if qemu_pid and alive(qemu_pid):
             os.kill(qemu_pid, signal.SIGCONT)
