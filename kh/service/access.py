@@ -179,7 +179,9 @@ class ServiceAccess:
         return grant if self.standing([grant])[grant].reason is None else None
 
     def _authenticate(self, owner: str, password: str, source: str) -> None:
-        self.svc.authenticate(owner, password, register=False)
+        # The service's own check: refused credentials are rate-limited per source and per
+        # principal there, for ssh as for the API.
+        self.svc.authenticate(owner, password, register=False, source=source)
 
     def login_key(self, alloc: int, node: int | None, key: str) -> Grant | None:
         with self.svc.lock:

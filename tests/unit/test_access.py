@@ -49,9 +49,11 @@ class Svc:
         self.lock = threading.RLock()
         self.nodes = Nodes()
         self.cfg = Cfg()
+        self.asked: list[tuple[str, str | None]] = []
 
     def authenticate(self, user: str, credential: str | None, *, register: bool = False,
                      source: str | None = None) -> None:
+        self.asked.append((user, source))
         admission.verify(credential, self.store.principal(user), user)
 
 
@@ -77,7 +79,8 @@ def test_logins(svc):
     acc = ServiceAccess(svc)  # type: ignore[arg-type]
     assert acc.login_password(1, None, "apw", "127.0.0.1") == Grant("alice", 1, None, None)
     assert acc.login_password(1, 2, "apw", "127.0.0.1") == Grant("alice", 1, 2, None)
-    assert acc.login_password(1, None, "bpw", "127.0.0.1") is None  # another's credential
+    assert acc.login_password(1, None, "bpw", "10.1.0.5") is None  # another's credential
+    assert svc.asked[-1] == ("alice", "10.1.0.5")  # the service's check, rate limits and all
     assert acc.login_password(1, 3, "apw", "127.0.0.1") is None  # not a node of allocation 1
     assert acc.login_password(7, None, "apw", "127.0.0.1") is None  # no such allocation
     assert acc.login_password(1, None, "x" * 5000, "127.0.0.1") is None  # malformed
