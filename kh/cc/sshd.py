@@ -26,7 +26,8 @@ import paramiko
 from paramiko.packet import Packetizer
 
 from kh.cc.channel import Output
-from kh.cc.gate import Conn, Gate, Limits, Session, end_session
+from kh.cc.gate import Conn, Gate, Session, end_session
+from kh.cc.limits import Limits
 from kh.errors import KhError
 from kh.service.access import ChannelAccess, Grant, Ram, Reach, Revoked
 

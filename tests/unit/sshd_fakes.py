@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from kh.cc.channel import Hub
-from kh.cc.gate import Limits
+from kh.cc.limits import Limits
 from kh.cc.sshd import SshServer
 from kh.hw import memload
 from kh.service.access import Grant, Ram, Reach, Revoked, Standing

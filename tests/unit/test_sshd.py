@@ -11,7 +11,7 @@ import paramiko
 import pytest
 
 from kh.cc.client import ChannelClient, ChannelError
-from kh.cc.gate import Limits
+from kh.cc.limits import Limits
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, wait_until
 
 

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 import paramiko
 import pytest
 
-from kh.cc.gate import Limits
+from kh.cc.limits import Limits
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, tcp, wait_until
 
 
