@@ -1,14 +1,17 @@
 """One node's serial console: a unix socket QEMU listens on.
 
 A reader thread drains the socket all the time, so nothing the node prints is lost while kh is
-busy; everything read is kept in a buffer (for ``expect``), appended to a log file, and handed
-to whoever subscribed (an attached terminal).
+busy; everything read is appended to a log file (the node's history), its last ``history``
+bytes are kept in memory (for ``expect``), and it is handed to whoever subscribed (an attached
+terminal, a channel session). Nothing a subscriber does can hold the reader up: see
+``Console.subscribe``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import re
 import socket
 import struct
@@ -17,9 +20,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kh.errors import BootError, KhTimeout
 from kh.hw import unixsock
+from kh.hw.backlog import LIMIT as BACKLOG_LIMIT
+from kh.hw.backlog import Backlog
+
+HISTORY = 1 << 20  # bytes of output kept in memory per console; the log file has the rest
+
+
+def utc_stamp(t: float) -> str:
+    """``t`` (seconds since the epoch) as the logs write it: 2024-05-01T10:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 class ConsoleLog:
@@ -31,6 +44,10 @@ class ConsoleLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self.partial = b""
+        try:  # when the previous reader of this console last wrote, or stopped (see close)
+            self.last_read: float | None = path.stat().st_mtime
+        except FileNotFoundError:
+            self.last_read = None
         self.f = open(path, "ab")
 
     def write(self, data: bytes) -> None:
@@ -40,9 +57,8 @@ class ConsoleLog:
                 lines, self.partial = [self.partial], b""
             else:
                 return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
-        frac = b".%03dZ " % (int(time.time() * 1000) % 1000)
-        self.f.write(b"".join(stamp + frac + ln.rstrip(b"\r") + b"\n" for ln in lines))
+        stamp = utc_stamp(time.time()).encode() + b" "
+        self.f.write(b"".join(stamp + ln.rstrip(b"\r") + b"\n" for ln in lines))
         self.f.flush()
         if self.f.tell() > self.max_bytes:
             self._rotate()
@@ -56,23 +72,85 @@ class ConsoleLog:
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
         self.f = open(self.path, "ab")
 
+    def note(self, text: str) -> None:
+        """A line of kh's own (``[kh: text]``), stamped like the node's; a partial line of the
+        node's is ended first, so the note never splits one."""
+        if self.partial:
+            self.write(b"\n")
+        self.write(f"[kh: {text}]\n".encode())
+
+    def gap(self, why: str) -> None:
+        """Say in the log that the console went unread from the previous reader's last write
+        (or clean stop) until now, ``why`` (e.g. "khd was not running")."""
+        now = utc_stamp(time.time())
+        if self.last_read is None:
+            self.note(f"console not read until {now} ({why}); output before then may be lost")
+        else:
+            self.note(f"console not read from {utc_stamp(self.last_read)} to {now} ({why}); "
+                      "output in that time may be lost")
+
     def close(self) -> None:
         if self.partial:
             self.write(b"\n")
         self.f.close()
+        # The file's time says until when the console was read: a later reader's gap note
+        # starts there (after a crash it is the last line's time, all kh can know).
+        with contextlib.suppress(OSError):
+            os.utime(self.path)
+
+
+class ConsoleOverrun(BootError):
+    """Output asked for by offset is older than what a console keeps in memory."""
+
+
+class ConsoleMatch:
+    """What ``Console.expect`` found: like ``re.Match``, but at the console's absolute offsets
+    (those of ``Console.mark``), and with its groups copied, since the history it was found
+    in moves on."""
+
+    def __init__(self, m: re.Match[bytes], base: int) -> None:
+        count = m.re.groups + 1
+        self._spans = [(a + base, b + base) if a >= 0 else (-1, -1)
+                       for a, b in (m.span(i) for i in range(count))]
+        self._groups = [None if g is None else bytes(g) for g in m.groups()]
+        self._groups.insert(0, bytes(m.group(0)))
+        self._index: dict[str, int] = dict(m.re.groupindex)
+        self.lastgroup = m.lastgroup
+        self.lastindex = m.lastindex
+
+    def _i(self, group: int | str) -> int:
+        return self._index[group] if isinstance(group, str) else group
+
+    def group(self, group: int | str = 0) -> bytes | Any:
+        return self._groups[self._i(group)]
+
+    def start(self, group: int | str = 0) -> int:
+        return self._spans[self._i(group)][0]
+
+    def end(self, group: int | str = 0) -> int:
+        return self._spans[self._i(group)][1]
+
+    def span(self, group: int | str = 0) -> tuple[int, int]:
+        return self._spans[self._i(group)]
 
 
 class Console:
     def __init__(self, path: Path, log: Path | None = None, *, name: str = "node",
-                 closed_reason: Callable[[], str | None] | None = None) -> None:
+                 closed_reason: Callable[[], str | None] | None = None,
+                 history: int = HISTORY, gap: str | None = None) -> None:
         """``closed_reason`` says why the console closed (the node's QEMU exited, and what it
-        said), for the error that reports it; None when it cannot tell."""
+        said), for the error that reports it; None when it cannot tell. ``history``: bytes of
+        output kept in memory (for ``expect``/``text``). ``gap``: why nobody may have read the
+        console before this connect (e.g. "khd was not running"): the log then says so."""
         self.path = path
         self.name = name
         self.log_path = log
         self.closed_reason = closed_reason
+        self.history = history
+        self._gap = gap
         self._sock: socket.socket | None = None
-        self._buf = bytearray()
+        self._buf = bytearray()  # the last ``history`` bytes read
+        self._start = 0  # offset (counted from the first byte ever read) of _buf[0]
         self._pos = 0  # expect() consumed everything before this offset
         self._cond = threading.Condition()
         self._closed = False
@@ -92,6 +170,8 @@ class Console:
             raise KhTimeout(f"{self.name}: console socket {self.path} did not appear "
                             f"in {timeout:.0f} s") from None
         self._sock = s
+        if self._log and self._gap:
+            self._log.gap(self._gap)
         self._thread = threading.Thread(target=self._reader, name=f"console-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -112,6 +192,10 @@ class Console:
                 self._log.write(data)
             with self._cond:
                 self._buf += data
+                excess = len(self._buf) - self.history
+                if excess > 0:  # a bytearray drops its front without copying the rest
+                    del self._buf[:excess]
+                    self._start += excess
                 self._cond.notify_all()
             for sub in list(self._subscribers):
                 sub(data)
@@ -159,29 +243,76 @@ class Console:
             time.sleep(0.02)
         return not self.unsent()
 
-    def subscribe(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
-        self._subscribers.append(fn)
-        return lambda: self._subscribers.remove(fn)
+    def subscribe(self, fn: Callable[[bytes], None], *, direct: bool = False,
+                  backlog: int | None = None) -> Callable[[], None]:
+        """Hand everything read from now on to ``fn``; returns the function that stops it.
+
+        By default ``fn`` runs on a thread of its own behind a bounded backlog (``backlog``
+        bytes, default kh.hw.backlog.LIMIT): it may block as long as it likes (a client that
+        does not read), and when its backlog is full it loses output, with a note where the
+        bytes are missing; the log and other subscribers never wait for it. ``direct=True``
+        calls ``fn`` on the reader thread itself: only for a ``fn`` that never blocks (one
+        that queues into a backlog of its own, as a channel session does). Stopping a
+        backlogged ``fn`` gives it up to 1 s to take what waits."""
+        if direct:
+            self._subscribers.append(fn)
+            return lambda: self._unsubscribe(fn)
+        b = Backlog(fn, limit=backlog or BACKLOG_LIMIT, name=f"subscriber-{self.name}")
+
+        def put(data: bytes) -> None:
+            b.put(data, self.name)
+
+        self._subscribers.append(put)
+
+        def stop() -> None:
+            self._unsubscribe(put)
+            b.close(1.0)
+
+        return stop
+
+    def _unsubscribe(self, fn: Callable[[bytes], None]) -> None:
+        with contextlib.suppress(ValueError):  # stopping twice is no error
+            self._subscribers.remove(fn)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def mark(self) -> int:
-        """Offset of everything read so far; ``expect(start=mark)`` ignores older output."""
+        """Offset of everything read so far; ``expect(start=mark)`` ignores older output.
+        Offsets count every byte ever read, whether still in memory or not."""
         with self._cond:
-            return len(self._buf)
+            return self._start + len(self._buf)
 
-    def text(self, start: int = 0) -> bytes:
+    def oldest(self) -> int:
+        """Offset of the oldest byte still held in memory: ``text`` and ``expect`` see
+        nothing before it (the log file has it)."""
         with self._cond:
-            return bytes(self._buf[start:])
+            return self._floor()
+
+    def _floor(self) -> int:
+        # Once the history moved on, its first byte is kept only as context, so that a
+        # pattern's ``^`` or ``(?:^|\n)`` does not match mid-line at the cut.
+        return self._start + 1 if self._start else 0
+
+    def text(self, start: int | None = None) -> bytes:
+        """The output from offset ``start`` on (default: all that is held). Raises
+        ConsoleOverrun when ``start`` is older than ``oldest()``: a caller that fell that far
+        behind must not take what is left for all of it."""
+        with self._cond:
+            floor = self._floor()
+            if start is not None and start < floor:
+                raise ConsoleOverrun(
+                    f"{self.name}: console output from byte {start} on is no longer held in "
+                    f"memory (only the last {self.history} bytes are)", self.log_hint())
+            return bytes(self._buf[(floor if start is None else start) - self._start:])
 
     def wait_past(self, offset: int, timeout: float | None) -> bool:
         """Wait until more than ``offset`` bytes have been read, the console closed or
         ``timeout`` seconds (None: no limit) passed; True if there is more to read."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self._buf) <= offset and not self._closed:
+            while self._start + len(self._buf) <= offset and not self._closed:
                 if deadline is None:
                     self._cond.wait()
                     continue
@@ -189,7 +320,7 @@ class Console:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return len(self._buf) > offset
+            return self._start + len(self._buf) > offset
 
     def log_hint(self) -> str:
         return f"console log: {self.log_path}" if self.log_path else "run with --debug"
@@ -206,8 +337,9 @@ class Console:
         return "\n".join(text.splitlines()[-lines:])
 
     def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float | None, *, stage: str,
-               start: int | None = None) -> re.Match[bytes]:
-        """Wait until ``pattern`` appears after ``start`` (default: the last match).
+               start: int | None = None) -> ConsoleMatch:
+        """Wait until ``pattern`` appears after offset ``start`` (default: the last match's
+        end; output older than ``oldest()`` is no longer searched).
 
         ``timeout`` in seconds; None waits as long as the console is open. Raises KhTimeout, or
         BootError when the console closes first.
@@ -217,10 +349,11 @@ class Console:
         with self._cond:
             pos = self._pos if start is None else start
             while True:
-                m = rx.search(self._buf, pos)
+                m = rx.search(self._buf, max(pos, self._floor()) - self._start)
                 if m:
-                    self._pos = m.end()
-                    return m
+                    found = ConsoleMatch(m, self._start)
+                    self._pos = found.end()
+                    return found
                 if self._closed:
                     break
                 if deadline is None:

@@ -178,10 +178,12 @@ class NodeManager:
                         "cgroup with %s", ", ".join(cgroup.V1_CONTROLLERS))
 
     def _attach_console(self, number: int, timeout: float = 10.0,
-                        alive: Callable[[], bool] = lambda: True) -> tuple[Console, Mux]:
+                        alive: Callable[[], bool] = lambda: True,
+                        gap: str | None = None) -> tuple[Console, Mux]:
         spec = node_spec(self.cfg, number)
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
-        con = Console(spec.console, self.cfg.console_log(number), name=f"node{number}")
+        con = Console(spec.console, self.cfg.console_log(number), name=f"node{number}",
+                      gap=gap)
         try:
             con.connect(timeout, alive=alive)
             mux = Mux(con, self.cfg.node_dir(number) / "console.sock")
@@ -325,7 +327,8 @@ class NodeManager:
         ident = recorded(self.cfg, number, pid)
         if ident is None:
             return None
-        con, mux = self._attach_console(number, timeout=5)
+        # The node ran on while no khd read its console: its log says so (issue 10).
+        con, mux = self._attach_console(number, timeout=5, gap="khd was not running")
         node = RunningNode(number, ident, con, mux, None,
                            cgroup.of_pid(pid, self.cfg.prefix, number))
         self.running[number] = node
