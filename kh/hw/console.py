@@ -89,14 +89,16 @@ class ConsoleLog:
             self.note(f"console not read from {utc_stamp(self.last_read)} to {now} ({why}); "
                       "output in that time may be lost")
 
-    def close(self) -> None:
+    def close(self, read: bool = True) -> None:
+        """``read``: the console was read until now (not so for one that never connected)."""
         if self.partial:
             self.write(b"\n")
         self.f.close()
         # The file's time says until when the console was read: a later reader's gap note
         # starts there (after a crash it is the last line's time, all kh can know).
-        with contextlib.suppress(OSError):
-            os.utime(self.path)
+        if read:
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
 
 
 class ConsoleOverrun(BootError):
@@ -208,7 +210,7 @@ class Console:
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self._log:
-            self._log.close()
+            self._log.close(read=self._thread is not None)
             self._log = None
 
     def __enter__(self) -> Console:

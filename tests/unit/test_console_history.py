@@ -14,7 +14,7 @@ import pytest
 
 from kh.errors import KhTimeout
 from kh.hw import uboot
-from kh.hw.console import ConsoleLog, ConsoleOverrun
+from kh.hw.console import Console, ConsoleLog, ConsoleOverrun
 from kh.logview import follow
 from tests.unit.fakenode import FakeNode, pattern, wait_for
 
@@ -126,6 +126,17 @@ def test_no_gap_note_on_a_plain_start_and_close_marks_the_time(node, tmp_path):
     con.close()
     assert log.read_bytes() == b""
     assert log.stat().st_mtime > time.time() - 3600  # until when this reader read
+
+
+def test_a_console_that_never_connected_does_not_claim_it_read(tmp_path):
+    log = tmp_path / "node1.log"
+    log.write_bytes(b"")
+    os.utime(log, (1.0, 1.0))
+    con = Console(tmp_path / "nobody-listens.sock", log, name="node1", gap="khd was not running")
+    with pytest.raises(KhTimeout):
+        con.connect(0.05)
+    con.close()
+    assert log.stat().st_mtime == 1.0 and log.read_bytes() == b""
 
 
 def test_gap_without_an_earlier_log(node, tmp_path):
