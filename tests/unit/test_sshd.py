@@ -100,6 +100,9 @@ def test_a_release_is_seen_at_channel_open_before_the_watcher():
         c = connect(srv.port, "con1", "apw")
         try:
             ch = open_raw(c)
+            # The session checks its grant as it starts, after the exec reply, and then
+            # subscribes to the console: the release below must come after that check.
+            wait_until(lambda: access.consoles[1].subs)
             access.allocs[1].released = True
             assert new_channel_refused(c)
             assert not ch.closed  # only the watcher ends what is open
