@@ -82,14 +82,8 @@ def run(cfg: ServiceConfig) -> int:
 
 
 def listen_tcp(addr: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((addr, port))
-    except OSError as e:
-        s.close()
-        raise KhError(f"cannot listen on {addr}:{port}: {e.strerror}",
-                      "pick another port with --ssh-port") from None
+    """The control channel's listening socket (KhError when the port is taken)."""
+    s = httpd.bind_tcp(addr, port, "--ssh-port")
     s.listen(64)
     return s
 

@@ -365,8 +365,9 @@ def _name(s: socket.socket) -> Any:
         return None
 
 
-def bind_tcp(addr: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``addr``:``port`` (port 0: any free one), not yet listening."""
+def bind_tcp(addr: str, port: int, option: str = "--port") -> socket.socket:
+    """A TCP socket bound to ``addr``:``port`` (port 0: any free one), not yet listening;
+    a port in use is a KhError naming ``option``, the setting that picks another."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -374,9 +375,10 @@ def bind_tcp(addr: str, port: int) -> socket.socket:
     except OSError as e:
         s.close()
         if e.errno == errno.EADDRINUSE:
-            raise KhError(f"port {port} on {addr} is in use", "pick another with --port"
+            raise KhError(f"port {port} on {addr} is in use", f"pick another with {option}"
                           ) from None
-        raise KhError(f"cannot listen on {addr}:{port}: {e.strerror}") from None
+        raise KhError(f"cannot listen on {addr}:{port}: {e.strerror}",
+                      f"pick another port with {option}") from None
     return s
 
 

@@ -7,6 +7,7 @@ test fails, so a red CI run carries every node's console log.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import NetNS, netns
@@ -91,26 +93,36 @@ def outside() -> Iterator[str]:
     netns.remove(name)
 
 
-@pytest.fixture(scope="module")
-def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
-        outside: str) -> Iterator[ServiceConfig]:
+@contextlib.contextmanager
+def running_khd(request: pytest.FixtureRequest, state: Path, kh_paths, *, keep_as: str,
+                **settings: Any) -> Iterator[ServiceConfig]:
+    """A khd of the test's own (free ports, ``settings`` on top), cleaned away afterwards; if a
+    test failed meanwhile, its khd.log and every node's console log are kept under
+    tests/artifacts/``keep_as``."""
     if os.geteuid() != 0:
         pytest.fail("the service tests need root (network namespaces, bridges, taps)")
-    cfg = ServiceConfig(state_dir=tmp_path_factory.mktemp("khd") / "state", images=kh_paths.out,
-                        nodes=NODES, api_port=free_port(), ssh_port=free_port(),
-                        prefix=f"kt{os.getpid() % 10000}",
-                        uplink_netns=outside)
+    cfg = ServiceConfig(state_dir=state, images=kh_paths.out, api_port=free_port(),
+                        ssh_port=free_port(), **settings)
     failed_before = request.session.testsfailed
     try:
         control.start(cfg)
         yield cfg
     finally:
         if request.session.testsfailed > failed_before and cfg.logs.exists():
-            keep = ARTIFACTS / "khd-logs"
+            keep = ARTIFACTS / keep_as
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(cfg.logs, keep)
             print(f"\nkhd and node console logs kept in {keep}")
         control.clean(cfg)
+
+
+@pytest.fixture(scope="module")
+def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
+        outside: str) -> Iterator[ServiceConfig]:
+    with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
+                     keep_as="khd-logs", nodes=NODES, prefix=f"kt{os.getpid() % 10000}",
+                     uplink_netns=outside) as cfg:
+        yield cfg
 
 
 def env(cfg: ServiceConfig) -> dict[str, str]:

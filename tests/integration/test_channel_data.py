@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +18,11 @@ import pytest
 from kh.service import control
 from kh.service.config import ServiceConfig
 from tests.integration.conftest import (
-    ARTIFACTS,
     allocate,
     credfile,
-    free_port,
     kh,
     release,
+    running_khd,
     wait_free,
 )
 
@@ -37,22 +35,10 @@ MD_LINES = 0x18000  # `md.l 0 60000`: 96 Ki lines of about 67 bytes, 6.5 MB of o
 @pytest.fixture(scope="module")
 def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
         kh_paths) -> Iterator[ServiceConfig]:  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0:
-        pytest.fail("the service tests need root (network namespaces, bridges, taps)")
     prefix = os.environ.get("KH_TEST_PREFIX") or f"kd{os.getpid() % 10000}"
-    cfg = ServiceConfig(state_dir=tmp_path_factory.mktemp("khd") / "state", images=kh_paths.out,
-                        nodes=2, api_port=free_port(), ssh_port=free_port(), prefix=prefix)
-    failed_before = request.session.testsfailed
-    try:
-        control.start(cfg)
+    with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
+                     keep_as="khd-logs-channel-data", nodes=2, prefix=prefix) as cfg:
         yield cfg
-    finally:
-        if request.session.testsfailed > failed_before and cfg.logs.exists():
-            keep = ARTIFACTS / "khd-logs-channel-data"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(cfg.logs, keep)
-            print(f"\nkhd and node console logs kept in {keep}")
-        control.clean(cfg)
 
 
 class Session:
