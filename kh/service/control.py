@@ -147,7 +147,9 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
           given: set[str] | None = None) -> Started:
     """Start khd in the background; with ``wait``, until its pool has settled (every node at
     the U-Boot prompt or failed for good). Raises PoolFailed when no node could start. Any
-    failure (a signal's Stopped too) stops khd and removes what it made (its logs stay).
+    failure (a signal's Stopped too) stops khd and removes what it made (its logs stay): into a
+    state directory that held a state already (principals, allocations, nodes that kept
+    running since `kh service stop`) a failed start made none of that, so it stops only khd.
 
     When khd runs already, ``given`` names the settings the caller asked for: any that differ
     from the running khd's are refused (KhError), the rest is Started(already=True)."""
@@ -159,7 +161,10 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
         if differs:
             raise KhError(differs, "kh service stop first")
         return Started(existing, None, already=True)
-    argv = [sys.executable, "-m", "kh.service.daemon", "--foreground", *config.to_argv(cfg)]
+    # -I: root's khd imports nothing from the directory it was started in (`python -m` would
+    # put it first on sys.path: a stray http.py there ran as root) nor from PYTHON* variables.
+    argv = [sys.executable, "-I", "-m", "kh.service.daemon", "--foreground",
+            *config.to_argv(cfg)]
     if debug:
         argv.append("--debug")
     log_start = 0
@@ -188,6 +193,7 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
                 raise exited() from None
             return None
 
+    had_state = cfg.db.exists()
     try:
         statedir.prepare(cfg)
         log_start = cfg.khd_log.stat().st_size if cfg.khd_log.exists() else 0
@@ -214,11 +220,15 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
                     progress(status)
         if status.dead:
             first = status.failures[0]
+            left = ("its state and the nodes it had kept" if had_state
+                    else "nothing of it left running")
             raise PoolFailed(f"no node of the pool could start: node {first.node}: "
-                             f"{first.reason}", f"khd stopped, nothing of it left running; "
-                             f"logs in {cfg.logs}")
+                             f"{first.reason}", f"khd stopped, {left}; logs in {cfg.logs}")
     except BaseException:
-        clean(cfg, keep_logs=True)
+        if had_state:
+            stop(cfg)
+        else:
+            clean(cfg, keep_logs=True)
         raise
     return Started(p.pid, status)
 

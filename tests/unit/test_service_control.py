@@ -264,3 +264,57 @@ def test_clean_removes_a_state_dir_kh_made_whole(env):
     assert cfg.khd_log.exists() and not cfg.run.exists()
     assert control.clean(cfg)[-1] == f"removed {cfg.state_dir}"
     assert not cfg.state_dir.exists()
+
+
+# --- a failed start removes only what it made -------------------------------------------
+
+@pytest.fixture
+def failing_khd(env: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """start() whose khd exits at once with a one-line error, as a khd whose port is taken
+    does; returns the config and the calls made to stop() and clean()."""
+    monkeypatch.setattr(preflight, "check", lambda cfg: None)
+    calls: list[str] = []
+    monkeypatch.setattr(control, "stop", lambda cfg, *a, **k: calls.append("stop") or [])
+    monkeypatch.setattr(control, "clean", lambda cfg, **k: calls.append("clean") or [])
+    started: list[list[str]] = []
+
+    def daemon(argv, log_file, **kw):  # type: ignore[no-untyped-def]
+        started.append([str(a) for a in argv])
+        return subprocess.Popen([sys.executable, "-c", "print('khd: port 7480 on 127.0.0.1 "
+                                 "is in use (pick another with --port)'); raise SystemExit(2)"],
+                                stdout=log_file, stderr=log_file)
+
+    monkeypatch.setattr(control.proc, "daemon", daemon)
+    return config.from_env(images=env), calls, started
+
+
+def test_a_failed_start_into_an_existing_state_keeps_it(failing_khd):
+    # Seen: after `kh service stop`, a start that failed (port taken) removed kh.db and run/:
+    # every principal, allocation and domain was gone, and another principal took a name.
+    cfg, calls, _ = failing_khd
+    cfg.state_dir.mkdir(parents=True)
+    cfg.db.write_bytes(b"the principals and allocations of a khd that ran before")
+    with pytest.raises(KhError, match=r"port 7480 on 127\.0\.0\.1 is in use"):
+        control.start(cfg)
+    assert calls == ["stop"]
+    assert cfg.db.read_bytes() == b"the principals and allocations of a khd that ran before"
+
+
+def test_a_failed_first_start_removes_what_it_made(failing_khd):
+    cfg, calls, _ = failing_khd
+    with pytest.raises(KhError, match="in use"):
+        control.start(cfg)
+    assert calls == ["clean"]
+
+
+def test_khd_imports_nothing_from_the_directory_it_was_started_in(failing_khd):
+    # Seen: an http.py in the caller's directory was imported by root's khd (python -m puts
+    # the directory first on sys.path).
+    cfg, _, started = failing_khd
+    with pytest.raises(KhError):
+        control.start(cfg)
+    argv = started[0]
+    assert argv[1] == "-I" and argv[2:4] == ["-m", "kh.service.daemon"]
+    isolated = subprocess.run([argv[0], "-I", "-c", "import sys; print(sys.path)"],
+                              capture_output=True, text=True, cwd=cfg.state_dir.parent)
+    assert "''" not in isolated.stdout and str(cfg.state_dir.parent) not in isolated.stdout
