@@ -66,8 +66,10 @@ def is_kh_file(cfg: ServiceConfig, p: Path) -> bool:
             re.fullmatch(r"node[0-9]+", p.name) is not None and p.is_dir()
             and not p.is_symlink())
     if p.parent == cfg.logs:
-        # khd.log.1 ... are khd.log's rotated parts (kh.service.daemon)
-        return re.fullmatch(r"khd\.log(\.[0-9]+)?|node[0-9]+(\.qemu)?\.log", p.name) is not None
+        # khd.log.1 ... and node<N>.log.1 ... are the logs' rotated parts (kh.service.daemon,
+        # kh.hw.console.ConsoleLog)
+        return re.fullmatch(r"(khd|node[0-9]+)\.log(\.[0-9]+)?|node[0-9]+\.qemu\.log",
+                            p.name) is not None
     return False
 
 

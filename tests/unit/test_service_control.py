@@ -229,8 +229,9 @@ def test_clean_removes_kh_files_only_and_says_what_it_kept(env):
     d.mkdir()
     (d / "notes.txt").write_text("mine\n")  # the state dir was there before kh
     statedir.prepare(cfg)
+    rotated = [cfg.logs / "khd.log.1", cfg.logs / "node2.log.1", cfg.logs / "node2.log.2"]
     for p in (cfg.db, cfg.host_key, cfg.khd_log, cfg.console_log(2), cfg.qemu_log(2),
-              cfg.pidfile, cfg.node_dir(2) / "qmp.sock"):
+              cfg.pidfile, cfg.node_dir(2) / "qmp.sock", *rotated):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("kh's\n")
     (cfg.logs / "my-app.log").write_text("precious\n")
