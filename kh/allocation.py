@@ -84,8 +84,9 @@ def plan_domains(req: Request, owned: dict[int, str], next_netid: int = FIRST_PR
             wanted_new = 1
     if quota is not None and len(mine) + wanted_new > quota:
         raise AllocationError(
-            f"principal {req.user} holds {len(mine)} private domains and asks for "
-            f"{wanted_new} more: over its private-domain quota of {quota}",
+            f"principal {req.user} holds {len(mine)} private "
+            f"domain{'' if len(mine) == 1 else 's'} and asks for {wanted_new} more: over its "
+            f"private-domain quota of {quota}",
             "remove one with `kh domain rm`, or ask the operator to raise --domain-quota")
     for _ in range(wanted_new):
         while netid in owned or netid < FIRST_PRIVATE:

@@ -28,11 +28,13 @@ from paramiko.packet import Packetizer
 from kh.cc.channel import Output
 from kh.cc.gate import Conn, Gate, Session, end_session
 from kh.cc.limits import Limits
-from kh.errors import KhError
+from kh.errors import KhError, UsageError
 from kh.service.access import ChannelAccess, Grant, Ram, Reach, Revoked
 
 log = logging.getLogger("kh.sshd")
 USER_RE = re.compile(r"con([0-9]{1,9})(?:\.([0-9]{1,9}))?", re.ASCII)
+# `load ADDR`: ASCII hex only (int() would also take "-1", "0x_1" and other scripts' digits)
+ADDR_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}", re.ASCII)
 QUIET = 1.0  # after the client's EOF, wait for this much silence before closing
 MAX_DRAIN = 30.0
 PIECE = 1 << 20  # bytes of a load written to the nodes at a time: its memory in khd
@@ -141,7 +143,7 @@ class _Iface(paramiko.ServerInterface):
         return self._start(channel, "")
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
-        return self._start(channel, command.decode("utf-8", "replace").strip())
+        return self._start(channel, command.decode("utf-8", "replace").strip(" \t\r\n"))
 
     def _start(self, channel: paramiko.Channel, command: str) -> bool:
         s = self.server.gate.start_session(self.conn, channel)
@@ -197,7 +199,7 @@ class SshServer:
         try:
             reach = self.access.reach(grant)
             s.nodes = frozenset(reach.members)
-            words = command.split()
+            words = re.split(r"[ \t]+", command)  # ASCII blanks only, as ADDR_RE's digits
             if command in ("", "raw"):
                 status = self._broadcast(chan, grant, reach, tagged=False)
             elif command == "tagged":
@@ -261,10 +263,10 @@ class SshServer:
               addr_text: str) -> int:
         """``load ADDR``: the stream goes to every node's memory piece by piece as it arrives
         (at most PIECE bytes held), then one line per node with the size and CRC-32."""
-        try:
-            addr = int(addr_text, 16)
-        except ValueError:
-            chan.sendall_stderr(b"kh: load takes a hex address, e.g. load 0x8000000\n")
+        addr = parse_addr(addr_text)
+        if addr is None:
+            chan.sendall_stderr(f"kh: load takes a hex address, e.g. load 0x8000000, not "
+                                f"{addr_text[:40]!r}\n".encode("utf-8", "backslashreplace"))
             return 2
         limit = self.access.mem_limit()
         if not 0 <= addr < limit:
@@ -335,6 +337,12 @@ class SshServer:
         return size, crc & 0xFFFFFFFF
 
 
+def parse_addr(text: str) -> int | None:
+    """A channel command's address: 1 to 16 ASCII hex digits, optionally after 0x; None for
+    anything else (a sign, an underscore, another script's digits)."""
+    return int(text, 16) if ADDR_RE.fullmatch(text) else None
+
+
 def host_key(path: Path) -> paramiko.PKey:
     """khd's ssh host key, made on first start and kept in the state directory."""
     if path.exists():
@@ -347,12 +355,34 @@ def host_key(path: Path) -> paramiko.PKey:
 
 
 def parse_public_key(text: str) -> tuple[str, str]:
-    """An OpenSSH public key line → (normalised "type base64", comment)."""
-    parts = text.strip().split()
-    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-")):
-        raise KhError("not an OpenSSH public key", "pass the .pub file's line")
+    """An OpenSSH public key line (``type base64 [comment]``, one line of printable ASCII) →
+    (normalised "type base64", comment). The base64 is strict, its blob names the same type
+    (its first SSH string) and paramiko loads it as a key of that type.
+
+    Raises UsageError (the caller's input: HTTP 400) for anything else."""
+    hint = "pass the .pub file's one line, e.g. ssh-ed25519 AAAA... me@host"
+    line = text.strip()
+    if not line.isascii() or not line.isprintable():
+        raise UsageError("not an OpenSSH public key (not one line of printable ASCII)", hint)
+    parts = line.split()
+    if len(parts) < 2:
+        raise UsageError("not an OpenSSH public key (no type and key)", hint)
+    kind, b64 = parts[0], parts[1]
     try:
-        base64.b64decode(parts[1], validate=True)
+        blob = base64.b64decode(b64, validate=True)
     except ValueError:
-        raise KhError("not an OpenSSH public key (bad base64)") from None
-    return f"{parts[0]} {parts[1]}", " ".join(parts[2:])
+        raise UsageError("not an OpenSSH public key (bad base64)", hint) from None
+    n = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if n < 0 or blob[4:4 + n] != kind.encode():
+        raise UsageError(f"not an OpenSSH public key (its data is not a {kind[:40]!r} key)",
+                         hint)
+    try:
+        key = paramiko.PKey.from_type_string(kind, blob)
+        loaded = key.get_name() == kind and key.asbytes() == blob
+    except Exception:  # paramiko's parsers raise many kinds on malformed key material
+        loaded = False
+    if not loaded:  # unknown type, a certificate, or key material cut short or with a tail
+        raise UsageError(f"not an OpenSSH public key (not a {kind[:40]!r} key kh can use)",
+                         "ssh-ed25519, ssh-rsa or ecdsa-sha2-nistp256/384/521")
+    # as the server names a key at login (its canonical base64), so that the two compare equal
+    return f"{kind} {base64.b64encode(blob).decode()}", " ".join(parts[2:])

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
-from kh.allocation import MAX_NODE, AllocationError, Request
+from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request
 from kh.errors import KhError, UsageError
 from kh.service import httpd
 from kh.service import request as rq
@@ -146,10 +146,10 @@ def _operator(caller: Caller, what: str, hint: str | None = None) -> None:
 
 
 def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
-    # any integer here; Request.check says what is wrong with one out of range
-    req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, -rq.MAX_ID),
-                  new_private=rq.integer(body, "p", 0, -rq.MAX_ID),
-                  existing=rq.integers(body, "n"),
+    # the bounds Request.check holds, so that an answer out of range states the real range
+    req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, 1, MAX_NODE),
+                  new_private=rq.integer(body, "p", 0, 0, NIC_SLOTS),
+                  existing=rq.integers(body, "n", MAX_NETID),
                   public=rq.flag(body, "i"), external=rq.flag(body, "x"))
     a = svc.khget(req, rq.credential(body))
     return 201, textobj.format(a), textobj.to_json(a)

@@ -97,3 +97,15 @@ def test_the_private_domain_quota_names_itself():
     with pytest.raises(AllocationError, match="quota of 0"):  # the implicit first domain
         plan_domains(Request("c"), owned, quota=0)
     assert plan_domains(Request("a"), owned, quota=2).create == ()  # joining one is free
+
+
+@pytest.mark.parametrize("owned,want", [
+    ({3: "a"}, "holds 1 private domain and asks for 1 more"),
+    ({3: "a", 4: "a"}, "holds 2 private domains and asks for 1 more"),
+    ({}, "holds 0 private domains and asks for 1 more"),
+])
+def test_the_domain_quota_refusal_counts_in_good_grammar(owned, want):
+    """Issue 10: it said "holds 1 private domains"."""
+    with pytest.raises(AllocationError) as e:
+        plan_domains(Request("a", new_private=1), owned, quota=len(owned))
+    assert want in e.value.message

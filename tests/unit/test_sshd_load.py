@@ -12,7 +12,7 @@ import paramiko
 import pytest
 
 from kh.cc.gate import Session
-from kh.cc.sshd import PIECE, SshServer
+from kh.cc.sshd import PIECE, SshServer, parse_addr
 from kh.hw import memload
 from kh.service.access import RamFile
 from tests.unit.sshd_fakes import FakeAccess, FakeRam, Running, connect, serve, wait_until
@@ -192,3 +192,27 @@ def test_ram_opened_once_stays_with_its_file(tmp_path):
     ram.write(0, b"old")
     ram.close()
     assert path.read_bytes() == bytes(4096)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("0x10000", 0x10000), ("10000", 0x10000), ("0XfF", 0xFF), ("ffffffffffffffff", 2**64 - 1),
+    ("0x\u0661", None), ("\u0661", None), ("-1", None), ("0x-1", None), ("+1", None),
+    ("0x_1", None), ("1_0", None), ("0x", None), ("", None), (" 1", None), ("1\n", None),
+    ("0x" + "1" * 17, None), ("\uff11", None),
+])
+def test_load_addresses_are_ascii_hex_only(text, want):
+    """Issue 10: int(x, 16) took `٠x١` (Arabic-Indic digits) as 1 and `-1` as -1."""
+    assert parse_addr(text) == want
+
+
+def test_load_refuses_a_non_ascii_or_signed_address_with_status_2(srv):
+    c = connect(srv.port, "con1.1", "apw")
+    try:
+        for addr in ("0x\u0661", "-1", "0x-1"):
+            status, out, err = load(c, f"load {addr}", iter([b"x"]))
+            assert status == 2 and out == b"", (addr, err)
+            assert err.startswith(b"kh: load takes a hex address") and err.count(b"\n") == 1
+            assert b"beyond" not in err
+        assert not srv.access.rams[1].writes
+    finally:
+        c.close()
