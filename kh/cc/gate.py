@@ -11,7 +11,9 @@ thread. Logins under way are capped per source address and in all, key exchanges
 One *watcher* thread looks at every connection every `Limits.watch_interval` seconds: a login
 past its time is closed; a logged-in connection whose grant no longer holds (released,
 revoked, principal removed) has each session told why on stderr and ended, then is closed; a
-session that reaches a node which left the allocation is ended the same way.
+session that reaches a node which left the allocation is ended the same way. A session whose
+command ends (e.g. after draining its input) asks once more first (`channel_done`), so one
+that lost its grant between two looks ends with the reason too, not with exit status 0.
 The limits and their reasons are in docs/control-channel.md ("Limits").
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from kh.cc.limits import Limits
-from kh.service.access import ChannelAccess, Grant
+from kh.service.access import ChannelAccess, Grant, Standing
 
 log = logging.getLogger("kh.sshd")
 MAX_IDENT = 255  # RFC 4253 4.2: the identification line, CR LF included
@@ -329,8 +331,19 @@ class Gate:
         return entry.session
 
     def channel_done(self, conn: Conn, chanid: int) -> None:
+        """A session's command is over (on its thread, before its exit status goes out): forget
+        the channel; a session whose grant stopped holding meanwhile is ended as the watcher
+        would end it (reason, exit status 1), never with the command's own status."""
         with self.lock:
-            conn.channels.pop(chanid, None)
+            entry = conn.channels.pop(chanid, None)
+        s = entry.session if entry is not None else None
+        grant = conn.grant
+        if s is None or s.ended is not None or grant is None:
+            return
+        reason = conn.doomed or self._lost(s, grant, self.access.standing([grant])[grant])
+        if reason is not None:
+            log.info("ended a session of %s at its end: %s", grant.describe(), reason)
+            end_session(s, reason)
 
     # -- the watcher -------------------------------------------------------------------------
     def _watcher(self) -> None:
@@ -373,9 +386,18 @@ class Gate:
                 self._drop(c)
                 continue
             for s in sessions:
-                lost = sorted(s.nodes - st.nodes)
-                if lost:
-                    end_session(s, f"node {lost[0]} left allocation {c.grant.alloc}")
+                why = self._lost(s, c.grant, st)
+                if why is not None:
+                    end_session(s, why)
+
+    @staticmethod
+    def _lost(s: Session, grant: Grant, st: Standing) -> str | None:
+        """Why session ``s`` of ``grant`` may not go on, given the grant's standing ``st``:
+        the grant's own reason, or a node the session reaches that left the allocation."""
+        if st.reason is not None:
+            return st.reason
+        lost = sorted(s.nodes - st.nodes)
+        return f"node {lost[0]} left allocation {grant.alloc}" if lost else None
 
     def _collect(self, c: Conn, t: paramiko.Transport, now: float) -> None:
         """Take the transport's newly opened channels (paramiko queues each one until

@@ -151,6 +151,10 @@ class Console:
         self.history = history
         self._gap = gap
         self._sock: socket.socket | None = None
+        # Held while the socket is closed and while its descriptor is asked about, so a
+        # question never reaches a closed (or by then reused) descriptor.
+        self._fd_lock = threading.Lock()
+        self._sock_closed = False
         self._buf = bytearray()  # the last ``history`` bytes read
         self._start = 0  # offset (counted from the first byte ever read) of _buf[0]
         self._pos = 0  # expect() consumed everything before this offset
@@ -206,7 +210,9 @@ class Console:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
+            with self._fd_lock:
+                self._sock_closed = True
+                self._sock.close()
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self._log:
@@ -229,17 +235,20 @@ class Console:
             raise BootError(f"{self.name}: console closed while writing ({e.strerror})") from None
 
     def unsent(self) -> int:
-        """Bytes written to the node that QEMU has not taken yet (the UART is slow)."""
-        if self._sock is None:
-            return 0
-        try:
-            buf = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        except OSError:
-            return 0
+        """Bytes written to the node that QEMU has not taken yet (the UART is slow). 0 for a
+        console that is not connected or was closed: nothing more can be sent there."""
+        with self._fd_lock:
+            if self._sock is None or self._sock_closed:
+                return 0
+            try:
+                buf = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except (OSError, ValueError):  # ValueError: a descriptor closed under us (-1)
+                return 0
         return int(struct.unpack("i", buf)[0])
 
     def wait_sent(self, timeout: float) -> bool:
-        """Wait until QEMU has taken everything written (or ``timeout``); True when it has."""
+        """Wait until QEMU has taken everything written (or ``timeout`` seconds); True when it
+        has, and at once for a closed console (what it held is gone with it)."""
         deadline = time.monotonic() + timeout
         while self.unsent() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -178,3 +178,17 @@ def test_follow_goes_on_across_a_khd_restart(node, tmp_path):
     text = bytes(seen)
     assert re.search(rb" one\n.* half\n.*console not read from .* two\n.* three\n", text,
                      re.DOTALL), text
+
+
+def test_a_closed_console_has_nothing_left_to_send(node):
+    """A session draining its input when the node was released (its console closed) crashed
+    its thread: ``unsent`` asked the kernel about descriptor -1 (ValueError). A closed console
+    can send nothing more: 0 bytes wait, and waiting for them is over at once."""
+    con = node.attach()
+    con.write(b"x" * 4096)  # the node reads none of it
+    assert wait_for(lambda: con.unsent() > 0)
+    con.close()
+    assert con.unsent() == 0
+    assert con.wait_sent(5) is True
+    never = Console(node.path, None, name="node9")  # never connected: the same
+    assert never.unsent() == 0 and never.wait_sent(0) is True

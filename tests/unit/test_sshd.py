@@ -5,13 +5,18 @@ that depended on them, with one line on stderr, and refuses new channels."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import paramiko
 import pytest
 
+from kh.cc.channel import NodeWriter
 from kh.cc.client import ChannelClient, ChannelError
 from kh.cc.limits import Limits
+from kh.hw.console import Console
+from tests.unit.fakenode import FakeNode
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, wait_until
 
 
@@ -91,6 +96,55 @@ def test_release_ends_the_open_session_and_refuses_new_channels(srv):
         wait_until(lambda: not c.get_transport().is_active())  # type: ignore[union-attr]
     finally:
         c.close()
+
+
+class DrainWatched(NodeWriter):
+    """A real node writer that says when a session waits for it to drain."""
+
+    def __init__(self, number: int, console: Console) -> None:
+        self.draining = threading.Event()
+        super().__init__(number, console)
+
+    def drain(self, timeout: float) -> bool:
+        self.draining.set()
+        return super().drain(timeout)
+
+
+@pytest.mark.parametrize("watch", [0.1, 3600.0], ids=["watcher", "no-watcher"])
+def test_a_release_ends_a_session_draining_after_its_eof(tmp_path: Path, watch: float):
+    """A raw session whose client had sent EOF, waiting for its input to reach a node that
+    reads nothing, got neither the release line nor an exit status when the allocation was
+    released: the console closed under its drain and its thread died. Ended like any other
+    session, whether the watcher looks in time or the session reaches its own end first."""
+    node = FakeNode(tmp_path / "con.sock")
+    con = node.attach()
+    w = DrainWatched(1, con)
+    access = FakeAccess()
+    access.add("alice", "apw", 1, [1])
+    access.consoles[1] = con  # type: ignore[assignment]
+    access.writers[1] = w  # type: ignore[assignment]
+    try:
+        with serve(access, Limits(watch_interval=watch)) as srv:
+            c = connect(srv.port, "con1", "apw")
+            try:
+                ch = open_raw(c)
+                ch.sendall(b"x" * 16384)  # more than QEMU's socket is let hold at once
+                ch.shutdown_write()
+                assert w.draining.wait(10)
+                # khd's release: the allocation is marked first, then the node's QEMU and
+                # console go (kh.service.nodes stops the writer and closes the console).
+                access.allocs[1].released = True
+                w.stop()
+                con.close()
+                status, err = ended(ch)
+                assert err == b"kh: allocation 1 was released; this session ends\n"
+                assert status == 1
+            finally:
+                c.close()
+    finally:
+        w.stop()
+        con.close()
+        node.close()
 
 
 def test_a_release_is_seen_at_channel_open_before_the_watcher():
