@@ -61,7 +61,9 @@ def do_write(c: Ctx, args: list[str]) -> int:
     """Each line of the text (see uboot.console_lines for the rule) to every node, whole."""
     if not args:
         raise UsageError("write needs the text to write", 'khdo write "run kboot"')
-    data = "".join(line + "\n" for line in uboot.console_lines(" ".join(args))).encode()
+    # argv's bytes that are not UTF-8 go to the node as given (surrogateescape)
+    data = b"".join(uboot.line_bytes(line) + b"\n"
+                    for line in uboot.console_lines(" ".join(args)))
     ch = c.channel()
     try:
         _, err, status = ch.exec("raw", data, on_output=_echo_err)
@@ -113,6 +115,10 @@ def do_loadfile(c: Ctx, args: list[str]) -> int:
 
 
 def do_readcon(c: Ctx, args: list[str]) -> int:
+    if len(args) > 1 or (args and not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6})?", args[0],
+                                                  re.ASCII)):
+        raise UsageError(f"readcon takes seconds to read, not {' '.join(args)[:40]!r}",
+                         "khdo readcon 5")
     seconds = float(args[0]) if args else 2.0
     ch = c.channel()
     try:

@@ -25,13 +25,16 @@ def console_lines(text: str) -> list[str]:
 
     Raises UsageError for a line longer than LINE_MAX bytes or one holding a control character
     (at U-Boot's prompt Tab completes, Ctrl-U erases, ...: the node would not run what was sent).
+
+    Bytes that are not UTF-8 (a command line's argv arrives with them as surrogate escapes)
+    count, and are sent, as the bytes they stand for: encode a line with line_bytes.
     """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if len(lines) > 1 and lines[-1] == "":
         lines.pop()
     for i, line in enumerate(lines, 1):
         where = f"line {i}" if len(lines) > 1 else "the line"
-        size = len(line.encode())
+        size = len(line_bytes(line))
         if size > LINE_MAX:
             raise UsageError(f"{where} is {size} bytes; a node's console takes at most "
                              f"{LINE_MAX} (U-Boot's command buffer cuts longer ones)",
@@ -40,6 +43,12 @@ def console_lines(text: str) -> list[str]:
             raise UsageError(f"{where} holds control character {m[0]!r} at column "
                              f"{m.start() + 1}", "send raw bytes with `khdo loadfile`")
     return lines
+
+
+def line_bytes(line: str) -> bytes:
+    """The bytes a console line stands for: UTF-8, and the bytes themselves for surrogate
+    escapes (``"\\udcff"`` → ``b"\\xff"``, as os.fsencode gives argv back)."""
+    return line.encode("utf-8", "surrogateescape")
 
 
 UBOOT_PROMPT = re.compile(rb"(?:^|\n)=> ")  # at a line start: "==> " in crc32 output is no prompt
@@ -61,7 +70,7 @@ def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:
     if len(console_lines(line)) != 1:
         raise UsageError(f"one U-Boot command is one line, not {line[:60]!r}")
     start = console.mark()
-    console.write(line.encode() + b"\n")
+    console.write(line_bytes(line) + b"\n")
     m = console.expect(UBOOT_PROMPT, timeout, stage=f"U-Boot prompt after {line!r}",
                        start=start)
     text = console.text(start)[: m.start() - start].decode("utf-8", "replace")

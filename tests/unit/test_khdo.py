@@ -2,6 +2,7 @@
 
 import socket
 
+import pytest
 from click.testing import CliRunner
 
 from kh.cli import khdo
@@ -21,3 +22,38 @@ def test_write_of_a_line_longer_than_u_boot_takes_fails_with_the_limit():
     assert r.exit_code != 0
     assert "the line is 1100 bytes; a node's console takes at most 1023" in r.output
     assert "refused" not in r.output  # it never tried to connect
+
+
+class FakeChannel:
+    """The channel khdo opens: what it was asked to run, with which bytes."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def exec(self, command: str, data: bytes = b"", **kw: object) -> tuple[bytes, bytes, int]:
+        self.sent.append((command, data))
+        return b"", b"", 0
+
+    def close(self) -> None:
+        pass
+
+
+def test_write_sends_bytes_that_are_not_utf8_as_given(monkeypatch):
+    """Issue 10: `khdo write $'echo \\xff'` exited 70 (UnicodeEncodeError: surrogates not
+    allowed): argv holds such bytes as surrogate escapes; the node gets the bytes."""
+    ch = FakeChannel()
+    monkeypatch.setattr(khdo.Ctx, "channel", lambda self: ch)
+    r = CliRunner().invoke(khdo.main, ["write", "echo \udcff", "\udcfe"], input=OBJ,
+                           env={"KH_CREDENTIAL": "secret-credential"})
+    assert r.exit_code == 0, r.output
+    assert ch.sent == [("raw", b"echo \xff \xfe\n")]
+
+
+@pytest.mark.parametrize("seconds", ["abc", "-1", "nan", "inf", "1e3", "\u0661", "1 2"])
+def test_readcon_refuses_what_is_not_a_number_of_seconds(monkeypatch, seconds):
+    ch = FakeChannel()
+    monkeypatch.setattr(khdo.Ctx, "channel", lambda self: ch)
+    r = CliRunner().invoke(khdo.main, ["readcon", *seconds.split(" ")], input=OBJ,
+                           env={"KH_CREDENTIAL": "secret-credential"})
+    assert r.exit_code == 2 and "readcon takes seconds" in r.output, r.output
+    assert ch.sent == []

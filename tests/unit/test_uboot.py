@@ -57,3 +57,14 @@ def test_uboot_command_refuses_what_is_not_one_line():
         uboot.uboot_command(NoConsole(), "setenv khargs '" + "k" * 1100 + "'")  # type: ignore
     with pytest.raises(UsageError):
         uboot.uboot_command(NoConsole(), "echo a\nreset")  # type: ignore
+
+
+def test_bytes_that_are_not_utf8_count_and_go_as_given():
+    """Issue 10: `khdo write $'echo \\xff'` was an internal error (UnicodeEncodeError): argv
+    carries such bytes as surrogate escapes, and a line is the bytes given."""
+    line = "echo \udcff\udcfe"  # os.fsdecode(b"echo \xff\xfe")
+    assert uboot.console_lines(line + "\n") == [line]
+    assert uboot.line_bytes(line) == b"echo \xff\xfe"
+    assert uboot.console_lines("\udcff" * uboot.LINE_MAX) == ["\udcff" * uboot.LINE_MAX]
+    with pytest.raises(UsageError, match="1024 bytes"):
+        uboot.console_lines("\udcff" * (uboot.LINE_MAX + 1))
