@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kh.admission import AuthError
+from kh.admission import AuthError, Throttled
 from kh.allocation import AllocationError
 from kh.errors import KhError, UsageError
 
@@ -24,7 +24,14 @@ class Busy(KhError):
     """khd's socket kept refusing new connections for BUSY_WAIT seconds."""
 
 
+class Disconnected(KhError):
+    """khd closed the connection (or it broke) before a whole answer came."""
+
+
 BUSY_WAIT = 10.0
+# What http.client raises when the peer goes away mid-request: RemoteDisconnected (no status
+# line), BadStatusLine, IncompleteRead (a body cut short), a reset or a broken pipe.
+_CLOSED = (http.client.HTTPException, ConnectionResetError, BrokenPipeError)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -77,12 +84,29 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(f"khd is not running (no socket at {self.path})",
                              "start it with `kh service start`") from None
+        except _CLOSED:
+            raise Disconnected("khd closed the connection without answering",
+                               "it may have stopped: `kh service status`") from None
+        except TimeoutError:
+            raise KhError(f"khd did not answer within {self.timeout:.0f} s",
+                          "`kh service status` says whether it runs") from None
+        except PermissionError:
+            raise KhError(f"no permission to use khd's socket {self.path}",
+                          "the operator's commands run as root") from None
         finally:
             conn.close()
         if resp.status >= 400:
             msg, hint = _parse_error(text)
+            if resp.status == 429:
+                raise Throttled(msg, _retry_after(resp.getheader("Retry-After")))
             raise ERRORS.get(resp.status, KhError)(msg, hint)
         return text
+
+
+def _retry_after(value: str | None) -> int:
+    """Whole seconds from a Retry-After header (delta-seconds; an HTTP date or none: 1)."""
+    text = (value or "").strip()
+    return max(1, int(text)) if text.isascii() and text.isdigit() and len(text) < 9 else 1
 
 
 def _parse_error(text: str) -> tuple[str, str | None]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kh import client
+from kh.errors import KhError
 
 
 def _full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
@@ -65,3 +68,60 @@ def test_full_backlog_is_retried_until_accepted(tmp_path: Path) -> None:
     finally:
         t.join()
         srv.close()
+
+
+def _serve_once(path: Path, answer: Callable[[socket.socket], None]) -> threading.Thread:
+    """A fake khd on ``path`` that reads one request and does ``answer`` with the connection."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def run() -> None:
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(65536)
+                answer(conn)
+        finally:
+            srv.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("answer", [
+    lambda c: None,                                                     # closes, no answer
+    lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart"),  # cut short
+    lambda c: c.sendall(b"garbage\r\n\r\n"),                            # no status line
+    lambda c: c.sendall(b"HTTP/1.1 2"),                                 # half a status line
+    _reset,
+], ids=["closed", "incomplete", "bad-status", "half-status", "reset"])
+def test_a_khd_that_closes_without_answering_is_one_kh_error(tmp_path: Path, answer) -> None:
+    """Issue 10: a khget whose khd was SIGKILLed mid-request exited 70 with
+    `internal error: RemoteDisconnected: Remote end closed connection without response`."""
+    path = tmp_path / "khd.sock"
+    t = _serve_once(path, answer)
+    with pytest.raises(client.Disconnected) as e:
+        client.Client(path, timeout=20).call("POST", "/v1/allocations", {"user": "alice"})
+    t.join(20)
+    assert str(e.value) == ("khd closed the connection without answering (it may have "
+                            "stopped: `kh service status`)")
+
+
+def test_a_429_names_the_reason_and_when_to_try_again(tmp_path: Path) -> None:
+    path = tmp_path / "khd.sock"
+    body = b'{"error": "too many refused credentials for alice", "hint": "try again in 7 s"}'
+    t = _serve_once(path, lambda c: c.sendall(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 42\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body))
+    with pytest.raises(KhError) as e:
+        client.Client(path, timeout=20).call("POST", "/v1/keys/list", {"user": "alice"},
+                                             as_json=True)
+    t.join(20)
+    assert e.value.message == "too many refused credentials for alice"
+    assert e.value.hint == "try again in 42 s"
