@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import re
@@ -60,6 +61,21 @@ def check_credential(value: object) -> str:
     if "\0" in value:
         raise UsageError("the credential contains a NUL byte")
     return value
+
+
+def source_of(address: str) -> str:
+    """A peer's IP address (text) → its *source*, as every per-source limit counts it (the
+    API's connections and refused credentials, the ssh channel's logins): the address itself,
+    an IPv4-mapped IPv6 address as its IPv4 one, and all of loopback (127.0.0.0/8, ::1) as the
+    one source ``loopback``, since any local user can pick an address there. Anything that is
+    not an address (``unix:uid=N``, ``loopback``) is returned as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # one host, one source, however it is written
+    return "loopback" if ip.is_loopback else str(ip)
 
 
 def hash_credential(credential: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
@@ -113,8 +129,8 @@ class Rate:
     per_second: float
 
 
-# Per source (a TCP peer address, all of loopback as one; `unix:uid=N`): a person who mistypes
-# never meets it, a guesser gets one guess per 2 s after a burst of 10.
+# Per source (source_of: a peer address, all of loopback as one; `unix:uid=N`): a person who
+# mistypes never meets it, a guesser gets one guess per 2 s after a burst of 10.
 PER_SOURCE = Rate(10, 0.5)
 # Per principal, over all sources: it bounds guessing one principal's credential from many
 # sources (a principal's nodes can take many fabric addresses) to about one a second. One

@@ -90,7 +90,8 @@ class ChannelAccess(Protocol):
     def login_password(self, alloc: int, node: int | None, password: str,
                        source: str) -> Grant | None:
         """The grant for the allocation's owner's credential, or None (also for an allocation
-        that is not live, or a node not in it). ``source`` is the peer's address (rate limits)."""
+        that is not live, or a node not in it). ``source`` is the peer's address or its
+        source (admission.source_of): refused credentials are rate-limited by source."""
 
     def login_key(self, alloc: int, node: int | None, key: str) -> Grant | None:
         """The grant for a public key ("type base64") the owner registered for all its channels
@@ -181,7 +182,8 @@ class ServiceAccess:
     def _authenticate(self, owner: str, password: str, source: str) -> None:
         # The service's own check: refused credentials are rate-limited per source and per
         # principal there, for ssh as for the API.
-        self.svc.authenticate(owner, password, register=False, source=source)
+        self.svc.authenticate(owner, password, register=False,
+                              source=admission.source_of(source))
 
     def login_key(self, alloc: int, node: int | None, key: str) -> Grant | None:
         with self.svc.lock:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import http
-import ipaddress
 import logging
 import os
 import socket
@@ -37,6 +36,7 @@ from waitress.server import TcpWSGIServer, UnixWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
+from kh.admission import source_of
 from kh.errors import KhError
 from kh.service.request import MAX_BODY, Caller
 
@@ -57,9 +57,9 @@ IDLE_TIMEOUT = 30
 # the kernel's backlog (BACKLOG deep; then refused) until one closes, at the latest after the
 # timeouts above. Each costs at most a socket and MAX_HEADER + MAX_BODY bytes.
 MAX_CONNECTIONS = 100
-# Connections per source on a TCP listener (all of 127.0.0.0/8 and ::1 is one source, "loopback":
-# any local user can pick a source address there); the next is answered 429 and closed, so one
-# node or local process cannot take all of MAX_CONNECTIONS.
+# Connections per source on a TCP listener (admission.source_of, as for ssh: all of 127.0.0.0/8
+# and ::1 is one source, "loopback": any local user can pick a source address there); the next
+# is answered 429 and closed, so one node or local process cannot take all of MAX_CONNECTIONS.
 PER_SOURCE = 16
 BACKLOG = 128
 # Worker threads: requests served at once. The TCP listeners (loopback and the fabric) share
@@ -90,17 +90,6 @@ class Limits:
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-def source_of(address: str) -> str:
-    """A TCP peer's source as limits count it: its address, but all of loopback as one."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # one host, one source, however it is written
-    return "loopback" if ip.is_loopback else str(ip)
 
 
 def peer_caller(sock: socket.socket) -> Caller:

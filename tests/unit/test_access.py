@@ -81,6 +81,8 @@ def test_logins(svc):
     assert acc.login_password(1, 2, "apw", "127.0.0.1") == Grant("alice", 1, 2, None)
     assert acc.login_password(1, None, "bpw", "10.1.0.5") is None  # another's credential
     assert svc.asked[-1] == ("alice", "10.1.0.5")  # the service's check, rate limits and all
+    assert acc.login_password(1, None, "bpw", "127.0.0.2") is None
+    assert svc.asked[-1] == ("alice", "loopback")  # all of loopback is one source, as for HTTP
     assert acc.login_password(1, 3, "apw", "127.0.0.1") is None  # not a node of allocation 1
     assert acc.login_password(7, None, "apw", "127.0.0.1") is None  # no such allocation
     assert acc.login_password(1, None, "x" * 5000, "127.0.0.1") is None  # malformed

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from kh import admission
 from kh.service import httpd
 from kh.service.request import Caller
 
@@ -234,4 +235,5 @@ def test_peer_credentials_say_who_is_the_operator(monkeypatch):
     ("10.1.0.4", "10.1.0.4"), ("::ffff:10.1.0.4", "10.1.0.4"),
     ("::ffff:127.0.0.2", "loopback")])
 def test_sources(address, source):
-    assert httpd.source_of(address) == source
+    assert admission.source_of(address) == source
+    assert admission.source_of(source) == source  # a source is its own source

@@ -72,7 +72,7 @@ def test_a_session_reaches_only_its_allocation(srv):
         ch.close()
     finally:
         c.close()
-    assert srv.access.sources and set(srv.access.sources) == {"127.0.0.1"}
+    assert srv.access.sources and set(srv.access.sources) == {"loopback"}
 
 
 @pytest.mark.parametrize("user, password", [("con1", "bpw"), ("con2", "apw"), ("con9", "apw"),

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 import paramiko
 import pytest
 
+from kh.cc import gate
 from kh.cc.limits import Limits
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, tcp, wait_until
 
@@ -51,11 +52,19 @@ def access() -> FakeAccess:
     return a
 
 
+@pytest.fixture
+def hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let 127.0.0.N stand for distinct hosts: khd counts all of loopback as one source (see
+    test_all_of_loopback_is_one_source), so a test of what one host may not take from another
+    counts each address as its own source here, as a fabric address is."""
+    monkeypatch.setattr(gate, "source_of", str)
+
+
 def running(access: FakeAccess, **limits: float) -> AbstractContextManager[Running]:
     return serve(access, Limits(watch_interval=0.1, **limits))  # type: ignore[arg-type]
 
 
-def test_half_open_logins_cost_no_thread_are_capped_per_source_and_end_in_time(access):
+def test_half_open_logins_cost_no_thread_are_capped_per_source_and_end_in_time(access, hosts):
     """Finding 4: 20 unauthenticated ssh connections held a thread each, forever."""
     with running(access, login_timeout=3.0, logins_per_source=50) as srv:
         threads = threading.active_count()
@@ -79,7 +88,7 @@ def test_half_open_logins_cost_no_thread_are_capped_per_source_and_end_in_time(a
         wait_until(lambda: not srv.server.gate.conns)
 
 
-def test_clients_that_only_identify_take_few_threads(access):
+def test_clients_that_only_identify_take_few_threads(access, hosts):
     with running(access, login_timeout=3.0, ident_wait=0.2, slow_handshakes=3,
                  slow_per_source=2) as srv:
         socks = [tcp(srv.port, "127.0.0.2") for _ in range(10)]
@@ -99,7 +108,7 @@ def test_clients_that_only_identify_take_few_threads(access):
             s.close()
 
 
-def test_key_exchanges_in_progress_are_bounded_per_source(access):
+def test_key_exchanges_in_progress_are_bounded_per_source(access, hosts):
     with running(access, login_timeout=3.0, handshakes_per_source=4) as srv:
         clients = []
         for _ in range(12):
@@ -113,6 +122,26 @@ def test_key_exchanges_in_progress_are_bounded_per_source(access):
         wait_until(lambda: not any(t.is_active() for t in clients), timeout=60)
         for t in clients:
             t.close()
+
+
+def test_all_of_loopback_is_one_source(access):
+    """A local attacker multiplied its budget by its address: the ssh side counted 127.0.0.2
+    as a source of its own (the HTTP side counts all of loopback as one)."""
+    with running(access, login_timeout=5.0, logins_per_source=3) as srv:
+        held = [tcp(srv.port, "127.0.0.1") for _ in range(3)]
+        for s in held:
+            assert read_line(s).startswith(b"SSH-2.0-")
+        other = tcp(srv.port, "127.0.0.2")
+        assert read_line(other) == b"kh: too many ssh logins under way from loopback, " \
+                                   b"try again later\r\n"
+        assert closed(other)
+        other.close()
+        for s in held:
+            s.close()
+        wait_until(lambda: not srv.server.gate.conns)
+        with pytest.raises(paramiko.AuthenticationException):
+            connect(srv.port, "con1", "wrong", source="127.0.0.3")
+        assert access.sources == ["loopback"]  # and so are refused credentials limited
 
 
 def test_a_login_not_done_in_time_is_closed(access):
