@@ -195,14 +195,20 @@ def stress(cfg: ServiceConfig, pid: int, http: int, ssh: int) -> Result:
             "listing1_pages": f"{b.pages}/{b.count}", "listing1_error": error}
 
 
+def register(cfg: ServiceConfig, user: str) -> None:
+    """Make ``user`` a registered principal (its first khget), holding nothing afterwards: a
+    wrong credential's khget for an unknown name would register that name instead."""
+    release(cfg, user, CRED, int(khget(cfg, user, CRED, 1).split("@")[0][3:]))
+    wait_free(cfg, cfg.nodes)
+
+
 def refusals(cfg: ServiceConfig, tries: int) -> Result:
     """``tries`` wrong credentials of each kind, the kinds taking turns, from 127.0.0.1: for a
     registered principal to khget's request and to `kh key list`'s, and for an unknown principal
     to the latter (a khget would register it). Times by HTTP status. A rate limit's 429 is
     counted, then its Retry-After waited out and the try made again (at most 3 times), so
     each kind also gets ``tries`` real refusals (403) to time."""
-    release(cfg, "victim", CRED, int(khget(cfg, "victim", CRED, 1).split("@")[0][3:]))
-    wait_free(cfg, cfg.nodes)
+    register(cfg, "victim")
     kinds = (("wrong_credential_khget", "victim", "/v1/allocations"),
              ("wrong_credential_keylist", "victim", "/v1/keys/list"),
              ("unknown_principal_keylist", "nobody", "/v1/keys/list"))
@@ -231,6 +237,7 @@ def khget_latency(cfg: ServiceConfig, cycles: int, guessers: int) -> Result:
         return times
 
     alone = measure()
+    register(cfg, "victim")  # the guessers' target (registered already after refusals())
     t0 = time.monotonic()
     with Guessers(cfg.api_port, "victim", guessers) as g:
         guessed = measure()
@@ -285,7 +292,8 @@ def table(r: Result) -> str:
         rows.append((f"(e) the {k['guessers']} guessers", f"{k['guesses_per_s']} guesses/s, "
                      f"answers {k['guess_statuses']}"))
     if "end" in r:
-        rows.append(("khd at the end, all released", f"RSS {r['end']['rss_mib']} MiB, "
+        rows.append(("khd at the end, released, pool refilled",
+                     f"RSS {r['end']['rss_mib']} MiB, "
                      f"{r['end']['threads']} threads"))
     rows += [("ERROR", e) for e in r["errors"]]
     w = max(len(a) for a, _ in rows)
@@ -334,6 +342,8 @@ def main() -> None:
                     r[key] = phase()
                 except Failed as e:
                     r["errors"].append(f"{key}: {e}")
+            # Settled: every released node replaced, so threads that stay are a leak.
+            wait_free(cfg, args.nodes)
             u = usage(pid)
             r["end"] = {"rss_mib": mib(u.rss_kib), "threads": u.threads}
         finally:

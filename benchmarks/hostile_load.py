@@ -8,6 +8,7 @@ the host would: the CLI (credential in KH_CREDENTIAL), TCP to 127.0.0.1, ssh (pa
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -214,7 +215,11 @@ def wait_free(cfg: ServiceConfig, n: int, timeout: float = 180) -> None:
         if sum(x["state"] == "free" for x in nodes) >= n:
             return
         if time.monotonic() > deadline:
-            raise Failed(f"{n} nodes did not come back to the pool within {timeout:.0f} s")
+            states = collections.Counter(x["state"] for x in nodes)
+            notes = sorted({f"node {x['node']}: {x['note']}" for x in nodes
+                            if x["state"] != "free" and x.get("note")})[:4]
+            raise Failed(f"{n} nodes did not come back to the pool within {timeout:.0f} s "
+                         f"({dict(states)}{'; ' if notes else ''}{'; '.join(notes)})")
         time.sleep(0.2)
 
 
