@@ -27,6 +27,13 @@ USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
 # scrypt parameters: ~15 ms per check here, 16 MiB of memory.
 N, R, P = 2**14, 8, 1
 MAX_CREDENTIAL = 4096  # bytes of UTF-8
+# scrypt computations at once, in all of khd: each holds 128·N·R = 16 MiB while it runs, and
+# the allocator may keep what a thread freed in that thread's arena, so many logins checked at
+# once (the API's workers and every ssh connection's thread) grew khd by hundreds of MiB. Two
+# keep both cores busy; more waiting callers cost nothing but time, which the rate limits
+# (Limiter, and the ssh channel's caps on logins under way) already bound.
+SCRYPT_AT_ONCE = 2
+_scrypt_slots = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
 # What an unknown principal's credential is checked against, so that refusing it costs what
 # refusing a wrong one does.
 _DUMMY_SALT = b"kh-no-such-principal"
@@ -79,8 +86,11 @@ def source_of(address: str) -> str:
 
 
 def hash_credential(credential: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
+    """(salt, 32-byte scrypt hash) of ``credential``, with a new random 16-byte salt unless one
+    is given. At most SCRYPT_AT_ONCE run at once in the process: a caller may wait its turn."""
     salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(credential.encode(), salt=salt, n=N, r=R, p=P, dklen=32)
+    with _scrypt_slots:
+        digest = hashlib.scrypt(credential.encode(), salt=salt, n=N, r=R, p=P, dklen=32)
     return salt, digest
 
 

@@ -4,6 +4,9 @@ before the hash is computed; one source's flood locks no one out elsewhere."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from kh import admission
@@ -152,3 +155,45 @@ def test_an_api_callers_source_is_the_default(svc):
         with pytest.raises(Throttled, match=r"from 10\.1\.0\.8"):
             svc.authenticate("alice", "s3cret")
     svc.authenticate("alice", "s3cret")  # outside a request: no source, alice's bucket has room
+
+
+def test_no_more_than_a_few_scrypts_run_at_once(monkeypatch):
+    """khd grew from 57 to 575 MiB under unauthenticated ssh churn: every connection's thread
+    ran its own scrypt (16 MiB each) at the same time. Many concurrent checks, of a known
+    principal or not, compute at most SCRYPT_AT_ONCE hashes at a time; the rest wait."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+    go = threading.Event()
+    real = admission.hashlib.scrypt
+
+    def scrypt(password: bytes, **kw: object) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        go.wait(10)
+        with lock:
+            running[0] -= 1
+        return real(b"x", salt=b"s", n=2, r=1, p=1, dklen=32)
+
+    monkeypatch.setattr(admission.hashlib, "scrypt", scrypt)
+    known = admission.hash_credential("right")  # (salt, hash); scrypt here is the fake one
+
+    def check(i: int) -> None:
+        try:
+            admission.verify(f"guess {i}", known if i % 2 else None, "alice")
+        except admission.AuthError:
+            pass
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while running[0] < admission.SCRYPT_AT_ONCE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # room for more to start, were they let
+    assert most[0] == admission.SCRYPT_AT_ONCE
+    go.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert most[0] == admission.SCRYPT_AT_ONCE and running[0] == 0
