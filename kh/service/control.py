@@ -200,7 +200,8 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
         # khd.log is the operator's alone (0600), like everything khd itself writes.
         fd = os.open(cfg.khd_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with open(fd, "ab") as logf:
-            p = proc.daemon(argv, logf)
+            # glibc: 2 malloc arenas, not 8 per core that keep freed scrypt buffers (service.md)
+            p = proc.daemon(argv, logf, env={"MALLOC_ARENA_MAX": "2"})
         deadline = time.monotonic() + timeout
         while (status := ask()) is None:
             if time.monotonic() > deadline:

@@ -181,7 +181,7 @@ def test_khd_dying_mid_start_is_reported_with_its_last_line(env, monkeypatch):
     monkeypatch.setattr(control, "clean", lambda cfg, keep_logs: cleaned.append(keep_logs))
     started = []
 
-    def daemon(argv, logf):  # type: ignore[no-untyped-def]
+    def daemon(argv, logf, **kw):  # type: ignore[no-untyped-def]
         p = subprocess.Popen(["sh", "-c", "echo 'pool: giving up on the fabric'; sleep 60"],
                              stdout=logf, stderr=logf)
         started.append(p)
