@@ -217,6 +217,9 @@ class SshServer:
             end_session(s, e.message)
         except (OSError, EOFError, paramiko.SSHException) as e:
             log.info("session of %s ended: %s", grant.describe(), e)
+        except Exception as e:  # a bug ends this session with its reason, never the thread
+            log.exception("session of %s failed", grant.describe())
+            end_session(s, f"khd's session failed ({type(e).__name__}); see khd's log")
         finally:
             self.gate.channel_done(conn, chan.get_id())
         if s.ended is not None:

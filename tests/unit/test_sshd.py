@@ -261,3 +261,19 @@ def test_a_refused_client_login_leaves_no_connection_behind(srv):
     with pytest.raises(ChannelError, match="refused our credential"):
         ChannelClient("con1", "127.0.0.1", srv.port, password="wrong")
     wait_until(lambda: not srv.server.gate.conns)
+
+
+def test_a_bug_in_a_session_ends_it_with_a_reason_not_its_thread(srv, monkeypatch):
+    # Seen: a ValueError in a draining session escaped its thread ("Exception in thread
+    # sshd-session") and the client got no exit status.
+    def broken(grant):  # type: ignore[no-untyped-def]
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(srv.access, "reach", broken)
+    c = connect(srv.port, "con1", "apw")
+    try:
+        status, err = ended(open_raw(c))
+        assert status == 1
+        assert err == b"kh: khd's session failed (ValueError); see khd's log; this session ends\n"
+    finally:
+        c.close()
