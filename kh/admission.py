@@ -150,22 +150,54 @@ PER_PRINCIPAL = Rate(30, 1.0)
 # Buckets tracked per kind; a bucket that has refilled is forgotten, so this is only reached
 # under attack from many sources or names at once (then the fullest buckets go first).
 MAX_TRACKED = 4096
+# A (principal, source) pair whose credential was accepted is trusted this long: a flood from
+# other sources that empties the source's or the principal's bucket does not lock the
+# principal out of where it has logged in from before (only the pair's own bucket applies).
+TRUST_SECONDS = 24 * 3600.0
 
 
 class Limiter:
-    """Token buckets of failed credential checks, by source and by principal name (known or
-    not: an unknown principal is limited like a known one, so answers do not tell them apart).
-    check() before the hash, failed() after a refusal. Thread-safe; memory is bounded by
-    MAX_TRACKED buckets per kind."""
+    """Token buckets of failed credential checks, by source, by principal name (known or
+    not: an unknown principal is limited like a known one, so answers do not tell them apart)
+    and by the pair. check() before the hash, failed() after a refusal, succeeded() after an
+    acceptance. A pair that succeeded lately is limited by its own bucket alone, so floods
+    from elsewhere cannot lock a principal out of a source it has used; one that shares its
+    source (all of loopback is one) still can, for as long as it keeps failing. Thread-safe;
+    memory is bounded by MAX_TRACKED entries per kind."""
 
     def __init__(self, per_source: Rate = PER_SOURCE, per_principal: Rate = PER_PRINCIPAL,
                  max_tracked: int = MAX_TRACKED,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.rates = {"source": per_source, "principal": per_principal}
+        self.rates = {"source": per_source, "principal": per_principal, "pair": per_source}
         self.max_tracked = max_tracked
         self.clock = clock
-        self.buckets: dict[str, dict[str, _Bucket]] = {"source": {}, "principal": {}}
+        self.buckets: dict[str, dict[str, _Bucket]] = {"source": {}, "principal": {},
+                                                       "pair": {}}
+        self.trusted: dict[str, float] = {}  # pair -> when its credential was last accepted
         self.lock = threading.Lock()
+
+    @staticmethod
+    def _pair(user: str, source: str | None) -> str | None:
+        return None if source is None else f"{user}\0{source}"
+
+    def _is_trusted(self, pair: str | None, now: float) -> bool:
+        at = self.trusted.get(pair) if pair is not None else None
+        return at is not None and now - at < TRUST_SECONDS
+
+    def succeeded(self, user: str, source: str | None) -> None:
+        """``user``'s credential was accepted from ``source``: trust the pair."""
+        pair = self._pair(user, source)
+        if pair is None:
+            return
+        with self.lock:
+            now = self.clock()
+            self.trusted.pop(pair, None)
+            if len(self.trusted) >= self.max_tracked:  # the oldest acceptance goes first
+                for old in [k for k, t in self.trusted.items() if now - t >= TRUST_SECONDS]:
+                    del self.trusted[old]
+                while len(self.trusted) >= self.max_tracked:
+                    del self.trusted[next(iter(self.trusted))]
+            self.trusted[pair] = now
 
     def _level(self, kind: str, key: str, now: float) -> float:
         """The bucket's tokens now; a full bucket is forgotten (it is the default)."""
@@ -182,10 +214,15 @@ class Limiter:
     def check(self, user: str, source: str | None) -> None:
         """Raise Throttled when ``source`` (None: not known, e.g. the ssh channel) or
         ``user`` has no failure left to spend."""
+        pair = self._pair(user, source)
         with self.lock:
             now = self.clock()
-            for kind, key, what in (("source", source, f"from {source}"),
-                                    ("principal", user, f"for principal {user}")):
+            kinds: list[tuple[str, str | None, str]] = []
+            if not self._is_trusted(pair, now):
+                kinds += [("source", source, f"from {source}"),
+                          ("principal", user, f"for principal {user}")]
+            kinds.append(("pair", pair, f"for principal {user} from {source}"))
+            for kind, key, what in kinds:
                 if key is None:
                     continue
                 level = self._level(kind, key, now)
@@ -197,7 +234,8 @@ class Limiter:
         """Spend one failure of ``source``'s and ``user``'s."""
         with self.lock:
             now = self.clock()
-            for kind, key in (("source", source), ("principal", user)):
+            for kind, key in (("source", source), ("principal", user),
+                              ("pair", self._pair(user, source))):
                 if key is None:
                     continue
                 level = self._level(kind, key, now)

@@ -149,6 +149,8 @@ class Service:
             if limited and credential is not None:
                 self.limiter.failed(user, source)
             raise
+        if limited:
+            self.limiter.succeeded(user, source)
         return Admitted(user, known, None)
 
     @contextlib.contextmanager

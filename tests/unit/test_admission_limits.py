@@ -88,6 +88,53 @@ def test_memory_is_bounded_and_refilled_buckets_are_forgotten():
     assert "10.1.99.1" not in lim.buckets["source"] and "user99" not in lim.buckets["principal"]
 
 
+def test_a_flood_from_elsewhere_does_not_lock_a_principal_out_of_a_source_it_used():
+    # Seen: wrong ssh passwords for con1 from other addresses made 5 of 8 of alice's
+    # correct requests answer 429 "too many refused credentials for principal alice".
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    lim.check("alice", "10.1.0.2")
+    lim.succeeded("alice", "10.1.0.2")  # alice logged in from there before
+
+    def flood() -> None:
+        for i in range(200):  # guessers from many other addresses
+            clock.now += 0.01
+            try:
+                lim.check("alice", f"10.1.1.{i}")
+            except Throttled:
+                continue
+            lim.failed("alice", f"10.1.1.{i}")
+
+    flood()
+    with pytest.raises(Throttled, match="for principal alice"):
+        lim.check("alice", "10.1.2.1")  # a new source is limited: the principal is attacked
+    lim.check("alice", "10.1.0.2")  # where alice logs in from is not
+    clock.now += admission.TRUST_SECONDS
+    flood()
+    with pytest.raises(Throttled, match="for principal alice"):
+        lim.check("alice", "10.1.0.2")  # trust lapses
+
+
+def test_a_trusted_pair_is_still_limited_by_its_own_bucket():
+    # One that shares alice's source (all of loopback is one) can still hold her out there,
+    # for as long as it keeps failing; it cannot guess faster for it.
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    lim.succeeded("alice", "loopback")
+    for _ in range(admission.PER_SOURCE.burst):
+        lim.check("alice", "loopback")
+        lim.failed("alice", "loopback")
+    with pytest.raises(Throttled, match="for principal alice from loopback"):
+        lim.check("alice", "loopback")
+
+
+def test_trust_is_bounded():
+    lim = Limiter(max_tracked=8, clock=Clock())
+    for i in range(100):
+        lim.succeeded(f"user{i}", "loopback")
+    assert len(lim.trusted) <= 8 and "user99\0loopback" in lim.trusted
+
+
 @pytest.fixture
 def svc(tmp_path, monkeypatch):
     s = make_service(tmp_path, monkeypatch, nodes=2)
