@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kh import proc
-from kh.client import Client, NotRunning
+from kh.client import Client, Disconnected, NotRunning
 from kh.errors import KhError
 from kh.hw import cgroup
 from kh.hw import netns as nsutil
@@ -188,7 +188,7 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
             raise exited()
         try:
             return _status(cfg)
-        except (NotRunning, TimeoutError, ConnectionError):
+        except (NotRunning, Disconnected, TimeoutError, ConnectionError):
             if p is not None and p.poll() is not None:
                 raise exited() from None
             return None

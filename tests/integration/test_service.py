@@ -132,10 +132,10 @@ def test_bad_input_is_refused_and_changes_nothing(khd):
     before = ps(khd)
     cases = [
         (["--bogus", "gina"], 2, "No such option"),
-        (["-c", credfile("g1"), "gina", "0"], 2, "at least 1"),
-        (["-c", credfile("g1"), "gina", "--", "-3"], 2, "at least 1"),
+        (["-c", credfile("g1"), "gina", "0"], 2, "between 1 and 65000"),
+        (["-c", credfile("g1"), "gina", "--", "-3"], 2, "between 1 and 65000"),
         (["-c", credfile("g1"), "gina", str(NODES + 5)], 1, "free"),
-        (["-c", credfile("g1"), "-n", "999", "gina"], 1, "does not exist"),
+        (["-c", credfile("g1"), "-n", "200", "gina"], 1, "does not exist"),
         (["-c", credfile("g1"), "-n", "1", "gina"], 2, "not private"),
         (["-c", credfile("wrong"), "gina"], 3, "credential refused"),
         (["-c", "g1", "gina"], 2, "no credential file"),  # a secret is not a -c FILE
