@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -70,6 +71,24 @@ def test_full_backlog_is_retried_until_accepted(tmp_path: Path) -> None:
         srv.close()
 
 
+def _read_request(conn: socket.socket) -> None:
+    """Read one whole request: closing with some of it unread would send a reset, and the
+    client could lose the answer to it (a 429 test failed 1 run in many so)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while m and len(body) < int(m[1]):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
 def _serve_once(path: Path, answer: Callable[[socket.socket], None]) -> threading.Thread:
     """A fake khd on ``path`` that reads one request and does ``answer`` with the connection."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,7 +99,7 @@ def _serve_once(path: Path, answer: Callable[[socket.socket], None]) -> threadin
         try:
             conn, _ = srv.accept()
             with conn:
-                conn.recv(65536)
+                _read_request(conn)
                 answer(conn)
         finally:
             srv.close()
