@@ -56,7 +56,7 @@ def test_full_backlog_is_retried_until_accepted(tmp_path: Path) -> None:
         for c in parked:
             c.close()
         conn, _ = srv.accept()
-        conn.recv(65536)
+        _read_request(conn)
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
         conn.close()
         for c in conns:
