@@ -46,6 +46,7 @@ from benchmarks.hostile_load import (
     quiet_session,
     refusal,
     release,
+    settled,
     spread,
     usage,
     wait_free,
@@ -67,8 +68,7 @@ def mib(u_kib: int) -> float:
 
 def idle(cfg: ServiceConfig, pid: int) -> Result:
     wait_free(cfg, cfg.nodes)
-    time.sleep(5)  # past the pool's last start
-    u = usage(pid)
+    u = settled(pid)
     return {"nodes": cfg.nodes, "rss_mib": mib(u.rss_kib), "threads": u.threads}
 
 

@@ -60,6 +60,20 @@ def usage(pid: int) -> Usage:
     return Usage(int(f["VmRSS"].split()[0]), int(f["Threads"]))
 
 
+def settled(pid: int, quiet: float = 2.0, limit: float = 60.0) -> Usage:
+    """khd's usage once its thread count has not changed for ``quiet`` seconds (the pool's
+    last starts are over), or after ``limit`` seconds whatever it is doing."""
+    deadline = time.monotonic() + limit
+    last, since = usage(pid), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = usage(pid)
+        if now.threads != last.threads:
+            since = time.monotonic()
+        last = now
+    return last
+
+
 class Sampler:
     """Samples ``usage(pid)`` every ``interval`` seconds in a thread while entered; ``peak``
     holds the largest RSS and the largest thread count seen (not necessarily at one time)."""

@@ -12,7 +12,6 @@ benchmarks/hostile_load.py's, which benchmarks/hostile.py measures.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +25,7 @@ from benchmarks.hostile_load import (
     khget,
     quiet_session,
     release,
-    usage,
+    settled,
     wait_free,
 )
 from kh.service import control
@@ -75,8 +74,7 @@ def test_listing_1_completes_and_khd_stays_bounded_under_hostile_clients(stress_
     pid = control.pid_of(cfg)
     assert pid is not None
     wait_free(cfg, NODES)
-    time.sleep(2)  # past the pool's last start
-    idle = usage(pid)
+    idle = settled(pid)
     load = HostileLoad(cfg, HTTP_CLIENTS, SSH_LOGINS)
     b = Listing1(cfg, B, B_CRED, LISTING_NODES)
     a_alloc = quiet = None
