@@ -15,11 +15,13 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kh import peer
 from kh.errors import KhError, UsageError
 
 # Whole-string, ASCII-only match: "alice\n" or a non-ASCII look-alike is not a name.
@@ -74,8 +76,9 @@ def source_of(address: str) -> str:
     """A peer's IP address (text) → its *source*, as every per-source limit counts it (the
     API's connections and refused credentials, the ssh channel's logins): the address itself,
     an IPv4-mapped IPv6 address as its IPv4 one, and all of loopback (127.0.0.0/8, ::1) as the
-    one source ``loopback``, since any local user can pick an address there. Anything that is
-    not an address (``unix:uid=N``, ``loopback``) is returned as it is."""
+    one source ``loopback``, since any local user can pick an address there (source_of_peer
+    tells local users apart by uid instead). Anything that is not an address (``unix:uid=N``,
+    ``loopback:uid=N``) is returned as it is."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -83,6 +86,19 @@ def source_of(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # one host, one source, however it is written
     return "loopback" if ip.is_loopback else str(ip)
+
+
+def source_of_peer(sock: socket.socket, address: str) -> str:
+    """The source of an accepted TCP connection ``sock`` from ``address``: a fabric address
+    is its own source; a loopback peer is the local user that owns the connecting socket,
+    ``loopback:uid=N`` (kh.peer.loopback_peer_uid, from the kernel), so one local user's
+    connections and failed guesses never count against another's. A loopback peer whose
+    socket is already gone is ``loopback``."""
+    source = source_of(address)
+    if source != "loopback":
+        return source
+    uid = peer.loopback_peer_uid(sock)
+    return source if uid is None else f"loopback:uid={uid}"
 
 
 def hash_credential(credential: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
@@ -139,8 +155,8 @@ class Rate:
     per_second: float
 
 
-# Per source (source_of: a peer address, all of loopback as one; `unix:uid=N`): a person who
-# mistypes never meets it, a guesser gets one guess per 2 s after a burst of 10.
+# Per source (source_of_peer: a fabric address, a local user's uid on loopback, `unix:uid=N`):
+# a person who mistypes never meets it, a guesser gets one guess per 2 s after a burst of 10.
 PER_SOURCE = Rate(10, 0.5)
 # Per principal, over all sources: it bounds guessing one principal's credential from many
 # sources (a principal's nodes can take many fabric addresses) to about one a second. One

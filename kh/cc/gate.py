@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import paramiko
 
-from kh.admission import source_of
+from kh.admission import source_of_peer
 from kh.cc.limits import Limits
 from kh.service.access import ChannelAccess, Grant, Standing
 
@@ -158,7 +158,7 @@ class Gate:
                     log.warning("ssh: cannot accept a connection: %s", e)
                     self._closed.wait(0.1)
                 return
-            source = source_of(str(addr[0]))  # all of loopback is one source
+            source = source_of_peer(sock, str(addr[0]))  # a local user by uid
             lim = self.limits
             with self.lock:  # (a transport that ended is not counted, reaped or not)
                 waiting = [c for c in self.conns if c.grant is None and (

@@ -19,7 +19,6 @@ import http
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -36,8 +35,9 @@ from waitress.server import TcpWSGIServer, UnixWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
-from kh.admission import source_of
+from kh.admission import source_of_peer
 from kh.errors import KhError
+from kh.peer import unix_peer_uid
 from kh.service.request import MAX_BODY, Caller
 
 log = logging.getLogger("kh.httpd")
@@ -57,9 +57,9 @@ IDLE_TIMEOUT = 30
 # the kernel's backlog (BACKLOG deep; then refused) until one closes, at the latest after the
 # timeouts above. Each costs at most a socket and MAX_HEADER + MAX_BODY bytes.
 MAX_CONNECTIONS = 100
-# Connections per source on a TCP listener (admission.source_of, as for ssh: all of 127.0.0.0/8
-# and ::1 is one source, "loopback": any local user can pick a source address there); the next
-# is answered 429 and closed, so one node or local process cannot take all of MAX_CONNECTIONS.
+# Connections per source on a TCP listener (admission.source_of_peer, as for ssh: a fabric
+# address, or on loopback the local user owning the connecting socket); the next is answered
+# 429 and closed, so one node or local user cannot take all of MAX_CONNECTIONS.
 PER_SOURCE = 16
 BACKLOG = 128
 # Worker threads: requests served at once. The TCP listeners (loopback and the fabric) share
@@ -95,8 +95,7 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 def peer_caller(sock: socket.socket) -> Caller:
     """Who is at the other end of a unix socket, from the kernel (SO_PEERCRED): the operator
     when its uid is root's or khd's own (it could read khd's state anyway)."""
-    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    uid = unix_peer_uid(sock)
     return Caller(f"unix:uid={uid}", uid in (0, os.geteuid()))
 
 
@@ -169,9 +168,9 @@ class _Channel(HTTPChannel):  # type: ignore[misc]
     error_task_class = _ErrorTask
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any,
-                 map: dict[int, Any] | None = None) -> None:
+                 map: dict[int, Any] | None = None, source: str = "") -> None:
         self.caller = (peer_caller(sock) if sock.family == socket.AF_UNIX
-                       else Caller(source_of(addr[0]), False))
+                       else Caller(source or source_of_peer(sock, addr[0]), False))
         super().__init__(server, sock, addr, adj, map=map)
 
 
@@ -229,8 +228,9 @@ class _Bounded:
         if pair is None:
             return
         conn, addr = pair
+        source = ""
         if self.family != socket.AF_UNIX:
-            source = source_of(addr[0])
+            source = source_of_peer(conn, addr[0])
             held = Counter(ch.caller.source for ch in self.active_channels.values())
             if held[source] >= self.limits.per_source:
                 _refuse(conn, f"too many connections from {source} (at most "
@@ -241,7 +241,7 @@ class _Bounded:
             addr = ("unix", None)
         try:
             self.channel_class(self, conn, addr, self.adj,  # type: ignore[attr-defined]
-                               map=self._map)  # type: ignore[attr-defined]
+                               map=self._map, source=source)  # type: ignore[attr-defined]
         except OSError:  # the peer is already gone (getsockopt on a dead socket)
             conn.close()
 

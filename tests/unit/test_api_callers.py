@@ -7,6 +7,7 @@ API on a unix socket and on 127.0.0.1 (tests/unit/fake_khd.py)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -136,8 +137,8 @@ def test_a_flood_from_one_source_is_429_and_locks_no_one_out_elsewhere(
         codes.append(status)
         if status == 429:
             assert b"\r\nRetry-After: 2\r\n" in resp
-            assert text_of(resp) == ("kh: too many refused credentials from loopback "
-                                     "(try again in 2 s)\n")
+            assert text_of(resp) == (f"kh: too many refused credentials from "
+                                     f"loopback:uid={os.geteuid()} (try again in 2 s)\n")
         status, resp = post(unix, "/v1/keys/list", body(user="bob", credential="bob-pw"))
         assert status == 200, resp  # another principal, another source: unaffected
     status, resp = post(unix, "/v1/allocations", body(user="bob", credential="bob-pw"))

@@ -20,6 +20,7 @@ import pytest
 from kh import admission
 from kh.service import httpd
 from kh.service.request import Caller
+from tests.unit.as_user import NOBODY, connect_as
 
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -148,6 +149,7 @@ def test_past_the_connection_limit_new_connections_wait_unaccepted():
 
 
 def test_past_the_per_source_limit_a_connection_is_refused_with_429():
+    me = f"loopback:uid={os.geteuid()}"
     with server(per_source=3) as addr:
         held = [connect(addr) for _ in range(3)]
         for c in held:
@@ -155,12 +157,28 @@ def test_past_the_per_source_limit_a_connection_is_refused_with_429():
         with connect(addr) as extra:
             answer = ask(extra)
             assert answer.startswith(b"HTTP/1.1 429"), answer
-            assert answer.endswith(b"kh: too many connections from loopback (at most 3)\n")
+            assert answer.endswith(f"kh: too many connections from {me} (at most 3)\n".encode())
             assert extra.recv(10) == b""  # and closed
         held.pop().close()
         time.sleep(0.2)  # the close reaches khd's loop
         with connect(addr) as again:
             assert ask(again).startswith(b"HTTP/1.1 200")
+        for c in held:
+            c.close()
+
+
+def test_one_local_user_holding_its_connections_leaves_others_theirs():
+    """All of loopback was one source: 16 idle connections from one local user answered 429
+    to every other local user's requests for up to 30 s."""
+    with server(per_source=3) as addr:
+        held = [connect_as(NOBODY, addr) for _ in range(3)]
+        for c in held:
+            assert ask(c).startswith(b"HTTP/1.1 200")
+        with connect_as(NOBODY, addr, "127.0.0.7") as extra:
+            assert ask(extra).endswith(
+                f"kh: too many connections from loopback:uid={NOBODY} (at most 3)\n".encode())
+        with connect(addr) as mine:
+            assert ask(mine).startswith(b"HTTP/1.1 200")
         for c in held:
             c.close()
 
@@ -206,7 +224,7 @@ def test_a_body_of_exactly_the_limit_is_read():
 
 def test_the_caller_comes_from_the_transport(tmp_path):
     with server() as addr, connect(addr) as s:
-        assert ask(s).endswith(b"\r\n\r\nloopback False True\n")
+        assert ask(s).endswith(f"\r\n\r\nloopback:uid={os.geteuid()} False True\n".encode())
     sock = tmp_path / "khd.sock"
     srv = httpd.HttpServer(app, [httpd.bind_unix(sock)])
     srv.start()

@@ -4,6 +4,7 @@ that depended on them, with one line on stderr, and refuses new channels."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -72,7 +73,7 @@ def test_a_session_reaches_only_its_allocation(srv):
         ch.close()
     finally:
         c.close()
-    assert srv.access.sources and set(srv.access.sources) == {"loopback"}
+    assert srv.access.sources and set(srv.access.sources) == {f"loopback:uid={os.geteuid()}"}
 
 
 @pytest.mark.parametrize("user, password", [("con1", "bpw"), ("con2", "apw"), ("con9", "apw"),

@@ -4,6 +4,7 @@ logged-in connections, channels and sessions are capped too."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from contextlib import AbstractContextManager
@@ -13,6 +14,7 @@ import pytest
 
 from kh.cc import gate
 from kh.cc.limits import Limits
+from tests.unit.as_user import NOBODY, connect_as
 from tests.unit.sshd_fakes import FakeAccess, Running, connect, serve, tcp, wait_until
 
 
@@ -54,10 +56,11 @@ def access() -> FakeAccess:
 
 @pytest.fixture
 def hosts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let 127.0.0.N stand for distinct hosts: khd counts all of loopback as one source (see
-    test_all_of_loopback_is_one_source), so a test of what one host may not take from another
-    counts each address as its own source here, as a fabric address is."""
-    monkeypatch.setattr(gate, "source_of", str)
+    """Let 127.0.0.N stand for distinct hosts: khd counts a local user as one source whatever
+    its loopback address (see test_a_local_user_is_one_source_whatever_its_address), so a test
+    of what one host may not take from another counts each address as its own source here, as
+    a fabric address is."""
+    monkeypatch.setattr(gate, "source_of_peer", lambda sock, address: address)
 
 
 def running(access: FakeAccess, **limits: float) -> AbstractContextManager[Running]:
@@ -124,24 +127,29 @@ def test_key_exchanges_in_progress_are_bounded_per_source(access, hosts):
             t.close()
 
 
-def test_all_of_loopback_is_one_source(access):
+def test_a_local_user_is_one_source_whatever_its_address(access):
     """A local attacker multiplied its budget by its address: the ssh side counted 127.0.0.2
-    as a source of its own (the HTTP side counts all of loopback as one)."""
+    as a source of its own. And then all of loopback was one source, so one local user's
+    half-open logins held every other local user out: now a source is the user (kh.peer)."""
+    me = f"loopback:uid={os.geteuid()}"
     with running(access, login_timeout=5.0, logins_per_source=3) as srv:
         held = [tcp(srv.port, "127.0.0.1") for _ in range(3)]
         for s in held:
             assert read_line(s).startswith(b"SSH-2.0-")
         other = tcp(srv.port, "127.0.0.2")
-        assert read_line(other) == b"kh: too many ssh logins under way from loopback, " \
-                                   b"try again later\r\n"
+        assert read_line(other) == f"kh: too many ssh logins under way from {me}, " \
+                                   "try again later\r\n".encode()
         assert closed(other)
         other.close()
+        if os.geteuid() == 0:  # another local user is not held out
+            with connect_as(NOBODY, ("127.0.0.1", srv.port), "127.0.0.2") as s:
+                assert read_line(s).startswith(b"SSH-2.0-")
         for s in held:
             s.close()
         wait_until(lambda: not srv.server.gate.conns)
         with pytest.raises(paramiko.AuthenticationException):
             connect(srv.port, "con1", "wrong", source="127.0.0.3")
-        assert access.sources == ["loopback"]  # and so are refused credentials limited
+        assert access.sources == [me]  # and so are refused credentials limited
 
 
 def test_a_login_not_done_in_time_is_closed(access):
