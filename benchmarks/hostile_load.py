@@ -27,11 +27,14 @@ import paramiko
 from kh.client import Client
 from kh.errors import KhError
 from kh.service.config import ServiceConfig
+from tests.unit.as_user import connect_as
 
 MIB = 1 << 20
 # The attackers' source: loopback, where any local user's program is, but not the 127.0.0.1 of
-# the principals they run beside (a khd may or may not tell the two apart).
+# the principals they run beside (khd tells local users apart by uid, not by address).
 ATTACKER = "127.0.0.2"
+# The attackers' local user, when they run as one other than the principals': nobody.
+ATTACKER_UID = 65534
 HALF_REQUEST = b"POST /v1/allocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 64\r\n"
 SSH_BANNER = b"SSH-2.0-kh_hostile_1.0\r\n"
 # What the session that never reads asks its node for at the U-Boot prompt: 1 MiB of memory
@@ -102,7 +105,14 @@ class Sampler:
         self._thread.join()
 
 
-def _connect(port: int, source: str) -> socket.socket | None:
+def _connect(port: int, source: str, uid: int | None = None) -> socket.socket | None:
+    """A connection to 127.0.0.1:``port`` from ``source``, made by local user ``uid`` (None:
+    this process's), or None if it cannot be made within 2 s."""
+    if uid is not None:
+        try:
+            return connect_as(uid, ("127.0.0.1", port), source, timeout=2)
+        except OSError:
+            return None
     s = socket.socket()
     s.settimeout(2)  # a server that stopped accepting (its backlog full) drops our SYNs
     try:
@@ -132,12 +142,12 @@ def _closed_by_peer(s: socket.socket) -> bool:
 class HostileLoad:
     """The issue's attackers: ``http`` TCP clients of khd's API that stay idle (half send
     nothing, half the first lines of a request and no more) and ``ssh`` half-open logins (half
-    send nothing, half only an ssh version banner), all from ``source``. ``close`` closes
-    every socket."""
+    send nothing, half only an ssh version banner), all from ``source``, made by local user
+    ``uid`` (None: this process's). ``close`` closes every socket."""
 
     def __init__(self, cfg: ServiceConfig, http: int = 200, ssh: int = 50,
-                 source: str = ATTACKER) -> None:
-        self.cfg, self.http, self.ssh, self.source = cfg, http, ssh, source
+                 source: str = ATTACKER, uid: int | None = None) -> None:
+        self.cfg, self.http, self.ssh, self.source, self.uid = cfg, http, ssh, source, uid
         self.socks: dict[str, list[socket.socket]] = {"http": [], "ssh": []}
         self.refused = Counter[str]()  # connections that could not be made (or not tried)
 
@@ -146,7 +156,7 @@ class HostileLoad:
                                          ("ssh", self.ssh, self.cfg.ssh_port, SSH_BANNER)):
             failed = 0
             for i in range(count):
-                s = _connect(port, self.source) if failed < 3 else None
+                s = _connect(port, self.source, self.uid) if failed < 3 else None
                 if s is None:  # after three in a row, the rest are not tried
                     self.refused[kind] += 1
                     failed += 1
@@ -165,7 +175,9 @@ class HostileLoad:
 
     def describe(self) -> str:
         return (f"{len(self.socks['http'])} idle HTTP clients and {len(self.socks['ssh'])} "
-                f"half-open ssh logins from {self.source} ({dict(self.refused) or 'none'} "
+                f"half-open ssh logins from {self.source}"
+                f"{'' if self.uid is None else f' as uid {self.uid}'} "
+                f"({dict(self.refused) or 'none'} "
                 f"refused at connect)")
 
     def close(self) -> None:
@@ -309,6 +321,25 @@ class Listing1:
         self.seconds = time.monotonic() - t0
         if self.pages != self.count:
             raise Failed(f"{self.pages} of {self.count} pages fetched: {out.strip()[-400:]}")
+
+
+def post(port: int, path: str, body: dict[str, object], source: str = "127.0.0.1"
+         ) -> tuple[int, dict[str, object]]:
+    """One JSON POST to khd's API over TCP from ``source``: (HTTP status, answer as JSON, or
+    {"text": ...} when it is not)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request("POST", path, json.dumps(body),
+                     {"Content-Type": "application/json", "Accept": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read().decode("utf-8", "replace")
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {"text": raw}
+        return resp.status, answer if isinstance(answer, dict) else {"value": answer}
+    finally:
+        conn.close()
 
 
 def refusal(port: int, user: str, cred: str, source: str = "127.0.0.1",

@@ -17,10 +17,13 @@ def needs_root() -> None:
         pytest.skip("creating a socket as another user needs root")
 
 
-def connect_as(uid: int, address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
+def connect_as(uid: int, address: tuple[str, int], source: str = "127.0.0.1",
+               timeout: float | None = None) -> socket.socket:
     """A TCP connection to ``address`` from ``source``, created by a process running as
-    ``uid``; the caller gets the connected socket."""
-    needs_root()
+    ``uid`` (root only: PermissionError otherwise); the caller gets the connected socket.
+    OSError when it cannot be made (within ``timeout`` seconds, if given)."""
+    if os.geteuid() != 0:
+        raise PermissionError("creating a socket as another user needs root")
     parent, child = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the child: as ``uid``, connect, hand over, exit without cleanup
@@ -31,6 +34,7 @@ def connect_as(uid: int, address: tuple[str, int], source: str = "127.0.0.1") ->
             os.setgid(uid)
             os.setuid(uid)
             s = socket.socket()
+            s.settimeout(timeout)
             s.bind((source, 0))
             s.connect(address)
             socket.send_fds(child, [b"s"], [s.fileno()])
@@ -43,5 +47,8 @@ def connect_as(uid: int, address: tuple[str, int], source: str = "127.0.0.1") ->
     finally:
         parent.close()
         os.waitpid(pid, 0)
-    assert fds, "the child could not connect"
-    return socket.socket(fileno=fds[0])
+    if not fds:
+        raise ConnectionError(f"no connection to {address[0]}:{address[1]} as uid {uid}")
+    s = socket.socket(fileno=fds[0])
+    s.settimeout(None)
+    return s

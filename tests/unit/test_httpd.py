@@ -20,7 +20,7 @@ import pytest
 from kh import admission
 from kh.service import httpd
 from kh.service.request import Caller
-from tests.unit.as_user import NOBODY, connect_as
+from tests.unit.as_user import NOBODY, connect_as, needs_root
 
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -170,6 +170,7 @@ def test_past_the_per_source_limit_a_connection_is_refused_with_429():
 def test_one_local_user_holding_its_connections_leaves_others_theirs():
     """All of loopback was one source: 16 idle connections from one local user answered 429
     to every other local user's requests for up to 30 s."""
+    needs_root()
     with server(per_source=3) as addr:
         held = [connect_as(NOBODY, addr) for _ in range(3)]
         for c in held:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from kh import admission, peer
-from tests.unit.as_user import NOBODY, connect_as
+from tests.unit.as_user import NOBODY, connect_as, needs_root
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def test_a_loopback_peer_is_the_user_owning_its_socket(listener, source):
 
 
 def test_another_user_is_another_source(listener):
+    needs_root()
     c = connect_as(NOBODY, listener.getsockname(), "127.0.0.2")
     a, addr = listener.accept()
     with a, c:
