@@ -69,10 +69,10 @@ def plan_domains(req: Request, owned: dict[int, str], next_netid: int = FIRST_PR
     req.check()
     mine = sorted(d for d, o in owned.items() if o == req.user)
     for d in req.existing:
-        if d not in owned:
-            raise AllocationError(f"domain {d} does not exist")
-        if owned[d] != req.user:
-            raise AllocationError(f"domain {d} belongs to another principal")
+        # another principal's domain looks exactly like one that does not exist
+        if owned.get(d) != req.user:
+            raise AllocationError(f"principal {req.user} has no private domain {d}",
+                                  "kh ps lists yours")
     create: list[Domain] = []
     private: list[Domain] = [Domain(d, DomainKind.PRIVATE, req.user) for d in req.existing]
     netid = next_netid

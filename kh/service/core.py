@@ -253,10 +253,9 @@ class Service:
     def _own_allocation(self, alloc: int, user: str) -> None:
         """Under the lock, for an authenticated ``user``: ``alloc`` is live and theirs."""
         row = self.store.allocation(alloc)
-        if row is None or row.released is not None:
-            raise NotFound(f"no active allocation {alloc}")
-        if row.principal != user:
-            raise admission.AuthError(f"allocation {alloc} belongs to another principal")
+        # another principal's allocation looks exactly like one that does not exist
+        if row is None or row.released is not None or row.principal != user:
+            raise NotFound(f"principal {user} has no active allocation {alloc}")
 
     def _await_resets(self, numbers: list[int]) -> bool:
         """Under the lock: True at once when no node of ``numbers`` is being reset; else wait,
@@ -296,9 +295,12 @@ class Service:
         with self.admitted(user, credential):
             while True:
                 row = self.store.node(number)
+                owner = None if row is None or row.alloc is None else \
+                    self.store.allocation(row.alloc)
                 if row is None or row.alloc is None or row.state not in (
-                        NodeState.ALLOCATED, NodeState.FAILED):
-                    raise NotFound(f"node {number} is not allocated")
+                        NodeState.ALLOCATED, NodeState.FAILED) or owner is None or \
+                        owner.principal != user:  # another's node: as if not allocated
+                    raise NotFound(f"principal {user} has no allocated node {number}")
                 self._own_allocation(row.alloc, user)
                 if self._await_resets([number]):
                     break
@@ -339,10 +341,9 @@ class Service:
         given the same id later takes the bridge over (it has no node left on it)."""
         with self.admitted(user, credential):
             owners = self.store.private_owners()
-            if netid in (EXTERNAL, PUBLIC) or netid not in owners:
-                raise NotFound(f"no private domain {netid}")
-            if owners[netid] != user:
-                raise admission.AuthError(f"domain {netid} belongs to another principal")
+            if netid in (EXTERNAL, PUBLIC) or owners.get(netid) != user:
+                # another principal's domain looks exactly like one that does not exist
+                raise NotFound(f"principal {user} has no private domain {netid}")
             if not self.store.remove_domain(netid):
                 raise AllocationError(f"domain {netid} still has allocated nodes",
                                       "release them first")

@@ -48,8 +48,8 @@ def test_new_ids_skip_taken():
 
 
 @pytest.mark.parametrize("req,owned,msg", [
-    (Request("a", existing=(9,)), {}, "does not exist"),
-    (Request("a", existing=(3,)), {3: "b"}, "another principal"),
+    (Request("a", existing=(9,)), {}, "principal a has no private domain 9"),
+    (Request("a", existing=(3,)), {3: "b"}, "principal a has no private domain 3"),
 ])
 def test_foreign_or_missing_domains_refused(req, owned, msg):
     with pytest.raises(AllocationError, match=msg):
