@@ -29,6 +29,7 @@ from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Reque
 from kh.errors import KhError, UsageError
 from kh.service import httpd
 from kh.service import request as rq
+from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
 from kh.service.hardware import Hardware
 from kh.service.request import Caller
@@ -312,6 +313,7 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/status", status),
     ("GET", r"/v1/images", images),
     ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
+    *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
 ]
 
 
