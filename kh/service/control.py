@@ -234,22 +234,30 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
     return Started(p.pid, status)
 
 
-def stop(cfg: ServiceConfig, timeout: float = 30.0) -> list[int]:
-    """Stop every khd of ``cfg``'s state directory (SIGTERM; SIGKILL after ``timeout``);
-    return their PIDs."""
-    pids = khd_pids(cfg)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+def stop(cfg: ServiceConfig, timeout: float = 30.0, kill_wait: float = 30.0) -> list[int]:
+    """Stop every khd of ``cfg``'s state directory (SIGTERM; SIGKILL after ``timeout`` s) and
+    return once none is left; return their PIDs. A process that shows up meanwhile with
+    khd's command line is stopped too: a khd's child between fork and exec (a QEMU about to
+    start, which carries its node tag only once it has exec'd) looks like khd, so a `clean`
+    looks for node QEMUs only once it is gone. Raises KhError if one outlives SIGKILL by
+    ``kill_wait`` s."""
+    signalled: list[int] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and set(khd_pids(cfg)) & set(pids):
-        time.sleep(0.1)
-    for pid in set(khd_pids(cfg)) & set(pids):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    while set(khd_pids(cfg)) & set(pids):
+    while True:
+        left = khd_pids(cfg)
+        if not left:
+            return signalled
+        sig = signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL
+        if sig == signal.SIGKILL and time.monotonic() > deadline + kill_wait:
+            raise KhError(f"khd {left[0]} is still there {kill_wait:.0f} s after SIGKILL",
+                          "see its state in /proc; kh clean again once it is gone")
+        for pid in left:
+            if pid not in signalled or sig == signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if pid not in signalled:
+                signalled.append(pid)
         time.sleep(0.05)
-    return pids
 
 
 def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
@@ -259,8 +267,13 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     Processes and namespaces are found by the prefix tag, so two kh instances on one host
     need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
-    # Each found with its identity (PID, start time, tag), checked again before each signal.
-    done += [f"stopped node QEMU {i.pid}" for i in procid.stop(procid.tagged(cfg.prefix))]
+    # Only now, with no khd left to start one: each found with its identity (PID, start time,
+    # tag), checked again before each signal, and looked for again until none is found.
+    stopped, left = procid.sweep(cfg.prefix)
+    done += [f"stopped node QEMU {i.pid}" for i in stopped]
+    if left:
+        raise KhError(f"node QEMU {left[0]} is still running after SIGKILL",
+                      "kh clean again once it has exited; nothing else was removed")
     done += [f"removed cgroup {d}" for d in cgroup.remove_all(cfg.prefix)]
     for pid in netns_pids(cfg.fabric.netns):
         done.append(f"left process {pid} alone: it is in {cfg.fabric.netns} but not kh's "

@@ -42,6 +42,9 @@ log = logging.getLogger("kh.nodes")
 NODE_USER = "kh-node"  # node QEMUs run as this user; tools/setup-apt creates it
 CODE_CACHE_MIB = 64  # each node's TCG code cache (board.accel_args); in its memory limit
 IDENT_FILE = "qemu.id"  # in the node's run directory: its QEMU's PID and start time
+# Seconds khd's shutdown waits for starts it aborted to end before it kills their QEMUs itself
+# (an aborted start ends in ~1 s; `kh service stop` SIGKILLs a khd after 30 s).
+ABORT_WAIT = 15.0
 
 
 def node_user() -> str | None:
@@ -167,6 +170,7 @@ class NodeManager:
         self._lock = threading.Lock()
         self._closing = False
         self._starting: dict[int, subprocess.Popen[bytes]] = {}
+        self._started = threading.Condition(self._lock)  # notified as each start ends
         if node_user() is None:
             log.warning("node QEMUs run as root: the host has no user %s (tools/setup-apt "
                         "creates it)", NODE_USER)
@@ -216,6 +220,7 @@ class NodeManager:
         cg = self._cgroup(number)
         with self._lock:
             if self._closing:
+                self._drop_cgroup(cg)
                 raise StartAborted(f"node {number}: khd is stopping")
             try:
                 with open(qemu_log, "wb") as err:
@@ -232,16 +237,22 @@ class NodeManager:
         log.debug("node %d: %s", number, ident)
         con: Console | None = None
         mux: Mux | None = None
+        made: RunningNode | None = None
         try:
             on_spawn(popen.pid)
             con, mux = self._attach_console(number, alive=lambda: popen.poll() is None)
-            node = RunningNode(number, ident, con, mux, popen, cg)
+            node = made = RunningNode(number, ident, con, mux, popen, cg)
             self._wait_qmp(spec, popen)
             for slot in range(NIC_SLOTS):
                 node.qmp(spec, "set_link", name=f"d{slot}", up=False)
             start = con.mark()
             node.qmp(spec, "cont")
             con.expect(uboot.UBOOT_PROMPT, timeout, stage="U-Boot prompt", start=start)
+            with self._lock:  # a node now, or aborted: never a QEMU khd stops knowing about
+                if self._closing:
+                    raise StartAborted(f"node {number}: khd is stopping")
+                self._starting.pop(number, None)
+                self.running[number] = node
         except BaseException as e:
             if popen.poll() is None and isinstance(e, BootError) and \
                     not isinstance(e, KhTimeout):
@@ -250,6 +261,8 @@ class NodeManager:
             exit_code = popen.poll()
             proc.reap(popen)
             self._drop_cgroup(cg)
+            if made is not None:
+                made.writer.stop()  # its thread would wait for input forever
             if mux is not None:
                 mux.close()
             if con is not None:
@@ -266,7 +279,7 @@ class NodeManager:
         finally:
             with self._lock:
                 self._starting.pop(number, None)
-        self.running[number] = node
+                self._started.notify_all()
         return node
 
     def _cgroup(self, number: int) -> cgroup.NodeCgroup | None:
@@ -302,13 +315,25 @@ class NodeManager:
             return None
         return cgroup.usage(node.cgroup)
 
-    def abort_starts(self) -> None:
-        """khd is stopping: end the QEMUs of starts under way and refuse new ones."""
+    def abort_starts(self, wait: float | None = None) -> None:
+        """khd is stopping: refuse new starts, end the QEMUs of starts under way (SIGTERM)
+        and wait up to ``wait`` s for those starts to end; a QEMU whose start still has not
+        ended then is killed and reaped here. On return no QEMU of a start runs, and none
+        will: a start that had come to the U-Boot prompt is a node (``running``) by then.
+        ``wait`` defaults to ABORT_WAIT."""
+        wait = ABORT_WAIT if wait is None else wait
         with self._lock:
             self._closing = True
             starting = list(self._starting.values())
         for popen in starting:
             proc.terminate(popen)
+        with self._lock:
+            self._started.wait_for(lambda: not self._starting, wait)
+            stuck = list(self._starting.values())
+        for popen in stuck:  # its start is held up elsewhere; its QEMU goes all the same
+            log.warning("a node start did not end within %.0f s of khd stopping; killing "
+                        "its QEMU %d", wait, popen.pid)
+            proc.reap(popen, grace=0.0)
 
     @staticmethod
     def _wait_qmp(spec: board.NodeSpec, popen: subprocess.Popen[bytes]) -> None:

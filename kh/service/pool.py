@@ -285,7 +285,8 @@ class Pool:
         self._wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop filling; starts under way end (their QEMUs too); running nodes stay."""
+        """Stop filling; starts under way end, QEMU and all (NodeManager.abort_starts waits
+        for them); running nodes stay. No QEMU is started from here on."""
         self._stop.set()
         self._wake.set()
         self.nodes.abort_starts()

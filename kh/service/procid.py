@@ -73,7 +73,9 @@ def identify(pid: int, tag: str) -> ProcId | None:
     if before is None or before[0] == "Z" or tag not in tags(pid):
         return None
     after = stat(pid)  # the PID may have changed hands while the command line was read
-    if after != before:
+    # Only the start time tells that: the state (R, S, D...) of a busy QEMU changes between
+    # two reads, and comparing it too let `kh clean` pass over one node in several (issue 10).
+    if after is None or after[0] == "Z" or after[1] != before[1]:
         return None
     return ProcId(pid, before[1], tag)
 
@@ -124,18 +126,35 @@ def send(ident: ProcId, sig: int) -> bool:
         os.close(pidfd)
 
 
-def stop(idents: list[ProcId], grace: float = 5.0) -> list[ProcId]:
+def stop(idents: list[ProcId], grace: float = 5.0, kill_wait: float = 10.0) -> list[ProcId]:
     """Stop processes that are not our children (nodes found again after a khd restart):
-    SIGTERM each verified one, wait up to ``grace`` s, SIGKILL those still there. Returns
-    those that were signalled (a process that failed its check is left alone)."""
+    SIGTERM each verified one, wait up to ``grace`` s, SIGKILL those still there and wait up
+    to ``kill_wait`` s more for them to be gone (a process that was SIGKILLed still runs
+    while the kernel frees its memory: a caller that looks right after must not see it).
+    Returns those that were signalled (a process that failed its check is left alone)."""
     sent = [i for i in idents if send(i, signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(is_alive(i) for i in sent):
         time.sleep(0.02)
-    for i in sent:
-        if is_alive(i):
-            send(i, signal.SIGKILL)
+    killed = [i for i in sent if is_alive(i) and send(i, signal.SIGKILL)]
+    deadline = time.monotonic() + kill_wait
+    while time.monotonic() < deadline and any(is_alive(i) for i in killed):
+        time.sleep(0.02)
     return sent
+
+
+def sweep(prefix: str, rounds: int = 5, grace: float = 5.0) -> tuple[list[ProcId], list[ProcId]]:
+    """Stop every process carrying a node tag of ``prefix`` (``tagged``, then ``stop``), and
+    look again until a look finds none, at most ``rounds`` looks: a process that was forked
+    by a khd but had not yet exec'd QEMU at the first look carries its tag only from its exec
+    on. Returns (those stopped, those still running after the last look)."""
+    stopped: list[ProcId] = []
+    for _ in range(rounds):
+        found = tagged(prefix)
+        if not found:
+            return stopped, []
+        stopped += stop(found, grace)
+    return stopped, tagged(prefix)
 
 
 def tagged(prefix: str) -> list[ProcId]:
