@@ -21,8 +21,9 @@ from typing import Any
 from kh.errors import KhError
 from kh.model import Domain, DomainKind, NodeState
 from kh.store_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from kh.store_tokens import TokenRow, TokenRows
 
-__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "AllocRow", "NodeRow", "Store"]
+__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "AllocRow", "NodeRow", "Store", "TokenRow"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,10 @@ class AllocRow:
     created: float
     released: float | None
     netids: tuple[int, ...]
+    token: int | None = None  # the token it was made with (kh.service.tokens), if any
 
 
-class Store:
+class Store(TokenRows):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -167,24 +169,25 @@ class Store:
             "WHERE ad.netid=? AND a.released IS NULL LIMIT 1", (netid,)))
 
     # -- allocations ----------------------------------------------------------------------
-    def add_allocation(self, principal: str, netids: tuple[int, ...]) -> int:
+    def add_allocation(self, principal: str, netids: tuple[int, ...],
+                       token: int | None = None) -> int:
         with self.tx() as db:
-            cur = db.execute("INSERT INTO allocations (principal, created) VALUES (?, ?)",
-                             (principal, time.time()))
+            cur = db.execute("INSERT INTO allocations (principal, created, token) "
+                             "VALUES (?, ?, ?)", (principal, time.time(), token))
             alloc = int(cur.lastrowid or 0)
             for slot, netid in enumerate(netids):
                 db.execute("INSERT INTO alloc_domains VALUES (?, ?, ?)", (alloc, slot, netid))
             return alloc
 
     def allocation(self, alloc: int) -> AllocRow | None:
-        rows = self._rows("SELECT id, principal, created, released FROM allocations "
+        rows = self._rows("SELECT id, principal, created, released, token FROM allocations "
                           "WHERE id=?", (alloc,))
         if not rows:
             return None
         row = rows[0]
         nets = self._rows("SELECT netid FROM alloc_domains WHERE alloc=? ORDER BY slot",
                           (alloc,))
-        return AllocRow(row[0], row[1], row[2], row[3], tuple(n[0] for n in nets))
+        return AllocRow(row[0], row[1], row[2], row[3], tuple(n[0] for n in nets), row[4])
 
     def allocations(self, active_only: bool = True) -> list[AllocRow]:
         q = "SELECT id FROM allocations" + (" WHERE released IS NULL" if active_only else "")
@@ -285,10 +288,11 @@ class Store:
 
     def commit_allocation(self, principal: str, register: tuple[bytes, bytes] | None,
                           create: tuple[Domain, ...], netids: tuple[int, ...],
-                          numbers: list[int]) -> int:
+                          numbers: list[int], token: int | None = None) -> int:
         """khget's outcome in one transaction: the principal (``register``: its salt and hash,
         when new), its new domains, the allocation with its domains in eth order, and nodes
-        ``numbers`` (`configuring`) allocated to it. Returns the allocation's id."""
+        ``numbers`` (`configuring`) allocated to it (made with ``token``, if one). Returns the
+        allocation's id."""
         with self.tx() as db:
             now = time.time()
             if register is not None:
@@ -297,7 +301,7 @@ class Store:
             for d in create:
                 db.execute("INSERT INTO domains VALUES (?, ?, ?, ?)",
                            (d.netid, d.kind.value, d.owner, now))
-            alloc = self.add_allocation(principal, netids)
+            alloc = self.add_allocation(principal, netids, token)
             cur = db.execute(f"UPDATE nodes SET state=?, alloc=?, attempts=0 WHERE state=? "
                              f"AND number IN ({self._marks(numbers)})",
                              (NodeState.ALLOCATED.value, alloc, NodeState.CONFIGURING.value,
@@ -348,7 +352,8 @@ class Store:
     def forget_principal(self, name: str) -> dict[str, list[int]]:
         """The principal, with its nodes (their QEMUs already stopped), allocations (released
         ones too), private domains and keys, leaves the state in one transaction. Returns what
-        went: {"allocations": live ones released, "nodes", "domains", "keys"}."""
+        went: {"allocations": live ones released, "nodes", "domains", "keys"} (its tokens go
+        too)."""
         with self.tx() as db:
             mine = "SELECT id FROM allocations WHERE principal=?"
             live = [r[0] for r in db.execute(mine + " AND released IS NULL ORDER BY id",
@@ -364,6 +369,7 @@ class Store:
             db.execute(f"DELETE FROM alloc_domains WHERE alloc IN ({mine}) OR netid IN "
                        "(SELECT netid FROM domains WHERE owner=?)", (name, name))
             db.execute("DELETE FROM allocations WHERE principal=?", (name,))
+            db.execute("DELETE FROM tokens WHERE principal=?", (name,))
             db.execute("DELETE FROM domains WHERE owner=?", (name,))
             db.execute("DELETE FROM principals WHERE name=?", (name,))
             return {"allocations": live, "nodes": nodes, "domains": netids, "keys": keys}

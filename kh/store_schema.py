@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
@@ -42,5 +42,14 @@ ALTER TABLE nodes ADD COLUMN retry_at REAL;
     4: """
 ALTER TABLE nodes ADD COLUMN resetting INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE principals ADD COLUMN removing REAL;
+""",
+    # Scoped, revocable tokens for in-node tools (kh.service.tokens): only a hash of each is
+    # kept; an allocation made with one names it (its node budget and its control channel).
+    5: """
+CREATE TABLE tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL REFERENCES principals(name),
+    hash BLOB NOT NULL UNIQUE, netids TEXT NOT NULL, max_nodes INTEGER, expires REAL,
+    revoked REAL, created REAL NOT NULL);
+ALTER TABLE allocations ADD COLUMN token INTEGER REFERENCES tokens(id);
 """,
 }

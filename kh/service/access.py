@@ -24,6 +24,7 @@ from kh.errors import KhError
 from kh.hw import memload
 from kh.hw.console import Console
 from kh.model import NodeState
+from kh.service import tokens
 
 if TYPE_CHECKING:
     from kh.service.core import Service
@@ -41,16 +42,19 @@ class Revoked(KhError):
 @dataclass(frozen=True)
 class Grant:
     """A successful login to ``con<alloc>`` (``node`` None) or ``con<alloc>.<node>``:
-    by the principal's credential (``key_id`` None) or by its registered key ``key_id``."""
+    by the principal's credential (``key_id`` and ``token`` None), by its registered key
+    ``key_id``, or by token ``token`` (the one that made the allocation, kh.service.tokens)."""
 
     principal: str
     alloc: int
     node: int | None
     key_id: int | None
+    token: int | None = None
 
     def describe(self) -> str:
         user = f"con{self.alloc}" + (f".{self.node}" if self.node is not None else "")
         how = "credential" if self.key_id is None else f"key {self.key_id}"
+        how = how if self.token is None else f"token {self.token}"
         return f"{user} ({self.principal}, {how})"
 
 
@@ -164,6 +168,13 @@ class ServiceAccess:
                        source: str) -> Grant | None:
         with self.svc.lock:
             owner = self._owner(alloc, node)
+        # A token opens only the allocations it made; one that does not is checked (and its
+        # refusal counted) as a credential below.
+        tok = None if owner is None else tokens.channel_token(
+            self.svc, owner, alloc, password, admission.source_of(source))
+        if owner is not None and tok is not None:
+            g = Grant(owner, alloc, node, None, tok)
+            return g if self.standing([g])[g].reason is None else None
         if owner is None:
             # The same work as a wrong credential, so live channels cannot be told by timing.
             try:
@@ -212,6 +223,8 @@ class ServiceAccess:
         if g.key_id is not None and not any(
                 k[0] == g.key_id and k[2] in (None, g.alloc) for k in store.keys(g.principal)):
             return Standing(f"key {g.key_id} was revoked", frozenset())
+        if g.token is not None and (why := tokens.grant_lost(store, g.token, row)):
+            return Standing(why, frozenset())
         if g.node is not None:
             if g.node not in members:
                 return Standing(f"node {g.node} left allocation {g.alloc}", frozenset())

@@ -27,7 +27,7 @@ from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request
 from kh.errors import KhError, UsageError
-from kh.service import httpd
+from kh.service import httpd, tokens
 from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
@@ -110,6 +110,8 @@ class App:
         body = self._body(environ) if method == "POST" else {}
         for m, rx, fn in ROUTES:
             if m == method and (match := re.fullmatch(rx, path)):
+                if "token" in body and fn not in TOKEN_ROUTES:  # kh.service.tokens: scope
+                    raise tokens.out_of_scope(f"{method} {path[:80]}")
                 with rq.calling(caller):
                     return fn(self.service, caller, body, *match.groups())
         raise NotFound(f"no such API endpoint: {method} {path[:80]}")
@@ -152,13 +154,13 @@ def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
                   new_private=rq.integer(body, "p", 0, 0, NIC_SLOTS),
                   existing=rq.integers(body, "n", MAX_NETID),
                   public=rq.flag(body, "i"), external=rq.flag(body, "x"))
-    a = svc.khget(req, rq.credential(body))
+    a = svc.khget(req, rq.credential(body), tokens.from_body(body))
     return 201, textobj.format(a), textobj.to_json(a)
 
 
 def release(svc: Service, caller: Caller, body: dict[str, Any], alloc: str) -> Result:
     done = svc.release(rq.path_id(alloc, "allocation"), rq.user(body), rq.credential(body),
-                       list(rq.integers(body, "nodes", MAX_NODE)))
+                       list(rq.integers(body, "nodes", MAX_NODE)), tokens.from_body(body))
     return 200, f"released {' '.join(map(str, done))}\n", {"released": done}
 
 
@@ -305,6 +307,9 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", r"/v1/keys", key_add),
     ("POST", r"/v1/keys/list", key_list),
     ("POST", rf"/v1/keys/{ID}/remove", key_remove),
+    ("POST", r"/v1/tokens", tokens.route_add),
+    ("POST", r"/v1/tokens/list", tokens.route_list),
+    ("POST", rf"/v1/tokens/{ID}/remove", tokens.route_remove),
     ("GET", r"/v1/ps", ps),
     ("POST", r"/v1/ps", ps_of),
     ("GET", r"/v1/principals", principals),
@@ -315,6 +320,9 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
 ]
+
+# The only routes a token may use (with `token` instead of `credential`).
+TOKEN_ROUTES = (allocate, release)
 
 
 # -- servers -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from kh.model import (
     NodeInfo,
     NodeState,
 )
-from kh.service import recovery, views
+from kh.service import recovery, tokens, views
 from kh.service.config import ServiceConfig
 from kh.service.hardware import Hardware
 from kh.service.nodes import NodeManager
@@ -169,13 +169,15 @@ class Service:
         raise admission.refused(user)
 
     # -- khget -------------------------------------------------------------------------------
-    def khget(self, req: Request, credential: str | None) -> AllocationInfo:
+    def khget(self, req: Request, credential: str | None, token: str | None = None
+              ) -> AllocationInfo:
         """Allocate: the chosen nodes are marked `configuring`, wired and configured, then
         the principal (when new), its new domains, the allocation and its nodes are committed
         in one transaction. A failure (or khd's death) before that commit scraps the nodes
-        (they may hold the principal's khargs) and the bridges: nothing of it is left."""
+        (they may hold the principal's khargs) and the bridges: nothing of it is left. With a
+        ``token`` instead of a credential, only within its scope and budget (kh.service.tokens)."""
         req.check()
-        with self.admitted(req.user, credential, register=True) as adm:
+        with tokens.admit_khget(self, req, credential, token) as (adm, tok):
             owned = self.store.private_owners()
             # the lowest free id: ids of removed domains are given out again
             plan = plan_domains(req, owned, FIRST_PRIVATE, quota=self.cfg.domain_quota)
@@ -196,7 +198,7 @@ class Service:
                     list(ex.map(lambda n: self._configure(n, plan.order), chosen))
                 alloc = self.store.commit_allocation(
                     req.user, adm.pending, plan.create, tuple(d.netid for d in plan.order),
-                    chosen)
+                    chosen, tok)
             except BaseException:
                 self._scrap(chosen)
                 self._drop_bridges(made)
@@ -267,12 +269,13 @@ class Service:
         return False
 
     def release(self, alloc: int, user: str, credential: str | None,
-                nodes: list[int] | None = None) -> list[int]:
+                nodes: list[int] | None = None, token: str | None = None) -> list[int]:
         """Give nodes back; their QEMUs are replaced by fresh ones (no principal data
         survives into the pool). Domains stay until `kh domain rm`. The nodes are marked
         `releasing`, their QEMUs stopped, then they leave the state with the allocation's
-        release in one transaction. A node being reset is waited for."""
-        with self.admitted(user, credential):
+        release in one transaction. A node being reset is waited for. A ``token`` releases
+        only the allocations it made."""
+        with tokens.admit_own(self, user, credential, token, alloc):
             while True:
                 self._own_allocation(alloc, user)
                 numbers = [r.number for r in self.store.nodes_of(alloc)]
