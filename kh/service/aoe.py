@@ -30,6 +30,7 @@ from kh.allocation import MAX_NETID, MAX_NODE, AllocationError
 from kh.errors import UsageError
 from kh.model import NodeState
 from kh.service import request as rq
+from kh.service import tokens
 from kh.service.core import NotFound, Service
 from kh.service.request import Caller
 
@@ -73,15 +74,17 @@ def lowest_free(taken: set[int], avoid: set[int]) -> int | None:
 
 
 def assign(svc: Service, user: str, credential: str | None, node: int, netid: int,
-           shelf: int, avoid: tuple[int, ...] = ()) -> tuple[Address, bool]:
+           shelf: int, avoid: tuple[int, ...] = (), token: str | None = None
+           ) -> tuple[Address, bool]:
     """Give the principal's allocated ``node`` an address on ``shelf`` in domain ``netid``
     (one of its node's domains), skipping the slots in ``avoid``. Returns (address, new):
     a node that already has one in that domain gets it again (new False).
 
     Errors: NotFound (404) when the node is not the principal's allocated node (another's
     looks the same as none); AllocationError (409) when the node is not in ``netid``, holds
-    an address on another shelf there, or the shelf has no free slot; AuthError (403)."""
-    with svc.admitted(user, credential):
+    an address on another shelf there, or the shelf has no free slot; AuthError (403).
+    A ``token`` (kh.service.tokens) serves only for the nodes of allocations it made."""
+    with tokens.admit_node(svc, user, credential, token, node):
         row = svc.store.node(node)
         alloc = None if row is None or row.alloc is None else svc.store.allocation(row.alloc)
         if row is None or alloc is None or alloc.released is not None or \
@@ -140,7 +143,7 @@ def route_assign(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     a, new = assign(svc, rq.user(body), rq.credential(body),
                     _required(body, "node", 1, MAX_NODE), _required(body, "netid", 0, MAX_NETID),
                     rq.integer(body, "shelf", 1, 0, MAX_SHELF),
-                    rq.integers(body, "avoid", MAX_SLOT))
+                    rq.integers(body, "avoid", MAX_SLOT), tokens.from_body(body))
     return (201 if new else 200), a.name + "\n", a.to_json()
 
 

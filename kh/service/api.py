@@ -27,7 +27,7 @@ from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request
 from kh.errors import KhError, UsageError
-from kh.service import httpd, tokens
+from kh.service import aoe, httpd, tokens
 from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
@@ -321,8 +321,8 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
 ]
 
-# The only routes a token may use (with `token` instead of `credential`).
-TOKEN_ROUTES = (allocate, release)
+# The only routes a token may use (with `token` instead of `credential`; kh.service.tokens).
+TOKEN_ROUTES = (allocate, release, aoe.route_assign)
 
 
 # -- servers -----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ What a token may do, and nothing else (every other use is 403, TokenScope):
 - allocate (POST /v1/allocations with ``token`` instead of ``credential``) for its principal,
   only on its domains (``netids``: 0 allows -x, 1 allows -i, private ones by id; never -p)
   and while the nodes held through it stay within ``max_nodes``;
-- release the allocations it made (POST /v1/allocations/ID/release);
+- release the allocations it made (POST /v1/allocations/ID/release), and ask an AoE address
+  for their nodes (POST /v1/aoe/addresses: khgetdisk does);
 - drive, as the ssh password, the control channel of the allocations it made.
 
 A wrong, expired or revoked token gets the very answer a wrong credential gets (403,
@@ -189,6 +190,27 @@ def admit_own(svc: Service, user: str, credential: str | None, token: str | None
         row = svc.store.allocation(alloc)
         if row is None or row.token != tok.id:
             raise NotFound(f"principal {user} has no active allocation {alloc}")
+        yield
+
+
+@contextlib.contextmanager
+def admit_node(svc: Service, user: str, credential: str | None, token: str | None,
+               node: int) -> Iterator[None]:
+    """Admission for a request on node ``node`` (an AoE address for a disk node, kh.service.aoe),
+    under khd's lock: by credential, or by the token whose allocation holds ``node``; any
+    other node looks, to a token, like one that is not allocated."""
+    if token is None:
+        with svc.admitted(user, credential):
+            yield
+        return
+    from kh.service.core import NotFound
+    if credential is not None:
+        raise UsageError("give a credential or a token, not both")
+    with admitted(svc, user, token) as tok:
+        row = svc.store.node(node)
+        a = None if row is None or row.alloc is None else svc.store.allocation(row.alloc)
+        if a is None or a.token != tok.id:
+            raise NotFound(f"principal {user} has no allocated node {node}")
         yield
 
 

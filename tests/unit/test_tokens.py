@@ -243,3 +243,20 @@ def test_a_version_4_state_gains_tokens(tmp_path):
     st.forget_principal("alice")
     assert st.tokens("alice") == [] and st.token(tid) is None
     st.close()
+
+
+def test_a_token_gets_aoe_addresses_for_its_own_nodes_only(svc, world):
+    """khgetdisk, given only a token, asks khd for each disk node's AoE address."""
+    tok = make_token(world, allocate_on=[3])["token"]
+    status, mine = as_json(world, "/v1/allocations", user="alice", token=tok, n=[3])
+    assert status == 201
+    (node,) = [n["node"] for n in mine["nodes"]]
+    status, text = call(world, "/v1/aoe/addresses", user="alice", token=tok, node=node, netid=3)
+    assert status == 201 and text == "e1.0\n", text
+    # alice's node made with her credential (allocation 1) looks, to the token, like no node
+    (other,) = [r.number for r in svc.store.nodes_of(1)]
+    status, text = call(world, "/v1/aoe/addresses", user="alice", token=tok, node=other,
+                        netid=3)
+    assert (status, text) == (404, f"kh: principal alice has no allocated node {other}\n")
+    # and the list of addresses stays the credential's
+    assert call(world, "/v1/aoe/addresses/list", user="alice", token=tok)[0] == 403
