@@ -28,6 +28,13 @@ from kh.hw.backlog import LIMIT as BACKLOG_LIMIT
 from kh.hw.backlog import Backlog
 
 HISTORY = 1 << 20  # bytes of output kept in memory per console; the log file has the rest
+# After a short read the reader waits this long before reading again, so that a node printing
+# fast is read in pieces of a KiB or two: QEMU's 16550 sends every byte by itself and a reader
+# that keeps up got 2.3 bytes a read, each taking khd's log, history, every session's backlog
+# and an ssh packet per reading client (0.15 of a host core per node printing at U-Boot). What
+# a read returns is handed on before the wait, so a lone keystroke's echo is never delayed.
+READ_PAUSE = 0.005  # seconds
+SHORT_READ = 4096  # bytes
 
 
 def utc_stamp(t: float) -> str:
@@ -205,6 +212,8 @@ class Console:
                 self._cond.notify_all()
             for sub in list(self._subscribers):
                 sub(data)
+            if len(data) < SHORT_READ:
+                time.sleep(READ_PAUSE)
 
     def close(self) -> None:
         if self._sock is not None:
