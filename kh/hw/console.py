@@ -26,6 +26,7 @@ from kh.errors import BootError, KhTimeout
 from kh.hw import unixsock
 from kh.hw.backlog import LIMIT as BACKLOG_LIMIT
 from kh.hw.backlog import Backlog
+from kh.hw.redact import redact
 
 HISTORY = 1 << 20  # bytes of output kept in memory per console; the log file has the rest
 # After a short read the reader waits this long before reading again, so that a node printing
@@ -65,7 +66,8 @@ class ConsoleLog:
             else:
                 return
         stamp = utc_stamp(time.time()).encode() + b" "
-        self.f.write(b"".join(stamp + ln.rstrip(b"\r") + b"\n" for ln in lines))
+        # boot keys that carry secrets are cut short (kh.hw.redact): `kh logs` replays this
+        self.f.write(b"".join(stamp + redact(ln.rstrip(b"\r")) + b"\n" for ln in lines))
         self.f.flush()
         if self.f.tell() > self.max_bytes:
             self._rotate()
