@@ -43,6 +43,60 @@ kh_valid_name() {
 	echo "$1" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$'
 }
 
+kh_valid_hostport() {
+	kh_valid_ip "${1%:*}" || return 1
+	case "${1##*:}" in '' | *[!0-9]*) return 1 ;; esac
+	[ "${1##*:}" -ge 1 ] && [ "${1##*:}" -le 65535 ]
+}
+
+# Where the channel's pinned host key is kept: dbclient reads $HOME/.ssh/known_hosts, so
+# khgetdisk runs it with HOME set here.
+KH_CHANNEL_HOME=${KH_CHANNEL_HOME:-/etc/kh/channel}
+
+# kh_pin_channel HOST:PORT#TYPE:BASE64: writes the one known_hosts line dbclient checks the
+# channel's host key against ("HOST TYPE BASE64": dropbear matches the host without the port
+# and compares the whole key); fails, writing nothing, for anything malformed.
+kh_pin_channel() {
+	case "$1" in *#*:*) ;; *) return 1 ;; esac
+	kh_valid_hostport "${1%%#*}" || return 1
+	pin=${1#*#}
+	case "${pin%%:*}" in
+	ssh-rsa | ssh-ed25519 | ecdsa-sha2-nistp256 | ecdsa-sha2-nistp384 | ecdsa-sha2-nistp521) ;;
+	*) return 1 ;;
+	esac
+	b64=${pin#*:}
+	[ ${#b64} -ge 16 ] && [ ${#b64} -le 4000 ] || return 1
+	echo "$b64" | grep -Eq '^[A-Za-z0-9+/]+={0,2}$' || return 1
+	mkdir -p "$KH_CHANNEL_HOME/.ssh" || return 1
+	chmod 700 "$KH_CHANNEL_HOME/.ssh"
+	echo "${1%%:*} ${pin%%:*} ${pin#*:}" >"$KH_CHANNEL_HOME/.ssh/known_hosts" || return 1
+}
+
+# kh_fetch_image SERVER NAME DEST: the published image NAME, fetched from the service at
+# SERVER (HOST:PORT) into DEST, only if its bytes have the sha256 the service lists for it
+# (GET /v1/images: "NAME SIZE SHA256" lines); otherwise DEST is left alone and one line says
+# why (on stdout; status 1).
+kh_fetch_image() {
+	want=$(wget -q -T 60 -O - "http://$1/v1/images" | awk -v n="$2" '$1 == n {print $3}')
+	if ! echo "$want" | grep -Eq '^[0-9a-f]{64}$'; then
+		echo "the service at $1 lists no sha256 for image $2; not fetched"
+		return 1
+	fi
+	rm -f "$3.part"
+	if ! wget -q -T 120 -O "$3.part" "http://$1/v1/images/$2"; then
+		rm -f "$3.part"
+		echo "cannot fetch image $2 from the service at $1"
+		return 1
+	fi
+	got=$(sha256sum "$3.part" | cut -d ' ' -f 1)
+	if [ "$got" != "$want" ]; then
+		rm -f "$3.part"
+		echo "image $2 from $1 has sha256 $got, not the published $want; refused"
+		return 1
+	fi
+	mv "$3.part" "$3"
+}
+
 # kh_read_keys: sets KH_<KEY> variables from kh.* words of /proc/cmdline, refusing
 # malformed values by name (the appliance still comes up, with that key ignored).
 kh_read_keys() {
@@ -85,6 +139,13 @@ kh_read_keys() {
 			*:*) KH_SERVER=$value ;;
 			*) kh_say "boot key kh.server=$value is malformed (want HOST:PORT); ignored" ;;
 			esac
+			;;
+		channel)
+			# HOST:PORT#TYPE:BASE64: the control channel and its ssh host key, pinned for
+			# dbclient (khgetdisk); kh_key channel gives HOST:PORT alone
+			if kh_pin_channel "$value"; then KH_EXTRA_channel=${value%%#*}; else
+				kh_say "boot key kh.channel=${value%%#*}... is malformed (want HOST:PORT#ssh-rsa:BASE64); ignored"
+			fi
 			;;
 		*)
 			eval "KH_EXTRA_$(echo "$key" | tr -c 'A-Za-z0-9\n' _)=\$value" 2>/dev/null ||

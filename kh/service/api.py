@@ -32,6 +32,7 @@ from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
 from kh.service.hardware import Hardware
+from kh.service.pins import SUMS
 from kh.service.request import Caller
 
 log = logging.getLogger("kh.api")
@@ -278,12 +279,18 @@ def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
 
 def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """The published images a node may fetch (the disk server loads kernels and appliances):
-    regular files only, never a link."""
+    regular files only, never a link; one ``NAME SIZE SHA256`` line each (kh.service.pins)."""
     files = sorted(p for p in svc.cfg.images.iterdir()
                    if not p.name.startswith(".") and p.suffix != ".json"
                    and stat.S_ISREG(p.lstat().st_mode))
-    data = [{"image": p.name, "size": p.lstat().st_size} for p in files]
-    return 200, "".join(f"{d['image']} {d['size']}\n" for d in data), data
+    data = []
+    for p in files:
+        try:  # each with its sha256, which a node checks its download against
+            data.append({"image": p.name, "size": p.lstat().st_size,
+                         "sha256": SUMS.sha256(p)})
+        except OSError:  # gone (or replaced by a link) since it was listed
+            continue
+    return 200, "".join(f"{d['image']} {d['size']} {d['sha256']}\n" for d in data), data
 
 
 def image(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:

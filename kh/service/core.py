@@ -49,6 +49,7 @@ from kh.service import recovery, tokens, views
 from kh.service.config import ServiceConfig
 from kh.service.hardware import Hardware
 from kh.service.nodes import NodeManager
+from kh.service.pins import channel_boot_key
 from kh.service.pool import Pool, shortage
 from kh.service.request import current_caller
 from kh.store import Store
@@ -236,7 +237,7 @@ class Service:
         self.nodes.set_links(number, len(domains))
         host = host_address(PUBLIC).ip
         keys = boot_keys(domains, number, f"{host}:{self.cfg.api_port}",
-                         f"{host}:{self.cfg.ssh_port}")
+                         channel_boot_key(f"{host}:{self.cfg.ssh_port}", self.cfg.host_key))
         self.nodes.uboot(number, f"setenv khargs '{keys}'")
 
     def info(self, alloc: int) -> AllocationInfo:
