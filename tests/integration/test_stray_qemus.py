@@ -1,0 +1,75 @@
+"""Issue 10, item 5: no node QEMU outlives `kh service stop` unknown to the state, nor `kh
+clean`, with real ppce500 QEMUs under TCG (busy: their process state changes all the time).
+
+Seen in session 5: node QEMUs of test khds were still running after `control.clean` had
+returned (tests/unit/test_stray_qemus.py reproduces each window with stand-ins). Here a khd of
+its own (own prefix, state directory and ports) is stopped while its pool is still booting:
+every QEMU left must be a free node its state records, and `kh clean` must leave none.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kh.model import NodeState
+from kh.service import control, procid
+from kh.service.config import ServiceConfig
+from kh.service.nodes import recorded
+from kh.store import Store
+from tests.integration.conftest import free_port, kh
+
+pytestmark = pytest.mark.guest
+NODES = 6  # more than the pool starts at once (START_WORKERS): some wait their turn
+
+
+def prefix_pids(prefix: str) -> list[str]:
+    """Processes whose command line carries ``prefix`` at all (more than the node tag)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if prefix.encode() in cmd:
+                words = cmd.replace(b"\0", b" ")[:200].decode(errors="replace")
+                found.append(f"{entry} {words}")
+    return found
+
+
+def test_stopping_khd_mid_boot_leaves_only_recorded_nodes_and_clean_leaves_none(kh_paths,
+                                                                                tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("the service tests need root (network namespaces, bridges, taps)")
+    prefix = f"kx{os.getpid() % 10000}"
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=kh_paths.out, nodes=NODES,
+                        api_port=free_port(), ssh_port=free_port(), prefix=prefix)
+    try:
+        control.start(cfg, wait=False)
+        deadline = time.monotonic() + 120  # a guard against hanging, not a measured time
+        while not procid.tagged(prefix):  # QEMUs spawned: stop khd at once, mid-boot
+            assert time.monotonic() < deadline, "no node QEMU came up"
+            time.sleep(0.01)
+        assert control.stop(cfg)
+
+        # every QEMU still running is a free node of the state, verified by its record
+        store = Store(cfg.db)
+        try:
+            rows = store.nodes()
+        finally:
+            store.close()
+        assert [r for r in rows if r.state == NodeState.STARTING], rows  # really mid-boot
+        free = {r.number: r.pid for r in rows if r.state == NodeState.FREE}
+        assert all(recorded(cfg, n, pid) for n, pid in free.items()), rows
+        running = {i.pid: i.tag for i in procid.tagged(prefix)}
+        assert running == {pid: f"{prefix}-node{n}" for n, pid in free.items()}, rows
+
+        r = kh(cfg, "clean")
+        assert r.returncode == 0, r.stderr
+        assert procid.tagged(prefix) == [] and prefix_pids(prefix) == []
+    finally:
+        control.clean(cfg)
