@@ -24,6 +24,7 @@ from kh import proc
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
 from kh.hw import netns as nsutil
+from kh.hw.antispoof import AntiSpoof
 from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
 
@@ -63,6 +64,7 @@ def add_link(ns: NetNS, kind: str, name: str, **kw: object) -> None:
 class Fabric:
     def __init__(self, cfg: FabricConfig) -> None:
         self.cfg = cfg
+        self.antispoof = AntiSpoof(cfg)  # what a tap may send on a shared domain
 
     @contextlib.contextmanager
     def ns(self) -> Iterator[NetNS]:
@@ -146,8 +148,9 @@ class Fabric:
         return name
 
     def attach(self, node: int, slot: int, netid: int | None) -> None:
-        """Plug a node interface into domain ``netid``'s bridge, or unplug it (None)."""
-        with self.ns() as ns:
+        """Plug a node interface into domain ``netid``'s bridge, or unplug it (None). The
+        anti-spoofing table follows the move, so it holds at every instant of it."""
+        with self.antispoof.moving(node, slot, netid), self.ns() as ns:
             tap = ns.link_lookup(ifname=self.cfg.tap(node, slot))
             if not tap:
                 raise FabricError(f"node {node} has no interface slot {slot}")
