@@ -90,6 +90,7 @@ class Fabric:
         for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables",
                     "net.bridge.bridge-nf-call-arptables"):
             nsutil.sysctl(name, key, "0")
+        self.antispoof.rebuild()  # afresh, for the taps' wiring now (a khd start)
 
     def destroy(self) -> bool:
         """Remove the namespace and with it every bridge, tap and veth end inside."""

@@ -95,7 +95,6 @@ class Service:
         with self.lock:
             self.repairs = recovery.recover(self.store, self.cfg) + self.pool.adopt()
         self.sync_fabric()
-        self.fabric.antispoof.rebuild()  # anti-spoofing afresh, for the taps' wiring now
         self.repairs += recovery.resume_resets(self)
         for r in self.repairs:
             log.warning("repaired: %s", r)
