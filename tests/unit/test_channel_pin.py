@@ -200,4 +200,5 @@ def test_khgetdisk_refuses_without_a_pinned_key(tmp_path):
         seen = log.read_text()
     assert r.returncode != 0
     assert "khgetdisk: no pinned host key for the channel" in r.stderr
-    assert "connection from" not in seen.lower(), seen
+    # the one connection dropbear saw is dropbear()'s own probe of its port
+    assert seen.lower().count("connection from") <= 1 and "Login attempt" not in seen, seen
