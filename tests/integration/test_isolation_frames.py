@@ -4,9 +4,11 @@ domains' node MACs, 802.1Q-tagged, QinQ (802.1ad), ARP, IPv6 neighbour solicitat
 and STP group addresses. Taps outside its domains receive nothing at all; inside them, what a
 bridge forwards arrives (every frame of the private domain, the lawful ones on the public).
 
-Host-side: a real fabric (kh's namespace, bridges, taps, the anti-spoofing and firewall
-tables) under a test prefix, the nodes' taps opened directly, no guest (a guest could not send
-frames faster than the host-side writer, and would prove nothing more about the bridges).
+The frame test is host-side: a real fabric (kh's namespace, bridges, taps, the anti-spoofing
+and firewall tables) under a test prefix, the nodes' taps opened directly, no guest (a guest
+could not send frames faster than the host-side writer, and would prove nothing more about the
+bridges). One guest test (marker ``guest``) shows the service's address staying the service's
+when a node claims it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from kh.allocation import node_address
+from kh.allocation import host_address, node_address
 from kh.hw.antispoof import link_local, nic_mac
 from kh.hw.fabric import Fabric
 from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
+from tests.integration.conftest import allocate, credfile, running_khd, shell, wait_free
 from tests.unit import tapdev
 from tests.unit.tapdev import BROADCAST, ETH_ARP, ETH_IP, ETH_IP6, ETH_QINQ, ETH_VLAN, Tap, eth
 
@@ -125,3 +128,28 @@ def test_no_frame_of_any_kind_leaves_the_senders_domains(taps: dict[tuple[int, i
     assert {m: counts[PUBLIC][m] for m in lawful} == dict.fromkeys(lawful, PER_KIND)
     assert {m: counts[PUBLIC][m] for m in sent[PUBLIC] if m not in lawful} == {
         m: 0 for m in sent[PUBLIC] if m not in lawful}
+
+
+@pytest.mark.guest
+def test_a_node_claiming_the_services_address_does_not_take_it(request, tmp_path_factory,
+                                                                kh_paths, artifacts):
+    """Finding 5: a node on the public domain takes the service's address and announces it by
+    gratuitous ARP; another node's ARP entry for the service stays the host's, and it still
+    reaches the service."""
+    state = tmp_path_factory.mktemp("khd") / "state"
+    with running_khd(request, state, kh_paths, keep_as="isolation-khd", nodes=2,
+                     prefix=f"sg{os.getpid() % 10000}") as cfg:
+        wait_free(cfg, 2)
+        _, (a,), _ = allocate(cfg, "-c", credfile("iso-m"), "mallory", "-i")
+        _, (b,), _ = allocate(cfg, "-c", credfile("iso-v"), "victor", "-i")
+        mallory, victim = shell(cfg, a, artifacts), shell(cfg, b, artifacts)
+        service = str(host_address(PUBLIC).ip)
+        get = f"wget -q -T 5 -O - http://{service}:{cfg.api_port}/v1/hw"
+        out, status = victim.run(get)
+        assert status == 0, out
+        out, status = mallory.run(f"ip addr add {service}/32 dev eth0 && "
+                                  f"arping -U -c 4 -w 5 -I eth0 {service}; true")
+        assert status == 0, out
+        out, status = victim.run(f"{get} >/dev/null && ip neigh show {service}")
+        assert status == 0, out
+        assert nic_mac(a, 0) not in out.lower(), out  # not mallory's MAC
