@@ -46,7 +46,7 @@ def address(sock, user: str, node: int, netid: int, **kw: Any) -> tuple[int, Any
 
 
 def test_addresses_are_unique_per_domain_and_kept_per_node(khd):
-    alloc, (n1, n2), (disknet,) = take(khd, "alice", 2, p=1)
+    _, (n1, n2), (disknet,) = take(khd, "alice", 2, p=1)
     assert address(khd, "alice", n1, disknet) == (201, {
         "address": "e1.0", "netid": disknet, "shelf": 1, "slot": 0, "node": n1})
     assert address(khd, "alice", n2, disknet)[1]["address"] == "e1.1"
