@@ -1,28 +1,31 @@
 """The communication fabric: kh's network namespace, one bridge per domain, one tap per node
-interface, and the external domain's NAT uplink, built with pyroute2.
+interface, and the external domain's uplink, built with pyroute2.
 
-Isolation is the host's job: every private domain is a bridge with no address, so nothing can
-route into or out of it; the external and public bridges carry kh's own address (gateway,
-service listener) and the FORWARD policy drops everything but traffic between the external
-domain and its uplink.
+Isolation is the host's job: every private domain is a bridge with no address of any family, so
+nothing can route into or out of it and the host answers nothing there; the external and public
+bridges carry kh's own address (gateway, service listener). What the namespace accepts, answers
+and forwards is kh's nftables ruleset (kh.hw.firewall), re-applied whenever the set of bridges
+changes; each bridge has a fixed MAC of kh's own (``bridge_mac``), so nodes' ARP entries for the
+service never go stale as taps come and go.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kh import proc
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
+from kh.hw import firewall
 from kh.hw import netns as nsutil
 from kh.hw.antispoof import AntiSpoof
 from kh.hw.tags import FabricConfig
@@ -61,9 +64,21 @@ def add_link(ns: NetNS, kind: str, name: str, **kw: object) -> None:
         raise link_error(kind, name, e) from None
 
 
+def bridge_mac(prefix: str, netid: int) -> str:
+    """Domain ``netid``'s bridge MAC: locally administered, unicast (02:...), three bytes from
+    kh's prefix (two khds with other prefixes differ), the netid in the last two."""
+    h = hashlib.sha256(f"kh-bridge:{prefix}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, h[0], h[1], h[2], netid >> 8 & 0xff,
+                                            netid & 0xff))
+
+
 class Fabric:
-    def __init__(self, cfg: FabricConfig) -> None:
+    """kh's namespace and what is in it. ``ports`` are the TCP ports khd serves at the public
+    host address (API, ssh): the only input the firewall lets in."""
+
+    def __init__(self, cfg: FabricConfig, ports: Iterable[int] = ()) -> None:
         self.cfg = cfg
+        self.ports = tuple(ports)
         self.antispoof = AntiSpoof(cfg)  # what a tap may send on a shared domain
 
     @contextlib.contextmanager
@@ -76,7 +91,9 @@ class Fabric:
 
     # -- the namespace ----------------------------------------------------------------------
     def ensure(self) -> None:
-        """Create the namespace with loopback up, forwarding off between domains."""
+        """Create the namespace, set its sysctls (no IPv6, ARP only on the asked interface,
+        forwarding on only with an uplink, br_netfilter off), bring loopback up and load the
+        firewall for the bridges there are."""
         name = self.cfg.netns
         if not nsutil.exists(name):
             try:
@@ -84,13 +101,30 @@ class Fabric:
             except OSError as e:
                 raise FabricError(f"cannot create network namespace {name}: {e.strerror}",
                                   "kh's fabric needs root") from None
+        firewall.write_sysctls(name, firewall.hardening(self.cfg.uplink_netns is not None))
         with self.ns() as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-        # Bridged frames must not pass through iptables (br_netfilter): domains are L2.
-        for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables",
-                    "net.bridge.bridge-nf-call-arptables"):
-            nsutil.sysctl(name, key, "0")
+        self.apply_firewall()
         self.antispoof.rebuild()  # afresh, for the taps' wiring now (a khd start)
+
+    def apply_firewall(self) -> None:
+        """(Re)load kh's ruleset for the bridges that exist now (one transaction)."""
+        plan = firewall.Plan.of(self.cfg, self.domain_bridges(), self.ports)
+        firewall.apply(self.cfg.netns, firewall.ruleset(plan))
+
+    def watch(self) -> list[str]:
+        """Turn br_netfilter's switches off again if something turned them on (container
+        engines do, and loading the module later turns them on in every namespace); returns
+        the keys reset, logged in one line. The firewall lets bridged frames through anyway;
+        this keeps bridged traffic out of the host's IP filtering altogether."""
+        if not nsutil.exists(self.cfg.netns):
+            return []  # no fabric (yet, or any more): nothing to watch
+        on = firewall.bridge_nf_on(self.cfg.netns)
+        if on:
+            firewall.write_sysctls(self.cfg.netns, [(k, "0") for k in on])
+            log.warning("%s was turned on in %s (br_netfilter); kh turned it off again",
+                        ", ".join(on), self.cfg.netns)
+        return on
 
     def destroy(self) -> bool:
         """Remove the namespace and with it every bridge, tap and veth end inside."""
@@ -107,22 +141,39 @@ class Fabric:
 
     # -- domains ----------------------------------------------------------------------------
     def ensure_domain(self, netid: int) -> str:
-        """The bridge of domain ``netid``; kh's own address only on external and public."""
+        """The bridge of domain ``netid``, with its fixed MAC; kh's own address only on
+        external and public (a private bridge keeps none); the firewall reloaded when the
+        bridge is new."""
         name = self.cfg.bridge(netid)
+        mac = bridge_mac(self.cfg.prefix, netid)
         with self.ns() as ns:
             idx = ns.link_lookup(ifname=name)
-            if not idx:
-                add_link(ns, "bridge", name, br_stp_state=0, br_forward_delay=0)
+            new = not idx
+            if new:
+                # An address given at creation is the bridge's for good: it never takes a
+                # port's MAC (the kernel marks it as set, not inherited). Without multicast
+                # snooping the bridge joins no group of its own, so the host sends no IGMP
+                # report into a domain (snooping joined 224.0.0.106 and reported it).
+                add_link(ns, "bridge", name, address=mac, br_stp_state=0, br_forward_delay=0,
+                         br_mcast_snooping=0)
                 idx = ns.link_lookup(ifname=name)
+            else:  # a bridge an older kh made
+                ns.link("set", index=idx[0], address=mac, kind="bridge", br_mcast_snooping=0)
             ns.link("set", index=idx[0], state="up")
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"], a["family"])
+                    for a in ns.get_addr(index=idx[0])}
+            want = set()
             if netid in (EXTERNAL, PUBLIC):
                 addr = host_address(netid)
-                have = [a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx[0])]
-                if str(addr.ip) not in have:
-                    ns.addr("add", index=idx[0], address=str(addr.ip),
-                            prefixlen=addr.network.prefixlen)
+                want = {(str(addr.ip), addr.network.prefixlen, socket.AF_INET)}
+            for a, plen, family in have - want:  # nothing of the host's on a private bridge
+                ns.addr("del", index=idx[0], address=a, prefixlen=plen, family=family)
+            for a, plen, _ in want - have:
+                ns.addr("add", index=idx[0], address=a, prefixlen=plen)
         if netid == EXTERNAL:
-            self._ensure_nat()
+            self._ensure_uplink()
+        if new:
+            self.apply_firewall()
         return name
 
     def domain_bridges(self) -> list[int]:
@@ -138,6 +189,8 @@ class Fabric:
             idx = ns.link_lookup(ifname=self.cfg.bridge(netid))
             if idx:
                 ns.link("del", index=idx[0])
+        if idx:
+            self.apply_firewall()
 
     # -- node interfaces --------------------------------------------------------------------
     def ensure_tap(self, node: int, slot: int) -> str:
@@ -158,6 +211,7 @@ class Fabric:
             if netid is None:
                 ns.link("set", index=tap[0], master=0)
                 return
+            self.watch()  # a node is being wired: its domain must pass traffic
             br = ns.link_lookup(ifname=self.cfg.bridge(netid))
             if not br:
                 raise FabricError(f"domain {netid} has no bridge")
@@ -180,7 +234,9 @@ class Fabric:
             return (int(stats["rx_bytes"]), int(stats["tx_bytes"]))
 
     # -- the external domain's uplink -------------------------------------------------------
-    def _ensure_nat(self) -> None:
+    def _ensure_uplink(self) -> None:
+        """The veth from the external bridge's namespace to the outside world's, addressed and
+        routed both ways; what crosses it (and the masquerade) is the firewall's."""
         cfg = self.cfg
         if cfg.uplink_netns is None:
             log.info("external domain has no uplink namespace configured")
@@ -209,23 +265,6 @@ class Fabric:
             have = [r.get_attr("RTA_DST") for r in out.get_routes(family=socket.AF_INET)]
             if str(ext_net.network_address) not in have:
                 out.route("add", dst=str(ext_net), gateway=str(up_net.ip))
-        nsutil.sysctl(cfg.netns, "net.ipv4.ip_forward", "1")
-        ext = str(subnet(EXTERNAL))
-        rules = [
-            ["-P", "FORWARD", "DROP"],
-            ["-A", "FORWARD", "-i", cfg.bridge(EXTERNAL), "-o", cfg.uplink, "-s", ext,
-             "-j", "ACCEPT"],
-            ["-A", "FORWARD", "-i", cfg.uplink, "-o", cfg.bridge(EXTERNAL), "-d", ext,
-             "-j", "ACCEPT"],
-            ["-A", "FORWARD", "-i", cfg.uplink, "-o", cfg.bridge(EXTERNAL), "-m", "conntrack",
-             "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-            ["-t", "nat", "-A", "POSTROUTING", "-s", ext, "-o", cfg.uplink, "-j", "MASQUERADE"],
-        ]
-        ipt = nsutil.enter_argv(cfg.netns) + ["iptables", "-w"]
-        for rule in rules:
-            check = [("-C" if r == "-A" else r) for r in rule]
-            if rule[0] == "-P" or proc.run(ipt + check, check=False).returncode != 0:
-                proc.run(ipt + rule, what="iptables")
 
     def _remove_outside_end(self) -> None:
         if self.cfg.uplink_netns and nsutil.exists(self.cfg.uplink_netns):

@@ -76,7 +76,7 @@ class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.db)
-        self.fabric = Fabric(cfg.fabric)
+        self.fabric = Fabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port))
         self.nodes = NodeManager(cfg, self.fabric)
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)  # notified when a node's reset ends

@@ -296,6 +296,7 @@ class Pool:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.nodes.fabric.watch()  # br_netfilter turned on behind khd's back
                 self._reap_dead()
                 self._fill()
             except Exception:  # the pool must outlive one bad turn; the next one tries again

@@ -37,7 +37,7 @@ def qemu_program(cfg: ServiceConfig) -> str:
 
 
 def check_programs(cfg: ServiceConfig) -> None:
-    programs = [qemu_program(cfg), "nsenter"] + (["iptables"] if cfg.uplink_netns else [])
+    programs = [qemu_program(cfg), "nsenter", "nft"]  # nft: the fabric's firewall
     for program in programs:
         if shutil.which(program) is None:
             raise KhError(f"{program} is not installed (not on PATH)",

@@ -13,7 +13,7 @@ def test_table_parses_with_programs_and_reasons():
     rows = deps.packages()
     names = [r.name for r in rows]
     assert len(names) == len(set(names)), "a package listed twice"
-    assert {"qemu-system-ppc", "iptables", "util-linux", "openssh-client"} <= set(names)
+    assert {"qemu-system-ppc", "nftables", "util-linux", "openssh-client"} <= set(names)
     assert all(r.needed_by for r in rows), "every package says what needs it"
     assert deps.provider("qemu-system-ppc") == "qemu-system-ppc"
     assert deps.provider("/usr/bin/nsenter") == "util-linux"
