@@ -58,7 +58,9 @@ class AllocationInfo:
 
     id: int
     server: str
-    domains: tuple[Domain, ...]  # in the order the nodes see them: eth0, eth1, ...
+    # in the order the nodes see them: eth0, eth1, ...; None: a free interface (a domain its
+    # nodes left while running, kh.service.membership)
+    domains: tuple[Domain | None, ...]
     nodes: tuple[NodeInfo, ...]
     protocol: str = "uboot"
 

@@ -9,7 +9,8 @@ network 7 : eth2
 nodeinfo: 3 3 10.255.1.3
 nodes: 3
 ```
-khget prints it; khdo reads it on stdin; both sides use this module.
+khget prints it; khdo reads it on stdin; both sides use this module. An interface its nodes
+freed while running (`kh domain leave`) has no line: the eth numbers skip it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kh.allocation import NIC_SLOTS
 from kh.errors import UsageError
 from kh.model import EXTERNAL, PUBLIC, AllocationInfo, Domain, DomainKind, NodeInfo
 
@@ -27,7 +29,7 @@ NODEINFO_RE = re.compile(r"^nodeinfo: (\d+) (\d+) (\S+)$")
 
 def format(a: AllocationInfo) -> str:
     lines = [a.channel, f"protocol: {a.protocol}"]
-    lines += [f"network {d.label} : eth{i}" for i, d in enumerate(a.domains)]
+    lines += [f"network {d.label} : eth{i}" for i, d in enumerate(a.domains) if d is not None]
     lines += [f"nodeinfo: {n.number} {n.uid} {n.address}" for n in a.nodes]
     lines.append("nodes: " + " ".join(str(n.number) for n in a.nodes))
     return "\n".join(lines) + "\n"
@@ -36,7 +38,8 @@ def format(a: AllocationInfo) -> str:
 def to_json(a: AllocationInfo) -> dict[str, Any]:
     return {"channel": a.channel, "id": a.id, "server": a.server, "protocol": a.protocol,
             "networks": [{"netid": d.netid, "name": d.label, "kind": d.kind.value,
-                          "interface": f"eth{i}"} for i, d in enumerate(a.domains)],
+                          "interface": f"eth{i}"} for i, d in enumerate(a.domains)
+                         if d is not None],
             "nodes": [{"node": n.number, "uid": n.uid, "address": n.address} for n in a.nodes]}
 
 
@@ -60,15 +63,19 @@ def parse(text: str) -> AllocationInfo:
         raise UsageError(f"text object: first line {lines[0]!r} is not con<ID>@<host>")
     alloc_id, server = int(m[1]), m[2]
     protocol = "uboot"
-    domains: list[Domain] = []
+    domains: list[Domain | None] = []
     nodes: list[NodeInfo] = []
     listed: list[int] | None = None
     for n, line in enumerate(lines[1:], 2):
         if line.startswith("protocol: "):
             protocol = line.split(": ", 1)[1]
         elif mm := NETWORK_RE.match(line):
-            if int(mm[2]) != len(domains):
+            if int(mm[2]) >= NIC_SLOTS:
+                raise UsageError(f"text object line {n}: a node has {NIC_SLOTS} interfaces "
+                                 f"({line!r})")
+            if int(mm[2]) < len(domains):
                 raise UsageError(f"text object line {n}: interfaces out of order ({line!r})")
+            domains += [None] * (int(mm[2]) - len(domains))  # interfaces left free
             domains.append(_domain(mm[1]))
         elif mm := NODEINFO_RE.match(line):
             nodes.append(NodeInfo(int(mm[1]), int(mm[2]), mm[3]))

@@ -39,10 +39,11 @@ def principal_options(fn: F) -> F:
     return click.option("-u", "--user", required=True, help="The principal.")(fn)
 
 
-def as_principal(user: str, cred: str | None, path: str, **extra: object) -> None:
-    """POST a principal's request to khd and print its answer."""
+def as_principal(user: str, cred: str | None, path: str, as_json: bool = False,
+                 **extra: object) -> None:
+    """POST a principal's request to khd and print its answer (JSON with ``as_json``)."""
     body = {"user": user, "credential": credential.resolve(cred), **extra}
-    click.echo(client().call("POST", path, body), nl=False)
+    click.echo(client().call("POST", path, body, as_json=as_json), nl=False)
 
 
 def alloc_id(text: str) -> int:
@@ -166,6 +167,30 @@ def register(main: click.Group) -> None:
     def domain_rm(user: str, cred: str | None, netid: int) -> None:
         """Remove a private domain the principal owns (no allocated node may be in it)."""
         as_principal(user, cred, f"/v1/domains/{netid}/remove")
+
+    @domain.command("join")
+    @principal_options
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.argument("node", type=int)
+    @click.argument("netid", type=int)
+    @handle_errors
+    def domain_join(user: str, cred: str | None, as_json: bool, node: int, netid: int) -> None:
+        """Plug running NODE's next free interface into domain NETID (one of the principal's
+        private domains, 1 public, 0 external), with no reboot; prints the interface and the
+        address kh computes for the node there (the node configures it itself)."""
+        as_principal(user, cred, f"/v1/nodes/{node}/join", as_json=as_json, netid=netid)
+
+    @domain.command("leave")
+    @principal_options
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.argument("node", type=int)
+    @click.argument("netid", type=int)
+    @handle_errors
+    def domain_leave(user: str, cred: str | None, as_json: bool, node: int, netid: int
+                     ) -> None:
+        """Unplug running NODE's interface in domain NETID: no frame of it reaches the node
+        any more; the interface is free for another join."""
+        as_principal(user, cred, f"/v1/nodes/{node}/leave", as_json=as_json, netid=netid)
 
     @main.group()
     def key() -> None:

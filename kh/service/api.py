@@ -177,6 +177,26 @@ def domain_rm(svc: Service, caller: Caller, body: dict[str, Any], netid: str) ->
     return 200, f"domain {n} removed\n", {"removed": n}
 
 
+def _join_body(body: dict[str, Any]) -> int:
+    """The domain a join or leave names: {"netid": 0..MAX_NETID}, required."""
+    if body.get("netid") is None:
+        raise UsageError("`netid` is required", '{"netid": 5}; 0 external, 1 public')
+    return rq.integer(body, "netid", 0, 0, MAX_NETID)
+
+
+def domain_join(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
+    """Plug a running node's next free interface into a domain (kh.service.membership)."""
+    change = svc.join(rq.path_id(node, "node"), _join_body(body), rq.user(body),
+                      rq.credential(body))
+    return 200, change.text(), change.to_json()
+
+
+def domain_leave(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
+    change = svc.leave(rq.path_id(node, "node"), _join_body(body), rq.user(body),
+                       rq.credential(body))
+    return 200, change.text(), change.to_json()
+
+
 def key_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     key = rq.text(body, "key", 16 * 1024)
     alloc = body.get("allocation")
@@ -200,15 +220,18 @@ def key_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
 
 def ps_table(data: dict[str, Any]) -> str:
     """`kh ps`'s tables: nodes, allocations, domains (a principal's view has no PIDs)."""
-    lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8}  NOTE"]
+    lines = [f"{'NODE':>5} {'UID':>5} {'STATE':<10} {'ALLOC':>5} {'PID':>8} {'DOMAINS':<11} "
+             "NOTE"]
     for n in data["nodes"]:
+        doms = "-" if n.get("netids") is None else _netids(n["netids"]) or "none"
         lines.append(f"{n['node']:>5} {n['uid']:>5} {n['state']:<10} "
-                     f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8}  {n['note']}")
+                     f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8} {doms:<11} "
+                     f"{n['note']}")
     lines.append("")
     lines.append(f"{'ALLOC':>5} {'PRINCIPAL':<12} {'DOMAINS':<16} NODES")
     for a in data["allocations"]:
         lines.append(f"{a['id']:>5} {a['principal']:<12} "
-                     f"{','.join(map(str, a['netids'])):<16} {' '.join(map(str, a['nodes']))}")
+                     f"{_netids(a['netids']):<16} {' '.join(map(str, a['nodes']))}")
     lines.append("")
     lines.append(f"{'DOMAIN':>6} {'KIND':<9} OWNER")
     for d in data["domains"]:
@@ -218,6 +241,11 @@ def ps_table(data: dict[str, Any]) -> str:
         lines += ["", f"quota: {q['nodes'][0]} of {q['nodes'][1]} nodes, "
                   f"{q['domains'][0]} of {q['domains'][1]} private domains"]
     return "\n".join(lines) + "\n"
+
+
+def _netids(netids: list[int | None]) -> str:
+    """Domains by interface, "-" for a free one: 0,-,5."""
+    return ",".join("-" if n is None else str(n) for n in netids)
 
 
 def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
@@ -311,6 +339,8 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("POST", rf"/v1/allocations/{ID}/release", release),
     ("POST", rf"/v1/nodes/{ID}/reset", reset),
     ("POST", rf"/v1/domains/{ID}/remove", domain_rm),
+    ("POST", rf"/v1/nodes/{ID}/join", domain_join),
+    ("POST", rf"/v1/nodes/{ID}/leave", domain_leave),
     ("POST", r"/v1/keys", key_add),
     ("POST", r"/v1/keys/list", key_list),
     ("POST", rf"/v1/keys/{ID}/remove", key_remove),

@@ -45,7 +45,7 @@ from kh.model import (
     NodeInfo,
     NodeState,
 )
-from kh.service import recovery, tokens, views
+from kh.service import membership, recovery, tokens, views
 from kh.service.config import ServiceConfig
 from kh.service.hardware import Hardware
 from kh.service.nodes import NodeManager
@@ -76,7 +76,8 @@ class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.db)
-        self.fabric = Fabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port))
+        membership.ensure_schema(self.store)
+        self.fabric = Fabric(cfg.fabric)
         self.nodes = NodeManager(cfg, self.fabric)
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)  # notified when a node's reset ends
@@ -95,6 +96,8 @@ class Service:
         with self.lock:
             self.repairs = recovery.recover(self.store, self.cfg) + self.pool.adopt()
         self.sync_fabric()
+        with self.lock:
+            self.repairs += membership.reconcile(self)
         self.repairs += recovery.resume_resets(self)
         for r in self.repairs:
             log.warning("repaired: %s", r)
@@ -245,12 +248,16 @@ class Service:
         if row is None:
             raise NotFound(f"no allocation {alloc}")
         doms = {d.netid: d for d in self.store.domains()}
-        order = tuple(doms.get(n, Domain(n, DomainKind.PRIVATE, row.principal))
-                      for n in row.netids)
-        nodes = tuple(NodeInfo(r.number, r.uid, str(node_address(order[0].netid, r.number).ip)
-                               if order else "")
-                      for r in self.store.nodes_of(alloc))
-        return AllocationInfo(alloc, self.cfg.server, order, nodes)
+        # a node that joined or left domains has its own slot map (kh.service.membership)
+        order = tuple(None if n is None else doms.get(n, Domain(n, DomainKind.PRIVATE,
+                                                                row.principal))
+                      for n in membership.alloc_map(self.store, row))
+        nodes = []
+        for r in self.store.nodes_of(alloc):
+            first = [n for n in membership.node_map(self.store, r.number, row) if n is not None]
+            nodes.append(NodeInfo(r.number, r.uid,
+                                  str(node_address(first[0], r.number).ip) if first else ""))
+        return AllocationInfo(alloc, self.cfg.server, order, tuple(nodes))
 
     # -- management --------------------------------------------------------------------------
     def _own_allocation(self, alloc: int, user: str) -> None:
@@ -310,7 +317,9 @@ class Service:
                     break
             if row.state != NodeState.ALLOCATED or number not in self.nodes.running:
                 raise NotFound(f"node {number} is not running ({row.state.value})")
-            domains = self.info(row.alloc).domains
+            alloc = self.store.allocation(row.alloc)
+            assert alloc is not None  # checked by _own_allocation, under the lock
+            domains = membership.reset_domains(self, number, alloc)
             self._resetting.add(number)
             self.store.node_resetting(number, True)
         self._do_reset(number, domains)
@@ -348,13 +357,24 @@ class Service:
             if netid in (EXTERNAL, PUBLIC) or owners.get(netid) != user:
                 # another principal's domain looks exactly like one that does not exist
                 raise NotFound(f"principal {user} has no private domain {netid}")
-            if not self.store.remove_domain(netid):
+            if membership.in_use(self.store, netid) or not self.store.remove_domain(netid):
                 raise AllocationError(f"domain {netid} still has allocated nodes",
                                       "release them first")
             try:
                 self.fabric.remove_domain(netid)
             except Exception as e:  # the state is already right; the bridge goes later
                 log.warning("domain %d removed, but not its bridge yet: %s", netid, e)
+
+    def join(self, number: int, netid: int, user: str, credential: str | None
+             ) -> membership.Change:
+        """Plug running node ``number``'s next free interface into domain ``netid``
+        (kh.service.membership.join)."""
+        return membership.join(self, number, netid, user, credential)
+
+    def leave(self, number: int, netid: int, user: str, credential: str | None
+              ) -> membership.Change:
+        """Unplug node ``number``'s interface in domain ``netid`` (membership.leave)."""
+        return membership.leave(self, number, netid, user, credential)
 
     # -- control-channel keys ------------------------------------------------------------------
     def add_key(self, user: str, credential: str | None, key: str, alloc: int | None) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from kh.errors import KhError
 from kh.model import Domain, NodeState
-from kh.service import procid
+from kh.service import membership, procid
 from kh.service.config import ServiceConfig
 from kh.service.nodes import recorded
 from kh.store import Store
@@ -63,8 +63,11 @@ def resume_resets(svc: Service) -> list[str]:
                 continue
             if row.state == NodeState.ALLOCATED and row.alloc is not None \
                     and row.number in svc.nodes.running:
+                alloc = svc.store.allocation(row.alloc)
+                if alloc is None:
+                    continue
                 svc._resetting.add(row.number)
-                todo.append((row.number, svc.info(row.alloc).domains))
+                todo.append((row.number, membership.reset_domains(svc, row.number, alloc)))
             else:
                 svc.store.node_resetting(row.number, False)
 

@@ -11,26 +11,33 @@ import time
 from typing import Any
 
 from kh.model import DomainKind
+from kh.service import membership
 from kh.service.config import ServiceConfig
 from kh.service.pool import note, summarize
-from kh.store import NodeRow, Store
+from kh.store import AllocRow, NodeRow, Store
 
 
-def _node(n: NodeRow, now: float, *, pid: bool) -> dict[str, Any]:
+def _node(store: Store, allocs: dict[int, AllocRow], n: NodeRow, now: float, *, pid: bool
+          ) -> dict[str, Any]:
+    """A node; "netids": its domains by interface (null: free), for an allocated node."""
+    a = allocs.get(n.alloc) if n.alloc is not None else None
     return {"node": n.number, "uid": n.uid, "state": n.state.value,
             "pid": n.pid if pid else None, "allocation": n.alloc, "reason": n.reason,
-            "attempts": n.attempts, "retry_at": n.retry_at, "note": note(n, now)}
+            "attempts": n.attempts, "retry_at": n.retry_at, "note": note(n, now),
+            "netids": None if a is None else list(membership.node_map(store, n.number, a))}
 
 
 def operator(store: Store, cfg: ServiceConfig, repairs: list[str]) -> dict[str, Any]:
     """Every allocation, node (with its QEMU's PID) and domain, the pool, khd's repairs."""
     nodes = store.nodes()
     now = time.time()
+    allocs = {a.id: a for a in store.allocations()}
     return {
-        "allocations": [{"id": a.id, "principal": a.principal, "netids": list(a.netids),
+        "allocations": [{"id": a.id, "principal": a.principal,
+                         "netids": list(membership.alloc_map(store, a)),
                          "nodes": [n.number for n in nodes if n.alloc == a.id],
-                         "created": a.created} for a in store.allocations()],
-        "nodes": [_node(n, now, pid=True) for n in nodes],
+                         "created": a.created} for a in allocs.values()],
+        "nodes": [_node(store, allocs, n, now, pid=True) for n in nodes],
         "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
                     for d in store.domains()],
         "pool": summarize(nodes, cfg.nodes).to_json(),
@@ -53,10 +60,11 @@ def principal(store: Store, cfg: ServiceConfig, user: str) -> dict[str, Any]:
     # allocation is counted in "lost", never named
     return {
         "principal": user,
-        "allocations": [{"id": a.id, "principal": user, "netids": list(a.netids),
+        "allocations": [{"id": a.id, "principal": user,
+                         "netids": list(membership.alloc_map(store, a)),
                          "nodes": [n.number for n in mine if n.alloc == a.id],
                          "created": a.created} for a in allocs],
-        "nodes": [_node(n, now, pid=False) for n in mine],
+        "nodes": [_node(store, {a.id: a for a in allocs}, n, now, pid=False) for n in mine],
         "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
                     for d in domains],
         "pool": pool,

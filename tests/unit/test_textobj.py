@@ -35,7 +35,8 @@ def test_format_and_json():
 @pytest.mark.parametrize("text,msg", [
     ("", "empty"),
     ("hello\nnodes: 1\n", "not con<ID>@<host>"),
-    ("con1@h\nnetwork 3 : eth1\nnodes: 1\n", "out of order"),
+    ("con1@h\nnetwork 3 : eth1\nnetwork 4 : eth0\nnodes: 1\n", "out of order"),
+    ("con1@h\nnetwork 3 : eth4\nnodes: 1\n", "4 interfaces"),
     ("con1@h\nbogus line\nnodes: 1\n", "not understood"),
     ("con1@h\nprotocol: uboot\n", "no `nodes:`"),
     ("con1@h\nnodes: a b\n", "bad node list"),
