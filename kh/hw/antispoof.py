@@ -19,10 +19,11 @@ Node addresses are static: ``kh.ethN`` boot keys give ``node_address(netid, node
 DHCP server serves the shared domains, so 0.0.0.0 is never allowed as a source there.
 
 The rules fail closed: a tap that is neither ``free`` nor has its identity in the sets drops
-every frame. Rules stay fixed; plugging a tap changes only set elements, in one ``nft -j -f -``
-transaction each (atomic), before the tap moves when that tightens and after it when that
-loosens, so the rules hold at every instant of a move. ``rebuild`` puts the table back from
-the taps' actual wiring (khd's start, or the first change after this object was made).
+every frame. Rules stay fixed; plugging a tap changes only set elements, in one nft JSON
+transaction each (atomic; libnftables in-process, ``NftContext``), before the tap moves when
+that tightens and after it when that loosens, so the rules hold at every instant of a move.
+``rebuild`` puts the table back from the taps' actual wiring (khd's start, or the first change
+after this object was made).
 
 The kernel here has no ``meta ibrname`` (nft_meta_bridge), so a tap's domain kind is tracked
 in sets keyed by interface name instead of read from its bridge.
@@ -31,17 +32,19 @@ in sets keyed by interface name instead of read from its bridge.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import NetNS
 
-from kh import proc
+from kh import deps, proc
 from kh.allocation import host_address, node_address
 from kh.errors import KhError
 from kh.hw import netns as nsutil
@@ -56,6 +59,7 @@ FAMILY = "bridge"
 SHARED = (EXTERNAL, PUBLIC)
 ETH_VLAN, ETH_QINQ = 0x8100, 0x88A8
 Json = dict[str, Any]
+NFT_CTX_OUTPUT_JSON = 1 << 4
 
 
 class AntiSpoofError(KhError):
@@ -198,6 +202,61 @@ def moves(cfg: FabricConfig, old: Plug | None, new: Plug) -> tuple[list[Json], l
     return [c for e in old_elems for c in _remove(e)], [_add(e) for e in new_elems]
 
 
+def _libnftables() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+    except OSError as e:
+        raise AntiSpoofError(f"cannot load libnftables: {e}", deps.missing_hint("nft")) from None
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    return lib
+
+
+class NftContext:
+    """libnftables (the library behind nft, same package) in-process, bound to one network
+    namespace: its context is made by a thread inside the namespace, and its netlink socket
+    stays there. A change costs 0.3 ms this way; `nsenter ... nft -j -f -` took 20 ms on this
+    host, and so did a fresh context per change (it reads the ruleset into its cache first):
+    this is on khget's path. The context keeps the namespace alive until ``close`` (or until
+    it is garbage-collected). Not thread-safe: callers hold a lock."""
+
+    def __init__(self, netns: str) -> None:
+        lib = self.lib = _libnftables()
+
+        def new() -> int:
+            ctx = lib.nft_ctx_new(0)
+            if not ctx:
+                raise AntiSpoofError("libnftables could not make a context")
+            # with JSON output, libnftables 1.0.6 reads its input as JSON too
+            lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            return int(ctx)
+
+        self.ctx = nsutil.run_in(netns, new)
+        self._free = weakref.finalize(self, lib.nft_ctx_free, ctypes.c_void_p(self.ctx))
+
+    def run(self, commands: list[Json]) -> None:
+        """Apply ``commands`` (nft JSON) in one transaction; AntiSpoofError if refused."""
+        if not self._free.alive:
+            raise AntiSpoofError("libnftables context already closed")
+        if self.lib.nft_run_cmd_from_buffer(self.ctx, batch(*commands).encode()) != 0:
+            err = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace")
+            lines = err.strip().splitlines()
+            raise AntiSpoofError("nft refused kh's anti-spoofing rules: "
+                                 + (lines[0] if lines else "no reason given"))
+
+    def close(self) -> None:
+        self._free()
+
+
 class AntiSpoof:
     """kh's anti-spoofing table in the fabric namespace, and what it holds for each tap."""
 
@@ -205,16 +264,21 @@ class AntiSpoof:
         self.cfg = cfg
         self._lock = threading.Lock()
         self._plugs: dict[tuple[int, int], Plug] | None = None  # None: not built yet
+        self._ctx: NftContext | None = None
 
     def _nft(self, commands: list[Json]) -> None:
-        if not commands:
-            return
-        argv = nsutil.enter_argv(self.cfg.netns) + ["nft", "-j", "-f", "-"]
-        r = proc.run(argv, input=batch(*commands).encode(), check=False)
-        if r.returncode != 0:
-            lines = (r.stderr or r.stdout).strip().splitlines()
-            raise AntiSpoofError("nft refused kh's anti-spoofing rules: "
-                                 + (lines[0] if lines else f"exit code {r.returncode}"))
+        if commands:
+            if self._ctx is None:
+                self._ctx = NftContext(self.cfg.netns)
+            self._ctx.run(commands)
+
+    def close(self) -> None:
+        """Let go of the namespace (before it is removed: the context would keep it alive)."""
+        with self._lock:
+            if self._ctx is not None:
+                self._ctx.close()
+                self._ctx = None
+            self._plugs = None
 
     def wiring(self) -> dict[tuple[int, int], Plug]:
         """Every kh tap in the namespace and where it is plugged now, from the kernel:
@@ -243,6 +307,9 @@ class AntiSpoof:
 
     def _rebuild(self) -> None:
         plugs = self.wiring()
+        if self._ctx is not None:  # the namespace may be a new one of the same name
+            self._ctx.close()
+            self._ctx = None
         self._nft(table(list(plugs.values()), self.cfg))
         self._plugs = plugs
         log.info("anti-spoofing table built: %d taps on shared domains",

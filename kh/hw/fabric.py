@@ -128,6 +128,7 @@ class Fabric:
 
     def destroy(self) -> bool:
         """Remove the namespace and with it every bridge, tap and veth end inside."""
+        self.antispoof.close()  # its libnftables context would keep the namespace alive
         if not nsutil.exists(self.cfg.netns):
             return False
         with contextlib.suppress(NetlinkError, OSError):
