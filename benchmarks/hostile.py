@@ -7,12 +7,19 @@ khd's RSS and thread count (VmRSS and Threads of /proc/PID/status):
       the RSS growth extrapolated to 1 GiB, both labelled as projections);
   (c) under the issue's stress load: 200 idle API clients, 50 half-open ssh logins and one
       session that never reads, while another principal runs Listing 1 on 4 apache nodes;
+  (f) while every node of the pool prints at once (U-Boot's md) until their console logs grew
+      by ``--console-mib`` MiB (1024 for the issue's 1 GiB; 64 by default), one session reading
+      it all and one never reading (benchmarks/console_flood.py);
+  (g) under unauthenticated ssh churn: ``--churn-clients`` clients each connecting, doing a key
+      exchange and failing one password login, ``--churn-logins`` times in all
+      (benchmarks/ssh_churn.py);
 and (d) the time to refuse a wrong credential (and an unknown principal), (e) khget's latency
 alone and while 20 clients guess credentials. Prints numbers (a table, or ``--json``); asserts
 nothing. Runs its own khd (own prefix, state dir, ports, outside namespace), removed at the end.
 Needs root.
 
-Usage: .venv/bin/python -m benchmarks.hostile [--nodes 16] [--flood-mib 32] [--json]
+Usage: .venv/bin/python -m benchmarks.hostile [--nodes 16] [--flood-mib 32] [--console-mib 64]
+       [--only console-gib ssh-churn ...] [--json]
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from typing import Any
 
 from pyroute2 import netns
 
+from benchmarks import console_flood, ssh_churn
 from benchmarks.common import REPO, free_port
+from benchmarks.console_flood import LogBytes
 from benchmarks.hostile_load import (
     MIB,
     QUIET_LINE,
@@ -72,31 +81,6 @@ def idle(cfg: ServiceConfig, pid: int) -> Result:
     return {"nodes": cfg.nodes, "rss_mib": mib(u.rss_kib), "threads": u.threads}
 
 
-class LogCounter:
-    """Bytes khd has written to a node's console log since creation of this counter, across
-    rotations (the file moves to .1 past 4 MiB): poll it more often than it rotates twice."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        st = path.stat()
-        self.ino, self.size, self.done = st.st_ino, st.st_size, -st.st_size
-
-    def poll(self) -> int:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:  # between the rename and the new file
-            return self.done + self.size
-        if st.st_ino != self.ino:
-            try:
-                old = self.path.with_name(self.path.name + ".1").stat()
-                self.done += old.st_size if old.st_ino == self.ino else self.size
-            except FileNotFoundError:
-                self.done += self.size
-            self.ino = st.st_ino
-        self.size = st.st_size
-        return self.done + self.size
-
-
 def flood(cfg: ServiceConfig, pid: int, size_mib: int, timeout: float) -> Result:
     """One node boots the shell appliance and prints ``size_mib`` MiB of lines; how fast the
     console carried them and what khd holds afterwards."""
@@ -110,7 +94,7 @@ def flood(cfg: ServiceConfig, pid: int, size_mib: int, timeout: float) -> Result
         time.sleep(2)
         lines = size_mib * MIB // (len(FLOOD_LINE) + 2)
         before = usage(pid)
-        counter = LogCounter(cfg.console_log(node))
+        counter = LogBytes(cfg.console_log(node))
         # the command line's own echo reads kh-flood-""done: only the output matches
         cmd = (f"awk 'BEGIN{{for(i=0;i<{lines};i++)print \"{FLOOD_LINE}\"}}'; "
                f'echo kh-flood-""done')
@@ -166,7 +150,7 @@ def stress(cfg: ServiceConfig, pid: int, http: int, ssh: int) -> Result:
             load.open()
             opened = usage(pid)
             (a_node,) = nodes_of(a_text)
-            a_log = LogCounter(cfg.console_log(a_node))
+            a_log = LogBytes(cfg.console_log(a_node))
             quiet = quiet_session(cfg, a_alloc, CRED, QUIET_LINE)
             try:
                 b.run()
@@ -291,6 +275,10 @@ def table(r: Result) -> str:
         k = r["khget"]
         rows.append((f"(e) the {k['guessers']} guessers", f"{k['guesses_per_s']} guesses/s, "
                      f"answers {k['guess_statuses']}"))
+    if "console-gib" in r:
+        rows += console_flood.rows(r["console-gib"])
+    if "ssh-churn" in r:
+        rows += ssh_churn.rows(r["ssh-churn"])
     if "end" in r:
         rows.append(("khd at the end, released, pool refilled",
                      f"RSS {r['end']['rss_mib']} MiB, "
@@ -311,7 +299,13 @@ def main() -> None:
     ap.add_argument("--http", type=int, default=200, help="idle API clients in the stress load")
     ap.add_argument("--ssh", type=int, default=50, help="half-open ssh logins in the stress load")
     ap.add_argument("--prefix", default=f"kb{os.getpid() % 10000}")
-    ap.add_argument("--only", nargs="*", choices=("refusal", "khget", "stress", "flood"),
+    ap.add_argument("--console-mib", type=int, default=64,
+                    help="console-gib: MiB the nodes' logs must grow by, all nodes at once")
+    ap.add_argument("--console-timeout", type=float, default=14400.0)
+    ap.add_argument("--churn-clients", type=int, default=50)
+    ap.add_argument("--churn-logins", type=int, default=2000)
+    ap.add_argument("--only", nargs="*", choices=("refusal", "khget", "stress", "flood",
+                                                  "console-gib", "ssh-churn"),
                     help="these phases only (the idle numbers are always taken)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -333,6 +327,10 @@ def main() -> None:
             phases: list[tuple[str, Callable[[], Result]]] = [
                 ("stress", lambda: stress(cfg, pid, args.http, args.ssh)),
                 ("flood", lambda: flood(cfg, pid, args.flood_mib, args.flood_timeout)),
+                ("console-gib", lambda: console_flood.console_flood(
+                    cfg, pid, CRED, args.console_mib, args.console_timeout)),
+                ("ssh-churn", lambda: ssh_churn.ssh_churn(
+                    cfg, pid, CRED, args.churn_clients, args.churn_logins, 1800.0)),
                 ("refusal", lambda: refusals(cfg, args.tries)),
                 ("khget", lambda: khget_latency(cfg, args.cycles, args.guessers))]
             for key, phase in phases:
