@@ -20,7 +20,7 @@ from kh.hw import netns, uboot
 from kh.hw.console import Console
 from kh.model import EXTERNAL, PUBLIC
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import allocate, credfile, ps, release, wait_free
+from tests.integration.conftest import allocate, credfile, kh, ps, release, wait_free
 from tests.integration.test_channel import khdo
 
 pytestmark = [pytest.mark.guest, pytest.mark.scenario]
@@ -224,9 +224,14 @@ def test_diskserver_makes_two_disk_nodes_from_inside(khd, artifacts):
     # The disk server: public (for the service interface) and a new disknet.
     alloc, (ds,), text = take(khd, "-i", "-p", "1", "-c", credfile(CRED), USER, "1")
     disknet = netid_of(text, 1)
+    # a token for disknet, never the credential (kh.service.tokens; tests/integration/test_token)
+    made = kh(khd, "token", "add", "-u", USER, "-c", credfile(CRED), "--allocate-on",
+              str(disknet))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.splitlines()[0]
     with consoles(khd, [ds], artifacts) as cons:
         d = boot_appliance(khd, text, "diskserver", cons,
-                           {ds: f"kh.user={USER} kh.cred={CRED} kh.disksize=16M"})[ds]
+                           {ds: f"kh.user={USER} kh.token={token} kh.disksize=16M"})[ds]
         assert f"disknet={disknet}" in ready_line(d)
         out = ok(d, "khgetdisk 2", timeout=180)
         assert "ready: e1.0 e1.1" in out, out

@@ -19,7 +19,7 @@ from kh.model import NodeState
 from kh.service import config, preflight
 from kh.service.config import ServiceConfig
 from kh.service.nodes import node_spec
-from kh.store import MIGRATIONS, SCHEMA, Store
+from kh.store import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Store
 
 
 def test_khd_gets_every_setting_on_its_command_line(tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_a_version_2_state_gains_the_failure_columns(tmp_path):
     assert store.nodes(NodeState.FREE)[0].reason is None
     store.close()
     assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key='schema'"
-                                       ).fetchone()[0] == "4"
+                                       ).fetchone()[0] == str(SCHEMA_VERSION)
     assert Store(db).node(4).resetting is False  # type: ignore[union-attr]
 
 
