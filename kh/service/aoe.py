@@ -8,10 +8,11 @@ already answers there: a disk the principal booted by hand with ``kh.aoe``).
 
 The addresses live in table ``aoe_addresses`` of khd's state, one row per (domain, shelf, slot)
 with the node's uid (never given to a later node). An address is held for exactly as long as
-its node is in the state: a release or a principal's removal drops the node's row, and with it
-the address, in the same transaction; rows left behind are purged on the next assignment. The
-table is this module's own, made when first needed (``CREATE TABLE IF NOT EXISTS``): nothing
-else in the state refers to it, so the schema's versions (kh.store_schema) need not know it.
+its node is in the state and in that domain: once a release or a principal's removal drops
+the node's row, or the node leaves the domain (kh domain leave, kh.service.membership), the
+address is free; each request first purges such rows. The table is this module's own, made
+when first needed (``CREATE TABLE IF NOT EXISTS``): nothing else in the state refers to it, so
+the schema's versions (kh.store_schema) need not know it.
 
 Routes (kh.service.api serves ROUTES):
   POST /v1/aoe/addresses       {user, credential, node, netid, shelf=1, avoid=[slots]}
@@ -29,10 +30,11 @@ from typing import Any
 from kh.allocation import MAX_NETID, MAX_NODE, AllocationError
 from kh.errors import UsageError
 from kh.model import NodeState
+from kh.service import membership, tokens
 from kh.service import request as rq
-from kh.service import tokens
 from kh.service.core import NotFound, Service
 from kh.service.request import Caller
+from kh.store import Store
 
 MAX_SHELF = 65534  # 0xffff is the broadcast shelf: no disk may have it
 MAX_SLOT = 254  # 0xff is the broadcast slot
@@ -62,10 +64,17 @@ class Address:
                 "slot": self.slot, "node": self.node}
 
 
-def _purge(db: sqlite3.Connection) -> None:
-    """Make the table if it is not there yet; drop addresses whose node is gone."""
+def _purge(store: Store, db: sqlite3.Connection) -> None:
+    """Make the table if it is not there yet; drop the addresses whose node is gone, or is
+    no longer in that domain (it left it: kh domain leave, kh.service.membership)."""
     db.execute(TABLE)
     db.execute("DELETE FROM aoe_addresses WHERE uid NOT IN (SELECT uid FROM nodes)")
+    for netid, uid, number, alloc_id in db.execute(
+            "SELECT x.netid, x.uid, n.number, n.alloc FROM aoe_addresses x "
+            "JOIN nodes n ON n.uid = x.uid").fetchall():
+        alloc = None if alloc_id is None else store.allocation(alloc_id)
+        if alloc is None or netid not in membership.node_map(store, number, alloc):
+            db.execute("DELETE FROM aoe_addresses WHERE netid=? AND uid=?", (netid, uid))
 
 
 def lowest_free(taken: set[int], avoid: set[int]) -> int | None:
@@ -90,11 +99,12 @@ def assign(svc: Service, user: str, credential: str | None, node: int, netid: in
         if row is None or alloc is None or alloc.released is not None or \
                 alloc.principal != user or row.state != NodeState.ALLOCATED:
             raise NotFound(f"principal {user} has no allocated node {node}")
-        if netid not in alloc.netids:
+        doms = [n for n in membership.node_map(svc.store, node, alloc) if n is not None]
+        if netid not in doms:
             raise AllocationError(f"node {node} is not in domain {netid}",
-                                  f"its domains are {', '.join(map(str, alloc.netids))}")
+                                  f"its domains are {', '.join(map(str, doms)) or 'none'}")
         with svc.store.tx() as db:
-            _purge(db)
+            _purge(svc.store, db)
             had = db.execute("SELECT shelf, slot FROM aoe_addresses WHERE uid=? AND netid=?",
                              (row.uid, netid)).fetchone()
             if had is not None:
@@ -120,7 +130,7 @@ def addresses(svc: Service, user: str, credential: str | None,
     """The addresses the principal's live nodes hold (in domain ``netid`` only, if given),
     by domain, shelf and slot. AuthError (403) on a wrong credential."""
     with svc.admitted(user, credential), svc.store.tx() as db:
-        _purge(db)
+        _purge(svc.store, db)
         rows = db.execute(
             "SELECT x.netid, x.shelf, x.slot, n.number FROM aoe_addresses x "
             "JOIN nodes n ON n.uid = x.uid JOIN allocations a ON a.id = n.alloc "

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kh.service import membership
 from kh.service.aoe import MAX_SLOT, lowest_free
 from tests.unit.fake_khd import make_service, post, refill, serving, text_of
 
@@ -118,3 +119,21 @@ def test_only_the_owner_of_an_allocated_node_in_that_domain_gets_one(svc, khd):
 def test_malformed_requests_are_400(khd, body, words):
     status, err = call(khd, "/v1/aoe/addresses", "alice", **body)
     assert status == 400 and words in err["error"], err
+
+
+def test_a_node_that_joined_a_domain_gets_one_there_and_leaving_frees_it(svc, khd):
+    """Domains change while nodes run (kh domain join/leave): the node's own slot map counts,
+    not its allocation's domains. The map is set here as a join and a leave leave it."""
+    _, (n1, n2), (d1,) = take(khd, "alice", 2, p=1)
+    _, _, (d2,) = take(khd, "alice", 1, p=1)
+    status, err = address(khd, "alice", n1, d2)
+    assert status == 409 and f"not in domain {d2}" in err["error"], err
+    membership.put_map(svc.store, n1, (d1, d2))  # n1 joined d2 on eth1
+    assert address(khd, "alice", n1, d2)[1]["address"] == "e1.0"
+    membership.put_map(svc.store, n2, (d1, d2))
+    assert address(khd, "alice", n2, d2)[1]["address"] == "e1.1"
+    membership.put_map(svc.store, n1, (d1,))  # n1 left d2: its address there is free again
+    status, listed = call(khd, "/v1/aoe/addresses/list", "alice", netid=d2)
+    assert [(a["address"], a["node"]) for a in listed] == [("e1.1", n2)], listed
+    membership.put_map(svc.store, n1, (d1, d2))  # ... and back: the lowest free slot
+    assert address(khd, "alice", n1, d2)[1]["address"] == "e1.0"
