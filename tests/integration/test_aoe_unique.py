@@ -3,7 +3,8 @@
 Seen before: two vblade nodes both served e1.0 in one domain, and the file server then failed
 to build its volume with no word of why. Now a vblade node refuses an address that already
 answers (naming the MAC that answers), the file server names an address two disks answer
-(with both MACs)."""
+(with both MACs), and khgetdisk's addresses come from the service: two disk servers on one
+disknet hand out distinct ones, and skip one that a disk booted by hand answers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from kh.errors import BootError
 from kh.hw import uboot
 from kh.hw.console import Console
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import credfile, release, wait_free
+from tests.integration.conftest import credfile, kh, ps, release, wait_free
 from tests.integration.test_appliances import consoles, netid_of, ok, ready_line, take
 from tests.integration.test_channel import khdo
 from tests.unit.fake_khd import post, text_of
@@ -88,3 +89,55 @@ def test_an_answered_address_is_refused_and_a_duplicate_is_named(khd, artifacts)
     finally:
         release(khd, USER, CRED, fa)
         release(khd, USER, CRED, da)
+
+
+def test_two_disk_servers_hand_out_distinct_addresses(khd, artifacts):
+    wait_free(khd, 5)
+    # Disk server 1: the public domain (the service) and a new disknet; a disk booted by hand
+    # on e1.0 there; disk server 2: the public domain and the same disknet.
+    a1, (ds1,), t1 = take(khd, "-i", "-p", "1", "-c", credfile(CRED), USER, "1")
+    disknet = netid_of(t1, 1)
+    am, (manual,), tm = take(khd, "-n", str(disknet), "-c", credfile(CRED), USER, "1")
+    a2, (ds2,), t2 = take(khd, "-i", "-n", str(disknet), "-c", credfile(CRED), USER, "1")
+    held: list[int] = []
+    try:
+        with consoles(khd, [ds1, manual, ds2], artifacts) as cons:
+            load(khd, tm, "vblade")
+            assert "aoe=e1.0" in ready_line(kboot(cons[manual], "kh.aoe=1.0 kh.disksize=16M"))
+            servers = {}
+            for n, text in ((ds1, t1), (ds2, t2)):
+                load(khd, text, "diskserver")
+                servers[n] = kboot(cons[n], f"kh.user={USER} kh.token={token(khd, disknet)} "
+                                            "kh.disksize=16M")
+                assert f"disknet={disknet}" in ready_line(servers[n])
+            # e1.0 answers already: the service skips it; then each run gets its own address.
+            out1 = ok(servers[ds1], "khgetdisk 1", timeout=300)
+            assert "ready: e1.1" in out1, out1
+            out2 = ok(servers[ds2], "khgetdisk 1", timeout=300)
+            assert "ready: e1.2" in out2, out2
+            mine = [a["id"] for a in _allocations(khd) if a["id"] > a2]
+            held = mine
+            assert len(mine) == 2, mine
+            got = addresses(khd, disknet)
+            assert [a for a, _ in got] == ["e1.1", "e1.2"], got
+            # Every address has one disk behind it: the disk server sees three, each once.
+            stat = ok(servers[ds1], "aoe-discover; sleep 2; aoe-stat")
+            assert all(re.search(rf"\be1\.{s}\b", stat) for s in range(3)), stat
+            # A released disk node's address is free again.
+            release(khd, USER, CRED, mine[0])
+            held = mine[1:]
+            assert [a for a, _ in addresses(khd, disknet)] == ["e1.2"]
+    finally:
+        for a in [*held, a2, am, a1]:
+            release(khd, USER, CRED, a)
+
+
+def token(cfg: ServiceConfig, netid: int) -> str:
+    """A token of the principal's that allocates on ``netid`` (what a disk server holds)."""
+    made = kh(cfg, "token", "add", "-u", USER, "-c", credfile(CRED), "--allocate-on", str(netid))
+    assert made.returncode == 0, made.stderr
+    return made.stdout.splitlines()[0]
+
+
+def _allocations(cfg: ServiceConfig) -> list[dict]:
+    return [a for a in ps(cfg)["allocations"] if a["principal"] == USER and a["nodes"]]
