@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kh.allocation import NIC_SLOTS, AllocationError, node_address
+from kh.allocation import NIC_SLOTS, AllocationError, host_address, node_address
 from kh.model import EXTERNAL, PUBLIC, Domain, DomainKind, NodeState
 from kh.store import AllocRow, Store
 
@@ -172,7 +172,7 @@ class Change:
         dev = f"eth{self.slot}"
         if not self.joined:
             return f"node {self.node} left domain {self.netid}: {dev} is unplugged\n"
-        gw = " (gateway 10.0.255.254)" if self.netid == EXTERNAL else ""
+        gw = f" (gateway {host_address(EXTERNAL).ip})" if self.netid == EXTERNAL else ""
         return (f"node {self.node} joined domain {self.netid} on {dev}: address "
                 f"{self.address}{gw}\n"
                 f"on the node: ip addr add {self.address} dev {dev} && ip link set {dev} up\n")

@@ -234,3 +234,16 @@ def test_a_failed_node_cannot_join(svc, wires, khd):
     status, e = call(khd, f"/v1/nodes/{n}/join", "alice", netid=1)
     assert status == 404 and e["error"] == f"node {n} is not running (failed)"
     assert svc.store.node(n).state == NodeState.FAILED
+
+
+def test_the_text_answer_says_what_to_run_on_the_node(svc, wires, khd):
+    _a, n, _d = allocate(khd, "alice")
+    status, resp = post(khd, f"/v1/nodes/{n}/join", json.dumps(
+        {"user": "alice", "credential": "alice-cred", "netid": 0}).encode())
+    assert status == 200
+    assert text_of(resp) == (
+        f"node {n} joined domain 0 on eth1: address 10.0.0.{n}/16 (gateway 10.0.255.254)\n"
+        f"on the node: ip addr add 10.0.0.{n}/16 dev eth1 && ip link set eth1 up\n")
+    status, resp = post(khd, f"/v1/nodes/{n}/leave", json.dumps(
+        {"user": "alice", "credential": "alice-cred", "netid": 0}).encode())
+    assert status == 200 and text_of(resp) == f"node {n} left domain 0: eth1 is unplugged\n"
