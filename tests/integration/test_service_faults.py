@@ -57,8 +57,13 @@ def snapshot(prefix: str, parent: Path) -> dict[str, list[str]]:
                 words = cmd.replace(b"\0", b" ").decode(errors="replace")
                 pids.append(f"{entry} {words}")
     return {
-        "netns": sorted(line.split()[0] for line in netns.stdout.splitlines() if line.strip()),
-        "links": sorted(line.split(":")[1].strip() for line in links.stdout.splitlines()),
+        # kh names all it makes after the prefix; others' namespaces and links (tests running
+        # beside this one) are not this test's business
+        "netns": sorted(line.split()[0] for line in netns.stdout.splitlines()
+                        if line.strip() and prefix in line.split()[0]),
+        "links": sorted(name for name in (line.split(":")[1].strip()
+                                          for line in links.stdout.splitlines())
+                        if prefix in name),
         "pids": sorted(pids),
         "files": sorted(str(p.relative_to(parent)) for p in parent.rglob("*")),
     }

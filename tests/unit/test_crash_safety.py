@@ -66,7 +66,7 @@ CASES = [
 @pytest.fixture
 def cfg(tmp_path: Path):  # type: ignore[no-untyped-def]
     c = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, nodes=3,
-                      prefix="khex")
+                      prefix=f"kx{os.getpid() % 10000}")  # stand-ins killed by prefix
     save_config(c)
     yield c
     kill_all(c)
