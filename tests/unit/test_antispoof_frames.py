@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -198,3 +199,39 @@ def test_a_new_khd_rebuilds_the_same_table_from_the_wiring(net: Net):
     assert tapdev.count(got[2], b"FORGED") == 0
     out = net.fabric.antispoof.listing()
     assert f"table bridge {TABLE}" in out and "10.1.0.2" in out
+
+
+def test_moves_of_different_taps_run_side_by_side_and_a_rebuild_waits(net: Net):
+    """khget wires nodes from 8 threads: one tap's slow link change must not hold up the
+    others' (they ran in parallel before the table existed), and a rebuild must not read a
+    tap's wiring half-way through its move."""
+    fabric = net.fabric
+    fabric.ensure_domain(PUBLIC)
+    for node in (1, 2):
+        fabric.ensure_tap(node, 0)
+    spoof = fabric.antispoof
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_move() -> None:
+        with spoof.moving(1, 0, PUBLIC):
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=slow_move)
+    t.start()
+    try:
+        assert inside.wait(30)
+        other = threading.Thread(target=fabric.attach, args=(2, 0, PUBLIC))
+        other.start()
+        other.join(30)  # a guard: it does not wait for tap 1's move at all
+        assert not other.is_alive(), "tap 2's move waited for tap 1's"
+        assert spoof.plugs()[(2, 0)].netid == PUBLIC
+        rebuilt = threading.Thread(target=spoof.rebuild)
+        rebuilt.start()
+        rebuilt.join(0.5)
+        assert rebuilt.is_alive()  # waiting for tap 1's move to end
+    finally:
+        release.set()
+        t.join()
+    rebuilt.join(30)
+    assert not rebuilt.is_alive()
