@@ -68,6 +68,8 @@ def run(cfg: ServiceConfig) -> int:
                     cfg.ssh_port, cfg.nodes)
         stop.wait()
     finally:
+        if svc is not None:  # first: no node start begins while the listeners drain
+            svc.pool.stop()
         if sshd is not None:
             sshd.close()
         for s in servers:
