@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 
 from pyroute2 import NetNS, netns
@@ -79,6 +80,7 @@ class Fabric:
     def __init__(self, cfg: FabricConfig, ports: Iterable[int] = ()) -> None:
         self.cfg = cfg
         self.ports = tuple(ports)
+        self._firewall_lock = threading.Lock()
         self.antispoof = AntiSpoof(cfg)  # what a tap may send on a shared domain
 
     @contextlib.contextmanager
@@ -108,9 +110,11 @@ class Fabric:
         self.antispoof.rebuild()  # afresh, for the taps' wiring now (a khd start)
 
     def apply_firewall(self) -> None:
-        """(Re)load kh's ruleset for the bridges that exist now (one transaction)."""
-        plan = firewall.Plan.of(self.cfg, self.domain_bridges(), self.ports)
-        firewall.apply(self.cfg.netns, firewall.ruleset(plan))
+        """(Re)load kh's ruleset for the bridges that exist now (one transaction). Serialised:
+        two domains made at once must not each load a list missing the other's bridge."""
+        with self._firewall_lock:
+            plan = firewall.Plan.of(self.cfg, self.domain_bridges(), self.ports)
+            firewall.apply(self.cfg.netns, firewall.ruleset(plan))
 
     def watch(self) -> list[str]:
         """Turn br_netfilter's switches off again if something turned them on (container
