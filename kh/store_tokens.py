@@ -95,6 +95,26 @@ class TokenRows:
                        (time.time(), token_id))
             return True
 
+    def active_tokens(self, principal: str) -> int:
+        """How many of ``principal``'s tokens are neither revoked nor expired."""
+        return int(self._rows(
+            "SELECT COUNT(*) FROM tokens WHERE principal=? AND revoked IS NULL AND "
+            "(expires IS NULL OR expires > ?)", (principal, time.time()))[0][0])
+
+    def prune_tokens(self, principal: str, keep: int) -> int:
+        """Forget ``principal``'s revoked or expired tokens but the newest ``keep``, except
+        those a live allocation names (released ones forget them); returns how many went."""
+        with self.tx() as db:
+            old = [r[0] for r in db.execute(
+                "SELECT id FROM tokens WHERE principal=? AND (revoked IS NOT NULL OR "
+                "(expires IS NOT NULL AND expires <= ?)) AND id NOT IN (SELECT token FROM "
+                "allocations WHERE released IS NULL AND token IS NOT NULL) "
+                "ORDER BY id DESC LIMIT -1 OFFSET ?", (principal, time.time(), keep))]
+            for tid in old:
+                db.execute("UPDATE allocations SET token=NULL WHERE token=?", (tid,))
+                db.execute("DELETE FROM tokens WHERE id=?", (tid,))
+            return len(old)
+
     def token_held(self, token_id: int) -> int:
         """Nodes held now through allocations the token made (live ones, nodes that have not
         failed): what its budget counts, as the principal's quota counts its own."""

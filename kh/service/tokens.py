@@ -53,6 +53,10 @@ TOKEN_RE = re.compile(r"kht_[A-Za-z0-9_-]{43}", re.ASCII)
 # The hash's key: a fixed label (domain separation), not a secret; see the module's docstring.
 TOKEN_KEY = b"kh token v1"
 MAX_LIFETIME = 10 * 365 * 86400  # seconds: what --expires may ask at most
+# The state a principal can grow: active tokens at once, and revoked or expired ones kept for
+# `kh token list` (older ones are forgotten when a token is made).
+MAX_ACTIVE = 32
+KEEP_SPENT = 32
 Result = tuple[int, "str | Path", Any]
 
 
@@ -263,9 +267,14 @@ def check_netids(svc: Service, user: str, netids: tuple[int, ...]) -> None:
 
 def add(svc: Service, user: str, credential: str | None, netids: tuple[int, ...],
         max_nodes: int | None, expires_in: int | None) -> tuple[TokenRow, str]:
-    """A new token of ``user``'s: (its row, the secret, which is not kept)."""
+    """A new token of ``user``'s: (its row, the secret, which is not kept). AllocationError
+    (409) past MAX_ACTIVE active tokens; NotFound for a domain that is not the principal's."""
     with svc.admitted(user, credential):
         check_netids(svc, user, netids)
+        if svc.store.active_tokens(user) >= MAX_ACTIVE:
+            raise AllocationError(f"principal {user} has {MAX_ACTIVE} active tokens, the most "
+                                  "it may hold", "revoke some with `kh token rm`")
+        svc.store.prune_tokens(user, KEEP_SPENT)
         secret = new_secret()
         expires = None if expires_in is None else time.time() + expires_in
         tid = svc.store.add_token(user, digest(secret), netids, max_nodes, expires)

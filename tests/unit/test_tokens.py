@@ -260,3 +260,28 @@ def test_a_token_gets_aoe_addresses_for_its_own_nodes_only(svc, world):
     assert (status, text) == (404, f"kh: principal alice has no allocated node {other}\n")
     # and the list of addresses stays the credential's
     assert call(world, "/v1/aoe/addresses/list", user="alice", token=tok)[0] == 403
+
+
+def test_a_principal_holds_a_bounded_number_of_tokens(svc, world, monkeypatch):
+    """At most MAX_ACTIVE active tokens (409 past them), and only the newest KEEP_SPENT
+    revoked or expired ones are kept, unless a live allocation still names one."""
+    monkeypatch.setattr(tokens, "MAX_ACTIVE", 3)
+    monkeypatch.setattr(tokens, "KEEP_SPENT", 2)
+    made = [make_token(world, allocate_on=[3]) for _ in range(3)]
+    status, text = alice(world, "/v1/tokens", allocate_on=[3])
+    assert status == 409 and "3 active tokens" in text, text
+    status, held = as_json(world, "/v1/allocations", user="alice", token=made[0]["token"],
+                           n=[3])
+    assert status == 201
+    for t in made:
+        assert alice(world, f"/v1/tokens/{t['id']}/remove")[0] == 200
+    for _ in range(3):  # 2 spent ones kept, and made[0]: its allocation is live
+        make_token(world, allocate_on=[3])
+    assert len(svc.store.tokens("alice")) == 6
+    # releasing that allocation lets it go at the next prune
+    assert alice(world, f"/v1/allocations/{held['id']}/release")[0] == 200
+    assert alice(world, f"/v1/tokens/{svc.store.tokens('alice')[-1].id}/remove")[0] == 200
+    make_token(world, allocate_on=[3])
+    spent = [t for t in svc.store.tokens("alice") if t.state() != "active"]
+    assert len(spent) == 2 and made[0]["id"] not in [t.id for t in spent]
+    assert svc.store.allocation(held["id"]).token is None
