@@ -262,6 +262,10 @@ def leave(svc: Service, number: int, netid: int, user: str, credential: str | No
         if netid not in slots:
             raise AllocationError(f"node {number} is not in domain {netid}")
         slot = slots.index(netid)
+        if own_map(svc.store, number) is None:
+            # the node's own map first, as it is: a khd that dies after the unplug then finds
+            # one, and puts the tap back where it says (reconcile)
+            put_map(svc.store, number, tuple(slots))
         _unplug(svc, number, slot)
         slots[slot] = None
         after = trim(tuple(slots))
@@ -291,8 +295,13 @@ def reconcile(svc: Service) -> list[str]:
             continue
         padded = list(own) + [None] * (NIC_SLOTS - len(own))
         for slot, netid in enumerate(padded):
+            was: int | str | None
             try:
                 was = tap_master(svc, row.number, slot)
+            except Exception as e:  # then it is set all the same
+                log.warning("node %d eth%d: cannot read its bridge: %s", row.number, slot, e)
+                was = "unknown"
+            try:
                 if netid is None:
                     _unplug(svc, row.number, slot)
                 else:
