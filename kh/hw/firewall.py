@@ -35,6 +35,7 @@ from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
 
 TABLE = "kh_fabric"  # kh's table in the inet and arp families of its namespace
+LEGACY = ("filter", "nat")  # the ip tables kh's iptables rules made before nftables
 Json = dict[str, Any]
 
 # br_netfilter's switches (they exist once the module is loaded; a new namespace gets them on)
@@ -85,9 +86,9 @@ def _net(net: str) -> Json:
 ACCEPT: Json = {"accept": None}
 
 
-def _table(family: str) -> list[Json]:
+def _table(family: str, name: str = TABLE) -> list[Json]:
     """Create-then-delete-then-create: the batch replaces kh's table whatever it held."""
-    t = {"family": family, "name": TABLE}
+    t = {"family": family, "name": name}
     return [{"add": {"table": t}}, {"delete": {"table": t}}, {"add": {"table": t}}]
 
 
@@ -109,7 +110,11 @@ def ruleset(plan: Plan) -> list[Json]:
     gateway = str(host_address(EXTERNAL).ip)
     ext = str(subnet(EXTERNAL))
     inet, arp = "inet", "arp"
-    cmds = _table(inet)
+    # The iptables(-nft) tables kh used before (FORWARD policy DROP, the masquerade) go: left
+    # in place, their forward chain would still drop bridged frames under br_netfilter. kh's
+    # namespace is kh's own, so nothing else keeps rules there.
+    cmds = [c for name in LEGACY for c in _table("ip", name)[:2]]
+    cmds += _table(inet)
     cmds.append(_chain(inet, "input", "filter", "input", 0, "drop"))
     cmds += [
         _rule(inet, "input", _is(_meta("iifname"), "lo"), ACCEPT),

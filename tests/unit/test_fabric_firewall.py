@@ -298,13 +298,20 @@ def without_handles(objs: list[dict]) -> list[dict]:
 
 
 def test_applying_in_a_namespace_keeps_other_tables() -> None:
-    """kh's transaction replaces only its own tables (anti-spoofing's stay)."""
+    """kh's transaction replaces only its own tables (anti-spoofing's stay), and removes the
+    iptables tables an older kh left (their FORWARD DROP would still cut bridged frames)."""
     with fabric("fwi") as f:
-        firewall.apply(f.cfg.netns, [{"add": {"table": {"family": "bridge", "name": "other"}}}])
+        firewall.apply(f.cfg.netns, [
+            {"add": {"table": {"family": "bridge", "name": "other"}}},
+            {"add": {"table": {"family": "ip", "name": "filter"}}},
+            {"add": {"chain": {"family": "ip", "table": "filter", "name": "FORWARD",
+                               "type": "filter", "hook": "forward", "prio": 0,
+                               "policy": "drop"}}}])
         f.apply_firewall()
         names = {(o["table"]["family"], o["table"]["name"])
                  for o in listed_all(f.cfg.netns) if "table" in o}
         assert {("bridge", "other"), ("inet", "kh_fabric"), ("arp", "kh_fabric")} <= names
+        assert ("ip", "filter") not in names
 
 
 def listed_all(name: str) -> list[dict]:
