@@ -14,8 +14,12 @@ from kh.service import tokens
 
 KHGET = Path(__file__).resolve().parents[2] / "appliance-builder" / "files" / "khget"
 FAKE_WGET = """#!/bin/sh
-# records its argv, one word a line, and answers like khd
+# records its argv, one word a line, and answers like khd (or fails as busybox wget does)
 printf '%s\\n' "$@" > "$WGET_LOG"
+if [ -n "$WGET_STATUS" ]; then
+    echo "wget: server returned error: HTTP/1.1 $WGET_STATUS" >&2
+    exit 1
+fi
 echo 'con1@10.1.255.254'
 """
 
@@ -74,3 +78,12 @@ def test_refused_before_sending(tmp_path, args):
 def test_no_server_no_request(tmp_path):
     r, body = khget(tmp_path, "-t", TOKEN, "alice", cmdline="console=ttyS0")
     assert r.returncode == 1 and body is None and "kh.server" in r.stderr
+
+
+@pytest.mark.parametrize(("status", "says"), [("403 Forbidden", "out of the token's scope"),
+                                              ("409 Conflict", "the token's node budget"),
+                                              ("429 Too Many Requests", "wait and try again")])
+def test_a_refusal_says_what_it_can_mean(tmp_path, status, says):
+    r, body = khget(tmp_path, "-t", TOKEN, "alice", env={"WGET_STATUS": status})
+    assert r.returncode == 1 and body is not None and r.stdout == ""
+    assert says in r.stderr and status in r.stderr, r.stderr
