@@ -31,6 +31,7 @@ from kh import proc
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
 from kh.hw import netns as nsutil
+from kh.hw.antispoof import NftContext
 from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
 
@@ -176,6 +177,17 @@ def apply(netns: str, commands: Sequence[Json]) -> None:
         proc.run(nsutil.enter_argv(netns) + ["nft", "-j", "-f", "-"], input=doc, what="nft")
     except KhError as e:
         raise FirewallError(f"cannot load kh's firewall into {netns}: {e}") from None
+
+
+def load(ctx: NftContext, commands: Sequence[Json]) -> None:
+    """Load ``commands`` through a libnftables context made in kh's namespace, in one
+    transaction (all or nothing). FirewallError with nft's own words when it refuses."""
+    try:
+        ctx.run(list(commands))
+    except KhError as e:
+        # NftContext words its refusals for anti-spoofing's rules; keep only nft's reason
+        reason = str(e).partition("rules: ")[2] or str(e)
+        raise FirewallError(f"nft refused kh's firewall: {reason}") from None
 
 
 def listed(netns: str) -> list[Json]:

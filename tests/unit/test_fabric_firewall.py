@@ -318,3 +318,15 @@ def listed_all(name: str) -> list[dict]:
     out = proc.run(nsutil.enter_argv(name) + ["nft", "-j", "list", "tables"]).stdout
     return list(json.loads(out)["nftables"])
 
+
+
+def test_a_refused_ruleset_is_one_line_naming_the_firewall() -> None:
+    with fabric("fwj") as f:
+        bad = firewall.ruleset(firewall.Plan.of(f.cfg, [1], [API]))
+        bad.append({"add": {"rule": {"family": "inet", "table": firewall.TABLE,
+                                     "chain": "no-such-chain", "expr": [{"accept": None}]}}})
+        assert f._nft is not None
+        with pytest.raises(firewall.FirewallError, match="nft refused kh's firewall: ") as e:
+            firewall.load(f._nft, bad)
+        assert "anti-spoofing" not in str(e.value) and "\n" not in str(e.value)
+        assert any("rule" in o for o in firewall.listed(f.cfg.netns))  # the old one stays
