@@ -9,11 +9,12 @@ its uplink. Frames bridged inside one domain are accepted wherever br_netfilter 
 to IP filtering, so a host that turns `bridge-nf-call-iptables` on cannot cut a domain.
 
 The ruleset is nft JSON built from Python values (``ruleset``) and applied in one transaction
-(``apply``): kh's tables are created, deleted and made again in a single batch, so there is never
-a moment without them and applying the same ruleset twice changes nothing. Other tables in the
-namespace (anti-spoofing's bridge table) are left alone.
+(``load``, through libnftables in kh's namespace; ``apply`` runs nft itself): kh's tables are
+created, deleted and made again in a single batch, so there is never a moment without them and
+applying the same ruleset twice changes nothing. Other tables in the namespace (anti-spoofing's
+bridge table) are left alone.
 
-The namespace's sysctls (``harden``) back the ruleset up: IPv6 off (no link-local address on any
+The namespace's sysctls (``hardening``) back the ruleset up: IPv6 off (no link-local address on any
 bridge or tap), ARP answered only for an address of the interface asked on, forwarding set
 explicitly (never inherited from the host), br_netfilter's hooks off (``bridge_nf_on`` finds
 them turned back on).
