@@ -101,18 +101,21 @@ def _elem(name: str, *items: object) -> Json:
             "elem": [{"concat": list(i)} if isinstance(i, tuple) else i for i in items]}
 
 
+def _goto(chain: str) -> Json:
+    return {"goto": {"target": chain}}
+
+
 def elements(cfg: FabricConfig, p: Plug) -> list[Json]:
-    """The set elements a tap has in state ``p``: [{family, table, name, elem}, ...]."""
+    """The set and map elements a tap has in state ``p``: [{family, table, name, elem}, ...].
+    The map ``taps`` sends a tap's frames to their domain kind's chain (or accepts them)."""
     tap = cfg.tap(p.node, p.slot)
     if p.netid is None:
-        return [_elem("free", tap)]
+        return [_elem("taps", [tap, {"accept": None}])]
     mac = nic_mac(p.node, p.slot)
-    out = [_elem("macs", (tap, mac)),
-           _elem("addrs", (tap, str(node_address(p.netid, p.node).ip))),
-           _elem("addrs6", (tap, link_local(mac)))]
-    if p.netid == EXTERNAL:
-        out.append(_elem("external", tap))
-    return out
+    return [_elem("macs", (tap, mac)),
+            _elem("addrs", (tap, str(node_address(p.netid, p.node).ip))),
+            _elem("addrs6", (tap, link_local(mac))),
+            _elem("taps", [tap, _goto("external" if p.netid == EXTERNAL else "public")])]
 
 
 def _add(e: Json) -> Json:
@@ -144,42 +147,52 @@ def _by_tap(field: Json) -> Json:
     return {"concat": [_meta("iifname"), field]}
 
 
-def rules() -> list[list[Json]]:
-    """The chain's rules, in order, as nft JSON expression lists."""
+def rules() -> dict[str, list[list[Json]]]:
+    """Each chain's rules, in order, as nft JSON expression lists: {chain: [rule, ...]}. The
+    base chain sends a tap's frames by the verdict map ``taps`` (accept: free; goto public or
+    external); a tap the map does not know drops everything. Each frame meets few rules: a
+    lawful IPv4 frame on the public domain, five lookups."""
     drop: Json = {"drop": None}
     service = {"set": [str(host_address(n).ip) for n in SHARED]}
-    return [
-        [_match("==", _meta("iifname"), "@free"), {"accept": None}],
-        # Everything below is a tap of a shared domain (or one not yet known: dropped).
-        [_match("!=", _by_tap(_pl("ether", "saddr")), "@macs"), drop],
-        [_match("==", {"&": [_pl("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]},
-                "01:80:c2:00:00:00"), drop],
-        [_match("==", _pl("ether", "type"), {"set": [ETH_VLAN, ETH_QINQ, ETH_QINQ_OLD]}), drop],
-        [_match("==", _meta("iifname"), "@external"),
-         _match("!=", _pl("ether", "type"), {"set": ["ip", "arp"]}), drop],
-        [_match("==", _pl("arp", "saddr ip"), service), drop],
-        [_match("!=", _by_tap(_pl("arp", "saddr ether")), "@macs"), drop],
-        [_match("!=", _by_tap(_pl("arp", "saddr ip")), "@addrs"), drop],
-        [_match("!=", _by_tap(_pl("ip", "saddr")), "@addrs"), drop],
-        [_match("==", _pl("ip6", "saddr"), {"prefix": {"addr": "fe80::", "len": 10}}),
-         _match("!=", _by_tap(_pl("ip6", "saddr")), "@addrs6"), drop],
-    ]
+    own_mac = [_match("!=", _by_tap(_pl("ether", "saddr")), "@macs"), drop]
+    # IEEE 802.1 link-local groups (STP, pause, LLDP, ...): the bridge's business, not a node's
+    groups = [_match("==", {"&": [_pl("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]},
+                     "01:80:c2:00:00:00"), drop]
+    ip_or_arp: list[object] = [["ip", _goto("ip4")], ["arp", _goto("arp")]]
+    tagged: list[object] = [[t, drop] for t in (ETH_VLAN, ETH_QINQ, ETH_QINQ_OLD)]
+
+    def by_type(verdicts: list[object]) -> list[Json]:
+        return [{"vmap": {"key": _pl("ether", "type"), "data": {"set": verdicts}}}]
+
+    return {
+        CHAIN: [[{"vmap": {"key": _meta("iifname"), "data": "@taps"}}], [drop]],
+        "public": [own_mac, groups, by_type([*ip_or_arp, ["ip6", _goto("ip6")], *tagged])],
+        "external": [own_mac, groups, by_type(ip_or_arp), [drop]],  # TCP/IP only
+        "ip4": [[_match("!=", _by_tap(_pl("ip", "saddr")), "@addrs"), drop]],
+        "arp": [[_match("==", _pl("arp", "saddr ip"), service), drop],
+                [_match("!=", _by_tap(_pl("arp", "saddr ether")), "@macs"), drop],
+                [_match("!=", _by_tap(_pl("arp", "saddr ip")), "@addrs"), drop]],
+        "ip6": [[_match("==", _pl("ip6", "saddr"), {"prefix": {"addr": "fe80::", "len": 10}}),
+                 _match("!=", _by_tap(_pl("ip6", "saddr")), "@addrs6"), drop]],
+    }
 
 
 def table(plugs: list[Plug], cfg: FabricConfig) -> list[Json]:
     """One transaction that makes the table (or empties it) and fills it for ``plugs``."""
     t = {"family": FAMILY, "name": TABLE}
-    sets = {"free": ["ifname"], "external": ["ifname"], "macs": ["ifname", "ether_addr"],
-            "addrs": ["ifname", "ipv4_addr"], "addrs6": ["ifname", "ipv6_addr"]}
-    chain = {"family": FAMILY, "table": TABLE, "name": CHAIN}
+    sets = {"macs": ["ifname", "ether_addr"], "addrs": ["ifname", "ipv4_addr"],
+            "addrs6": ["ifname", "ipv6_addr"]}
+    where = {"family": FAMILY, "table": TABLE}
     cmds: list[Json] = [{"add": {"table": t}}, {"delete": {"table": t}}, {"add": {"table": t}}]
     for name, typ in sets.items():
-        cmds.append({"add": {"set": {"family": FAMILY, "table": TABLE, "name": name,
-                                     "type": typ if len(typ) > 1 else typ[0]}}})
-    cmds.append({"add": {"chain": {**chain, "type": "filter", "hook": "prerouting",
-                                   "prio": -200, "policy": "accept"}}})
-    rule = {"family": FAMILY, "table": TABLE, "chain": CHAIN}
-    cmds += [{"add": {"rule": {**rule, "expr": r}}} for r in rules()]
+        cmds.append({"add": {"set": {**where, "name": name, "type": typ}}})
+    cmds.append({"add": {"map": {**where, "name": "taps", "type": "ifname", "map": "verdict"}}})
+    chains = rules()
+    for name in chains:
+        base = {"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"}
+        cmds.append({"add": {"chain": {**where, "name": name, **(base if name == CHAIN else {})}}})
+    cmds += [{"add": {"rule": {**where, "chain": name, "expr": r}}}
+             for name, rs in chains.items() for r in rs]
     cmds += [_add(e) for p in plugs for e in elements(cfg, p)]
     return cmds
 

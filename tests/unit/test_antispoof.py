@@ -14,13 +14,19 @@ CFG = FabricConfig(prefix="ku")
 
 
 def names(cmds: list[dict]) -> list[tuple[str, str, object]]:
-    """(verb, set, element) of each element command."""
+    """(verb, set or map, element) of each element command; a map element's verdict is
+    written "accept" or "goto CHAIN"."""
     out = []
     for c in cmds:
         (verb, body), = c.items()
         e = body["element"]
         for item in e["elem"]:
-            out.append((verb, e["name"], tuple(item["concat"]) if isinstance(item, dict) else item))
+            if isinstance(item, list):  # [key, verdict]
+                (v, arg), = item[1].items()
+                item = (item[0], f"goto {arg['target']}" if v == "goto" else v)
+            elif isinstance(item, dict):
+                item = tuple(item["concat"])
+            out.append((verb, e["name"], item))
     return out
 
 
@@ -37,25 +43,26 @@ def test_a_shared_tap_has_its_mac_and_its_address_in_that_domain():
     pub = names([antispoof._add(e) for e in elements(CFG, Plug(300, 1, 1))])
     assert ("add", "macs", ("ku300s1", "52:54:00:01:2c:01")) in pub
     assert ("add", "addrs", ("ku300s1", "10.1.1.44")) in pub
-    assert not any(n == "external" or n == "free" for _, n, _ in pub)
+    assert ("add", "taps", ("ku300s1", "goto public")) in pub
     ext = names([antispoof._add(e) for e in elements(CFG, Plug(300, 0, 0))])
     assert ("add", "addrs", ("ku300s0", "10.0.1.44")) in ext
-    assert ("add", "external", "ku300s0") in ext
+    assert ("add", "taps", ("ku300s0", "goto external")) in ext
 
 
 def test_private_and_unplugged_taps_are_free():
     assert plug_of(5, 2, 7) == plug_of(5, 2, None) == Plug(5, 2, None)
     assert names([antispoof._add(e) for e in elements(CFG, Plug(5, 2, None))]) == [
-        ("add", "free", "ku5s2")]
+        ("add", "taps", ("ku5s2", "accept"))]
 
 
 def test_moving_onto_a_shared_domain_tightens_before_the_move():
     before, after = moves(CFG, Plug(4, 0, None), Plug(4, 0, 1))
     assert after == []
     b = names(before)
-    # out of `free` (add, then delete: never fails) before its identity goes in
-    assert b[:2] == [("add", "free", "ku4s0"), ("delete", "free", "ku4s0")]
+    # no longer accepted (add, then delete: never fails) before its identity goes in
+    assert b[:2] == [("add", "taps", ("ku4s0", "accept")), ("delete", "taps", ("ku4s0", "accept"))]
     assert ("add", "macs", ("ku4s0", nic_mac(4, 0))) in b
+    assert b[-1] == ("add", "taps", ("ku4s0", "goto public"))
 
 
 def test_moving_off_a_shared_domain_loosens_after_the_move():
@@ -63,7 +70,7 @@ def test_moving_off_a_shared_domain_loosens_after_the_move():
     assert before == []
     a = names(after)
     assert ("delete", "addrs", ("ku4s0", "10.1.0.4")) in a
-    assert a[-1] == ("add", "free", "ku4s0")
+    assert a[-1] == ("add", "taps", ("ku4s0", "accept"))
 
 
 def test_moving_between_shared_domains_passes_nothing_in_between():
@@ -78,20 +85,24 @@ def test_no_change_costs_nothing():
     assert moves(CFG, Plug(4, 0, 1), Plug(4, 0, 1)) == ([], [])
     assert moves(CFG, Plug(4, 0, None), Plug(4, 0, None)) == ([], [])
     # an unknown tap going nowhere shared becomes free (a known state)
-    assert names(moves(CFG, None, Plug(4, 0, None))[1]) == [("add", "free", "ku4s0")]
+    assert names(moves(CFG, None, Plug(4, 0, None))[1]) == [("add", "taps", ("ku4s0", "accept"))]
 
 
-def test_rules_free_first_then_fail_closed_source_checks():
+def test_taps_are_dispatched_by_kind_and_unknown_taps_drop():
     rs = rules()
-    first = json.dumps(rs[0])
-    assert '"@free"' in first and "accept" in first
-    text = json.dumps(rs)
+    assert rs[antispoof.CHAIN] == [[{"vmap": {"key": {"meta": {"key": "iifname"}},
+                                              "data": "@taps"}}], [{"drop": None}]]
+    assert json.dumps(rs["external"][-1]) == '[{"drop": null}]'  # TCP/IP only
+    text = json.dumps(rs["arp"])
     assert "10.1.255.254" in text and "10.0.255.254" in text  # the service's addresses
-    assert all("accept" not in json.dumps(r) for r in rs[1:])  # nothing else is waved through
+    # nothing is waved through but a free tap
+    assert all("accept" not in json.dumps(r) for name, chain in rs.items() for r in chain)
 
 
 def test_table_is_one_transaction_that_starts_afresh():
     cmds = antispoof.table([Plug(1, 0, 1), Plug(2, 0, None)], CFG)
     verbs = [next(iter(c)) for c in cmds[:3]]
     assert verbs == ["add", "delete", "add"]  # any old table goes in the same batch
-    assert sum("rule" in c.get("add", {}) for c in cmds) == len(rules())
+    assert sum("rule" in c.get("add", {}) for c in cmds) == sum(map(len, rules().values()))
+    chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+    assert [c["name"] for c in chains if "hook" in c] == [antispoof.CHAIN]
