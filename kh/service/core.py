@@ -77,7 +77,7 @@ class Service:
         self.cfg = cfg
         self.store = Store(cfg.db)
         membership.ensure_schema(self.store)
-        self.fabric = Fabric(cfg.fabric)
+        self.fabric = Fabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port))
         self.nodes = NodeManager(cfg, self.fabric)
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)  # notified when a node's reset ends

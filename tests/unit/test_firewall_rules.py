@@ -53,3 +53,16 @@ def test_khds_pool_watches_br_netfilter_every_turn(tmp_path: Path,
     finally:
         svc.pool.stop()
         svc.store.close()
+
+
+def test_khds_fabric_serves_khds_own_ports(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ruleset khd loads accepts the API and ssh ports khd listens on (a merge once lost
+    them: nodes on the public domain could then reach neither khget nor the channel)."""
+    svc = make_service(tmp_path, monkeypatch, api_port=7581, ssh_port=7523)
+    try:
+        plan = firewall.Plan.of(svc.cfg.fabric, [0, 1], svc.fabric.ports)
+        assert plan.ports == (7523, 7581)
+        assert "7581" in str(firewall.ruleset(plan)) and "7523" in str(firewall.ruleset(plan))
+    finally:
+        svc.store.close()
