@@ -70,6 +70,18 @@ class ChannelClient:
         except (paramiko.SSHException, EOFError, OSError) as e:
             raise ChannelError(f"the control channel closed: {e}") from None
 
+    def open(self, command: str) -> paramiko.Channel:
+        """A session running the channel command ``command`` (``raw``, ``tagged``), left open
+        for the caller to read and write as a stream (kh.scenario's consoles); ChannelError
+        when khd refuses it."""
+        chan = self._session()
+        try:
+            chan.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            chan.close()
+            raise ChannelError(f"the control channel refused {command!r}: {e}") from None
+        return chan
+
     def exec(self, command: str, data: bytes = b"", *, on_output=None,  # type: ignore[no-untyped-def]
              read_for: float | None = None) -> tuple[bytes, bytes, int]:
         """Run a channel command; send ``data`` then EOF (or, with ``read_for``, send nothing

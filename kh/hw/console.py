@@ -184,7 +184,13 @@ class Console:
                                 "see the console log / run with --debug") from None
             raise KhTimeout(f"{self.name}: console socket {self.path} did not appear "
                             f"in {timeout:.0f} s") from None
-        self._sock = s
+        self.adopt(s)
+
+    def adopt(self, stream: Any) -> None:
+        """Read and write through ``stream``, already connected: a socket, or anything with
+        its ``recv``, ``sendall``, ``shutdown``, ``close`` and ``fileno`` (a control-channel
+        session: kh.scenario reaches a node's console the way a principal does)."""
+        self._sock = stream
         if self._log and self._gap:
             self._log.gap(self._gap)
         self._thread = threading.Thread(target=self._reader, name=f"console-{self.name}",

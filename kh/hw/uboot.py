@@ -82,9 +82,16 @@ def run_kboot(con: Console, timeout: float) -> str:
     """Type `run kboot` at a U-Boot prompt and wait for the appliance's ready line; return the
     appliance's name. Raises BootError for a failed appliance, a kernel panic or images U-Boot
     refused (with the line that said so), KhTimeout after ``timeout`` seconds."""
-    log = con.log_path
     start = con.mark()
     con.write(b"run kboot\n")
+    return kboot_outcome(con, start, timeout)
+
+
+def kboot_outcome(con: Console, start: int, timeout: float) -> str:
+    """Wait for what `run kboot`, typed after offset ``start`` (by run_kboot, or broadcast to
+    many nodes over a control channel), came to; return the appliance's name. Raises as
+    run_kboot does."""
+    log = con.log_path
     m = con.expect(KBOOT_OUTCOME, timeout, stage="appliance ready line", start=start)
     if m.group("failed"):
         raise BootError(f"the appliance failed: {m.group('failed').decode(errors='replace')}",

