@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import click
 
@@ -25,6 +27,7 @@ from kh.model import AllocationInfo
 if TYPE_CHECKING:
     from kh.cc.client import ChannelClient
 
+PER_NODE_AT_ONCE = 32  # peripcmd/pernodecmd commands running side by side
 MRW_RE = re.compile(rb"^node(\d+): mrw: (?:(\d+) bytes at|error: (.*))", re.MULTILINE)
 
 
@@ -129,18 +132,54 @@ def do_readcon(c: Ctx, args: list[str]) -> int:
 
 
 def _per(c: Ctx, args: list[str], what: str) -> int:
+    """The command once per node, PER_NODE_AT_ONCE side by side (a node that is slow to answer
+    holds up no other); each node's output (stdout and stderr as they interleave) is printed
+    whole, in the nodes' order, as soon as it and the nodes before it are done. The worst exit
+    status (128+N for a command killed by signal N) is khdo's."""
     if len(args) != 1:
         raise UsageError(f"{what} needs one command", f'khdo {what} "ping -c1 %ip%"')
-    worst = 0
-    for n in c.obj.nodes:
-        cmd = args[0].replace("%ip%", n.address).replace("%node%", str(n.number))
-        argv = ["/bin/sh", "-c", cmd]
-        if c.netns:  # the principal's "host" is a network namespace (tests' outside world)
-            argv = ["nsenter", f"--net=/run/netns/{c.netns}", "--", *argv]
-        r = proc.run(argv, check=False, capture=True, what=what)
-        _echo_err((r.stdout + r.stderr).encode())
-        worst = max(worst, r.returncode)
+    cmds = [args[0].replace("%ip%", n.address).replace("%node%", str(n.number))
+            for n in c.obj.nodes]
+    running: dict[int, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
+    done: dict[int, tuple[int, bytes]] = {}
+    started = shown = worst = 0
+    try:
+        while shown < len(cmds):
+            while len(running) < PER_NODE_AT_ONCE and started < len(cmds):
+                f = tempfile.TemporaryFile()
+                try:
+                    running[started] = (proc.start(_per_argv(c, cmds[started]), stdout=f,
+                                                   stderr=subprocess.STDOUT), f)
+                except BaseException:
+                    f.close()
+                    raise
+                started += 1
+            for i, (p, out) in list(running.items()):
+                if p.poll() is not None:
+                    out.seek(0)
+                    done[i] = (p.returncode if p.returncode >= 0 else 128 - p.returncode,
+                               out.read())
+                    out.close()
+                    del running[i]
+            while shown in done:
+                status, text = done.pop(shown)
+                _echo_err(text)
+                worst = max(worst, status)
+                shown += 1
+            if running:
+                time.sleep(0.05)
+    finally:
+        for p, out in running.values():
+            proc.reap(p)
+            out.close()
     return worst
+
+
+def _per_argv(c: Ctx, cmd: str) -> list[str]:
+    argv = ["/bin/sh", "-c", cmd]
+    if c.netns:  # the principal's "host" is a network namespace (tests' outside world)
+        argv = ["nsenter", f"--net=/run/netns/{c.netns}", "--", *argv]
+    return argv
 
 
 def do_console(c: Ctx, args: list[str]) -> int:

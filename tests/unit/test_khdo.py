@@ -57,3 +57,20 @@ def test_readcon_refuses_what_is_not_a_number_of_seconds(monkeypatch, seconds):
                            env={"KH_CREDENTIAL": "secret-credential"})
     assert r.exit_code == 2 and "readcon takes seconds" in r.output, r.output
     assert ch.sent == []
+
+
+OBJ3 = ("con12@127.0.0.1\nprotocol: uboot\nnetwork 7 : eth0\nnodeinfo: 1 1 10.7.0.1\n"
+        "nodeinfo: 2 2 10.7.0.2\nnodeinfo: 3 3 10.7.0.3\nnodes: 1 2 3\n")
+
+
+def test_peripcmd_runs_every_node_at_once_and_prints_in_node_order(tmp_path):
+    """Issue 12: a web farm's pages are polled in parallel. Node 1's command waits for node
+    3's, which one after the other never comes (its `timeout` ends it, status 124); each
+    node's output whole, in node order, and the worst status."""
+    cmd = (f"if [ %node% = 1 ]; then timeout 20 sh -c 'until [ -e {tmp_path}/3 ]; do "
+           f"sleep 0.05; done' || exit $?; fi; touch {tmp_path}/%node%; echo page of %ip%; "
+           f"echo more of %node% >&2; [ %node% != 2 ] || exit 3")
+    r = CliRunner().invoke(khdo.main, ["peripcmd", cmd], input=OBJ3,
+                           env={"KH_CREDENTIAL": "secret-credential"})
+    assert r.exit_code == 3, r.output
+    assert r.stderr == "".join(f"page of 10.7.0.{n}\nmore of {n}\n" for n in (1, 2, 3))
