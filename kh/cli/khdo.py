@@ -18,7 +18,7 @@ import click
 
 from kh import proc, textobj
 from kh.cli import credential
-from kh.cli.common import entry, handle_errors, setup_logging
+from kh.cli.common import entry, handle_errors, setup_logging, stop_on_signals
 from kh.errors import KhError, UsageError
 from kh.hw import uboot
 from kh.hw.board import BOARDS
@@ -244,7 +244,8 @@ def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug
     sys.stdout.flush()
     c = Ctx(obj, cred_text, port, key, netns)
     try:
-        status = FUNCS[func](c, list(args))
+        with stop_on_signals():  # SIGTERM too ends peripcmd's commands, not only Ctrl-C
+            status = FUNCS[func](c, list(args))
     except subprocess.SubprocessError as e:
         raise KhError(f"{func} failed: {e}") from None
     if status:

@@ -73,4 +73,34 @@ def test_peripcmd_runs_every_node_at_once_and_prints_in_node_order(tmp_path):
     r = CliRunner().invoke(khdo.main, ["peripcmd", cmd], input=OBJ3,
                            env={"KH_CREDENTIAL": "secret-credential"})
     assert r.exit_code == 3, r.output
-    assert r.stderr == "".join(f"page of 10.7.0.{n}\nmore of {n}\n" for n in (1, 2, 3))
+    # (a line of khdo's own may come first: where the commands run)
+    assert r.stderr.endswith("".join(f"page of 10.7.0.{n}\nmore of {n}\n" for n in (1, 2, 3)))
+
+
+def test_sigterm_ends_khdo_and_the_commands_it_runs(tmp_path):
+    """webfarm.sh ends its poller with SIGTERM: khdo must not leave the nodes' commands
+    running (they are in sessions of their own, so nothing else would end them)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "kh.cli.khdo", "peripcmd",
+                          f"echo $$ > {tmp_path}/%node%; exec sleep 120"],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "KH_CREDENTIAL": "secret-credential"})
+    assert p.stdin is not None
+    p.stdin.write(OBJ3)
+    p.stdin.close()
+    deadline = time.monotonic() + 60
+    while len([f for f in tmp_path.glob("[0-9]") if f.read_text().strip()]) < 3:
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr
+        time.sleep(0.05)
+    children = [int(f.read_text()) for f in tmp_path.glob("[0-9]")]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 143
+    assert "kh: stopped by SIGTERM" in (p.stderr.read() if p.stderr else "")
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
