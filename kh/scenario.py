@@ -112,10 +112,16 @@ class _Feed:
             self._cond.notify()
 
     def recv(self, size: int) -> bytes:
+        """Everything said so far, at once; b"" once the session ended."""
         with self._cond:
             while not self._chunks:
                 self._cond.wait()
-            return self._chunks.pop(0)
+            if not self._chunks[0]:
+                return b""
+            end = self._chunks.index(b"") if b"" in self._chunks else len(self._chunks)
+            data = b"".join(self._chunks[:end])
+            del self._chunks[:end]
+            return data
 
     def sendall(self, data: bytes) -> None:
         raise OSError(30, "this view of the console is read-only (write with khdo)")
@@ -196,6 +202,7 @@ class Scenario:
         self._before: set[int] = set()
         self._stack = contextlib.ExitStack()
         self._lock = threading.Lock()
+        self._keep = False
 
     # -- the commands, as a principal types them ------------------------------------------
     def cli(self, module: str, *args: str, stdin: str | None = None, check: bool = True
@@ -322,14 +329,22 @@ class Scenario:
     def release(self, alloc: Allocation | int) -> None:
         """``kh release`` of the allocation; its consoles are closed first."""
         aid = alloc if isinstance(alloc, int) else alloc.id
+        self._close_consoles(aid)
+        self.kh("release", str(aid))
+        with self._lock:
+            self.allocations.pop(aid, None)
+
+    def _close_consoles(self, aid: int) -> None:
         for key in [k for k in self._shells if k[0] == aid]:
             self._close_shell(key)
         watch = self._watches.pop(aid, None)
         if watch:
             watch.close()
-        self.kh("release", str(aid))
-        with self._lock:
-            self.allocations.pop(aid, None)
+
+    def keep(self) -> None:
+        """Leave every allocation running past the scenario's end (a user's --keep): the way
+        out releases nothing; it only closes its consoles and writes the report."""
+        self._keep = True
 
     def held(self) -> set[int]:
         """The principal's live allocations (kh ps -u); none for a principal khd does not know."""
@@ -370,8 +385,10 @@ class Scenario:
         problems: list[str] = []
         self._stack.close()
         with _signals_held() as held:
-            for aid in sorted(set(self.allocations) | (self.held() - self._before),
-                              reverse=True):
+            gone = set() if self._keep else set(self.allocations) | (self.held() - self._before)
+            for aid in list(self._watches) if self._keep else []:
+                self._close_consoles(aid)
+            for aid in sorted(gone, reverse=True):
                 try:
                     self.release(aid)
                 except KhError as e:

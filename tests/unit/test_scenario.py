@@ -177,3 +177,12 @@ def test_a_failed_release_is_reported_after_the_others_are_released(svc, princip
         sc.khget()
     assert svc.released == [7]
     assert (tmp_path / "report.txt").read_text().startswith("scenario: FAILED")
+
+
+def test_kept_allocations_outlive_the_scenario(svc, principal, tmp_path):
+    with Scenario(principal, logs=tmp_path) as sc:
+        a = sc.khget()
+        svc.held.add(42)
+        sc.keep()
+    assert svc.released == [] and svc.held == {1, a.id, 42}
+    assert svc.chans[f"con{a.id}"].closed  # its console watch is closed all the same
