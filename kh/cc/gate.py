@@ -183,7 +183,7 @@ class Gate:
             try:
                 sock.send(self.ident)
                 self._sel.register(sock, selectors.EVENT_READ, conn)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: close() closed it meanwhile
                 self._drop(conn)
 
     def _read_ident(self, conn: Conn) -> None:
@@ -303,8 +303,9 @@ class Gate:
             total = sum(len(c.channels) for c in live)
             principal = sum(len(c.channels) for c in live
                             if c.grant is not None and c.grant.principal == grant.principal)
-            alloc = sum(len(c.channels) for c in live
-                        if c.grant is not None and c.grant.alloc == grant.alloc)
+            alloc = 0 if grant.alloc is None else sum(  # API logins have no allocation
+                len(c.channels) for c in live
+                if c.grant is not None and c.grant.alloc == grant.alloc)
             if len(conn.channels) >= lim.channels_per_connection or total >= lim.sessions \
                     or principal >= lim.sessions_per_principal \
                     or alloc >= lim.sessions_per_allocation:

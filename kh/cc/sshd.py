@@ -3,6 +3,9 @@
 User ``con<ID>`` is allocation ID; ``con<ID>.<N>`` is node N of it alone. Authentication: the
 owning principal's credential as password, or a public key the principal registered (for
 itself, or for this allocation only: that is how a channel is handed to another party).
+User ``api+PRINCIPAL`` (a token of PRINCIPAL's, or its credential, as password) asks the
+service's API instead: in-node tools send their secrets this way, to the host key their node
+pinned, never in clear (kh.service.chanapi lists the commands).
 The server holds no rights of its own: a login is a Grant, and every use of it (a channel
 opened, a command started, a node's memory written, the watcher's look twice a second) asks
 kh.service.access.ChannelAccess whether it still holds and what it reaches now. Connections
@@ -25,6 +28,7 @@ from pathlib import Path
 import paramiko
 from paramiko.packet import Packetizer
 
+from kh.admission import USER_RE as PRINCIPAL_RE
 from kh.cc.channel import Output
 from kh.cc.gate import Conn, Gate, Session, end_session
 from kh.cc.limits import Limits
@@ -98,8 +102,13 @@ class _Iface(paramiko.ServerInterface):
     def __init__(self, server: SshServer, conn: Conn) -> None:
         self.server = server
         self.conn = conn
+        self.api_refused = False
 
     def get_allowed_auths(self, username: str) -> str:
+        if username.startswith("api+"):
+            # a program's one secret: once refused, no method is left, so dbclient (which
+            # tries its DROPBEAR_PASSWORD again while password is offered) stops at one
+            return "" if self.api_refused else "password"
         return "password,publickey"
 
     def _login(self, grant: Grant | None) -> int:
@@ -114,6 +123,13 @@ class _Iface(paramiko.ServerInterface):
         return None if self.server.gate.spent(self.conn) else parse_user(username)
 
     def check_auth_password(self, username: str, password: str) -> int:
+        if username.startswith("api+"):
+            name = username[4:]
+            grant = None if self.api_refused or self.server.gate.spent(self.conn) or \
+                not PRINCIPAL_RE.fullmatch(name) else \
+                self.server.access.login_api(name, password, self.conn.source)
+            self.api_refused = grant is None
+            return self._login(grant)
         target = self._target(username)
         grant = None if target is None else self.server.access.login_password(
             *target, password, self.conn.source)
@@ -197,22 +213,13 @@ class SshServer:
         status = 1
         replied()
         try:
-            reach = self.access.reach(grant)
-            s.nodes = frozenset(reach.members)
-            words = re.split(r"[ \t]+", command)  # ASCII blanks only, as ADDR_RE's digits
-            if command in ("", "raw"):
-                status = self._broadcast(chan, grant, reach, tagged=False)
-            elif command == "tagged":
-                status = self._broadcast(chan, grant, reach, tagged=True)
-            elif words and words[0] == "load" and len(words) == 2:
-                status = self._load(chan, s, grant, reach, words[1])
-            elif command == "nodes":
-                chan.sendall(" ".join(map(str, reach.live)).encode() + b"\n")
-                status = 0
+            if grant.alloc is None:  # an API login: the service's answer, nothing of a node
+                answer = self.access.api(grant, command, conn.source)
+                chan.sendall(answer.out.encode())
+                chan.sendall_stderr(answer.err.encode())
+                status = answer.status
             else:
-                chan.sendall_stderr(f"kh: unknown channel command {command[:80]!r} (try: raw, "
-                                    "tagged, load ADDR, nodes)\n".encode())
-                status = 2
+                status = self._command(chan, s, grant, command)
         except Revoked as e:
             end_session(s, e.message)
         except (OSError, EOFError, paramiko.SSHException) as e:
@@ -230,6 +237,24 @@ class SshServer:
             chan.close()
         except (OSError, EOFError, paramiko.SSHException):
             pass
+
+    def _command(self, chan: paramiko.Channel, s: Session, grant: Grant, command: str) -> int:
+        """A ``con<ID>`` session's command → its exit status."""
+        reach = self.access.reach(grant)
+        s.nodes = frozenset(reach.members)
+        words = re.split(r"[ \t]+", command)  # ASCII blanks only, as ADDR_RE's digits
+        if command in ("", "raw"):
+            return self._broadcast(chan, grant, reach, tagged=False)
+        if command == "tagged":
+            return self._broadcast(chan, grant, reach, tagged=True)
+        if words and words[0] == "load" and len(words) == 2:
+            return self._load(chan, s, grant, reach, words[1])
+        if command == "nodes":
+            chan.sendall(" ".join(map(str, reach.live)).encode() + b"\n")
+            return 0
+        chan.sendall_stderr(f"kh: unknown channel command {command[:80]!r} (try: raw, "
+                            "tagged, load ADDR, nodes)\n".encode())
+        return 2
 
     def _broadcast(self, chan: paramiko.Channel, grant: Grant, reach: Reach, *,
                    tagged: bool) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,7 +24,7 @@ from kh.errors import KhError
 from kh.hw import memload
 from kh.hw.console import Console
 from kh.model import NodeState
-from kh.service import tokens
+from kh.service import chanapi, tokens
 
 if TYPE_CHECKING:
     from kh.service.core import Service
@@ -43,15 +43,23 @@ class Revoked(KhError):
 class Grant:
     """A successful login to ``con<alloc>`` (``node`` None) or ``con<alloc>.<node>``:
     by the principal's credential (``key_id`` and ``token`` None), by its registered key
-    ``key_id``, or by token ``token`` (the one that made the allocation, kh.service.tokens)."""
+    ``key_id``, or by token ``token`` (the one that made the allocation, kh.service.tokens).
+
+    ``alloc`` None is a login to the service's API (``api+PRINCIPAL``, kh.service.chanapi),
+    which reaches no node: by token ``token`` or by credential, whose ``secret`` it keeps to
+    ask the API's routes with (never shown: not in repr, describe or comparisons)."""
 
     principal: str
-    alloc: int
+    alloc: int | None
     node: int | None
     key_id: int | None
     token: int | None = None
+    secret: str = field(default="", repr=False, compare=False)
 
     def describe(self) -> str:
+        if self.alloc is None:
+            how = "credential" if self.token is None else f"token {self.token}"
+            return f"api+{self.principal} ({how})"
         user = f"con{self.alloc}" + (f".{self.node}" if self.node is not None else "")
         how = "credential" if self.key_id is None else f"key {self.key_id}"
         how = how if self.token is None else f"token {self.token}"
@@ -114,6 +122,14 @@ class ChannelAccess(Protocol):
 
     def mem_limit(self) -> int:
         """Loads must end below this guest-physical address (bytes)."""
+
+    def login_api(self, principal: str, password: str, source: str) -> Grant | None:
+        """The grant of an ``api+PRINCIPAL`` login (password: a token of PRINCIPAL's or its
+        credential), or None; refusals are rate-limited by ``source`` as the API's are."""
+
+    def api(self, grant: Grant, command: str, source: str) -> chanapi.Answer:
+        """The answer of API login ``grant`` to ``command`` (kh.service.chanapi), asked from
+        ``source``: the API route's text, or its one-line reason and exit status."""
 
 
 class RamFile:
@@ -214,6 +230,8 @@ class ServiceAccess:
     def _standing(self, g: Grant) -> Standing:
         """Under the lock."""
         store = self.svc.store
+        if g.alloc is None:
+            return Standing(chanapi.lost(store, g), frozenset())
         if store.principal(g.principal) is None:
             return Standing(f"principal {g.principal} was removed", frozenset())
         row = store.allocation(g.alloc)
@@ -236,6 +254,8 @@ class ServiceAccess:
             return {g: self._standing(g) for g in set(grants)}
 
     def reach(self, grant: Grant) -> Reach:
+        if grant.alloc is None:
+            raise Revoked("an API login reaches no node")
         with self.svc.lock:
             st = self._standing(grant)
             if st.reason is not None:
@@ -278,3 +298,14 @@ class ServiceAccess:
 
     def mem_limit(self) -> int:
         return int(self.svc.cfg.mem_mib) * 1024 * 1024 - UBOOT_RESERVE
+
+    # -- the service's API (kh.service.chanapi) ----------------------------------------------
+    def login_api(self, principal: str, password: str, source: str) -> Grant | None:
+        g = chanapi.login(self.svc, principal, password, source)
+        # the check ran outside the lock: the principal or token may have gone meanwhile
+        return g if g is not None and self.standing([g])[g].reason is None else None
+
+    def api(self, grant: Grant, command: str, source: str) -> chanapi.Answer:
+        if grant.alloc is not None:
+            raise Revoked(f"{grant.describe()} is not an API login")
+        return chanapi.run(self.svc, grant, command, source)

@@ -1,4 +1,6 @@
-"""khd's HTTP API: on a unix socket, on 127.0.0.1, and inside the fabric on the public domain.
+"""khd's HTTP API: on a unix socket, on 127.0.0.1, and inside the fabric on the public domain,
+where it answers GETs only (images, status, hw): a request with a credential or token from a
+node goes over the control channel's ssh (kh.service.chanapi), never in clear.
 
 A WSGI application (App) served by kh.service.httpd (waitress, bounded). Text by default
 (khget's text object), JSON with ``Accept: application/json`` or ``?format=json``. Request
@@ -25,8 +27,9 @@ from typing import Any, BinaryIO
 
 from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
-from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request
+from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request, host_address
 from kh.errors import KhError, UsageError
+from kh.model import PUBLIC
 from kh.service import aoe, httpd, tokens
 from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
@@ -41,6 +44,12 @@ MAX_BODY = rq.MAX_BODY
 
 class MethodNotAllowed(UsageError):
     """405: a method khd does not serve."""
+
+
+class NoSecretHere(AuthError):
+    """403: a POST (every one carries a credential or token) on the public domain's listener,
+    where it would cross the domain in clear: nodes ask over the control channel instead
+    (kh.service.chanapi)."""
 
 
 # The most specific first: TooLarge and Unsupported are UsageErrors, Throttled an AuthError.
@@ -106,6 +115,12 @@ class App:
                ) -> Result:
         if method not in METHODS:
             raise MethodNotAllowed(f"method {method[:20]!r} is not served", "GET or POST")
+        if environ.get("kh.public") and method != "GET":  # its body is never read
+            raise NoSecretHere(
+                "khd's API on the public domain takes no credential or token (it would cross "
+                "the domain in clear); ask over the control channel",
+                f"ssh api+USER@{host_address(PUBLIC).ip} -p "
+                f"{self.service.cfg.ssh_port}, whose host key nodes pin; the in-node khget does")
         if environ.get("kh.tcp"):
             rq.check_host(environ.get("HTTP_HOST"))
         body = self._body(environ) if method == "POST" else {}

@@ -49,11 +49,12 @@ def run(cfg: ServiceConfig) -> int:
         public = str(host_address(PUBLIC).ip)
         svc.fabric.ensure_domain(PUBLIC)
         # 127.0.0.1 and the public domain's address (a socket made in the fabric's namespace
-        # stays there): one server, each listener with its own connection limits
+        # stays there): one server, each listener with its own connection limits. Nodes' one
+        # answers GETs only: secrets come over the control channel (kh.service.chanapi).
         tcp = [httpd.bind_tcp("127.0.0.1", cfg.api_port)]
         tcp.append(nsutil.run_in(cfg.fabric.netns,
                                  lambda: httpd.bind_tcp(public, cfg.api_port)))
-        servers.append(httpd.HttpServer(app, tcp, name="api-tcp"))
+        servers.append(httpd.HttpServer(app, tcp, name="api-tcp", public=tcp[1:]))
         sshd = SshServer(ServiceAccess(svc), host_key(cfg.host_key))
         sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
         sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,7 @@ class _Task(WSGITask):  # type: ignore[misc]
         environ: dict[str, Any] = super().get_environment()
         environ["kh.caller"] = self.channel.caller
         environ["kh.tcp"] = self.channel.server.family != socket.AF_UNIX
+        environ["kh.public"] = self.channel.server.public
         return environ
 
 
@@ -181,6 +182,7 @@ class _Bounded:
 
     channel_class = _Channel
     limits: Limits
+    public: bool = False  # nodes' listener: its requests may carry no secret (kh.service.api)
     active_channels: dict[int, _Channel]
     accepting: bool
     next_channel_cleanup: float
@@ -279,14 +281,16 @@ class _UnixListener(_Bounded, UnixWSGIServer):  # type: ignore[misc]
 # -- the server --------------------------------------------------------------------------------
 class HttpServer:
     """``app`` (WSGI) served on already-listening ``sockets`` (unix or TCP, any namespace), by
-    one loop thread and ``limits.workers`` worker threads, whatever clients do.
+    one loop thread and ``limits.workers`` worker threads, whatever clients do. Requests on the
+    sockets in ``public`` (nodes' listener) carry ``kh.public`` True in their environment.
 
     start() serves in the background; shutdown() stops serving (requests being served get
     up to 5 s to finish); server_close() closes the sockets (and removes a unix socket's
     path). ``server_address`` is the first socket's address."""
 
     def __init__(self, app: WsgiApp, sockets: list[socket.socket],
-                 limits: Limits | None = None, name: str = "api") -> None:
+                 limits: Limits | None = None, name: str = "api",
+                 public: Collection[socket.socket] = ()) -> None:
         self.limits = limits or Limits()
         self.name = name
         self.sockets = sockets
@@ -315,6 +319,7 @@ class HttpServer:
                        bind_socket=False,
                        sockinfo=(s.family, s.type, s.proto, s.getsockname()))
             lst.limits = self.limits
+            lst.public = s in public
             self.listeners.append(lst)
 
     def start(self) -> threading.Thread:

@@ -14,7 +14,9 @@ What a token may do, and nothing else (every other use is 403, TokenScope):
   and while the nodes held through it stay within ``max_nodes``;
 - release the allocations it made (POST /v1/allocations/ID/release), and ask an AoE address
   for their nodes (POST /v1/aoe/addresses: khgetdisk does);
-- drive, as the ssh password, the control channel of the allocations it made.
+- drive, as the ssh password, the control channel of the allocations it made;
+- log in to the channel's API (``api+PRINCIPAL``, kh.service.chanapi) to ask the above over
+  ssh instead of HTTP: in-node tools do.
 
 A wrong, expired or revoked token gets the very answer a wrong credential gets (403,
 ``credential refused for principal USER``), counted by the same limiter (admission.Limiter).
@@ -219,11 +221,12 @@ def admit_node(svc: Service, user: str, credential: str | None, token: str | Non
 
 
 # -- the control channel ---------------------------------------------------------------------
-def channel_token(svc: Service, owner: str, alloc: int, password: str,
+def channel_token(svc: Service, owner: str, alloc: int | None, password: str,
                   source: str) -> int | None:
-    """The id of the active token ``password`` when it made live allocation ``alloc`` of
-    ``owner``'s, else None (the caller then checks it as a credential, which counts the
-    refusal). Past the limiter's limit: None without a look."""
+    """The id of the active token ``password`` of ``owner``'s when it made live allocation
+    ``alloc`` (a ``con<alloc>`` login), or for ``alloc`` None (an ``api+OWNER`` login,
+    kh.service.chanapi) any active token of ``owner``'s; else None (the caller then checks it
+    as a credential, which counts the refusal). Past the limiter's limit: None without a look."""
     if not looks_like(password):
         return None
     try:
@@ -232,24 +235,30 @@ def channel_token(svc: Service, owner: str, alloc: int, password: str,
         return None
     with svc.lock:
         row = svc.store.token_by_hash(digest(password))
-        a = svc.store.allocation(alloc)
-    if row is None or row.principal != owner or row.state() != "active" or a is None or \
-            a.token != row.id:
+        a = None if alloc is None else svc.store.allocation(alloc)
+    if row is None or row.principal != owner or row.state() != "active" or \
+            (alloc is not None and (a is None or a.token != row.id)):
         return None
     svc.limiter.succeeded(owner, source)
     return row.id
 
 
-def grant_lost(store: Store, token_id: int, row: AllocRow) -> str | None:
-    """Why a control-channel grant by token ``token_id`` on allocation ``row`` no longer holds
-    (revoked, expired, or not the allocation's token), or None."""
+def token_lost(store: Store, token_id: int) -> str | None:
+    """Why a login by token ``token_id`` no longer holds (revoked, expired, forgotten), or
+    None."""
     tok = store.token(token_id)
-    if tok is None or row.token != token_id:
-        return f"token {token_id} does not open allocation {row.id}"
-    state = tok.state()
+    state = "revoked" if tok is None else tok.state()
     if state == "active":
         return None
     return f"token {token_id} {'expired' if state == 'expired' else 'was revoked'}"
+
+
+def grant_lost(store: Store, token_id: int, row: AllocRow) -> str | None:
+    """Why a control-channel grant by token ``token_id`` on allocation ``row`` no longer holds
+    (revoked, expired, or not the allocation's token), or None."""
+    if store.token(token_id) is None or row.token != token_id:
+        return f"token {token_id} does not open allocation {row.id}"
+    return token_lost(store, token_id)
 
 
 # -- the principal's own requests: make, list, revoke -------------------------------------------

@@ -177,11 +177,12 @@ class Running:
 
 
 @contextlib.contextmanager
-def serve(access: FakeAccess, limits: Limits = FAST) -> Iterator[Running]:
+def serve(access: FakeAccess, limits: Limits = FAST,
+          key: paramiko.PKey = HOST_KEY) -> Iterator[Running]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
-    server = SshServer(access, HOST_KEY, limits)
+    server = SshServer(access, key, limits)
     server.listen(listener)
     try:
         yield Running(server, listener.getsockname()[1], access)

@@ -27,17 +27,18 @@ if [ -n "$REFUSE" ]; then
 fi
 printf 'con9@10.1.255.254\\nprotocol: uboot\\nnetwork 4 : eth0\\nnodes: 7\\n'
 """
+TOKEN = tokens.new_secret()
 FAKE_DBCLIENT = """#!/bin/sh
 echo "dbclient $*" >> "$CALLS"
 exit 1
 """
 
 
-def khgetdisk(tmp: Path, *args: str, free: int, refuse: bool = False
-              ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def khgetdisk(tmp: Path, *args: str, free: int, refuse: bool = False,
+              dbclient: str = FAKE_DBCLIENT) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("wget", FAKE_WGET), ("khget", FAKE_KHGET), ("dbclient", FAKE_DBCLIENT)):
+    for name, text in (("wget", FAKE_WGET), ("khget", FAKE_KHGET), ("dbclient", dbclient)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     state = tmp / "state"
@@ -46,7 +47,7 @@ def khgetdisk(tmp: Path, *args: str, free: int, refuse: bool = False
         (state / img).write_bytes(b"x")
     conf = tmp / "khgetdisk.conf"
     conf.write_text(f"server=10.1.255.254:7480\nchannel=10.1.255.254:7422\nuser=corp1\n"
-                    f"token={tokens.new_secret()}\ndisknet=4\nshelf=1\ndisksize=16M\n")
+                    f"token={TOKEN}\ndisknet=4\nshelf=1\ndisksize=16M\n")
     (tmp / "channel" / ".ssh").mkdir(parents=True, exist_ok=True)
     (tmp / "channel" / ".ssh" / "known_hosts").write_text("10.1.255.254 ssh-rsa AAAA\n")
     calls = tmp / "calls"
@@ -82,3 +83,26 @@ def test_enough_free_nodes_goes_on_to_allocate(tmp_path):
     r, calls = khgetdisk(tmp_path, "2", free=2)
     assert calls[0].startswith("khget ") and calls[1].startswith("dbclient "), calls
     assert "loading the kernel failed" in r.stderr
+
+
+# answers over the channel as khd does: a load, an AoE address (api+USER), a boot
+WORKING_DBCLIENT = """#!/bin/sh
+echo "dbclient $* password=$DROPBEAR_PASSWORD" >> "$CALLS"
+cat > /dev/null
+case "$*" in
+*" load "*) echo "node 7: 1 bytes at 0x08000000 crc32 8cdc1683" ;;
+*" aoe-address "*) echo e1.3 ;;
+esac
+"""
+
+
+def test_the_aoe_address_is_asked_over_the_channel_with_the_token(tmp_path):
+    """Not by wget (a POST in clear on the public domain): api+USER over the pinned channel,
+    the token in dbclient's environment (issue 11)."""
+    r, calls = khgetdisk(tmp_path, "1", free=2, dbclient=WORKING_DBCLIENT)
+    assert r.returncode == 0 and "booted e1.3 (allocation 9, nodes 7)" in r.stdout, r
+    asked = [c for c in calls if "aoe-address" in c]
+    assert asked == [f"dbclient -T -p 7422 api+corp1@10.1.255.254 aoe-address -s 1 7 4 "
+                     f"password={TOKEN}"], calls
+    assert not any(c.startswith("wget") for c in calls), calls
+    assert (tmp_path / "state" / "disks").read_text() == "e1.3 node 7 9\n"
