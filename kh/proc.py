@@ -178,6 +178,17 @@ def daemon(argv: Argv, log_file: Any, *, env: Mapping[str, str] | None = None
         raise _cannot_start(argv, e) from e
 
 
+def replace(argv: Argv) -> None:
+    """Become ``argv`` (execvp): its exit status is the caller's, its stdio and terminal the
+    caller's own, signals reach it directly. Returns only by raising ProcessError when it
+    cannot start (a missing program named with the package that brings it)."""
+    log.debug("exec: %s", _fmt(argv))
+    try:
+        os.execvp(str(argv[0]), [str(a) for a in argv])
+    except OSError as e:
+        raise _cannot_start(argv, e) from e
+
+
 def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
         input: bytes | None = None, check: bool = True, capture: bool = True,
         on_line: Callable[[str], None] | None = None, log_file: Path | None = None,

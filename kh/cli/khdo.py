@@ -6,6 +6,7 @@ nodes print goes to stderr.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from kh import proc, textobj
 from kh.cli import credential
 from kh.cli.common import entry, handle_errors, setup_logging, stop_on_signals
 from kh.errors import KhError, UsageError
+from kh.hw import netns as nsutil
 from kh.hw import uboot
 from kh.hw.board import BOARDS
 from kh.model import AllocationInfo
@@ -32,6 +34,9 @@ MRW_RE = re.compile(rb"^node(\d+): mrw: (?:(\d+) bytes at|error: (.*))", re.MULT
 
 
 class Ctx:
+    """``netns``: where peripcmd/pernodecmd run; None: khd's outside world (``where``); HOST:
+    on the host itself."""
+
     def __init__(self, obj: AllocationInfo, cred: str | None, port: int,
                  key: Path | None, netns: str | None = None) -> None:
         self.netns = netns
@@ -131,6 +136,28 @@ def do_readcon(c: Ctx, args: list[str]) -> int:
     return 0
 
 
+HOST = ""  # --host: peripcmd/pernodecmd on the host itself
+
+
+def where(c: Ctx) -> str | None:
+    """The network namespace peripcmd/pernodecmd run in: --netns (KHDO_NETNS) if given, else
+    khd's outside world, where external-domain nodes are reachable (from khd's status, over
+    its socket: root only). None: on the host (--host; not root; khd has no outside world or
+    does not answer, which is said on stderr)."""
+    if c.netns is not None:
+        return c.netns or None
+    if os.geteuid() != 0:  # only root enters a namespace (or reads khd's socket)
+        return None
+    from kh.cli.outside import outside_netns
+    from kh.client import Client
+    from kh.service.config import from_env
+    try:
+        return outside_netns(Client(from_env().socket, timeout=30))
+    except KhError as e:
+        _echo_err(f"khdo: {e.message}; running on the host\n".encode())
+        return None
+
+
 def _per(c: Ctx, args: list[str], what: str) -> int:
     """The command once per node, PER_NODE_AT_ONCE side by side (a node that is slow to answer
     holds up no other); each node's output (stdout and stderr as they interleave) is printed
@@ -140,6 +167,7 @@ def _per(c: Ctx, args: list[str], what: str) -> int:
         raise UsageError(f"{what} needs one command", f'khdo {what} "ping -c1 %ip%"')
     cmds = [args[0].replace("%ip%", n.address).replace("%node%", str(n.number))
             for n in c.obj.nodes]
+    netns = where(c)
     running: dict[int, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
     done: dict[int, tuple[int, bytes]] = {}
     started = shown = worst = 0
@@ -148,7 +176,7 @@ def _per(c: Ctx, args: list[str], what: str) -> int:
             while len(running) < PER_NODE_AT_ONCE and started < len(cmds):
                 f = tempfile.TemporaryFile()
                 try:
-                    running[started] = (proc.start(_per_argv(c, cmds[started]), stdout=f,
+                    running[started] = (proc.start(_per_argv(netns, cmds[started]), stdout=f,
                                                    stderr=subprocess.STDOUT), f)
                 except BaseException:
                     f.close()
@@ -175,10 +203,10 @@ def _per(c: Ctx, args: list[str], what: str) -> int:
     return worst
 
 
-def _per_argv(c: Ctx, cmd: str) -> list[str]:
+def _per_argv(netns: str | None, cmd: str) -> list[str]:
     argv = ["/bin/sh", "-c", cmd]
-    if c.netns:  # the principal's "host" is a network namespace (tests' outside world)
-        argv = ["nsenter", f"--net=/run/netns/{c.netns}", "--", *argv]
+    if netns:  # the principal's "host" is the outside world, a network namespace
+        argv = nsutil.enter_argv(netns) + argv
     return argv
 
 
@@ -219,13 +247,17 @@ def _one(args: list[str], func: str) -> str:
               help="The control channel's ssh port.")
 @click.option("-i", "key", type=click.Path(path_type=Path), help="An ssh private key.")
 @click.option("--netns", envvar="KHDO_NETNS",
-              help="Run peripcmd/pernodecmd commands in this network namespace.")
+              help="Run peripcmd/pernodecmd commands in this network namespace (default: "
+                   "khd's outside world, where external nodes are reachable, when run as "
+                   "root; else the host).")
+@click.option("--host", "on_host", is_flag=True,
+              help="Run peripcmd/pernodecmd commands on the host itself.")
 @click.option("--debug", is_flag=True)
 @click.argument("func")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
-def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug: bool,
-         func: str, args: tuple[str, ...]) -> None:
+def main(cred: str | None, port: int, key: Path | None, netns: str | None, on_host: bool,
+         debug: bool, func: str, args: tuple[str, ...]) -> None:
     """Run FUNC on the allocation whose khget text object is on stdin.
 
     FUNC: write STR | loadkernel FILE | loadramdisk FILE | loadfile ADDR FILE | readcon [SECS]
@@ -242,7 +274,10 @@ def main(cred: str | None, port: int, key: Path | None, netns: str | None, debug
     obj = textobj.parse(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
-    c = Ctx(obj, cred_text, port, key, netns)
+    if on_host and netns:
+        raise UsageError("--host and --netns (or KHDO_NETNS) say different places",
+                         "give one of them")
+    c = Ctx(obj, cred_text, port, key, HOST if on_host else netns or None)
     try:
         with stop_on_signals():  # SIGTERM too ends peripcmd's commands, not only Ctrl-C
             status = FUNCS[func](c, list(args))

@@ -65,17 +65,20 @@ def register(main: click.Group) -> None:
     @click.option("--nodes", type=int, help=SETTINGS_HELP["nodes"])
     @click.option("--port", type=int, help=SETTINGS_HELP["api_port"])
     @click.option("--uplink-netns", help=SETTINGS_HELP["uplink_netns"])
+    @click.option("--no-outside", is_flag=True, help=SETTINGS_HELP["outside"])
     @click.option("--domain-quota", type=int, help=SETTINGS_HELP["domain_quota"])
     @click.option("--node-quota", type=int, help=SETTINGS_HELP["node_quota"])
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
     def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
-                      domain_quota: int | None, node_quota: int | None, no_wait: bool) -> None:
+                      no_outside: bool, domain_quota: int | None, node_quota: int | None,
+                      no_wait: bool) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
         pool can start, or when stopped (Ctrl-C, SIGTERM, SIGHUP). With khd already running,
         fails if it runs with other settings than the ones asked for."""
         asked = {"nodes": nodes, "api_port": port, "uplink_netns": uplink_netns,
+                 "outside": False if no_outside else None,
                  "domain_quota": domain_quota, "node_quota": node_quota}
         cfg = from_env(**asked)  # every setting checked before anything else
         debug = bool(click.get_current_context().find_root().params.get("debug"))
@@ -109,10 +112,11 @@ def register(main: click.Group) -> None:
         click.echo("khd stopped" if control.stop(config()) else "khd was not running")
 
     @service.command("status")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @handle_errors
-    def service_status() -> None:
-        """Say whether khd runs and how many nodes it has."""
-        click.echo(client().call("GET", "/v1/status"), nl=False)
+    def service_status(as_json: bool) -> None:
+        """Say whether khd runs, how many nodes it has and where its outside world is."""
+        click.echo(client().call("GET", "/v1/status", as_json=as_json), nl=False)
 
     @main.command()
     @click.option("-u", "--user", help="Only this principal's (its credential by -c or "

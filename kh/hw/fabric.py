@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
-from kh.hw import firewall
+from kh.hw import firewall, outside
 from kh.hw import netns as nsutil
 from kh.hw.antispoof import AntiSpoof, NftContext
 from kh.hw.tags import FabricConfig
@@ -99,6 +99,8 @@ class Fabric:
         firewall for the bridges there are."""
         name = self.cfg.netns
         self._let_go()  # the namespace may be a new one of the same name
+        if self.cfg.own_outside:  # before the uplink's veth end is moved there
+            outside.ensure(self.cfg.outside_netns)
         if not nsutil.exists(name):
             try:
                 netns.create(name)
@@ -145,7 +147,8 @@ class Fabric:
         return on
 
     def destroy(self) -> bool:
-        """Remove the namespace and with it every bridge, tap and veth end inside."""
+        """Remove the namespace and with it every bridge, tap and veth end inside (True when
+        it was there); ``destroy_outside`` removes kh's outside world."""
         self.antispoof.close()  # its libnftables context would keep the namespace alive
         self._let_go()  # and so would the firewall's
         if not nsutil.exists(self.cfg.netns):
@@ -154,6 +157,11 @@ class Fabric:
             self._remove_outside_end()
         netns.remove(self.cfg.netns)
         return True
+
+    def destroy_outside(self) -> bool:
+        """Remove kh's own outside world (``<prefix>-outside``), whatever the configuration
+        says: the name is kh's alone. An operator's `--uplink-netns` is never removed."""
+        return outside.remove(self.cfg.outside_netns)
 
     def links(self) -> list[str]:
         """Names of every link in kh's namespace, sorted. if_nameindex from a thread inside

@@ -30,20 +30,27 @@ def exists(name: str) -> bool:
     return os.path.exists(path(name))
 
 
+def enter(name: str) -> None:
+    """Move the calling thread (only it) into network namespace ``name`` for good: sockets it
+    makes from then on are that namespace's, and so are threads it starts. OSError when
+    there is no such namespace; KhError when the kernel refuses (not root)."""
+    fd = os.open(path(name), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise KhError(f"cannot enter network namespace {name}: {os.strerror(err)}",
+                          "kh's fabric needs root")
+    finally:
+        os.close(fd)
+
+
 def run_in(name: str, fn: Callable[[], T]) -> T:
     """Call ``fn`` in a thread that has entered network namespace ``name``."""
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            fd = os.open(path(name), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise KhError(f"cannot enter network namespace {name}: {os.strerror(err)}",
-                                  "kh's fabric needs root")
-            finally:
-                os.close(fd)
+            enter(name)
             box["value"] = fn()
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e

@@ -12,10 +12,17 @@ class FabricConfig:
 
     prefix: str = "kh"
     uplink_netns: str | None = None  # where the external domain's outside end goes
+    own_outside: bool = False  # uplink_netns is kh's own outside world (``outside_netns``)
 
     @property
     def netns(self) -> str:
         return f"{self.prefix}-fabric"
+
+    @property
+    def outside_netns(self) -> str:
+        """The outside world's namespace kh makes and owns (kh.hw.outside): kh's name alone,
+        never an operator's (`--uplink-netns` refuses it)."""
+        return f"{self.prefix}-outside"
 
     def bridge(self, netid: int) -> str:
         return f"{self.prefix}br{netid}"

@@ -30,7 +30,7 @@ from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request, host_address
 from kh.errors import KhError, UsageError
 from kh.model import PUBLIC
-from kh.service import aoe, httpd, tokens
+from kh.service import aoe, httpd, publish, tokens
 from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
@@ -267,13 +267,16 @@ def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """Everything, with QEMU PIDs: the operator's alone."""
     _operator(caller, "`kh ps` over TCP needs a principal's credential", "POST /v1/ps")
     data = svc.ps()
-    return 200, ps_table(data), data
+    data["publishes"] = publish.listing(svc)
+    return 200, ps_table(data) + publish.table(data["publishes"]), data
 
 
 def ps_of(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """One principal's own allocations, nodes and domains, in ps's shape."""
-    data = svc.ps_of(rq.user(body), rq.credential(body))
-    return 200, ps_table(data), data
+    user = rq.user(body)
+    data = svc.ps_of(user, rq.credential(body))
+    data["publishes"] = publish.listing(svc, user)  # its own only
+    return 200, ps_table(data) + publish.table(data["publishes"]), data
 
 
 def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
@@ -316,8 +319,14 @@ def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
             f"{'' if st.ready else ' (the pool is still starting)'}\n")
     now = time.time()
     text += "".join(f"node {f.node}: {f.text(now)}\n" for f in st.failures)
+    out = svc.cfg.fabric
+    outside = None if out.uplink_netns is None else {"netns": out.uplink_netns,
+                                                     "own": out.own_outside}
+    text += ("outside world: none (khd runs with --no-outside)\n" if outside is None else
+             f"outside world: network namespace {out.uplink_netns} "
+             f"({'kh' if out.own_outside else 'the operator'}'s; `kh outside CMD` runs there)\n")
     return 200, text, {"running": True, "nodes": st.size, **st.to_json(),
-                       "repairs": svc.repairs}
+                       "repairs": svc.repairs, "outside": outside}
 
 
 def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
@@ -371,6 +380,7 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/images", images),
     ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
+    *publish.ROUTES,  # node ports on the host's loopback (kh.service.publish)
 ]
 
 # The only routes a token may use (with `token` instead of `credential`; kh.service.tokens).

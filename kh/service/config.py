@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class Setting:
         return self.option or "--" + self.field.replace("_", "-")
 
     def describe(self, value: object) -> str:
+        if isinstance(value, bool):
+            value = "on" if value else "off"
         return (self.what or self.field.replace("_", " ") + " {}").format(value)
 
 
@@ -70,8 +73,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", None, None, "host name khget prints"),
     Setting("prefix", "KH_PREFIX", None, f"tag of kh's host objects, one per kh instance "
             f"(default kh; [a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}})", what="prefix {}"),
-    Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "network namespace the "
-            "external domain reaches", what="uplink namespace {}"),
+    Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "an existing network "
+            "namespace the external domain reaches, the operator's (default: kh makes its own, "
+            "<prefix>-outside)", what="uplink namespace {}"),
+    Setting("outside", None, "--no-outside", "make and own an outside world's namespace for "
+            "the external domain when no --uplink-netns is given (--no-outside: none)",
+            what="an outside world {}"),
     Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default qemu-system-ppc)",
             what="QEMU {}"),
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
@@ -112,7 +119,8 @@ class ServiceConfig:
     ssh_port: int = 7422  # the control channel (ssh con<ID>@...), same two places
     server: str = "127.0.0.1"  # host name khget prints in con<ID>@<server>
     prefix: str = "kh"
-    uplink_netns: str | None = None
+    uplink_netns: str | None = None  # the operator's outside world: kh never removes it
+    outside: bool = True  # without uplink_netns: kh's own outside world, <prefix>-outside
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
     node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
@@ -120,10 +128,24 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         for s in SETTINGS:
             check(s.field, getattr(self, s.field))
+        if self.uplink_netns and not self.outside:
+            raise UsageError("--uplink-netns names an outside world and --no-outside asks "
+                             "for none", "give one of them")
 
     @property
     def fabric(self) -> FabricConfig:
-        return FabricConfig(prefix=self.prefix, uplink_netns=self.uplink_netns)
+        """The fabric's names; the external domain's uplink goes to the operator's namespace,
+        else to kh's own outside world (unless ``outside`` is off: then nowhere)."""
+        if self.uplink_netns:
+            return FabricConfig(prefix=self.prefix, uplink_netns=self.uplink_netns)
+        own = FabricConfig(prefix=self.prefix).outside_netns
+        return FabricConfig(prefix=self.prefix, uplink_netns=own if self.outside else None,
+                            own_outside=self.outside)
+
+    @property
+    def outside_netns(self) -> str | None:
+        """Where the external domain's outside world is: the namespace `kh outside` enters."""
+        return self.fabric.uplink_netns
 
     @property
     def db(self) -> Path:
@@ -218,7 +240,14 @@ def from_env(**overrides: object) -> ServiceConfig:
 
 
 # How each setting's annotation reads back from a command-line option.
-_OPTION_TYPES = {"Path": Path, "int": int, "str": str, "str | None": str}
+def _bool(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"True or False, not {text!r}")
+    return text == "True"
+
+
+_OPTION_TYPES: dict[str, Callable[[str], object]] = {
+    "Path": Path, "int": int, "str": str, "str | None": str, "bool": _bool}
 
 
 def _option(name: str) -> str:

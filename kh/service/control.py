@@ -121,6 +121,8 @@ def mismatch(running: ServiceConfig, asked: ServiceConfig, given: set[str]) -> s
         v = getattr(cfg, field)
         if field == "qemu" and v is None:  # unset is the board's own program: the same thing
             v = BOARDS["ppce500"].qemu
+        if isinstance(v, bool):
+            v = "on" if v else "off"
         return Path(os.path.abspath(v)) if isinstance(v, Path) else v  # khd's are absolute
 
     diffs = [(s.describe(value(running, s.field)), value(asked, s.field))
@@ -263,7 +265,9 @@ def stop(cfg: ServiceConfig, timeout: float = 30.0, kill_wait: float = 30.0) -> 
 def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     """Remove every host object kh created (by kh's tags) and nothing else: khd, node QEMUs
     (with whatever they started), the fabric namespace and everything in it, the external
-    uplink's outside end, and khd's files in the directories it marked (kh.service.statedir).
+    uplink's outside end, kh's own outside world (``<prefix>-outside``; an operator's
+    --uplink-netns is left alone), and khd's files in the directories it marked
+    (kh.service.statedir).
     Processes and namespaces are found by the prefix tag, so two kh instances on one host
     need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
@@ -275,13 +279,16 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
         raise KhError(f"node QEMU {left[0]} is still running after SIGKILL",
                       "kh clean again once it has exited; nothing else was removed")
     done += [f"removed cgroup {d}" for d in cgroup.remove_all(cfg.prefix)]
-    for pid in netns_pids(cfg.fabric.netns):
-        done.append(f"left process {pid} alone: it is in {cfg.fabric.netns} but not kh's "
-                    "(the namespace lives on until it exits)")
-    try:
-        if Fabric(cfg.fabric).destroy():
-            done.append(f"removed network namespace {cfg.fabric.netns}")
-    except OSError as e:
-        raise KhError(f"cannot remove network namespace {cfg.fabric.netns}: {e.strerror}",
-                      "kh clean needs root") from None
+    fabric = Fabric(cfg.fabric)
+    for name, destroy in ((cfg.fabric.netns, fabric.destroy),
+                          (cfg.fabric.outside_netns, fabric.destroy_outside)):
+        for pid in netns_pids(name):
+            done.append(f"left process {pid} alone: it is in {name} but not kh's "
+                        "(the namespace lives on until it exits)")
+        try:
+            if destroy():
+                done.append(f"removed network namespace {name}")
+        except OSError as e:
+            raise KhError(f"cannot remove network namespace {name}: {e.strerror}",
+                          "kh clean needs root") from None
     return done + statedir.remove(cfg, keep_logs=keep_logs)

@@ -47,6 +47,7 @@ from kh.model import (
 )
 from kh.service import membership, recovery, tokens, views
 from kh.service.config import ServiceConfig
+from kh.service.forward import Forwarder
 from kh.service.hardware import Hardware
 from kh.service.nodes import NodeManager
 from kh.service.pins import channel_boot_key
@@ -85,6 +86,8 @@ class Service:
         self.pool = Pool(cfg, self.store, self.nodes, self.lock)
         self.repairs: list[str] = []
         self.limiter = admission.Limiter()  # refused credentials, per source and principal
+        # `kh publish`'s ports (kh.service.publish), relayed from the outside world
+        self.forwards = Forwarder(cfg.outside_netns, tick=self.publish_sync)
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +102,10 @@ class Service:
         with self.lock:
             self.repairs += membership.reconcile(self)
         self.repairs += recovery.resume_resets(self)
+        if self.cfg.outside_netns is not None:
+            self.forwards.start()
+        from kh.service import publish  # it builds on this module
+        self.repairs += publish.restore(self)
         for r in self.repairs:
             log.warning("repaired: %s", r)
         self.pool.start()
@@ -117,8 +124,15 @@ class Service:
     def shutdown(self) -> None:
         """khd is going away: starts under way are ended; running nodes keep running."""
         self.pool.stop()
+        self.forwards.stop()
         self.nodes.detach_all()
         self.store.close()
+
+    def publish_sync(self, reset: int | None = None) -> None:
+        """Close the published ports (kh.service.publish) whose node is gone: released,
+        reset (node ``reset``), out of the external domain, or its principal removed."""
+        from kh.service import publish  # it builds on this module
+        publish.sync(self, reset)
 
     # -- admission -----------------------------------------------------------------------------
     def authenticate(self, user: str, credential: str | None, *, register: bool = False,
@@ -221,6 +235,7 @@ class Service:
                 log.exception("node %d: cannot stop its QEMU", n)
         if stopped:
             self.store.drop_nodes(stopped)
+        self.publish_sync()
         self.pool.wake()
 
     def _drop_bridges(self, netids: list[int]) -> None:
@@ -320,6 +335,7 @@ class Service:
             alloc = self.store.allocation(row.alloc)
             assert alloc is not None  # checked by _own_allocation, under the lock
             domains = membership.reset_domains(self, number, alloc)
+            self.publish_sync(reset=number)  # the node boots afresh: its ports go
             self._resetting.add(number)
             self.store.node_resetting(number, True)
         self._do_reset(number, domains)
@@ -374,7 +390,9 @@ class Service:
     def leave(self, number: int, netid: int, user: str, credential: str | None
               ) -> membership.Change:
         """Unplug node ``number``'s interface in domain ``netid`` (membership.leave)."""
-        return membership.leave(self, number, netid, user, credential)
+        change = membership.leave(self, number, netid, user, credential)
+        self.publish_sync()  # out of the external domain: its published ports go
+        return change
 
     # -- control-channel keys ------------------------------------------------------------------
     def add_key(self, user: str, credential: str | None, key: str, alloc: int | None) -> int:
@@ -429,6 +447,7 @@ class Service:
             for n in numbers:
                 self.nodes.stop(n)
             gone = self.store.forget_principal(name)
+            self.publish_sync()
         self._drop_bridges(gone["domains"])
         self.pool.wake()
         log.info("principal %s removed: %s", name, gone)

@@ -51,6 +51,12 @@ def check_tun(path: Path = TUN) -> None:
 
 
 def check_uplink(cfg: ServiceConfig) -> None:
+    """An operator's uplink namespace exists and is not kh's own outside world's name."""
+    own = cfg.fabric.outside_netns
+    if cfg.uplink_netns == own:
+        raise KhError(f"--uplink-netns {own} names kh's own outside world, which kh makes "
+                      "and removes itself", "leave out --uplink-netns to have it, or name "
+                      "a namespace of your own")
     if cfg.uplink_netns and not nsutil.exists(cfg.uplink_netns):
         raise KhError(f"uplink network namespace {cfg.uplink_netns} does not exist",
                       f"create it (`ip netns add {cfg.uplink_netns}`) or leave out "

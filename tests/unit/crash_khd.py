@@ -116,6 +116,7 @@ class Host:
         nodes.reset = self.reset  # type: ignore[method-assign]
         nodes.reattach = self.reattach  # type: ignore[method-assign]
         s.pool.start = lambda: None  # type: ignore[method-assign]
+        s.forwards.start = lambda: None  # type: ignore[method-assign]  # no outside world
 
     # fabric
     def ensure_domain(self, netid: int) -> str:
