@@ -25,8 +25,9 @@ venv: $(VENV_STAMP)
 images: apt venv
 	@$(KH) images build
 
+COUNT ?= 2
 demo: setup
-	@bash examples/demo.sh
+	@COUNT=$(COUNT) bash examples/demo.sh
 
 lint: venv
 	$(VENV)/bin/ruff check kh tests benchmarks
@@ -49,6 +50,7 @@ bench: setup
 	$(PY) -m benchmarks.channel
 	$(PY) -m benchmarks.appliances
 	$(PY) -m benchmarks.hostile
+	$(PY) -m benchmarks.webfarm
 
 clean-images:
 	rm -rf images/out

@@ -17,6 +17,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PATH=$repo/.venv/bin:$PATH
+USER=${USER:-$(id -un)}
 
 usage() {
 	echo "usage: examples/webfarm.sh [COUNT] [--keep] [-c FILE]" >&2
