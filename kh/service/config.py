@@ -76,9 +76,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "an existing network "
             "namespace the external domain reaches, the operator's (default: kh makes its own, "
             "<prefix>-outside)", what="uplink namespace {}"),
-    Setting("outside", None, "--no-outside", "make and own an outside world's namespace for "
-            "the external domain when no --uplink-netns is given (--no-outside: none)",
-            what="an outside world {}"),
+    Setting("outside", None, "--no-outside", "no outside world at all: nothing on the host "
+            "reaches the external domain (default: kh makes and owns <prefix>-outside unless "
+            "--uplink-netns names one)", what="an outside world {}"),
     Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default qemu-system-ppc)",
             what="QEMU {}"),
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
