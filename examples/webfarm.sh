@@ -84,8 +84,8 @@ khdo_ write "run kboot" >/dev/null 2>"$log" || fail "write run kboot"
 # In the background, so that a SIGTERM to this script is acted on at once (khdo ends its
 # commands on SIGTERM).
 show 'echo "$nodes" | khdo peripcmd "wget -qO- http://%ip%/"'
-khdo_ peripcmd "timeout $wait wget -qO- --tries=0 --retry-connrefused --waitretry=1 -T 5 \
-http://%ip%/" >/dev/null 2>"$log" &
+khdo_ peripcmd "timeout $wait wget -qO- --tries=0 --retry-connrefused --waitretry=1 \
+--connect-timeout=1 --read-timeout=10 http://%ip%/" >/dev/null 2>"$log" &
 poller=$!
 wait "$poller" || true
 poller=

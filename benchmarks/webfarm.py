@@ -1,0 +1,188 @@
+"""Issue 12's Speed: examples/webfarm.sh for COUNT 1, 4, 16, 32 and 64 in one run, against a
+khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT:
+
+- wall: the script's own figure, from khget to the last page (khdo polls every node at once);
+- memory: the host's MemTotal - MemAvailable after the last page less before khget (MiB);
+- RSS: the farm's QEMU processes' resident memory, summed (MiB), and all of khd's QEMUs';
+- boot CPU: each farm node's QEMU CPU time (user + system) from before khget to the last page;
+- idle CPU: each booted node's QEMU over ``--idle`` seconds after, in % of one host core;
+- khd's CPU time during the script, and how busy the host's cores were (anyone's work: the
+  host is shared, and a figure taken while others ran is slower than the farm alone);
+- efficiency: wall / (COUNT x one node's boot CPU-seconds / cores): 1.0 is the physical limit
+  on this CPU-bound host (the nodes' boots need that much CPU, the cores give no more).
+  One node's boot CPU-seconds is the COUNT 1 run's when it is among --counts, else this run's
+  mean.
+
+Prints numbers and asserts nothing (tests never assert wall-clock time). Needs root.
+Usage: .venv/bin/python -m benchmarks.webfarm [--counts 1,4,16,32,64] [--idle 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import CRED, REPO, free_port, release, wait_free
+from kh.client import Client
+from kh.service import control
+from kh.service.config import ServiceConfig
+from kh.settings import paths
+
+TICK = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+SUMMARY = re.compile(r"^(\d+)/(\d+) pages in ([0-9.]+) s$", re.M)
+KEPT = re.compile(r"^kept: con(\d+) ", re.M)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def host_busy_seconds() -> float:
+    """CPU time the whole host spent not idle, all cores (/proc/stat): what else ran too."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / TICK  # less idle and iowait; guest time is in user
+
+
+def host_used_mib() -> float:
+    info = {ln.split(":")[0]: int(ln.split()[1])
+            for ln in Path("/proc/meminfo").read_text().splitlines()}
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def ps(cfg: ServiceConfig) -> dict[str, Any]:
+    return json.loads(Client(cfg.socket).call("GET", "/v1/ps", as_json=True))
+
+
+def qemu_pids(cfg: ServiceConfig) -> dict[int, int]:
+    """Every running node's QEMU PID, by node."""
+    return {n["node"]: n["pid"] for n in ps(cfg)["nodes"] if n["pid"]}
+
+
+def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
+              ) -> dict[str, Any]:
+    wait_free(cfg, count, timeout=600)
+    pids = qemu_pids(cfg)
+    cpu0 = {p: cpu_seconds(p) for p in pids.values()}
+    mem0 = host_used_mib()
+    khd = control.pid_of(cfg)
+    khd0, busy0, t0 = cpu_seconds(khd) if khd else 0.0, host_busy_seconds(), time.monotonic()
+    r = subprocess.run(["bash", str(REPO / "examples" / "webfarm.sh"), str(count), "--keep"],
+                       env=env, capture_output=True, text=True, timeout=3600)
+    mem1 = host_used_mib()
+    busy = host_busy_seconds() - busy0
+    span = time.monotonic() - t0
+    khd_cpu = cpu_seconds(khd) - khd0 if khd else 0.0
+    kept = KEPT.search(r.stdout)
+    summary = SUMMARY.search(r.stdout)
+    if not summary or not kept:
+        raise SystemExit(f"webfarm.sh {count} exited {r.returncode}:\n{r.stdout[-2000:]}\n"
+                         f"{r.stderr[-2000:]}")
+    alloc = int(kept[1])
+    try:
+        view = ps(cfg)
+        farm = next(a["nodes"] for a in view["allocations"] if a["id"] == alloc)
+        farm_pids = [pids[n] for n in farm]
+        boot_cpu = [cpu_seconds(p) - cpu0[p] for p in farm_pids]
+        before = {p: cpu_seconds(p) for p in farm_pids}
+        i0 = time.monotonic()
+        time.sleep(idle)
+        idle_span = time.monotonic() - i0
+        idle_pct = [100 * (cpu_seconds(p) - before[p]) / idle_span for p in farm_pids]
+        rss = sum(rss_mib(p) for p in farm_pids)
+        rss_all = sum(rss_mib(p) for p in qemu_pids(cfg).values())
+    finally:
+        release(cfg, alloc)
+    return {"count": count, "pages": int(summary[1]), "wall_s": float(summary[3]),
+            "host_mem_mib": round(mem1 - mem0, 1), "farm_rss_mib": round(rss, 1),
+            "all_qemu_rss_mib": round(rss_all, 1),
+            "boot_cpu_s": [round(x, 2) for x in boot_cpu], "khd_cpu_s": round(khd_cpu, 2),
+            "host_busy_pct": round(100 * busy / (span * CORES), 1),
+            "idle_cpu_pct": [round(x, 2) for x in idle_pct]}
+
+
+def efficiency(rows: list[dict[str, Any]]) -> None:
+    ones = [r for r in rows if r["count"] == 1]
+    for r in rows:
+        ref = ones[0]["boot_cpu_s"][0] if ones else statistics.mean(r["boot_cpu_s"])
+        r["one_node_boot_cpu_s"] = round(ref, 2)
+        r["efficiency"] = round(r["wall_s"] / (r["count"] * ref / CORES), 2)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'COUNT':>5} {'pages':>6} {'wall s':>7} {'host MiB':>9} {'farm RSS':>9} "
+            f"{'all RSS':>8} {'boot CPU s/node':>16} {'idle %core/node':>18} {'ratio':>6} "
+            f"{'khd CPU s':>9} {'host busy':>9}")
+    out = [head]
+    for r in rows:
+        b, i = r["boot_cpu_s"], r["idle_cpu_pct"]
+        out.append(f"{r['count']:>5} {r['pages']:>3}/{r['count']:<2} {r['wall_s']:>7.1f} "
+                   f"{r['host_mem_mib']:>9.0f} {r['farm_rss_mib']:>9.0f} "
+                   f"{r['all_qemu_rss_mib']:>8.0f} "
+                   f"{statistics.mean(b):>7.1f} ({min(b):.1f}-{max(b):.1f}) "
+                   f"{statistics.median(i):>7.2f} ({min(i):.1f}-{max(i):.1f})"
+                   f"{r['efficiency']:>7.2f} {r['khd_cpu_s']:>9.1f} {r['host_busy_pct']:>8.0f}%")
+    out.append(f"ratio = wall / (COUNT x one node's boot CPU-seconds / {CORES} cores); "
+               "idle: median (min-max); host busy: all cores, anyone's, during the script")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--counts", default="1,4,16,32,64",
+                    help="comma-separated COUNTs, run in this order")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
+    ap.add_argument("--json", action="store_true", help="the numbers as JSON")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.counts.split(",")]
+    size = max(counts)
+    tmp = tempfile.mkdtemp(prefix="kh-bench-webfarm-")
+    cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=paths().out, nodes=size,
+                        node_quota=size, api_port=free_port(), ssh_port=free_port(),
+                        prefix=f"kw{os.getpid() % 10000}")  # with its own outside world
+    env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
+           "KH_API_PORT": str(cfg.api_port), "KH_SSH_PORT": str(cfg.ssh_port),
+           "KH_IMAGES_OUT": str(cfg.images), "KH_CREDENTIAL": CRED, "USER": "bench"}
+    rows: list[dict[str, Any]] = []
+    try:
+        t0 = time.monotonic()
+        control.start(cfg)
+        warm = time.monotonic() - t0
+        if not args.json:
+            print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores")
+        for count in counts:
+            rows.append(one_count(cfg, env, count, args.idle))
+            if not args.json:
+                print(f"COUNT {count}: {rows[-1]['pages']}/{count} pages in "
+                      f"{rows[-1]['wall_s']:.1f} s", flush=True)
+    finally:
+        control.clean(cfg)
+        shutil.rmtree(tmp, ignore_errors=True)
+    efficiency(rows)
+    if args.json:
+        print(json.dumps({"cores": CORES, "pool_warm_s": round(warm, 1), "runs": rows},
+                         indent=1))
+    else:
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
