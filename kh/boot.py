@@ -233,9 +233,12 @@ class BootedNode:
 
 def held_back(text: bytes, tok: str) -> int:
     """How much of ``text`` (a command's output so far) can be handed on: all but a tail that
-    may be the beginning of its end marker, ``<tok>_E<status>\\r?\\n``, or an unfinished
-    last line that may be the kernel's saying the node leaves Linux (see LEFT_LINUX)."""
+    may be the beginning of its end marker, ``<tok>_E<status>\\r?\\n``, a last ``\\r`` (its
+    ``\\n`` may come in the next read), or an unfinished last line that may be the kernel's
+    saying the node leaves Linux (see LEFT_LINUX)."""
     cut = _marker_start(text, tok)
+    if text[cut - 1:cut] == b"\r":
+        cut -= 1  # a \r\n cut between two reads: the \r goes on with its \n
     line = text.rfind(b"\n", 0, cut) + 1
     last = text[line:cut]
     if last and any(p.startswith(last) or last.startswith(p) for p in _LEFT_STARTS):
