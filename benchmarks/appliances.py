@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.channel import khdo
-from benchmarks.common import REPO, alloc_of, free_port, khget, release, wait_free
+from benchmarks.common import REPO, alloc_of, free_port, khget, nodes_of, release, wait_free
 from kh.hw import netns
 from kh.hw.console import Console
 from kh.images import build as image_build
@@ -74,7 +74,7 @@ def apache_first_200(runs: int) -> list[float]:
             for _ in range(runs):
                 wait_free(cfg, 1)
                 text = khget(cfg, 1, "-i")
-                node = int(text.strip().splitlines()[-1].split(":")[1])
+                (node,) = nodes_of(text)
                 ip = f"10.1.{node >> 8}.{node & 255}"
                 khdo(cfg, text, "loadkernel", str(cfg.images / "uImage"))
                 khdo(cfg, text, "loadramdisk", str(cfg.images / "apache.cpio.gz.uimg"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyroute2 import netns
 
-from benchmarks.common import CRED, REPO, free_port, khget, release_all
+from benchmarks.common import CRED, REPO, free_port, khget, nodes_of, release_all
 from kh.cc.client import ChannelClient
 from kh.service import control
 from kh.service.config import ServiceConfig
@@ -84,7 +84,7 @@ def main() -> None:
                 khdo(cfg, nodes, "loadkernel", str(paths().out / "uImage"))
                 khdo(cfg, nodes, "loadramdisk", str(paths().out / "shell.cpio.gz.uimg"))
                 khdo(cfg, nodes, "write", "run kboot")
-                numbers = nodes.strip().splitlines()[-1].split(":")[1].split()
+                numbers = [str(n) for n in nodes_of(nodes)]
                 pages = 0
                 deadline = time.monotonic() + 180
                 while pages < count and time.monotonic() < deadline:

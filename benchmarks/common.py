@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from kh import textobj
 from kh.client import Client
 from kh.service.config import ServiceConfig
 
@@ -33,7 +34,13 @@ def khget(cfg: ServiceConfig, count: int, *opts: str, user: str = "bench") -> st
 
 
 def alloc_of(text: str) -> int:
-    return int(text.split("@")[0][3:])
+    """The allocation of khget's text object (read with kh.textobj)."""
+    return textobj.parse(text).id
+
+
+def nodes_of(text: str) -> list[int]:
+    """The node numbers of khget's text object."""
+    return [n.number for n in textobj.parse(text).nodes]
 
 
 def release(cfg: ServiceConfig, alloc: int, user: str = "bench") -> None:

@@ -23,6 +23,7 @@ from benchmarks.hostile_load import (
     Failed,
     Sampler,
     Usage,
+    alloc_of,
     cli,
     khget,
     nodes_of,
@@ -158,7 +159,7 @@ def console_flood(cfg: ServiceConfig, pid: int, cred: str, size_mib: int,
     wait_free(cfg, cfg.nodes)
     idle = settled(pid)
     text = khget(cfg, "flooder", cred, cfg.nodes)
-    alloc, nodes = int(text.split("@")[0][3:]), nodes_of(text)
+    alloc, nodes = alloc_of(text), nodes_of(text)
     reader = quiet = None
     series: list[Result] = []
     disk_peak = 0

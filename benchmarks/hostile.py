@@ -38,7 +38,7 @@ from typing import Any
 from pyroute2 import netns
 
 from benchmarks import console_flood, ssh_churn
-from benchmarks.common import REPO, free_port
+from benchmarks.common import REPO, alloc_of, free_port
 from benchmarks.console_flood import LogBytes
 from benchmarks.hostile_load import (
     MIB,
@@ -85,7 +85,7 @@ def flood(cfg: ServiceConfig, pid: int, size_mib: int, timeout: float) -> Result
     """One node boots the shell appliance and prints ``size_mib`` MiB of lines; how fast the
     console carried them and what khd holds afterwards."""
     text = khget(cfg, "flooder", CRED, 1)
-    alloc, (node,) = int(text.split("@")[0][3:]), nodes_of(text)
+    alloc, (node,) = alloc_of(text), nodes_of(text)
     try:
         since = log_offsets(cfg, [node])
         cli(cfg, "khdo", "write", "run kboot", cred=CRED, stdin=text)
@@ -140,7 +140,7 @@ def stress(cfg: ServiceConfig, pid: int, http: int, ssh: int) -> Result:
     wait_free(cfg, cfg.nodes)
     before = usage(pid)
     a_text = khget(cfg, "quieta", CRED, 1)
-    a_alloc = int(a_text.split("@")[0][3:])
+    a_alloc = alloc_of(a_text)
     b = Listing1(cfg, "listingb", CRED)
     load = HostileLoad(cfg, http, ssh)
     quiet = None
@@ -182,7 +182,7 @@ def stress(cfg: ServiceConfig, pid: int, http: int, ssh: int) -> Result:
 def register(cfg: ServiceConfig, user: str) -> None:
     """Make ``user`` a registered principal (its first khget), holding nothing afterwards: a
     wrong credential's khget for an unknown name would register that name instead."""
-    release(cfg, user, CRED, int(khget(cfg, user, CRED, 1).split("@")[0][3:]))
+    release(cfg, user, CRED, alloc_of(khget(cfg, user, CRED, 1)))
     wait_free(cfg, cfg.nodes)
 
 
@@ -216,7 +216,7 @@ def khget_latency(cfg: ServiceConfig, cycles: int, guessers: int) -> Result:
             t0 = time.monotonic()
             text = khget(cfg, "bench", CRED, 1)
             times.append(time.monotonic() - t0)
-            release(cfg, "bench", CRED, int(text.split("@")[0][3:]))
+            release(cfg, "bench", CRED, alloc_of(text))
             wait_free(cfg, cfg.nodes)
         return times
 

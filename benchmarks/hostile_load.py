@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paramiko
 
+from benchmarks.common import alloc_of, nodes_of
 from kh.client import Client
 from kh.errors import KhError
 from kh.service.config import ServiceConfig
@@ -225,10 +226,6 @@ def khget(cfg: ServiceConfig, user: str, cred: str, count: int, *opts: str) -> s
     return r.stdout
 
 
-def nodes_of(text: str) -> list[int]:
-    return [int(x) for x in text.strip().splitlines()[-1].split(":")[1].split()]
-
-
 def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:
     Client(cfg.socket).call("POST", f"/v1/allocations/{alloc}/release",
                             {"user": user, "credential": cred})
@@ -295,7 +292,7 @@ class Listing1:
         """Raises Failed naming the step that did not work."""
         t0 = time.monotonic()
         text = khget(self.cfg, self.user, self.cred, self.count, "-x")
-        self.alloc, self.nodes = int(text.split("@")[0][3:]), nodes_of(text)
+        self.alloc, self.nodes = alloc_of(text), nodes_of(text)
         for step in (("loadkernel", str(self.cfg.images / "uImage")),
                      ("loadramdisk", str(self.cfg.images / f"{self.appliance}.cpio.gz.uimg"))):
             r = cli(self.cfg, "khdo", *step, cred=self.cred, stdin=text)

@@ -18,6 +18,7 @@ import paramiko
 from benchmarks.hostile_load import (
     Sampler,
     Usage,
+    alloc_of,
     khget,
     release,
     settled,
@@ -105,7 +106,7 @@ def ssh_churn(cfg: ServiceConfig, pid: int, cred: str, clients: int, logins: int
     settled afterwards, with one live allocation of one node whose channel is attacked."""
     wait_free(cfg, cfg.nodes)
     text = khget(cfg, "churned", cred, 1)
-    alloc = int(text.split("@")[0][3:])
+    alloc = alloc_of(text)
     series: list[Result] = []
     try:
         before = settled(pid)

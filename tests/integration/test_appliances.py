@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kh import boot
+from kh import boot, textobj
 from kh.allocation import node_address
 from kh.errors import BootError
 from kh.hw import netns, uboot
@@ -83,8 +83,9 @@ def ok(node: boot.BootedNode, command: str, timeout: float = 60) -> str:
 
 def netid_of(text: str, iface: int) -> int:
     """The private domain behind eth<iface> in a khget text object."""
-    nets = {int(i): n for n, i in re.findall(r"^network (\S+) : eth(\d+)$", text, re.M)}
-    return int(nets[iface])
+    domain = textobj.parse(text).domains[iface]
+    assert domain is not None, text
+    return domain.netid
 
 
 def test_apache_answers_200_with_its_node_name(khd, artifacts):

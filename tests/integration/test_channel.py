@@ -14,6 +14,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from kh import textobj
 from kh.cc.client import ChannelClient, ChannelError
 from kh.service import control
 from kh.service.config import ServiceConfig
@@ -74,7 +75,8 @@ def test_listing_1_as_written(khd, tmp_path, count):
     r = khget(khd, "-x", "-c", credfile("l1cred"), "listing", str(count))
     assert r.returncode == 0, r.stderr
     nodes = r.stdout
-    alloc = int(nodes.split("@")[0][3:])
+    obj = textobj.parse(nodes)
+    alloc = obj.id
     out = khd.images
     r = khdo(khd, nodes, "loadkernel", "./uImage", cred="l1cred", cwd=out)
     assert r.returncode == 0, r.stderr
@@ -89,7 +91,7 @@ def test_listing_1_as_written(khd, tmp_path, count):
         r2 = khdo(khd, nodes, "readcon", "1", cred="l1cred")
         r = subprocess.CompletedProcess(r.args, 0, r.stdout, r.stderr + r2.stderr)
     answers = tagged(khd, alloc, "l1cred", "uname -m; hostname", tmp_path)
-    numbers = [int(x) for x in nodes.strip().splitlines()[-1].split(":")[1].split()]
+    numbers = [n.number for n in obj.nodes]
     for n in numbers:
         assert "ppc" in answers.get(n, ""), answers
         assert f"node{n}" in answers[n]

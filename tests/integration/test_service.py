@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kh import proc
+from kh import proc, textobj
 from kh.hw import netns as nsutil
 from kh.hw.fabric import Fabric
 from kh.service import control
@@ -119,7 +119,7 @@ def test_khget_from_inside_a_node(khd, artifacts):
     assert status == 0, out
     lines = out.strip().splitlines()
     assert lines[0].startswith("con") and lines[1] == "protocol: uboot"
-    inner = int(lines[0].split("@")[0][3:])
+    inner = textobj.parse(out).id
     out, status = n.run("khget -c wrong mia 1")
     assert status == 1 and "refused" in out, out
     release(khd, "mia", "m1", inner)

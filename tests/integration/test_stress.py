@@ -25,6 +25,7 @@ from benchmarks.hostile_load import (
     HostileLoad,
     Listing1,
     Sampler,
+    alloc_of,
     khget,
     post,
     quiet_session,
@@ -86,7 +87,7 @@ def test_listing_1_completes_and_khd_stays_bounded_under_hostile_clients(stress_
     answers: list[tuple[int, dict[str, object]]] = []
     listing_error = None
     try:
-        a_alloc = int(khget(cfg, A, A_CRED, 1).split("@")[0][3:])
+        a_alloc = alloc_of(khget(cfg, A, A_CRED, 1))
         with Sampler(pid) as sampler:
             load.open()
             quiet = quiet_session(cfg, a_alloc, A_CRED, QUIET_LINE)
