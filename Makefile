@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m benchmarks.boot
 	$(PY) -m benchmarks.service
 	$(PY) -m benchmarks.channel
+	$(PY) -m benchmarks.chanapi
 	$(PY) -m benchmarks.appliances
 	$(PY) -m benchmarks.hostile
 	$(PY) -m benchmarks.webfarm
