@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kh.allocation import host_address, subnet
@@ -297,8 +297,17 @@ class Fabric:
                 out.route("add", dst=str(ext_net), gateway=str(up_net.ip))
 
     def _remove_outside_end(self) -> None:
-        if self.cfg.uplink_netns and nsutil.exists(self.cfg.uplink_netns):
-            with contextlib.closing(NetNS(self.cfg.uplink_netns)) as out:
+        """Delete the uplink's end in the outside world's namespace, if it is there. From a
+        thread inside that namespace, never a pyroute2 NetNS: that forks a child of the
+        caller, which `kh clean` and `kh service start` are (with their signal handlers: the
+        SIGTERM NetNS ends its child with made that child print `kh: stopped by SIGTERM`)."""
+        if not (self.cfg.uplink_netns and nsutil.exists(self.cfg.uplink_netns)):
+            return
+
+        def remove() -> None:
+            with IPRoute() as out:
                 idx = out.link_lookup(ifname=self.cfg.outside)
                 if idx:
                     out.link("del", index=idx[0])
+
+        nsutil.run_in(self.cfg.uplink_netns, remove)

@@ -121,3 +121,26 @@ def wait_syn(tap: Tap, gw_mac: str, timeout: float = 10.0) -> tuple[str, str, in
                 return (socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34]),
                         struct.unpack("!H", frame[36:38])[0])
     raise AssertionError("no SYN reached the external node")
+
+
+def test_removing_the_fabric_forks_no_child(monkeypatch) -> None:
+    """`kh clean` and a failed `kh service start` remove the fabric from the CLI's own
+    process: a pyroute2 NetNS there forked a copy of the CLI, which NetNS ended with SIGTERM,
+    and that copy (with the CLI's signal handlers) printed `kh: stopped by SIGTERM` beside the
+    real error, now and then (test_service_faults saw it once in 8 starts). No fork at all."""
+    cfg = own_cfg("khf")
+    f = Fabric(cfg, ports=(7480, 7422))
+    f.ensure()
+    f.ensure_domain(EXTERNAL)
+
+    def no_fork() -> int:
+        raise AssertionError("forked a child of the caller")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "fork", no_fork)
+            gone = Fabric(cfg, ports=(7480, 7422))
+            assert gone.destroy() and gone.destroy_outside()
+    finally:
+        f.destroy()
+        f.destroy_outside()
+    assert not nsutil.exists(cfg.netns) and not nsutil.exists(cfg.outside_netns)
