@@ -79,7 +79,7 @@ def qemu_pids(cfg: ServiceConfig) -> dict[int, int]:
 
 def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
               ) -> dict[str, Any]:
-    wait_free(cfg, count, timeout=600)
+    wait_free(cfg, cfg.nodes, timeout=1200)  # every node up and sampled before khget
     pids = qemu_pids(cfg)
     cpu0 = {p: cpu_seconds(p) for p in pids.values()}
     mem0 = host_used_mib()
@@ -100,7 +100,9 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
     try:
         view = ps(cfg)
         farm = next(a["nodes"] for a in view["allocations"] if a["id"] == alloc)
-        farm_pids = [pids[n] for n in farm]
+        farm_pids = [n["pid"] for n in view["nodes"] if n["node"] in farm]
+        if any(p not in cpu0 for p in farm_pids):
+            raise SystemExit(f"a farm node's QEMU started after khget: {view['nodes']}")
         boot_cpu = [cpu_seconds(p) - cpu0[p] for p in farm_pids]
         before = {p: cpu_seconds(p) for p in farm_pids}
         i0 = time.monotonic()

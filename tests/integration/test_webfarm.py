@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import credfile, env, kh, wait_free
+from tests.integration.conftest import allocate, credfile, env, kh, ps, release, wait_free
 
 pytestmark = [pytest.mark.guest, pytest.mark.scenario]
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "webfarm.sh"
@@ -46,7 +46,9 @@ def webfarm(cfg: ServiceConfig, artifacts: Path, *args: str) -> subprocess.Compl
 
 @pytest.mark.parametrize("count", [1, 4])
 def test_webfarm_serves_every_page_and_releases(khd, artifacts, count):
-    wait_free(khd, count)
+    wait_free(khd, count + 1)
+    # another principal's node, there all along: the farm never touches it
+    other, _, _ = allocate(khd, "-c", credfile("othercred"), "other", "1")
     r = webfarm(khd, artifacts, str(count))
     assert r.returncode == 0, r
     pages = re.findall(r"<h1>node(\d+)</h1>", r.stdout)
@@ -57,6 +59,8 @@ def test_webfarm_serves_every_page_and_releases(khd, artifacts, count):
     assert re.search(rf"^{count}/{count} pages in \d+\.\d s$", r.stdout, re.M), r.stdout
     assert f"> nodes=$(khget -x $USER {count})" in r.stdout
     assert held(khd) == []
+    assert [a["id"] for a in ps(khd)["allocations"]] == [other]
+    release(khd, "other", "othercred", other)
 
 
 def test_keep_leaves_the_farm_and_says_how_to_release_it(khd, artifacts):
