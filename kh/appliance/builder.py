@@ -130,6 +130,24 @@ def collect(spec: Spec, root: Path) -> list[cpio.Entry]:
     return entries
 
 
+# U-Boot (ppce500) moves the ramdisk to the top of its 64 MiB boot map, 4 KiB aligned down, and
+# then puts the kernel command line in the last 512 bytes of that map without regard for the
+# ramdisk: a ramdisk ending there loses its tail to the command line, and Linux stops with
+# "Initramfs unpacking failed: invalid magic at start of compressed archive" and a panic.
+# Measured on the gateway appliance, padded to end at several distances below the top: 93, 300,
+# 450 and 510 bytes failed, 530, 600, 800, 1024 and 2048 booted. So the payload is padded with
+# zero bytes (which the kernel skips after the gzip member) to end at least TOP_CLEAR bytes
+# below a 4 KiB boundary. (U-Boot's environment, initrd_high, would be the other place.)
+TOP_CLEAR = 1024
+
+
+def pad_below_top(payload: bytes) -> bytes:
+    """``payload`` with 0 to TOP_CLEAR zero bytes added, so that its end lies at least
+    TOP_CLEAR bytes below the next 4 KiB boundary when it starts on one."""
+    gap = -len(payload) % 4096
+    return payload if gap >= TOP_CLEAR else payload + bytes(gap + 1)
+
+
 def build(spec: Spec, root: Path, out_dir: Path, *, root_size: int | None = None) -> Result:
     """Build ``spec`` into ``out_dir/<name>.cpio.gz.uimg`` (written whole, then renamed)."""
     entries = collect(spec, root)
@@ -141,7 +159,8 @@ def build(spec: Spec, root: Path, out_dir: Path, *, root_size: int | None = None
     gz = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=gz, mtime=EPOCH, compresslevel=9) as g:
         g.write(raw.getvalue())
-    image = uimage.wrap(gz.getvalue(), name=f"kh {spec.name}", type="ramdisk", time=EPOCH)
+    image = uimage.wrap(pad_below_top(gz.getvalue()), name=f"kh {spec.name}", type="ramdisk",
+                        time=EPOCH)
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{spec.name}.cpio.gz.uimg"
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
