@@ -255,6 +255,20 @@ kh_mib() {
 	esac
 }
 
+# kh_private_iface: the first ethN (in eth order) whose address is in a private domain, i.e.
+# neither 10.0/16 (external) nor 10.1/16 (public); fails when there is none. ($KH_SYSNET: tests)
+kh_private_iface() {
+	for path in "${KH_SYSNET:-/sys/class/net}"/eth*; do
+		[ -e "$path" ] || continue
+		i=${path##*/}
+		case "$(kh_net_of "$i" 2>/dev/null)" in
+		"" | 10.0.0.0/16 | 10.1.0.0/16) ;;
+		*) echo "$i"; return 0 ;;
+		esac
+	done
+	return 1
+}
+
 # kh_net_of ethN: "10.3.0.0/16" for an interface with 10.3.0.7/16 (the subnet it serves).
 kh_net_of() {
 	a=$(ip -4 -o addr show dev "$1" | awk '{print $4}' | head -n 1)

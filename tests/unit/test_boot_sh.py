@@ -45,3 +45,24 @@ def test_keys_are_read_and_malformed_ones_named(tmp_path):
     assert "boot key kh.eth0=10.1.2.300/24 is malformed" in r.stdout
     assert "boot key kh.hostname=-bad is malformed" in r.stdout
 
+
+
+@pytest.mark.parametrize("nets,want", [
+    ({"eth0": "10.1.0.0/16", "eth1": "10.5.0.0/16", "eth2": "10.6.0.0/16"}, "eth1"),
+    ({"eth0": "10.0.0.0/16", "eth1": "10.1.0.0/16", "eth2": "10.9.0.0/16"}, "eth2"),
+    ({"eth0": "10.7.0.0/16"}, "eth0"),
+    ({"eth0": "10.1.0.0/16", "eth1": ""}, None),
+])
+def test_private_iface_is_never_a_shared_domain(tmp_path, nets, want):
+    """The file server's default export: the first interface in a private domain. With -i its
+    eth0 is the public domain, and exporting /export rw,no_root_squash there opened it to
+    every principal's public nodes."""
+    for name in nets:
+        (tmp_path / name).mkdir()
+    table = " ".join(f"{k}) echo '{v}' ;;" for k, v in nets.items())
+    r = sh(f'KH_SYSNET={tmp_path}; kh_net_of() {{ case "$1" in {table} esac; }}; '
+           'kh_private_iface')
+    if want is None:
+        assert r.returncode != 0 and r.stdout == ""
+    else:
+        assert r.returncode == 0 and r.stdout.strip() == want
