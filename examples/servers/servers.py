@@ -66,6 +66,8 @@ class Run:
         self.work = work
         self.result: dict[str, Any] = {}
         self.ssh_argv: list[str] = []  # ssh to the server as root, once published
+        self.ssh_login: list[str] = []  # the same, as a user would type it
+        self.domains: list[int] = []  # the private domains khget -p made, oldest first
         if key is None:
             key = work / "id_ed25519"
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kh-servers",
@@ -78,6 +80,9 @@ class Run:
         p = self.sc.principal
         with self.sc.step(f"khget {role}"):
             a = self.sc.khget(*opts, count=count)
+        if "-p" in opts:  # the new domains are the allocation's last ones
+            made = int(opts[opts.index("-p") + 1])
+            self.domains += [d.netid for d in a.info.domains if d is not None][-made:]
         say(f"$ {role}=$(khget {' '.join(opts)} -c {p.credential} {p.user} {count})"
             f"    # con{a.id}: node{'s' if count > 1 else ''} {' '.join(map(str, a.nodes))}")
         return a
@@ -127,6 +132,8 @@ class Run:
                          "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                          "-o", "BatchMode=yes", "-o", "ConnectTimeout=30",
                          "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+        self.ssh_login = ["ssh", "-i", str(self.key), "-p", str(port), "-o",
+                          f"UserKnownHostsFile={known}", "root@127.0.0.1"]
         say(f"$ ssh -p {port} root@127.0.0.1    # the key pinned: UserKnownHostsFile={known}")
         with self.sc.step("ssh: python3"):
             t0 = time.monotonic()
@@ -292,36 +299,52 @@ def main(argv: list[str] | None = None) -> int:
         sc = Scenario(Principal(a.user, cred), logs=a.logs, name=a.approach,
                       env=os.environ)
         run = Run(sc, Path(tmp), a.key)
+        error: KhError | None = None
         try:
             with sc:
-                say(f"== {a.approach}: a general-purpose server, principal {a.user}")
-                if a.approach == "nfsroot":
-                    nfsroot(run, a.disks)
-                else:
-                    aoeroot(run, a.disksize)
-                run.result["seconds"] = round(time.monotonic() - t0, 1)
-                say(f"{a.approach}: ssh login on node{run.result['server']} (root "
-                    f"{run.result['root']}), {run.result['python']}, its http.server fetched "
-                    f"by a worker; {run.result['seconds']:.0f} s")
-                if a.login and sys.stdin.isatty():
-                    say("== interactive ssh session" + ("" if a.keep else
-                                                          "; the nodes are released when it ends"))
-                    subprocess.run([*run.ssh_argv[:-1], "-t", "-o", "BatchMode=no",
-                                    run.ssh_argv[-1]])
-                if a.keep:
-                    sc.keep()
-                    ids = " ".join(f"con{i}" for i in sorted(sc.allocations))
-                    say(f"kept: {ids}\n  log in:  {' '.join(run.ssh_argv)}\n  release: "
-                        + "; ".join(f"kh release -u {a.user} -c {cred} con{i}"
-                                    for i in sorted(sc.allocations, reverse=True)))
+                play(a, run, cred, t0)
         except (KhError, subprocess.SubprocessError) as e:
-            if not isinstance(e, KhError):
-                e = ScenarioError(str(e))
-            print(f"kh: {e.message}" + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
-            report(a, sc, run, str(e))
-            return 1
-    report(a, sc, run, None)
-    return 0
+            error = e if isinstance(e, KhError) else ScenarioError(str(e))
+        if not a.keep:  # the allocations are released: their private domains go too
+            for netid in reversed(run.domains):
+                r = sc.cli("main", "domain", "rm", "-u", a.user, "-c", str(cred), str(netid),
+                           check=False)
+                if r.returncode and error is None:
+                    error = ScenarioError(f"kh domain rm {netid}: {r.stderr.strip()[-200:]}")
+        if error is not None:
+            print(f"kh: {error.message}" + (f" ({error.hint})" if error.hint else ""),
+                  file=sys.stderr)
+            if "khd is not running" in error.message:
+                need = 3 if a.approach == "aoeroot" else 3 + a.disks
+                print(f"servers: {a.approach} needs a running khd with {need} free nodes; start "
+                      f"one (as root): kh service start --nodes {need}", file=sys.stderr)
+        report(a, sc, run, None if error is None else str(error))
+        return 0 if error is None else 1
+
+
+def play(a: argparse.Namespace, run: Run, cred: Path, t0: float) -> None:
+    """The scenario, then --login's session and --keep's word."""
+    sc = run.sc
+    say(f"== {a.approach}: a general-purpose server, principal {a.user}")
+    if a.approach == "nfsroot":
+        nfsroot(run, a.disks)
+    else:
+        aoeroot(run, a.disksize)
+    run.result["seconds"] = round(time.monotonic() - t0, 1)
+    say(f"{a.approach}: ssh login on node{run.result['server']} (root {run.result['root']}), "
+        f"{run.result['python']}, its http.server fetched by a worker; "
+        f"{run.result['seconds']:.0f} s")
+    if a.login and sys.stdin.isatty():
+        say("== interactive ssh session" + ("" if a.keep else
+                                              "; the nodes are released when it ends"))
+        subprocess.run([*run.ssh_argv[:-1], "-t", "-o", "BatchMode=no", run.ssh_argv[-1]])
+    if a.keep:
+        sc.keep()
+        who = f"-u {a.user} -c {cred}"
+        say(f"kept: {' '.join(f'con{i}' for i in sorted(sc.allocations))}\n"
+            f"  log in:  {' '.join(run.ssh_login)}\n  release: "
+            + "; ".join([f"kh release {who} con{i}" for i in sorted(sc.allocations, reverse=True)]
+                        + [f"kh domain rm {who} {d}" for d in reversed(run.domains)]))
 
 
 def report(a: argparse.Namespace, sc: Scenario, run: Run, error: str | None) -> None:

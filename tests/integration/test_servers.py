@@ -32,9 +32,21 @@ def run_script(cfg, artifacts: Path, name: str, *args: str, timeout: float = 240
     return r, report
 
 
+def drop_domains(cfg, sc) -> None:
+    """The private domains a test's own khget -p made (the scripts remove theirs)."""
+    for d in ps(cfg)["domains"]:
+        if d["owner"] == USER:
+            sc.cli("main", "domain", "rm", "-u", USER, "-c", credfile(CRED), str(d["netid"]))
+
+
 def nothing_held(cfg) -> None:
-    mine = [a for a in ps(cfg)["allocations"] if a["principal"] == USER]
+    """Nothing of the principal's is left: no allocation, no private domain, no publish."""
+    now = ps(cfg)
+    mine = [a for a in now["allocations"] if a["principal"] == USER]
     assert mine == [], mine
+    domains = [d for d in now["domains"] if d["owner"] == USER]
+    assert domains == [], domains
+    assert now["publishes"] == [], now["publishes"]
 
 
 def test_nfsroot_server_gives_an_ssh_login_and_serves_a_worker(khd, artifacts):
@@ -77,6 +89,7 @@ def test_a_root_disk_is_not_served_on_the_public_domain(khd, artifacts):
         with pytest.raises(ScenarioError, match=r"rootdisk node\d+: eth0 is on the public "
                                                 r"domain \(kh.server is there\)"):
             sc.boot(rd, "rootdisk", keys="kh.aoe=1.0 kh.aoeif=eth0")
+    drop_domains(khd, sc)
     nothing_held(khd)
 
 
@@ -98,4 +111,5 @@ def test_aoeroot_refuses_a_root_disk_two_nodes_answer(khd, artifacts):
                                                 r"(52:54:[0-9a-f:]{11}, ){1}52:54:[0-9a-f:]{11}; "
                                                 r"not booted"):
             sc.boot(srv, "aoeroot", keys="kh.aoeroot=1.0 kh.aoeif=eth0", timeout=180)
+    drop_domains(khd, sc)
     nothing_held(khd)
