@@ -26,6 +26,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,10 +94,14 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
     khd_cpu = cpu_seconds(khd) - khd0 if khd else 0.0
     kept = KEPT.search(r.stdout)
     summary = SUMMARY.search(r.stdout)
-    if not summary or not kept:
-        raise SystemExit(f"webfarm.sh {count} exited {r.returncode}:\n{r.stdout[-2000:]}\n"
-                         f"{r.stderr[-2000:]}")
+    if not kept:
+        raise Failed(f"webfarm.sh {count} exited {r.returncode} without a farm: "
+                     f"{r.stderr.strip()[-500:]}")
     alloc = int(kept[1])
+    if not summary or summary[1] != summary[2]:
+        release(cfg, alloc)
+        raise Failed(f"webfarm.sh {count} exited {r.returncode}: "
+                     f"{summary[0] if summary else 'no summary'}: {r.stderr.strip()[-500:]}")
     try:
         view = ps(cfg)
         farm = next(a["nodes"] for a in view["allocations"] if a["id"] == alloc)
@@ -121,9 +126,15 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
             "idle_cpu_pct": [round(x, 2) for x in idle_pct]}
 
 
+class Failed(Exception):
+    """One COUNT's run did not serve every page: said in the table, the next COUNT runs."""
+
+
 def efficiency(rows: list[dict[str, Any]]) -> None:
-    ones = [r for r in rows if r["count"] == 1]
+    ones = [r for r in rows if r["count"] == 1 and "error" not in r]
     for r in rows:
+        if "error" in r:
+            continue
         ref = ones[0]["boot_cpu_s"][0] if ones else statistics.mean(r["boot_cpu_s"])
         r["one_node_boot_cpu_s"] = round(ref, 2)
         r["efficiency"] = round(r["wall_s"] / (r["count"] * ref / CORES), 2)
@@ -135,6 +146,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{'khd CPU s':>9} {'host busy':>9}")
     out = [head]
     for r in rows:
+        if "error" in r:
+            out.append(f"{r['count']:>5} failed: {r['error'][:200]}")
+            continue
         b, i = r["boot_cpu_s"], r["idle_cpu_pct"]
         out.append(f"{r['count']:>5} {r['pages']:>3}/{r['count']:<2} {r['wall_s']:>7.1f} "
                    f"{r['host_mem_mib']:>9.0f} {r['farm_rss_mib']:>9.0f} "
@@ -157,7 +171,11 @@ def main() -> None:
     counts = [int(x) for x in args.counts.split(",")]
     size = max(counts)
     tmp = tempfile.mkdtemp(prefix="kh-bench-webfarm-")
-    cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=paths().out, nodes=size,
+    images = Path(tmp) / "images"  # a copy: images/out may be rebuilt while this runs
+    images.mkdir()
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg"):
+        shutil.copy2(paths().out / name, images / name)
+    cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=images, nodes=size,
                         node_quota=size, api_port=free_port(), ssh_port=free_port(),
                         prefix=f"kw{os.getpid() % 10000}")  # with its own outside world
     env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
@@ -168,13 +186,14 @@ def main() -> None:
         t0 = time.monotonic()
         control.start(cfg)
         warm = time.monotonic() - t0
-        if not args.json:
-            print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores")
+        print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores", file=sys.stderr)
         for count in counts:
-            rows.append(one_count(cfg, env, count, args.idle))
-            if not args.json:
-                print(f"COUNT {count}: {rows[-1]['pages']}/{count} pages in "
-                      f"{rows[-1]['wall_s']:.1f} s", flush=True)
+            try:
+                rows.append(one_count(cfg, env, count, args.idle))
+            except Failed as e:
+                rows.append({"count": count, "error": str(e)})
+            print(f"COUNT {count}: " + (rows[-1].get("error") or f"{rows[-1]['pages']}/{count} "
+                  f"pages in {rows[-1]['wall_s']:.1f} s"), file=sys.stderr, flush=True)
     finally:
         control.clean(cfg)
         shutil.rmtree(tmp, ignore_errors=True)
