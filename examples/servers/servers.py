@@ -159,7 +159,7 @@ class Run:
 
     def ssh(self, command: str, timeout: float = 300) -> str:
         r = subprocess.run([*self.ssh_argv, command], capture_output=True, text=True,
-                           timeout=timeout)
+                           stdin=subprocess.DEVNULL, timeout=timeout)  # not the user's typing
         if r.returncode:
             raise ScenarioError(f"ssh {command[:50]!r} exited {r.returncode}: "
                                 f"{(r.stderr or r.stdout).strip()[-300:]}")
