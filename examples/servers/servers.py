@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"servers: {a.approach} needs a running khd with {need} free nodes; start "
                       f"one (as root): kh service start --nodes {need}", file=sys.stderr)
         report(a, sc, run, None if error is None else str(error))
-        return 0 if error is None else 1
+        return 0 if error is None else error.exit_code  # 128+N when stopped by signal N
 
 
 def play(a: argparse.Namespace, run: Run, cred: Path, t0: float) -> None:
