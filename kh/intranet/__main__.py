@@ -36,16 +36,19 @@ def ensure_credential(path: Path) -> None:
         f.write(secrets.token_urlsafe(24) + "\n")
 
 
-def refuse_if_held(scs: list[Scenario]) -> None:
+def refuse_if_held(scs: list[Scenario]) -> dict[str, set[int]]:
     """A principal of the run that holds allocations already (a kept intranet, or another
-    run of it) is not touched: the run stops before it makes anything."""
+    run of it) is not touched: the run stops before it makes anything. Returns each one's
+    private domains now (which the teardown leaves alone)."""
+    domains = {}
     for sc in scs:
-        held = sc.held()
+        held, domains[sc.principal.user] = figure3.holdings(sc)
         if held:
             raise UsageError(f"{sc.principal.user} already holds allocation"
                              f"{'s' if len(held) > 1 else ''} {', '.join(map(str, sorted(held)))}"
                              f": an intranet kept with --keep, or another run",
                              "examples/intranet/run.sh --down releases a kept one")
+    return domains
 
 
 def down(workdir: Path, corp: Scenario, other: Scenario, rep: Report) -> None:
@@ -78,17 +81,16 @@ def facts(fig: Figure | None, made: Made, scs: list[Scenario]) -> dict[str, Any]
     return out
 
 
-def run(workdir: Path, plan: Plan, keep: bool, rep: Report, corp: Scenario, other: Scenario
-        ) -> dict[str, Any]:
+def run(workdir: Path, plan: Plan, keep: bool, rep: Report, corp: Scenario, other: Scenario,
+        before: dict[str, set[int]]) -> dict[str, Any]:
     """The whole run; its report (also written to ``workdir``/report.json and .txt).
     Stopped (Ctrl-C, SIGTERM) is raised again once everything is torn down and reported."""
-    refuse_if_held([corp, other])
     free = figure3.free_nodes(corp)
     if free is not None and free < plan.nodes:
         raise UsageError(f"the intranet needs {plan.nodes} free nodes, the service has {free}",
                          f"kh service start --nodes {plan.nodes}, or --no-growth "
                          f"({plan.nodes - plan.grow_disks - plan.grow_workers} nodes)")
-    made = Made()
+    made = Made(before=before)
     fig: Figure | None = None
     error: KhError | None = None
     try:
@@ -200,9 +202,11 @@ def main(workdir: Path, keep: bool, take_down: bool, no_growth: bool, disk_size:
         raise UsageError(f"an intranet kept with --keep is recorded in {workdir / STATE}",
                          f"examples/intranet/run.sh --dir {workdir} --down first")
     plan = Plan(disk_size=disk_size, grow=not no_growth)
-    refuse_if_held(scs)
+    before = refuse_if_held(scs)
     shutil.rmtree(workdir / "logs", ignore_errors=True)  # the last run's only
-    report = run(workdir, plan, keep, rep, scs[0], scs[1])
+    for sc in scs:
+        sc.logs.mkdir(parents=True)
+    report = run(workdir, plan, keep, rep, scs[0], scs[1], before)
     if as_json:
         print(json.dumps(report, indent=1))
     else:

@@ -43,13 +43,28 @@ class Plan:
 @dataclass
 class Made:
     """What the run made besides allocations (which kh.scenario releases), for the teardown:
-    private domains and the disk server's token, each with its principal, in the order made."""
+    private domains and the disk server's token, each with its principal, in the order made;
+    ``before``: each principal's private domains when the run began (never removed), so that
+    a domain a step made but could not record (a khget interrupted) goes as well."""
 
     domains: list[tuple[str, int]] = field(default_factory=list)
     tokens: list[tuple[str, int]] = field(default_factory=list)
+    before: dict[str, set[int]] | None = None
 
     def domain(self, sc: Scenario, netid: int) -> None:
         self.domains.append((sc.principal.user, netid))
+
+
+def holdings(sc: Scenario) -> tuple[set[int], set[int]]:
+    """The principal's live allocations and private domains (one kh ps -u); none for a
+    principal khd does not know."""
+    r = sc.kh("ps", "--json", check=False)
+    if r.returncode:
+        return set(), set()
+    view = json.loads(r.stdout)
+    return ({a["id"] for a in view["allocations"]},
+            {d["netid"] for d in view["domains"]
+             if d["kind"] == "private" and d["owner"] == sc.principal.user})
 
 
 @dataclass(frozen=True)
@@ -185,8 +200,13 @@ def teardown(scs: dict[str, Scenario], rep: Report, made: Made) -> list[str]:
     """After kh.scenario released the allocations: the tokens revoked, the private domains
     removed (newest first), each by its principal (``scs`` by name). Returns what could not be
     undone (one line each)."""
+    domains = list(reversed(made.domains))
+    if made.before is not None:
+        for user, sc in scs.items():
+            new = holdings(sc)[1] - made.before.get(user, set())
+            domains += [(user, n) for n in sorted(new, reverse=True) if (user, n) not in domains]
     undo = [("token", "rm", user, n) for user, n in made.tokens]
-    undo += [("domain", "rm", user, n) for user, n in reversed(made.domains)]
+    undo += [("domain", "rm", user, n) for user, n in domains]
     problems = []
     for group, sub, user, n in undo:
         sc = scs[user]

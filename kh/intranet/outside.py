@@ -37,25 +37,23 @@ class OutsideWeb:
 
 
 def enter_argv(env: Mapping[str, str]) -> list[str]:
-    """The argv prefix that runs a command in the outside world; KhError when there is none."""
+    """The argv prefix that runs a command in the outside world (KHDO_NETNS, else kh outside)."""
     ns = env.get("KHDO_NETNS") or os.environ.get("KHDO_NETNS")
     if ns:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", ns):
             raise KhError(f"KHDO_NETNS={ns[:40]!r} is not a namespace name")
         return ["nsenter", f"--net=/run/netns/{ns}", "--"]
-    argv = [sys.executable, "-m", "kh.cli.main", "outside", "--"]
-    r = proc.run([*argv, "true"], env=env, check=False, timeout=60, what="kh outside")
-    if r.returncode:
-        raise KhError("no outside world to put a web server in: "
-                      f"{(r.stderr.strip().splitlines() or ['kh outside failed'])[-1]}",
-                      "start khd with its outside namespace, or set KHDO_NETNS")
-    return argv
+    return [sys.executable, "-m", "kh.cli.main", "outside", "--"]
 
 
 def address(prefix: list[str], env: Mapping[str, str]) -> str:
     """The outside world's own IPv4 address (not loopback)."""
     r = proc.run([*prefix, "ip", "-4", "-o", "addr", "show"], env=env, timeout=60,
-                 what="ip addr in the outside world")
+                 check=False, what="ip addr in the outside world")
+    if r.returncode:
+        raise KhError("no outside world to put a web server in: "
+                      f"{(r.stderr.strip().splitlines() or ['kh outside failed'])[-1]}",
+                      "start khd with its outside world (kh service start), or set KHDO_NETNS")
     for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", r.stdout):
         if not ipaddress.IPv4Address(m[1]).is_loopback:
             return m[1]
