@@ -52,6 +52,7 @@ bench: setup
 	$(PY) -m benchmarks.appliances
 	$(PY) -m benchmarks.hostile
 	$(PY) -m benchmarks.webfarm
+	$(PY) -m benchmarks.intranet
 
 clean-images:
 	rm -rf images/out
