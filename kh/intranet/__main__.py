@@ -69,10 +69,11 @@ def down(workdir: Path, corp: Scenario, other: Scenario, rep: Report) -> None:
     rep.say("the kept intranet is gone")
 
 
-def facts(fig: Figure | None, made: Made, scs: list[Scenario]) -> dict[str, Any]:
+def facts(fig: Figure | None, made: Made, rep: Report) -> dict[str, Any]:
+    """The run's domains, tokens, allocations (each principal's, as khget made them) and, once
+    up, the figure's nodes and disks."""
     out: dict[str, Any] = {"domains": list(made.domains), "tokens": list(made.tokens),
-                           "allocations": {sc.principal.user: sorted(sc.allocations)
-                                           for sc in scs}}
+                           "allocations": rep.facts.get("allocations", {})}
     if fig:
         out["pnet"], out["disknet"] = fig.pnet, fig.disknet
         out["nodes"] = {"gw": fig.one(fig.gw), "fs": fig.one(fig.fs), "ds": fig.one(fig.ds),
@@ -123,7 +124,7 @@ def run(workdir: Path, plan: Plan, keep: bool, rep: Report, corp: Scenario, othe
             if fig is not None and rep.faults:
                 faults.file_server_view(corp, rep, fig.fs)
             if keep:
-                (workdir / STATE).write_text(json.dumps(facts(fig, made, [corp, other])) + "\n")
+                (workdir / STATE).write_text(json.dumps(facts(fig, made, rep)) + "\n")
                 corp.keep()
                 other.keep()
                 rep.say(f"kept running (--keep): examples/intranet/run.sh --dir {workdir} "
@@ -156,7 +157,7 @@ def _teardown(scs: list[Scenario], rep: Report, made: Made) -> None:
 
 def _finish(workdir: Path, rep: Report, corp: Scenario, other: Scenario, fig: Figure | None,
             made: Made, error: str | None) -> dict[str, Any]:
-    rep.facts = facts(fig, made, [corp, other])
+    rep.facts = facts(fig, made, rep)
     steps = [{**s, "name": f"{other.principal.user}: {s['name']}"} for s in other.steps]
     report = rep.to_json(steps + corp.steps, error)
     (workdir / "report.json").write_text(json.dumps(report, indent=1) + "\n")

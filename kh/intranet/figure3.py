@@ -98,6 +98,7 @@ def khget(sc: Scenario, rep: Report, var: str, *opts: str, count: int = 1) -> Al
     rep.command(f"{var}=$(khget {' '.join(opts)}{' ' if opts else ''}-c {credfile(user)} "
                 f"{user} {count})")
     a = sc.khget(*opts, count=count)
+    rep.facts.setdefault("allocations", {}).setdefault(user, []).append(a.id)
     names = {0: "external", 1: "public"}
     nets = ", ".join(f"eth{i}={names.get(d.netid, d.netid)}"
                      for i, d in enumerate(a.info.domains) if d is not None)
