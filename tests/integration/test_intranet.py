@@ -48,10 +48,15 @@ def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture
-def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """run.sh's --dir; copied to tests/artifacts when the test fails (report, console logs)."""
+def workdir(request: pytest.FixtureRequest, tmp_path: Path, khd: ServiceConfig
+            ) -> Iterator[Path]:
+    """run.sh's --dir; copied to tests/artifacts when the test fails (report, console logs).
+    Afterwards the operator removes corp1 and corp2 (the next test's run registers them with
+    credentials of its own directory)."""
     d = tmp_path / "intranet"
     yield d
+    for user in ("corp1", "corp2"):
+        kh(khd, "principal", "rm", user)
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         keep = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.nodeid)
         shutil.rmtree(keep, ignore_errors=True)
