@@ -26,6 +26,18 @@ class Board:
     ramfsaddr: int  # U-Boot's default ${ramfsaddr}: the ramdisk uImage
     kernel_console: str
     nic_model: str
+    # The device through which the guest hands free RAM back (virtio free page reporting);
+    # None: the board has none.
+    balloon_model: str | None
+    # PCI slots. ppce500 wires INTA of slot S to MPIC line (S % 4) + 1, so four slots in a row
+    # share all four lines. Linux drives virtio-net by MSI, but a NIC's INTx can still be
+    # asserted when Linux enables the shared line (measured in khd's web farm: the balloon in
+    # slot 5, beside eth0's slot 1, took 100000 spurious interrupts at boot until Linux
+    # disabled the line, "nobody cared", and with it free page reporting). QEMU 7.2's
+    # virtio-balloon-pci has no MSI-X, so the NICs share one line (slots 1, 5, 9, 13: the same
+    # order, so the same eth names) and the balloon has another to itself.
+    nic_pci_slots: tuple[int, ...]
+    balloon_pci_slot: int
     # QEMU's -device loader must not write below this address: an image at 0x2000000 stops
     # ppce500's U-Boot from starting at all (measured), one at 0x8000000 works.
     safe_load_floor: int
@@ -35,7 +47,8 @@ BOARDS: dict[str, Board] = {
     "ppce500": Board(name="ppce500", qemu="qemu-system-ppc", machine="ppce500", cpu="e500v2",
                      min_mem_mib=256, loadaddr=0x8000000, ramfsaddr=0xA000000,
                      kernel_console="ttyS0", nic_model="virtio-net-pci",
-                     safe_load_floor=0x8000000),
+                     balloon_model="virtio-balloon-pci", nic_pci_slots=(0x1, 0x5, 0x9, 0xd),
+                     balloon_pci_slot=0x2, safe_load_floor=0x8000000),
 }
 
 
@@ -77,6 +90,7 @@ class NodeSpec:
     sandbox: bool = False  # QEMU's seccomp sandbox (sandbox_args)
     run_as: str | None = None  # user QEMU switches to once it has opened what it needs
     code_cache_mib: int | None = None  # TCG's translated-code cache; None: QEMU's (1 GiB)
+    free_page_reporting: bool = False  # a balloon device the guest reports free RAM to
 
 
 MEM_RE = re.compile(r"^(\d+)([MG]?)$", re.IGNORECASE)
@@ -162,6 +176,18 @@ def accel_args(code_cache_mib: int | None) -> list[str]:
     return ["-accel", f"tcg,tb-size={code_cache_mib}"] if code_cache_mib else []
 
 
+def balloon_args(board: Board, free_page_reporting: bool) -> list[str]:
+    """A virtio-balloon device that only takes free page reports: the guest's kernel
+    (CONFIG_VIRTIO_BALLOON) reports free blocks of its RAM (128 KiB and up) and QEMU drops them
+    from the RAM's backing (a hole punched in the memfd), so RAM the guest used once and freed
+    (U-Boot, the loaded images, an unpacked initrd) stops costing the host. The balloon is never
+    inflated: the guest keeps all its RAM, and a reported page it uses again reads as zeros."""
+    if not free_page_reporting or board.balloon_model is None:
+        return []
+    return ["-device", f"{board.balloon_model},free-page-reporting=on,"
+            f"addr=0x{board.balloon_pci_slot:x}"]
+
+
 def reset_args(no_reboot: bool) -> list[str]:
     return ["-no-reboot"] if no_reboot else []
 
@@ -178,10 +204,15 @@ def loader_args(loads: tuple[Load, ...], board: Board) -> list[str]:
 
 
 def nic_args(nics: tuple[Nic, ...], board: Board) -> list[str]:
+    """Each NIC in its own PCI slot of ``board.nic_pci_slots``, in order. Raises UsageError
+    for more NICs than the board has slots for."""
     if not nics:
         return ["-nic", "none"]
+    if len(nics) > len(board.nic_pci_slots):
+        raise UsageError(f"a {board.name} node has at most {len(board.nic_pci_slots)} network "
+                         f"interfaces, not {len(nics)}")
     args: list[str] = []
-    for nic in nics:
+    for i, nic in enumerate(nics):
         if nic.tap is not None:
             args += ["-netdev", f"tap,id={nic.id},ifname={nic.tap},script=no,downscript=no"]
         else:
@@ -192,7 +223,8 @@ def nic_args(nics: tuple[Nic, ...], board: Board) -> list[str]:
         # romfile= (empty): no option ROM. QEMU would load an x86 iPXE ROM (efi-virtio.rom,
         # package ipxe-qemu, only a Recommends of QEMU) that a ppce500 node can never run; without
         # the package the node does not start at all.
-        args += ["-device", f"{board.nic_model},netdev={nic.id},mac={nic.mac},romfile="]
+        args += ["-device", f"{board.nic_model},netdev={nic.id},mac={nic.mac},romfile=,"
+                 f"addr=0x{board.nic_pci_slots[i]:x}"]
     return args
 
 
@@ -218,4 +250,5 @@ def qemu_argv(spec: NodeSpec) -> list[str]:
             + console_args(spec.console, spec.wait_for_console) + qmp_args(spec.qmp)
             + gdb_args(spec.gdb)
             + loader_args(spec.loads, b) + nic_args(spec.nics, b)
+            + balloon_args(b, spec.free_page_reporting)
             + sandbox_args(spec.sandbox, spec.run_as) + user_args(spec.run_as))
