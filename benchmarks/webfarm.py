@@ -5,7 +5,9 @@ khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT
 - memory: the host's MemTotal - MemAvailable after the last page less before khget (MiB);
 - RSS: the farm's QEMU processes' resident memory, summed (MiB), and all of khd's QEMUs';
 - boot CPU: each farm node's QEMU CPU time (user + system) from before khget to the last page;
-- idle CPU: each booted node's QEMU over ``--idle`` seconds after, in % of one host core;
+- idle CPU: each booted node's QEMU (and khd) over ``--idle`` seconds after, in % of one host core;
+- memory per node: RssAnon (QEMU itself, its code cache), RssShmem (guest RAM), RssFile (QEMU's
+  binary and libraries, shared by all nodes) and PSS;
 - khd's CPU time during the script, and how busy the host's cores were (anyone's work: the
   host is shared, and a figure taken while others ran is slower than the farm alone);
 - efficiency: wall / (COUNT x one node's boot CPU-seconds / cores): 1.0 is the physical limit
@@ -15,6 +17,7 @@ khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT
 
 Prints numbers and asserts nothing (tests never assert wall-clock time). Needs root.
 Usage: .venv/bin/python -m benchmarks.webfarm [--counts 1,4,16,32,64] [--idle 10] [--json]
+                                              [--kernel UIMAGE]
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """The process's resident memory in KiB: RssAnon, RssFile, RssShmem (/proc/PID/status)
+    and Pss (/proc/PID/smaps_rollup: shared pages divided among the processes sharing them;
+    QEMU's binary and libraries are one copy for all nodes)."""
+    out = {}
+    for name in ("status", "smaps_rollup"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem", "Pss"):
+                out[key] = int(line.split()[1])
+    return out
 
 
 def host_busy_seconds() -> float:
@@ -110,18 +126,25 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
             raise SystemExit(f"a farm node's QEMU started after khget: {view['nodes']}")
         boot_cpu = [cpu_seconds(p) - cpu0[p] for p in farm_pids]
         before = {p: cpu_seconds(p) for p in farm_pids}
+        khd_before = cpu_seconds(khd) if khd else 0.0
         i0 = time.monotonic()
         time.sleep(idle)
         idle_span = time.monotonic() - i0
         idle_pct = [100 * (cpu_seconds(p) - before[p]) / idle_span for p in farm_pids]
+        khd_idle = 100 * (cpu_seconds(khd) - khd_before) / idle_span if khd else 0.0
         rss = sum(rss_mib(p) for p in farm_pids)
+        mem = [memory_kib(p) for p in farm_pids]
         rss_all = sum(rss_mib(p) for p in qemu_pids(cfg).values())
     finally:
         release(cfg, alloc)
     return {"count": count, "pages": int(summary[1]), "wall_s": float(summary[3]),
             "host_mem_mib": round(mem1 - mem0, 1), "farm_rss_mib": round(rss, 1),
             "all_qemu_rss_mib": round(rss_all, 1),
+            "farm_pss_mib": round(sum(m["Pss"] for m in mem) / 1024, 1),
+            "node_mib": {k: round(statistics.median(m[k] for m in mem) / 1024, 1)
+                         for k in ("RssAnon", "RssShmem", "RssFile", "Pss")},
             "boot_cpu_s": [round(x, 2) for x in boot_cpu], "khd_cpu_s": round(khd_cpu, 2),
+            "khd_idle_cpu_pct": round(khd_idle, 2),
             "host_busy_pct": round(100 * busy / (span * CORES), 1),
             "idle_cpu_pct": [round(x, 2) for x in idle_pct]}
 
@@ -158,6 +181,15 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"{r['efficiency']:>7.2f} {r['khd_cpu_s']:>9.1f} {r['host_busy_pct']:>8.0f}%")
     out.append(f"ratio = wall / (COUNT x one node's boot CPU-seconds / {CORES} cores); "
                "idle: median (min-max); host busy: all cores, anyone's, during the script")
+    for r in rows:
+        if "error" not in r:
+            n = r["node_mib"]
+            out.append(f"COUNT {r['count']}: a node's MiB (median): RSS "
+                       f"{n['RssAnon'] + n['RssShmem'] + n['RssFile']:.0f} = anon "
+                       f"{n['RssAnon']:.0f} + guest RAM {n['RssShmem']:.0f} + files "
+                       f"{n['RssFile']:.0f} (shared by all QEMUs); PSS {n['Pss']:.0f}; "
+                       f"farm PSS {r['farm_pss_mib']:.0f}; khd while the farm idles "
+                       f"{r['khd_idle_cpu_pct']:.1f} % of a core")
     return "\n".join(out)
 
 
@@ -167,6 +199,8 @@ def main() -> None:
                     help="comma-separated COUNTs, run in this order")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
     ap.add_argument("--json", action="store_true", help="the numbers as JSON")
+    ap.add_argument("--kernel", type=Path, default=None,
+                    help="boot this uImage instead of images/out's (a kernel being tried)")
     args = ap.parse_args()
     counts = [int(x) for x in args.counts.split(",")]
     size = max(counts)
@@ -175,6 +209,8 @@ def main() -> None:
     images.mkdir()
     for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg"):
         shutil.copy2(paths().out / name, images / name)
+    if args.kernel is not None:
+        shutil.copy2(args.kernel, images / "uImage")
     cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=images, nodes=size,
                         node_quota=size, api_port=free_port(), ssh_port=free_port(),
                         prefix=f"kw{os.getpid() % 10000}")  # with its own outside world
