@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from kh.errors import KhError
+from kh.hw.board import Load
 
 # QEMU names the memfd after the backend type.
 MEMFD_NAME = "/memfd:memory-backend-memfd"
@@ -67,3 +69,16 @@ def read(ram: Path, addr: int, size: int) -> bytes:
     with open(ram, "rb") as f:
         f.seek(addr)
         return f.read(size)
+
+
+def load_files(pid: int, loads: Iterable[Load]) -> None:
+    """Write each file of ``loads`` at its guest-physical address in the RAM of QEMU ``pid``
+    (best paused: the guest sees no half-written file). Raises LoadError for a file that
+    cannot be read or does not fit, or a QEMU without shared RAM."""
+    ram = ram_file(pid)
+    for ld in loads:
+        try:
+            data = ld.file.read_bytes()
+        except OSError as e:
+            raise LoadError(f"cannot read {ld.file} ({e.strerror})") from None
+        write(ram, ld.addr, data)

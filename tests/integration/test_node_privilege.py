@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kh.hw import cgroup, memload, uboot
+from kh.hw import board, cgroup, memload, uboot
 from kh.hw.console import Console
 from kh.service import control
 from kh.service.config import ServiceConfig
@@ -99,6 +99,8 @@ def test_a_sandboxed_node_takes_loads_resets_and_boots(small_khd, artifacts):
         finally:
             con.close()
         assert data[:16].hex(" ") in out.replace("  ", " "), out
+        # a reset brings the service's kernel back (khd writes it: issue 13, no QEMU loader)
+        memload.write(memload.ram_file(pid), board.BOARDS["ppce500"].loadaddr, b"\0" * 4096)
         r = kh(cfg, "reset", "-u", "pat", "-c", credfile("pcred"), str(node))
         assert r.returncode == 0, r.stderr
         assert node_pids(cfg)[node] == pid  # the same QEMU, reset

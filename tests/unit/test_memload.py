@@ -38,3 +38,34 @@ def test_ram_file_missing_or_process_gone(tmp_path):
         memload.ram_file(7, proc=tmp_path)
     with pytest.raises(memload.LoadError, match="gone"):
         memload.ram_file(8, proc=tmp_path)
+
+
+def test_load_files_puts_each_file_at_its_address(tmp_path, monkeypatch):
+    from kh.hw.board import Load
+
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"\0" * (1 << 20))
+    monkeypatch.setattr(memload, "ram_file", lambda pid: ram)
+    (tmp_path / "k").write_bytes(b"kernel" * 100)
+    (tmp_path / "r").write_bytes(b"ramdisk" * 100)
+    memload.load_files(42, (Load(tmp_path / "k", 0x1000), Load(tmp_path / "r", 0x80000)))
+    assert memload.read(ram, 0x1000, 600) == b"kernel" * 100
+    assert memload.read(ram, 0x80000, 700) == b"ramdisk" * 100
+    with pytest.raises(memload.LoadError, match="cannot read .*missing"):
+        memload.load_files(42, (Load(tmp_path / "missing", 0),))
+
+
+def test_khd_nodes_hold_no_copy_of_their_images(tmp_path):
+    """Issue 13: QEMU's -device loader kept a copy of the kernel and the appliance for resets,
+    6.2 MiB in every node's QEMU for as long as it ran; khd writes them itself."""
+    from kh.hw import board
+    from kh.service import nodes
+    from kh.service.config import ServiceConfig
+
+    cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb")
+    argv = board.qemu_argv(nodes.node_spec(cfg, 3))
+    assert not [a for a in argv if a.startswith("loader,")]
+    b = board.BOARDS["ppce500"]
+    assert nodes.default_loads(cfg) == (
+        board.Load(tmp_path / "uImage", b.loadaddr),
+        board.Load(tmp_path / f"{cfg.appliance}.cpio.gz.uimg", b.ramfsaddr))

@@ -214,6 +214,7 @@ def test_a_start_that_reaches_the_prompt_as_khd_stops_is_ended(manager, monkeypa
     monkeypatch.setattr(manager, "_attach_console", attach)
     monkeypatch.setattr(manager, "_wait_qmp", lambda spec, popen: None)
     monkeypatch.setattr(RunningNode, "qmp", lambda self, spec, command, **a: None)
+    monkeypatch.setattr(nodes.memload, "load_files", lambda pid, loads: None)  # no RAM file
     t, result = start_in_thread(manager, 4)
     try:
         assert at_prompt.wait(10)
