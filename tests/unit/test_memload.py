@@ -51,7 +51,7 @@ def test_load_files_puts_each_file_at_its_address(tmp_path, monkeypatch):
     memload.load_files(42, (Load(tmp_path / "k", 0x1000), Load(tmp_path / "r", 0x80000)))
     assert memload.read(ram, 0x1000, 600) == b"kernel" * 100
     assert memload.read(ram, 0x80000, 700) == b"ramdisk" * 100
-    with pytest.raises(memload.LoadError, match="cannot read .*missing"):
+    with pytest.raises(memload.LoadError, match=r"cannot read .*missing"):
         memload.load_files(42, (Load(tmp_path / "missing", 0),))
 
 
