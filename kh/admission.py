@@ -163,6 +163,11 @@ PER_SOURCE = Rate(10, 0.5)
 # source alone can never empty it (its own bucket is smaller and refills slower), so a flood
 # from one source does not lock the principal out anywhere else.
 PER_PRINCIPAL = Rate(30, 1.0)
+# New principals per source (a principal registers itself on first use): every principal may
+# hold --domain-quota of the 251 private domain ids, so without this one local user could make
+# principals until no id is left for anyone (seen: 16 principals in 28 s). 4 at once, then one
+# an hour: one source can hold at most 4 quotas' worth of ids, plus one quota an hour.
+PER_SOURCE_REGISTRATIONS = Rate(4, 1 / 3600)
 # Buckets tracked per kind; a bucket that has refilled is forgotten, so this is only reached
 # under attack from many sources or names at once (then the fullest buckets go first).
 MAX_TRACKED = 4096
@@ -183,12 +188,14 @@ class Limiter:
 
     def __init__(self, per_source: Rate = PER_SOURCE, per_principal: Rate = PER_PRINCIPAL,
                  max_tracked: int = MAX_TRACKED,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rates = {"source": per_source, "principal": per_principal, "pair": per_source}
+                 clock: Callable[[], float] = time.monotonic,
+                 registrations: Rate = PER_SOURCE_REGISTRATIONS) -> None:
+        self.rates = {"source": per_source, "principal": per_principal, "pair": per_source,
+                      "register": registrations}
         self.max_tracked = max_tracked
         self.clock = clock
         self.buckets: dict[str, dict[str, _Bucket]] = {"source": {}, "principal": {},
-                                                       "pair": {}}
+                                                       "pair": {}, "register": {}}
         self.trusted: dict[str, float] = {}  # pair -> when its credential was last accepted
         self.lock = threading.Lock()
 
@@ -245,6 +252,20 @@ class Limiter:
                 if level < 1:
                     wait = math.ceil((1 - level) / self.rates[kind].per_second)
                     raise Throttled(f"too many refused credentials {what}", max(1, wait))
+
+    def registering(self, source: str) -> None:
+        """A new principal from ``source``: spend one of its registrations, or raise
+        Throttled (HTTP 429) when it has none left."""
+        with self.lock:
+            now = self.clock()
+            level = self._level("register", source, now)
+            if level < 1:
+                wait = math.ceil((1 - level) / self.rates["register"].per_second)
+                raise Throttled(f"too many new principals from {source}", max(1, wait))
+            table = self.buckets["register"]
+            if source not in table and len(table) >= self.max_tracked:
+                self._evict("register", now)
+            table[source] = _Bucket(level - 1, now)
 
     def failed(self, user: str, source: str | None) -> None:
         """Spend one failure of ``source``'s and ``user``'s."""

@@ -158,6 +158,8 @@ class Service:
         if known is None and register:
             if credential is None:
                 raise admission.missing(user)
+            if limited and source is not None:  # the operator registers as many as it likes
+                self.limiter.registering(source)
             return Admitted(user, None, admission.hash_credential(credential))
         if limited and credential is not None:
             self.limiter.check(user, source)

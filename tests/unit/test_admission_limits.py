@@ -244,3 +244,35 @@ def test_no_more_than_a_few_scrypts_run_at_once(monkeypatch):
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert most[0] == admission.SCRYPT_AT_ONCE and running[0] == 0
+
+
+def test_one_source_registers_a_few_principals_then_one_an_hour(svc):
+    """Found by the issue-10 trial: principals register themselves on first use and each may
+    hold --domain-quota of the 251 private domain ids, so one local user made 16 principals
+    in 28 s and no id was left for anyone. New principals are now limited per source; the
+    operator (unix socket, root) is not; known principals are not concerned."""
+    burst = admission.PER_SOURCE_REGISTRATIONS.burst
+    with calling(Caller("loopback:uid=65534", False)):
+        for i in range(burst):
+            assert svc.authenticate(f"sy{i}", "pw-123456", register=True).pending
+        with pytest.raises(Throttled, match=r"too many new principals from loopback:uid=65534"):
+            svc.authenticate("sy99", "pw-123456", register=True)
+    with calling(Caller("loopback:uid=1000", False)):  # another local user is not concerned
+        assert svc.authenticate("carol", "pw-123456", register=True).pending
+    with calling(Caller("unix:uid=0", True)):
+        for i in range(2 * burst):
+            assert svc.authenticate(f"op{i}", "pw-123456", register=True).pending
+    with calling(Caller("loopback:uid=65534", False)):  # a known principal still logs in
+        svc.authenticate("alice", "s3cret", register=True)
+
+
+def test_registrations_refill_one_an_hour():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    for _ in range(admission.PER_SOURCE_REGISTRATIONS.burst):
+        lim.registering("loopback:uid=7")
+    with pytest.raises(Throttled) as e:
+        lim.registering("loopback:uid=7")
+    assert e.value.retry_after == 3600
+    clock.now += 3600
+    lim.registering("loopback:uid=7")
