@@ -225,7 +225,10 @@ def test_ready_line_timeout_names_the_stage(boot_config, kh_paths, tmp_path):
 def test_corrupt_ramdisk_refused_before_boot(boot_config, kh_paths, tmp_path):
     good = (kh_paths.out / "shell.cpio.gz.uimg").read_bytes()
     bad = tmp_path / "bad.uimg"
-    bad.write_bytes(good[:-100] + b"\0" * 100)
+    # 100 bytes flipped in the middle of the payload: its tail may be zero padding
+    # (appliance ramdisks end clear of U-Boot's command line), which zeros would not change
+    mid = len(good) // 2
+    bad.write_bytes(good[:mid] + bytes(b ^ 0xFF for b in good[mid:mid + 100]) + good[mid + 100:])
     with pytest.raises(ImageError, match=r"ramdisk .*bad.uimg is corrupt"), \
             boot.booted(boot_config(ramdisk=bad), kh_paths):
         pass
