@@ -13,8 +13,9 @@ import re
 
 KEEP = 4  # characters of a secret left in the log
 MARK = b"..."
-# The value runs to a blank, a quote (U-Boot's setenv quoting) or the end of the line.
-_SECRET = re.compile(rb"(kh\.(?:token|cred)=)([^\s'\"]*)")
+# The value, quoted or not (kh.token="..." typed at U-Boot), runs to a blank, a quote (U-Boot's
+# setenv quoting) or the end of the line.
+_SECRET = re.compile(rb"(kh\.(?:token|cred)=[\"']?)([^\s'\"]*)")
 
 
 def _cut(m: re.Match[bytes]) -> bytes:

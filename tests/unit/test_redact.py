@@ -26,6 +26,9 @@ CRED = b"alice-secret-credential"
      + TOKEN, b"Kernel command line: console=ttyS0 kh.user=alice kh.cred=alic... "
      b"kh.token=kht_..."),
     (b"kh.token=abc kh.cred=", b"kh.token=abc kh.cred="),  # nothing past 4 characters
+    # a quoted value (found by the issue-10 trial: it was logged whole)
+    (b"=> setenv khargs kh.token=\"" + TOKEN + b"\" kh.cred='" + CRED + b"'",
+     b"=> setenv khargs kh.token=\"kht_...\" kh.cred='alic...'"),
     (b"kh.tokens=1 xkh.credit=2 kh.server=10.1.255.254:7480",
      b"kh.tokens=1 xkh.credit=2 kh.server=10.1.255.254:7480"),
 ])
