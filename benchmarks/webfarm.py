@@ -5,7 +5,8 @@ khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT
 - memory: the host's MemTotal - MemAvailable after the last page less before khget (MiB);
 - RSS: the farm's QEMU processes' resident memory, summed (MiB), and all of khd's QEMUs';
 - boot CPU: each farm node's QEMU CPU time (user + system) from before khget to the last page;
-- idle CPU: each booted node's QEMU (and khd) over ``--idle`` seconds after, in % of one host core;
+- idle CPU: each booted node's QEMU (and khd) over ``--idle`` seconds, ``--settle`` seconds after
+  the last page (what each node did meanwhile is reported too), in % of one host core;
 - memory per node: RssAnon (QEMU itself, its code cache), RssShmem (guest RAM), RssFile (QEMU's
   binary and libraries, shared by all nodes) and PSS;
 - khd's CPU time during the script, and how busy the host's cores were (anyone's work: the
@@ -17,7 +18,7 @@ khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT
 
 Prints numbers and asserts nothing (tests never assert wall-clock time). Needs root.
 Usage: .venv/bin/python -m benchmarks.webfarm [--counts 1,4,16,32,64] [--idle 10] [--json]
-                                              [--kernel UIMAGE]
+                                              [--settle 30] [--kernel UIMAGE]
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def qemu_pids(cfg: ServiceConfig) -> dict[int, int]:
     return {n["node"]: n["pid"] for n in ps(cfg)["nodes"] if n["pid"]}
 
 
-def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
-              ) -> dict[str, Any]:
+def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
+              settle: float = 30.0) -> dict[str, Any]:
     wait_free(cfg, cfg.nodes, timeout=1200)  # every node up and sampled before khget
     pids = qemu_pids(cfg)
     cpu0 = {p: cpu_seconds(p) for p in pids.values()}
@@ -125,6 +126,11 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
         if any(p not in cpu0 for p in farm_pids):
             raise SystemExit(f"a farm node's QEMU started after khget: {view['nodes']}")
         boot_cpu = [cpu_seconds(p) - cpu0[p] for p in farm_pids]
+        # The nodes' boots end together (they share the cores), and each still has its
+        # console shell to start and Apache's children to settle after its page: not idle.
+        after_boot = {p: cpu_seconds(p) for p in farm_pids}
+        time.sleep(settle)
+        settle_cpu = [cpu_seconds(p) - after_boot[p] for p in farm_pids]
         before = {p: cpu_seconds(p) for p in farm_pids}
         khd_before = cpu_seconds(khd) if khd else 0.0
         i0 = time.monotonic()
@@ -144,7 +150,8 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float
             "node_mib": {k: round(statistics.median(m[k] for m in mem) / 1024, 1)
                          for k in ("RssAnon", "RssShmem", "RssFile", "Pss")},
             "boot_cpu_s": [round(x, 2) for x in boot_cpu], "khd_cpu_s": round(khd_cpu, 2),
-            "khd_idle_cpu_pct": round(khd_idle, 2),
+            "khd_idle_cpu_pct": round(khd_idle, 2), "settle_s": settle,
+            "settle_cpu_s": [round(x, 2) for x in settle_cpu],
             "host_busy_pct": round(100 * busy / (span * CORES), 1),
             "idle_cpu_pct": [round(x, 2) for x in idle_pct]}
 
@@ -189,7 +196,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                        f"{n['RssAnon']:.0f} + guest RAM {n['RssShmem']:.0f} + files "
                        f"{n['RssFile']:.0f} (shared by all QEMUs); PSS {n['Pss']:.0f}; "
                        f"farm PSS {r['farm_pss_mib']:.0f}; khd while the farm idles "
-                       f"{r['khd_idle_cpu_pct']:.1f} % of a core")
+                       f"{r['khd_idle_cpu_pct']:.1f} % of a core; a node's CPU in the "
+                       f"{r['settle_s']:g} s before: {statistics.median(r['settle_cpu_s']):.2f} s")
     return "\n".join(out)
 
 
@@ -198,6 +206,8 @@ def main() -> None:
     ap.add_argument("--counts", default="1,4,16,32,64",
                     help="comma-separated COUNTs, run in this order")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
+    ap.add_argument("--settle", type=float, default=30.0,
+                    help="seconds after the last page before the idle sampling begins")
     ap.add_argument("--json", action="store_true", help="the numbers as JSON")
     ap.add_argument("--kernel", type=Path, default=None,
                     help="boot this uImage instead of images/out's (a kernel being tried)")
@@ -225,7 +235,7 @@ def main() -> None:
         print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores", file=sys.stderr)
         for count in counts:
             try:
-                rows.append(one_count(cfg, env, count, args.idle))
+                rows.append(one_count(cfg, env, count, args.idle, args.settle))
             except Failed as e:
                 rows.append({"count": count, "error": str(e)})
             print(f"COUNT {count}: " + (rows[-1].get("error") or f"{rows[-1]['pages']}/{count} "
