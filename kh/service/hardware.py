@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kh.allocation import NIC_SLOTS
+from kh.service import density
 from kh.service.config import ServiceConfig
 
 
@@ -23,7 +24,10 @@ class Hardware:
                 "console": "16550 UART, 115200 8N1: the node's control interface",
                 "interfaces": [f"eth{s}: virtio-net-pci, one per domain in khget's order"
                                for s in range(NIC_SLOTS)],
+                "balloon": "virtio-balloon-pci: free page reporting only (free RAM goes back "
+                           "to the host)",
                 "preloaded": {"kernel": "${loadaddr}=0x8000000 (Linux 6.1 uImage)",
                               "ramdisk": f"${{ramfsaddr}}=0xa000000 ({self.cfg.appliance})"},
                 "boot": "run kboot (kernel arguments from ${khargs})",
-                "nodes": self.cfg.nodes}
+                "nodes": self.cfg.nodes,
+                "density": density.describe(density.host_memory())}

@@ -15,6 +15,7 @@ from kh import deps
 from kh.errors import ImageError, KhError
 from kh.hw import board
 from kh.hw import netns as nsutil
+from kh.service import density, procid
 from kh.service.config import ServiceConfig
 
 TUN = Path("/dev/net/tun")
@@ -63,6 +64,12 @@ def check_uplink(cfg: ServiceConfig) -> None:
                       "--uplink-netns")
 
 
+def check_memory(cfg: ServiceConfig) -> None:
+    """The host's memory holds ``cfg.nodes`` booted idle nodes (kh.service.density); the QEMUs
+    of this prefix that run already (nodes outlive khd) hold theirs."""
+    density.check(cfg.nodes, len(procid.tagged(cfg.prefix)), density.host_memory())
+
+
 def check(cfg: ServiceConfig) -> None:
     """Everything khd needs that can be known without creating anything."""
     check_images(cfg)
@@ -70,3 +77,4 @@ def check(cfg: ServiceConfig) -> None:
     check_programs(cfg)
     check_tun()
     check_uplink(cfg)
+    check_memory(cfg)
