@@ -65,8 +65,14 @@ def _read(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
+# What a khd older than the channel's `send` answers it (kh.cc.sshd refuses an unknown command
+# before reading the session's input).
+UNKNOWN_SEND = b"kh: unknown channel command 'send'"
+
+
 def do_write(c: Ctx, args: list[str]) -> int:
-    """Each line of the text (see uboot.console_lines for the rule) to every node, whole."""
+    """Each line of the text (see uboot.console_lines for the rule) to every node, whole;
+    returns once every node has it (the channel's ``send``), not after the nodes' answers."""
     if not args:
         raise UsageError("write needs the text to write", 'khdo write "run kboot"')
     # argv's bytes that are not UTF-8 go to the node as given (surrogateescape)
@@ -74,7 +80,10 @@ def do_write(c: Ctx, args: list[str]) -> int:
                     for line in uboot.console_lines(" ".join(args)))
     ch = c.channel()
     try:
-        _, err, status = ch.exec("raw", data, on_output=_echo_err)
+        # send: back as soon as every node has the bytes; what they answer is readcon's
+        _, err, status = ch.exec("send", data)
+        if status == 2 and UNKNOWN_SEND in err:  # a khd from before `send`: nothing was sent
+            _, err, status = ch.exec("raw", data, on_output=_echo_err)
     finally:
         ch.close()
     _echo_err(err)

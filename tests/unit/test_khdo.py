@@ -46,7 +46,7 @@ def test_write_sends_bytes_that_are_not_utf8_as_given(monkeypatch):
     r = CliRunner().invoke(khdo.main, ["write", "echo \udcff", "\udcfe"], input=OBJ,
                            env={"KH_CREDENTIAL": "secret-credential"})
     assert r.exit_code == 0, r.output
-    assert ch.sent == [("raw", b"echo \xff \xfe\n")]
+    assert ch.sent == [("send", b"echo \xff \xfe\n")]
 
 
 @pytest.mark.parametrize("seconds", ["abc", "-1", "nan", "inf", "1e3", "\u0661", "1 2"])
@@ -104,3 +104,24 @@ def test_sigterm_ends_khdo_and_the_commands_it_runs(tmp_path):
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_write_to_a_khd_from_before_send_uses_raw(monkeypatch):
+    """Nodes outlive khd and khd outlives kh upgrades: a running khd that does not know the
+    channel's `send` refuses it before reading a byte, and khdo write falls back to raw."""
+    class OldKhd(FakeChannel):
+        def exec(self, command: str, data: bytes = b"", **kw: object
+                 ) -> tuple[bytes, bytes, int]:
+            self.sent.append((command, data))
+            if command == "send":
+                return b"", b"kh: unknown channel command 'send' (try: raw, tagged, load " \
+                    b"ADDR, nodes)\n", 2
+            return b"", b"", 0
+
+    ch = OldKhd()
+    monkeypatch.setattr(khdo.Ctx, "channel", lambda self: ch)
+    r = CliRunner().invoke(khdo.main, ["write", "run kboot"], input=OBJ,
+                           env={"KH_CREDENTIAL": "secret-credential"})
+    assert r.exit_code == 0, r.output
+    assert ch.sent == [("send", b"run kboot\n"), ("raw", b"run kboot\n")]
+    assert "unknown channel command" not in r.output

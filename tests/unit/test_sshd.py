@@ -278,3 +278,44 @@ def test_a_bug_in_a_session_ends_it_with_a_reason_not_its_thread(srv, monkeypatc
         assert err == b"kh: khd's session failed (ValueError); see khd's log; this session ends\n"
     finally:
         c.close()
+
+
+def test_send_returns_once_every_node_has_the_bytes_though_they_never_go_quiet(srv):
+    """Issue 13: `khdo write "run kboot"` to 64 booting nodes took 12 s to return: a raw
+    session waits for one second of quiet after its EOF, and booting nodes print all along.
+    The channel's `send` ends when every byte has reached every node, and carries no output."""
+    stop = threading.Event()
+
+    def chatter() -> None:  # a booting node: never quiet
+        while not stop.wait(0.05):
+            srv.access.consoles[1].emit(b"[    1.234] booting\n")
+
+    t = threading.Thread(target=chatter, daemon=True)
+    t.start()
+    c = connect(srv.port, "con1", "apw")
+    try:
+        ch = open_raw(c, "send")
+        ch.sendall(b"run kboot\n")
+        ch.shutdown_write()
+        status, err = ended(ch)  # wait_until: 10 s, less than raw's 30 s bound
+        assert (status, err) == (0, b"")
+        assert srv.access.writers[1].got == srv.access.writers[2].got == b"run kboot\n"
+        assert srv.access.writers[3].got == b""  # bob's node
+        assert ch.recv(100) == b""  # no node output: that is raw's and readcon's
+    finally:
+        stop.set()
+        c.close()
+
+
+def test_send_names_a_node_that_did_not_take_its_input(srv, monkeypatch):
+    monkeypatch.setattr(srv.access.writers[2], "drain", lambda timeout: False)
+    c = connect(srv.port, "con1", "apw")
+    try:
+        ch = open_raw(c, "send")
+        ch.sendall(b"x\n")
+        ch.shutdown_write()
+        status, err = ended(ch)
+        assert status == 1
+        assert err == b"kh: node 2 did not take its input within 30 s\n"
+    finally:
+        c.close()
