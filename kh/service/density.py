@@ -15,10 +15,10 @@ from kh.errors import KhError
 
 # Measured with benchmarks/webfarm.py on a 2-core host (issue 13): per node's QEMU, PSS (its
 # share of QEMU's binary and libraries, which the host holds once, plus all else it holds).
-IDLE_BOOTED_MIB = 70  # an idle booted apache node (65-70 MiB; RSS 88-89 MiB)
+IDLE_BOOTED_MIB = 66  # an idle booted apache node (64-66 MiB; RSS 86-88 MiB)
 PROMPT_MIB = 22  # a node at the U-Boot prompt, kept warm (RSS 44 MiB)
 IDLE_CPU_PCT = 0.1  # an idle booted apache node, % of one host core (0.05-0.1)
-BOOT_CPU_S = 3.9  # CPU-seconds one apache node takes from khget to serving its page
+BOOT_CPU_S = 4.0  # CPU-seconds one apache node takes from khget to its page (3.5-4.4)
 # What khd counts a node as when it checks that the host holds N: an idle booted node and some
 # room. A node whose guest fills its RAM holds up to its cgroup's limit (kh.hw.cgroup), which
 # kh does not reserve: that is overcommitment the operator chooses by running such guests.
