@@ -228,6 +228,16 @@ class Scenario:
         self._watches[alloc.id] = _Watch(alloc, self.ssh_port, p.secret(), self.logs)
         return alloc
 
+    def adopt(self, text: str) -> Allocation:
+        """An allocation made earlier (its khget text object, e.g. a lab's remembered one),
+        watched from now on as if khget had just made it."""
+        alloc = Allocation(text, textobj.parse(text))
+        with self._lock:
+            self.allocations[alloc.id] = alloc
+        secret = self.principal.secret()
+        self._watches[alloc.id] = _Watch(alloc, self.ssh_port, secret, self.logs)
+        return alloc
+
     def khdo(self, alloc: Allocation, func: str, *args: str, check: bool = True
              ) -> subprocess.CompletedProcess[str]:
         """``echo "$nodes" | khdo -c FILE FUNC ARGS``; what the nodes said is its stderr."""
@@ -246,14 +256,15 @@ class Scenario:
 
     # -- booting and reaching nodes -------------------------------------------------------
     def boot(self, alloc: Allocation, appliance: str, *, keys: str = "",
-             node_keys: Mapping[int, str] | None = None, timeout: float = 120.0
-             ) -> dict[int, str]:
+             node_keys: Mapping[int, str] | None = None, timeout: float = 120.0,
+             kernel: str = "uImage") -> dict[int, str]:
         """Listing 1: khdo loadkernel and loadramdisk (``appliance``), boot keys appended to
         khargs (``keys`` on every node with khdo write, ``node_keys`` each on its own node's
-        console), khdo write "run kboot"; then every node's ready line, by node. ScenarioError
-        names each node that failed (its line) or was not ready within ``timeout`` seconds."""
+        console), khdo write "run kboot" (``kernel``: its file in ``images``); then every
+        node's ready line, by node. ScenarioError names each node that failed (its line) or
+        was not ready within ``timeout`` seconds."""
         with self.step(f"boot {appliance} on con{alloc.id}"):
-            self.khdo(alloc, "loadkernel", str(self.images / "uImage"))
+            self.khdo(alloc, "loadkernel", str(self.images / kernel))
             self.khdo(alloc, "loadramdisk", str(self.images / f"{appliance}.cpio.gz.uimg"))
             if keys:
                 self.khdo(alloc, "write", f'setenv khargs "${{khargs}} {keys}"')

@@ -234,7 +234,7 @@ def _principal(src: Source, path: Path, name: str, p: dict[str, str], where: At)
     if not cred.is_file():
         raise src.error(("principals", name, "credential"),
                         f"credential file {p['credential']!r} is missing ({cred})",
-                        "put the principal's credential in that file (mode 600)")
+                        "put the principal's credential in that file, mode 600")
     return Principal(name, cred, where)
 
 

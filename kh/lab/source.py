@@ -130,8 +130,8 @@ def _value(path: Path, node: yaml.Node, where: Path_, lines: dict[Path_, int],
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for k, v in node.value:
-            key = yaml.SafeLoader(" ").construct_object(k) if isinstance(k, yaml.ScalarNode) \
-                else None
+            # a key is its text: YAML 1.1 would make `on:` (a check's key) the boolean True
+            key = k.value if isinstance(k, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 raise LabError(f"{path}:{k.start_mark.line + 1}: key {keypath(where) or '.'}: "
                                f"keys are names, not {_short(key)}")

@@ -58,7 +58,7 @@ def symbolic(lab: Lab) -> Facts:
 
 
 def _ip(facts: Facts, group: str, i: int, node: int | str, domain: str) -> str:
-    netid = facts.netids[domain]
+    netid = facts.netids.get(domain, f"<{domain}>")
     if isinstance(node, int) and isinstance(netid, int):
         return str(node_address(netid, node).ip)
     return f"<{group}[{i}].ip.{domain}>"
@@ -154,18 +154,21 @@ def validate(lab: Lab) -> None:
         check(lab, facts, c, shared)
 
 
-def facts(lab: Lab, st: LabState | None, fresh: frozenset[str] = frozenset()) -> Facts:
+def facts(lab: Lab, st: LabState | None, fresh: frozenset[str] = frozenset(),
+          placeholders: bool = True) -> Facts:
     """The facts the state knows: each group's nodes (up to its count in ``lab``; groups in
-    ``fresh``, about to be allocated again, have none), each private domain's id; what is not
-    known yet is a placeholder (a dry run's ``<fs[0]>``)."""
+    ``fresh``, about to be allocated again, have none), each private domain's id. What is not
+    known yet is a placeholder (a dry run's ``<fs[0]>``), or, without ``placeholders``,
+    missing (a template naming it fails: `kh up --only G` before the group it names)."""
     sym = symbolic(lab)
     nodes: dict[str, tuple[int | str, ...]] = {}
     for g in lab.groups:
         have: tuple[int | str, ...] = ()
         if st is not None and g.name in st.groups and g.name not in fresh:
             have = st.groups[g.name].nodes[:g.count]
-        nodes[g.name] = have + sym.nodes[g.name][len(have):]
-    netids = dict(sym.netids)
+        nodes[g.name] = have + (sym.nodes[g.name][len(have):] if placeholders else ())
+    netids = dict(sym.netids) if placeholders else {"external": EXTERNAL_ID,
+                                                    "public": PUBLIC_ID}
     if st is not None:
-        netids.update({n: i for n, i in st.domains.items() if n in netids})
+        netids.update({n: i for n, i in st.domains.items() if n in sym.netids})
     return Facts(nodes, netids)
