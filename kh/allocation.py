@@ -127,11 +127,14 @@ def host_address(netid: int) -> ipaddress.IPv4Interface:
 
 
 def boot_keys(domains: tuple[Domain, ...], node: int, server: str | None,
-              channel: str | None = None) -> str:
-    """The khargs that make `run kboot` bring every domain up with its address."""
+              channel: str | None = None, mtu: int | None = None) -> str:
+    """The khargs that make `run kboot` bring every domain up with its address; with ``mtu``
+    (bytes: kh.hw.stretch.guest_mtu, when domains may span hosts) every interface's MTU."""
     words = [f"kh.node={node}", f"kh.hostname=node{node}"]
     for i, d in enumerate(domains):
         words.append(f"kh.eth{i}={node_address(d.netid, node)}")
+        if mtu is not None:
+            words.append(f"kh.mtu{i}={mtu}")
         if d.netid == EXTERNAL:
             words.append(f"kh.gw={host_address(EXTERNAL).ip}")
     if server:

@@ -118,6 +118,19 @@ kh_read_keys() {
 				kh_say "boot key kh.$key=$value is malformed (want A.B.C.D/P, dhcp or none); ignored"
 			fi
 			;;
+		mtu[0-9] | mtu[0-9][0-9])
+			# ethN's MTU: less than 1500 in a domain that spans hosts (VXLAN's 50 bytes)
+			case "$value" in
+			[1-9][0-9] | [1-9][0-9][0-9] | [1-9][0-9][0-9][0-9] | [1-6][0-9][0-9][0-9][0-9])
+				if [ "$value" -ge 68 ] && [ "$value" -le 65535 ]; then
+					eval "KH_MTU_eth${key#mtu}=\$value"
+				else
+					kh_say "boot key kh.$key=$value is out of range (68-65535); ignored"
+				fi
+				;;
+			*) kh_say "boot key kh.$key=$value is malformed (want a number of bytes); ignored" ;;
+			esac
+			;;
 		gw)
 			if kh_valid_ip "$value"; then KH_GW=$value; else
 				kh_say "boot key kh.gw=$value is malformed (want A.B.C.D); ignored"
@@ -158,10 +171,16 @@ kh_read_keys() {
 # kh_configure_net: lo up; every ethN the kernel found comes up, with its kh.ethN address.
 kh_configure_net() {
 	ip link set lo up
-	for path in /sys/class/net/eth*; do
+	for path in "${KH_SYS_NET:-/sys/class/net}"/eth*; do
 		[ -e "$path" ] || continue
 		dev=${path##*/}
-		ip link set "$dev" up
+		eval "mtu=\${KH_MTU_$dev:-}"
+		if [ -z "$mtu" ]; then
+			ip link set "$dev" up
+		elif ! ip link set "$dev" mtu "$mtu" up; then
+			kh_say "$dev: cannot set MTU $mtu"
+			ip link set "$dev" up
+		fi
 		eval "conf=\${KH_IF_$dev:-}"
 		case "$conf" in
 		'' | none) ;;

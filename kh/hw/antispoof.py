@@ -147,11 +147,22 @@ def _by_tap(field: Json) -> Json:
     return {"concat": [_meta("iifname"), field]}
 
 
-def rules() -> dict[str, list[list[Json]]]:
+def tunnel_ports(cfg: FabricConfig) -> str:
+    """nft's wildcard for kh's vxlan devices (kh.hw.stretch): ``<prefix>vx*``. Tap names are
+    ``<prefix><digits>s<digits>``, so no tap matches it."""
+    return cfg.vxlan(0)[:-1] + "*"
+
+
+def rules(tunnels: str | None = None) -> dict[str, list[list[Json]]]:
     """Each chain's rules, in order, as nft JSON expression lists: {chain: [rule, ...]}. The
     base chain sends a tap's frames by the verdict map ``taps`` (accept: free; goto public or
     external); a tap the map does not know drops everything. Each frame meets few rules: a
-    lawful IPv4 frame on the public domain, five lookups."""
+    lawful IPv4 frame on the public domain, five lookups.
+
+    ``tunnels`` (``tunnel_ports``): frames from kh's vxlan devices are accepted. They come
+    from another host's nodes, checked by that host's table at their taps; only the peer
+    hosts' underlay addresses can send into a vxlan device (kh.hw.firewall). Without the rule
+    a stretched domain would carry nothing from the other host (fail closed)."""
     drop: Json = {"drop": None}
     service = {"set": [str(host_address(n).ip) for n in SHARED]}
     own_mac = [_match("!=", _by_tap(_pl("ether", "saddr")), "@macs"), drop]
@@ -165,7 +176,9 @@ def rules() -> dict[str, list[list[Json]]]:
         return [{"vmap": {"key": _pl("ether", "type"), "data": {"set": verdicts}}}]
 
     return {
-        CHAIN: [[{"vmap": {"key": _meta("iifname"), "data": "@taps"}}], [drop]],
+        CHAIN: [[{"vmap": {"key": _meta("iifname"), "data": "@taps"}}],
+                *([[_match("==", _meta("iifname"), tunnels), {"accept": None}]]
+                  if tunnels else []), [drop]],
         "public": [own_mac, groups, by_type([*ip_or_arp, ["ip6", _goto("ip6")], *tagged])],
         "external": [own_mac, groups, by_type(ip_or_arp), [drop]],  # TCP/IP only
         "ip4": [[_match("!=", _by_tap(_pl("ip", "saddr")), "@addrs"), drop]],
@@ -187,7 +200,7 @@ def table(plugs: list[Plug], cfg: FabricConfig) -> list[Json]:
     for name, typ in sets.items():
         cmds.append({"add": {"set": {**where, "name": name, "type": typ}}})
     cmds.append({"add": {"map": {**where, "name": "taps", "type": "ifname", "map": "verdict"}}})
-    chains = rules()
+    chains = rules(tunnel_ports(cfg))
     for name in chains:
         base = {"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"}
         cmds.append({"add": {"chain": {**where, "name": name, **(base if name == CHAIN else {})}}})

@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kh.allocation import host_address, subnet
 from kh.errors import KhError
-from kh.hw import firewall, outside
+from kh.hw import firewall, outside, stretch
 from kh.hw import netns as nsutil
 from kh.hw.antispoof import AntiSpoof, NftContext
 from kh.hw.tags import FabricConfig
@@ -65,21 +65,30 @@ def add_link(ns: NetNS, kind: str, name: str, **kw: object) -> None:
         raise link_error(kind, name, e) from None
 
 
-def bridge_mac(prefix: str, netid: int) -> str:
+def bridge_mac(prefix: str, netid: int, remote: str | None = None) -> str:
     """Domain ``netid``'s bridge MAC: locally administered, unicast (02:...), three bytes from
-    kh's prefix (two khds with other prefixes differ), the netid in the last two."""
-    h = hashlib.sha256(f"kh-bridge:{prefix}".encode()).digest()
+    kh's prefix (two khds with other prefixes differ), the netid in the last two. On another
+    host of the installation (``remote``: its kh name) three bytes of its own: a stretched
+    domain's bridges must not share a MAC, or frames for the khd host's bridge would stop at
+    the first bridge on their way."""
+    h = hashlib.sha256(f"kh-bridge:{prefix}".encode() if remote is None
+                       else f"kh-bridge:{prefix}:{remote}".encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x02, h[0], h[1], h[2], netid >> 8 & 0xff,
                                             netid & 0xff))
 
 
 class Fabric:
     """kh's namespace and what is in it. ``ports`` are the TCP ports khd serves at the public
-    host address (API, ssh): the only input the firewall lets in."""
+    host address (API, ssh): the only input the firewall lets in. ``remote``: this is another
+    host's side of an installation whose khd runs elsewhere (its kh name; `kh fabric`, domains
+    across hosts): its public and external bridges carry no address of kh's (the service and
+    the gateway are the khd host's, reached over the stretched domain) and MACs of their own."""
 
-    def __init__(self, cfg: FabricConfig, ports: Iterable[int] = ()) -> None:
+    def __init__(self, cfg: FabricConfig, ports: Iterable[int] = (),
+                 remote: str | None = None) -> None:
         self.cfg = cfg
         self.ports = tuple(ports)
+        self.remote = remote
         self._firewall_lock = threading.Lock()
         self._nft: NftContext | None = None  # made in kh's namespace on first use
         self.antispoof = AntiSpoof(cfg)  # what a tap may send on a shared domain
@@ -119,7 +128,9 @@ class Fabric:
         took 20-55 ms here). Serialised: two domains made at once must not each load a list
         missing the other's bridge."""
         with self._firewall_lock:
-            plan = firewall.Plan.of(self.cfg, self.domain_bridges(), self.ports)
+            names = self.links()
+            plan = firewall.Plan.of(self.cfg, self.domain_bridges(names), self.ports,
+                                    stretch.tunnels(self.cfg, names))
             if self._nft is None:
                 self._nft = NftContext(self.cfg.netns)
             firewall.load(self._nft, firewall.ruleset(plan))
@@ -175,7 +186,7 @@ class Fabric:
         external and public (a private bridge keeps none); the firewall reloaded when the
         bridge is new."""
         name = self.cfg.bridge(netid)
-        mac = bridge_mac(self.cfg.prefix, netid)
+        mac = bridge_mac(self.cfg.prefix, netid, self.remote)
         with self.ns() as ns:
             idx = ns.link_lookup(ifname=name)
             new = not idx
@@ -193,23 +204,23 @@ class Fabric:
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"], a["family"])
                     for a in ns.get_addr(index=idx[0])}
             want = set()
-            if netid in (EXTERNAL, PUBLIC):
+            if netid in (EXTERNAL, PUBLIC) and self.remote is None:
                 addr = host_address(netid)
                 want = {(str(addr.ip), addr.network.prefixlen, socket.AF_INET)}
             for a, plen, family in have - want:  # nothing of the host's on a private bridge
                 ns.addr("del", index=idx[0], address=a, prefixlen=plen, family=family)
             for a, plen, _ in want - have:
                 ns.addr("add", index=idx[0], address=a, prefixlen=plen)
-        if netid == EXTERNAL:
+        if netid == EXTERNAL and self.remote is None:
             self._ensure_uplink()
         if new:
             self.apply_firewall()
         return name
 
-    def domain_bridges(self) -> list[int]:
-        """The netids whose bridges exist now (found by their names)."""
+    def domain_bridges(self, names: Iterable[str] | None = None) -> list[int]:
+        """The netids whose bridges exist now (found by their names, ``names`` when given)."""
         prefix = self.cfg.bridge(0)[:-1]
-        return sorted(int(n[len(prefix):]) for n in self.links()
+        return sorted(int(n[len(prefix):]) for n in (self.links() if names is None else names)
                       if n.startswith(prefix) and n[len(prefix):].isdigit()
                       and n[len(prefix):].isascii())
 
@@ -245,7 +256,9 @@ class Fabric:
             br = ns.link_lookup(ifname=self.cfg.bridge(netid))
             if not br:
                 raise FabricError(f"domain {netid} has no bridge")
-            ns.link("set", index=tap[0], master=br[0])
+            # the tap takes its bridge's MTU (less than 1500 when the domain spans hosts)
+            mtu = ns.get_links(br[0])[0].get_attr("IFLA_MTU")
+            ns.link("set", index=tap[0], master=br[0], mtu=mtu)
 
     def remove_taps(self, node: int, slots: int) -> None:
         with self.ns() as ns:

@@ -6,7 +6,10 @@ gateway to the uplink. Nothing arriving on a private bridge (or the external one
 host, the host sends nothing into a private domain, and each of its addresses is answered by
 ARP only on its own bridge. Forwarding (routing) happens only between the external bridge and
 its uplink. Frames bridged inside one domain are accepted wherever br_netfilter would hand them
-to IP filtering, so a host that turns `bridge-nf-call-iptables` on cannot cut a domain.
+to IP filtering, so a host that turns `bridge-nf-call-iptables` on cannot cut a domain. A domain
+stretched to other hosts (kh.hw.stretch) adds its tunnels: VXLAN in only from the peer hosts'
+underlay addresses on the underlay interface, to this host's address and port, and out only
+to them; ARP on the underlay only for this host's underlay address.
 
 The ruleset is nft JSON built from Python values (``ruleset``) and applied in one transaction
 (``load``, through libnftables in kh's namespace; ``apply`` runs nft itself): kh's tables are
@@ -33,6 +36,7 @@ from kh.allocation import host_address, subnet
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.hw.antispoof import NftContext
+from kh.hw.stretch import Tunnel
 from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL, PUBLIC
 
@@ -58,13 +62,15 @@ class Plan:
     uplink: str | None  # the external domain's veth to the outside world, if configured
     bridges: tuple[str, ...]  # every domain bridge now (bridged traffic within each passes)
     ports: tuple[int, ...]  # TCP ports served at the public host address (API, ssh)
+    tunnels: tuple[Tunnel, ...] = ()  # VXLAN to and from peer hosts (kh.hw.stretch)
 
     @classmethod
-    def of(cls, cfg: FabricConfig, netids: Iterable[int], ports: Iterable[int]) -> Plan:
+    def of(cls, cfg: FabricConfig, netids: Iterable[int], ports: Iterable[int],
+           tunnels: Iterable[Tunnel] = ()) -> Plan:
         return cls(cfg.bridge(PUBLIC), cfg.bridge(EXTERNAL),
                    cfg.uplink if cfg.uplink_netns else None,
                    tuple(sorted({cfg.bridge(n) for n in netids})),
-                   tuple(sorted(set(ports))))
+                   tuple(sorted(set(ports))), tuple(tunnels))
 
 
 # -- nft JSON building blocks ------------------------------------------------------------------
@@ -129,6 +135,11 @@ def ruleset(plan: Plan) -> list[Json]:
                           _is(_field("ip", "daddr"), public),
                           _is(_field("tcp", "dport"), {"set": list(plan.ports)}),
                           _is({"ct": {"key": "state"}}, ["new"], "in"), ACCEPT))
+    for t in plan.tunnels:  # VXLAN from the peer hosts only, on the underlay only
+        cmds.append(_rule(inet, "input", _is(_meta("iifname"), t.ifname),
+                          _is(_field("ip", "saddr"), {"set": list(t.peers)}),
+                          _is(_field("ip", "daddr"), t.address),
+                          _is(_field("udp", "dport"), t.port), ACCEPT))
     cmds.append(_chain(inet, "forward", "filter", "forward", 0, "drop"))
     if plan.bridges:
         # Frames bridged inside one domain reach this hook only through br_netfilter (in and
@@ -151,6 +162,11 @@ def ruleset(plan: Plan) -> list[Json]:
     cmds.append(_chain(inet, "output", "filter", "output", 0, "drop"))
     mine = ["lo", plan.public, plan.external] + ([plan.uplink] if plan.uplink else [])
     cmds.append(_rule(inet, "output", _is(_meta("oifname"), {"set": mine}), ACCEPT))
+    for t in plan.tunnels:  # and to them only
+        cmds.append(_rule(inet, "output", _is(_meta("oifname"), t.ifname),
+                          _is(_field("ip", "saddr"), t.address),
+                          _is(_field("ip", "daddr"), {"set": list(t.peers)}),
+                          _is(_field("udp", "dport"), t.port), ACCEPT))
     if plan.uplink:
         cmds += [
             _chain(inet, "postrouting", "nat", "postrouting", 100, "accept"),
@@ -165,8 +181,12 @@ def ruleset(plan: Plan) -> list[Json]:
              for bridge, addr in ((plan.public, public), (plan.external, gateway))]
     if plan.uplink:
         cmds.append(_rule(arp, "input", _is(_meta("iifname"), plan.uplink), ACCEPT))
+    cmds += [_rule(arp, "input", _is(_meta("iifname"), t.ifname),
+                   _is(_field("arp", "daddr ip"), t.address), ACCEPT) for t in plan.tunnels]
     cmds.append(_chain(arp, "output", "filter", "output", 0, "drop"))
     cmds.append(_rule(arp, "output", _is(_meta("oifname"), {"set": mine[1:]}), ACCEPT))
+    cmds += [_rule(arp, "output", _is(_meta("oifname"), t.ifname),
+                   _is(_field("arp", "saddr ip"), t.address), ACCEPT) for t in plan.tunnels]
     return cmds
 
 
@@ -200,6 +220,21 @@ def listed(netns: str) -> list[Json]:
         if r.returncode == 0:
             out += [o for o in json.loads(r.stdout)["nftables"] if "metainfo" not in o]
     return out
+
+
+def served_ports(netns: str) -> tuple[int, ...]:
+    """The TCP ports kh's firewall in ``netns`` serves now (a khd's API and ssh), so that
+    another kh command reloading the ruleset there (`kh fabric stretch`) keeps them."""
+    ports: set[int] = set()
+    for o in listed(netns):
+        rule = o.get("rule")
+        if not rule or rule.get("chain") != "input":
+            continue
+        for e in rule.get("expr", []):
+            m = e.get("match", {})
+            if m.get("left") == _field("tcp", "dport") and isinstance(m.get("right"), dict):
+                ports.update(int(p) for p in m["right"].get("set", []))
+    return tuple(sorted(ports))
 
 
 # -- the namespace's sysctls -------------------------------------------------------------------

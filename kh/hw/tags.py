@@ -27,6 +27,10 @@ class FabricConfig:
     def bridge(self, netid: int) -> str:
         return f"{self.prefix}br{netid}"
 
+    def vxlan(self, netid: int) -> str:
+        """Domain ``netid``'s VXLAN device, when the domain spans hosts (kh.hw.stretch)."""
+        return f"{self.prefix}vx{netid}"
+
     def tap(self, node: int, slot: int) -> str:
         return f"{self.prefix}{node}s{slot}"
 

@@ -92,3 +92,28 @@ def test_addrs_names_each_interfaces_first_ipv4_address_from_one_ip(tmp_path):
                        env={"PATH": f"{fake}:/usr/bin:/bin", "KH_SYS_NET": str(net)}, timeout=10)
     assert r.stdout == "eth0=10.0.0.3/16 eth1=none eth10=10.4.0.3/16 eth2=10.3.0.3/16\n"
     assert calls.read_text() == "-4 -o addr show\n"  # once, for every interface
+
+
+def test_mtu_keys_set_each_interfaces_mtu(tmp_path):
+    """Issue 16: a node in a domain that spans hosts gets kh.mtuN (the tunnel's 1450 over a
+    1500-byte underlay); ethN comes up with it in the same `ip` call. A malformed or
+    out-of-range value is named and ignored (the interface still comes up)."""
+    net = tmp_path / "net"
+    for dev in ("eth0", "eth1", "eth2"):
+        (net / dev).mkdir(parents=True)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("ip", "hostname"):
+        (fake / tool).write_text(f"#!/bin/sh\necho \"{tool} $*\" >> {calls}\n")
+        (fake / tool).chmod(0o755)
+    (tmp_path / "cmdline").write_text("kh.mtu0=1450 kh.mtu1=65536 kh.mtu2=14x0 kh.mtu3=1450\n")
+    r = subprocess.run(["sh", "-c", f". {BOOT_SH}; kh_read_keys; kh_configure_net"],
+                       capture_output=True, text=True, timeout=10,
+                       env={"PATH": f"{fake}:/usr/bin:/bin", "KH_SYS_NET": str(net),
+                            "KH_CMDLINE": str(tmp_path / "cmdline")})
+    assert calls.read_text().splitlines() == [
+        "ip link set lo up", "ip link set eth0 mtu 1450 up", "ip link set eth1 up",
+        "ip link set eth2 up", "hostname node0"]
+    assert "boot key kh.mtu1=65536 is out of range" in r.stdout
+    assert "boot key kh.mtu2=14x0 is malformed" in r.stdout

@@ -1,0 +1,125 @@
+"""`kh fabric stretch|unstretch|show|underlay`: this host's side of domains that span hosts
+(kh.hw.stretch), run as root on the host itself; khd runs `kh fabric stretch` on another host
+over ssh to make that host's side (docs/multihost.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import click
+
+from kh.cli.common import handle_errors
+from kh.errors import KhError, UsageError
+from kh.hw import firewall
+from kh.hw import netns as nsutil
+from kh.hw.tags import FabricConfig
+from kh.service.config import PREFIX_RE
+
+if TYPE_CHECKING:
+    from kh.hw.fabric import Fabric
+    from kh.hw.stretch import Peer
+
+
+def _cfg(prefix: str) -> FabricConfig:
+    if not PREFIX_RE.fullmatch(prefix):
+        raise UsageError(f"prefix {prefix!r} is malformed", "[a-z][a-z0-9]{0,7}")
+    if os.geteuid() != 0:
+        raise KhError("kh fabric needs root", "it changes kh's network namespace")
+    return FabricConfig(prefix=prefix)
+
+
+def _fabric(cfg: FabricConfig, host: str) -> Fabric:
+    """This host's fabric. Where a khd of this prefix serves (its firewall lets its ports in),
+    khd's own, kept serving them; otherwise another host's side (``Fabric.remote``: no kh
+    address on its bridges), made when missing."""
+    from kh.hw.fabric import Fabric
+    if not nsutil.exists(cfg.netns):
+        f = Fabric(cfg, remote=host)
+        f.ensure()
+        return f
+    ports = firewall.served_ports(cfg.netns)
+    return Fabric(cfg, ports=ports) if ports else Fabric(cfg, remote=host)
+
+
+def _peer(text: str) -> Peer:
+    from kh.hw.stretch import Peer
+    name, sep, addr = text.partition("=")
+    if not sep:
+        raise UsageError(f"--peer {text!r} is malformed", "NAME=ADDRESS")
+    return Peer(name, addr)
+
+
+def register(main: click.Group) -> None:
+    @main.group()
+    def fabric() -> None:
+        """This host's side of communication domains that span hosts (VXLAN)."""
+
+    prefix_opt = click.option("--prefix", default="kh", show_default=True,
+                              help="The kh installation's tag (its fabric is PREFIX-fabric).")
+
+    @fabric.command("stretch")
+    @prefix_opt
+    @click.option("--host", "host", default="this host", help="This host's kh name (errors).")
+    @click.option("--underlay", "ifname", required=True,
+                  help="The underlay interface, in the fabric namespace.")
+    @click.option("--local", "address", required=True, help="Its IPv4 address.")
+    @click.option("--port", default=4789, show_default=True, type=int, help="VXLAN UDP port.")
+    @click.option("--peer", "peers", multiple=True, metavar="NAME=ADDRESS",
+                  help="Another host with a node in the domain (repeat; exactly these).")
+    @click.argument("netid", type=int)
+    @handle_errors
+    def stretch_cmd(prefix: str, host: str, ifname: str, address: str, port: int,
+                    peers: tuple[str, ...], netid: int) -> None:
+        """Stretch domain NETID from this host to exactly the given peers: its bridge, its
+        vxlan device and FDB, MTUs, firewall. Prints the result as JSON."""
+        from kh.hw import stretch
+        cfg = _cfg(prefix)
+        stretch.ensure(_fabric(cfg, host), stretch.Underlay(ifname, address, port), netid,
+                       [_peer(p) for p in peers], host)
+        click.echo(json.dumps(stretch.stretched(cfg)[netid].as_json()))
+
+    @fabric.command("unstretch")
+    @prefix_opt
+    @click.argument("netid", type=int)
+    @handle_errors
+    def unstretch_cmd(prefix: str, netid: int) -> None:
+        """Take domain NETID's vxlan device away (the domain's bridge stays)."""
+        from kh.hw import stretch
+        cfg = _cfg(prefix)
+        if not nsutil.exists(cfg.netns):
+            click.echo(f"no fabric {cfg.netns} here")
+            return
+        gone = stretch.remove(_fabric(cfg, "this host"), netid)
+        click.echo(f"domain {netid}: {'unstretched' if gone else 'was not stretched'}")
+
+    @fabric.command("show")
+    @prefix_opt
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @handle_errors
+    def show_cmd(prefix: str, as_json: bool) -> None:
+        """The domains stretched from this host: VNI, device, underlay, peers, MTU."""
+        from kh.hw import stretch
+        found = stretch.stretched(_cfg(prefix))
+        if as_json:
+            click.echo(json.dumps([s.as_json() for _, s in sorted(found.items())]))
+            return
+        for _, s in sorted(found.items()):
+            click.echo(f"domain {s.netid}: vni {s.vni} {s.device} on {s.underlay.ifname} "
+                       f"{s.underlay.address}:{s.underlay.port} mtu {s.mtu} peers "
+                       f"{' '.join(s.peers) or '-'}")
+        if not found:
+            click.echo("no domain is stretched from this host")
+
+    @fabric.command("underlay")
+    @prefix_opt
+    @click.argument("dev")
+    @click.argument("address", metavar="A.B.C.D/LEN")
+    @handle_errors
+    def underlay_cmd(prefix: str, dev: str, address: str) -> None:
+        """Move host interface DEV into kh's fabric namespace as the underlay, with ADDRESS
+        (a NIC on the network between kh's hosts; it returns to the host on `kh clean`)."""
+        from kh.hw.underlay import move_underlay
+        u = move_underlay(_cfg(prefix), dev, address)
+        click.echo(f"underlay {u.ifname} {u.address} in {prefix}-fabric")

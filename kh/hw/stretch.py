@@ -1,0 +1,398 @@
+"""Communication domains across hosts (issue 16, item 3): a domain with nodes on several hosts
+is stretched over a VXLAN tunnel between those hosts' fabrics.
+
+On every host that has a node in domain ``netid``, kh's fabric namespace holds a vxlan device
+``<prefix>vx<netid>`` (``FabricConfig.vxlan``) with VNI ``vni(netid)``, plugged into the domain's
+bridge like a node's tap. It learns nothing (``nolearning``): frames the bridge floods to it are
+sent to every other host in the domain by head-end replication, one all-zero FDB entry per peer
+host (``00:00:00:00:00:00 dst PEER``), and the bridges learn the remote MACs from what comes
+back, as they learn local ones. No multicast is needed in the underlay.
+
+The underlay is an interface inside kh's fabric namespace with an IPv4 address (``Underlay``):
+in the tests a veth between two fabrics, on real hosts a NIC the operator moves in (``kh
+fabric underlay``). Everything with an address stays in kh's namespaces. kh's firewall
+(kh.hw.firewall) accepts VXLAN only from the peers' addresses on that interface, to this
+host's address and port; ``tunnels`` reads what it needs back from the kernel, so the firewall
+always matches the FDB, on a host where no khd runs too (``kh fabric stretch`` over ssh).
+
+MTU is set at every hop: the vxlan device, the bridge and its taps take ``guest_mtu`` (the
+underlay's MTU less the 50 bytes of outer Ethernet, IPv4, UDP and VXLAN headers), and nodes are
+told the same with the boot key ``kh.mtuN``. The outer packets carry DF: a frame too big for
+the tunnel is dropped at the bridge, never fragmented on the way.
+
+Isolation holds as on one host: one VNI per domain, each vxlan device in its own domain's
+bridge; a frame arriving with another VNI meets another device (or none) and another bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyroute2 import NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kh.allocation import MAX_NETID
+from kh.errors import KhError
+from kh.hw import netns as nsutil
+from kh.hw.tags import FabricConfig
+
+if TYPE_CHECKING:
+    from kh.hw.fabric import Fabric
+
+log = logging.getLogger("kh.stretch")
+
+VNI_BASE = 1 << 20  # domain netid's VNI is VNI_BASE + netid
+VXLAN_PORT = 4789  # IANA's VXLAN port
+OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8 bytes
+MIN_GUEST_MTU = 1280  # IPv6's minimum: a public-domain node may speak IPv6 link-local
+DEFAULT_MTU = 1500  # what a bridge and its taps go back to when the stretch goes
+ANY_MAC = "00:00:00:00:00:00"  # an FDB entry for every destination: head-end replication
+MAX_PEERS = 64  # other hosts a domain may span (each broadcast is sent once to each)
+VXLAN_DF_SET = 1  # IFLA_VXLAN_DF: outer packets never fragmented
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,14}")
+
+
+class StretchError(KhError):
+    """A domain cannot be stretched to (or on) a host; the message names the host."""
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """This host's end of the underlay: an interface in kh's fabric namespace, its IPv4
+    address (no prefix length) and the VXLAN UDP port."""
+
+    ifname: str
+    address: str
+    port: int = VXLAN_PORT
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another host of the installation: its kh name (errors name it) and underlay address."""
+
+    host: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """What one host has of a stretched domain, as read back from the kernel."""
+
+    netid: int
+    vni: int
+    device: str
+    underlay: Underlay
+    peers: tuple[str, ...]  # the other hosts' underlay addresses, sorted
+    mtu: int  # the vxlan device's (= the guests')
+
+    def as_json(self) -> dict[str, object]:
+        return {"netid": self.netid, "vni": self.vni, "device": self.device,
+                "underlay": self.underlay.ifname, "local": self.underlay.address,
+                "port": self.underlay.port, "peers": list(self.peers), "mtu": self.mtu}
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What the firewall lets through for one underlay end: VXLAN from ``peers`` to
+    ``address``:``port`` arriving on ``ifname``, and back."""
+
+    ifname: str
+    address: str
+    port: int
+    peers: tuple[str, ...]
+
+
+# -- pure rules ---------------------------------------------------------------------------------
+def vni(netid: int) -> int:
+    """Domain ``netid``'s VXLAN network identifier: fixed by the netid (stable for the
+    domain's life, unique in the installation because netids are)."""
+    if not 0 <= netid <= MAX_NETID:
+        raise StretchError(f"domain {netid} does not exist (netids are 0-{MAX_NETID})")
+    return VNI_BASE + netid
+
+
+def guest_mtu(underlay_mtu: int, host: str = "this host", ifname: str = "the underlay") -> int:
+    """The MTU of a stretched domain's hops (vxlan device, bridge, taps, nodes' NICs): the
+    underlay's less OVERHEAD. StretchError when that is below MIN_GUEST_MTU."""
+    mtu = underlay_mtu - OVERHEAD
+    if mtu < MIN_GUEST_MTU:
+        raise StretchError(
+            f"host {host}: underlay {ifname} has MTU {underlay_mtu}, too small for a stretched "
+            f"domain (needs {MIN_GUEST_MTU + OVERHEAD}: nodes' {MIN_GUEST_MTU} + {OVERHEAD} of "
+            "VXLAN)", "raise the underlay's MTU")
+    return mtu
+
+
+def _address(value: str, what: str, host: str) -> str:
+    try:
+        a = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise StretchError(f"host {host}: {what} {value!r} is not an IPv4 address") from None
+    if a.is_unspecified or a.is_multicast or a.is_loopback or a == ipaddress.IPv4Address(
+            "255.255.255.255"):
+        raise StretchError(f"host {host}: {what} {value} cannot be a host's underlay address")
+    return str(a)
+
+
+def check(underlay: Underlay, netid: int, peers: Sequence[Peer], host: str) -> tuple[str, ...]:
+    """Validate a stretch request (everything in it may come from elsewhere); the peers'
+    addresses, sorted. StretchError naming the host and what is wrong."""
+    if not _NAME.fullmatch(host):
+        raise StretchError(f"host name {host!r} is malformed (letters, digits, '.', '_', '-')")
+    if not IFNAME.fullmatch(underlay.ifname):
+        raise StretchError(f"host {host}: underlay interface {underlay.ifname!r} is malformed")
+    if not 1 <= underlay.port <= 65535:
+        raise StretchError(f"host {host}: VXLAN port {underlay.port} is not a UDP port")
+    vni(netid)
+    local = _address(underlay.address, "underlay address", host)
+    if len(peers) > MAX_PEERS:
+        raise StretchError(f"host {host}: domain {netid} would span {len(peers) + 1} hosts",
+                           f"at most {MAX_PEERS + 1}")
+    seen: dict[str, str] = {}
+    for p in peers:
+        if not _NAME.fullmatch(p.host):
+            raise StretchError(f"host {host}: peer name {p.host!r} is malformed")
+        addr = _address(p.address, f"peer {p.host}'s underlay address", host)
+        if addr == local:
+            raise StretchError(f"host {host}: peer {p.host} has this host's own underlay "
+                               f"address {addr}")
+        if addr in seen:
+            raise StretchError(f"host {host}: peers {seen[addr]} and {p.host} share underlay "
+                               f"address {addr}")
+        seen[addr] = p.host
+    return tuple(sorted(seen, key=ipaddress.IPv4Address))
+
+
+def remote_argv(prefix: str, underlay: Underlay, netid: int, peers: Sequence[Peer], host: str,
+                kh: str = "kh") -> list[str]:
+    """The `kh fabric stretch` command that makes host ``host``'s side (``underlay`` is that
+    host's), for ssh to run there: every value is checked first, so the words need no quoting
+    (ssh joins them with spaces)."""
+    check(underlay, netid, peers, host)
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
+        raise StretchError(f"host {host}: kh prefix {prefix!r} is malformed")
+    argv = [kh, "fabric", "stretch", "--prefix", prefix, "--host", host,
+            "--underlay", underlay.ifname, "--local", underlay.address,
+            "--port", str(underlay.port)]
+    for p in peers:
+        argv += ["--peer", f"{p.host}={p.address}"]
+    return argv + [str(netid)]
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+def kernel_says(e: Exception) -> str:
+    code = e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)
+    return os.strerror(code) if code else str(e)
+
+
+def _underlay_link(ns: NetNS, cfg: FabricConfig, underlay: Underlay, host: str
+                   ) -> tuple[int, int]:
+    """(index, MTU) of the underlay interface; StretchError unless it is there, up and holds
+    the underlay address."""
+    idx = ns.link_lookup(ifname=underlay.ifname)
+    if not idx:
+        raise StretchError(f"host {host}: underlay interface {underlay.ifname} is not in "
+                           f"{cfg.netns}", "kh fabric underlay DEV ADDRESS/LEN moves it there")
+    link = ns.get_links(idx[0])[0]
+    if not link["flags"] & 1:  # IFF_UP
+        raise StretchError(f"host {host}: underlay interface {underlay.ifname} is down")
+    addrs = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx[0],
+                                                            family=socket.AF_INET)}
+    if underlay.address not in addrs:
+        raise StretchError(f"host {host}: underlay interface {underlay.ifname} does not hold "
+                           f"{underlay.address}", f"it holds {', '.join(sorted(addrs)) or 'none'}")
+    return idx[0], int(link.get_attr("IFLA_MTU"))
+
+
+def _check_route(ns: NetNS, peer: Peer, ul_index: int, underlay: Underlay, host: str) -> None:
+    """The peer is reached through the underlay interface (a route lookup: a peer behind
+    another interface, or behind none, is refused)."""
+    try:
+        routes = ns.route("get", dst=peer.address)
+    except NetlinkError as e:
+        raise StretchError(f"host {host}: peer {peer.host} ({peer.address}) is unreachable: "
+                           f"{kernel_says(e)}", f"route it through {underlay.ifname}") from None
+    oif = routes[0].get_attr("RTA_OIF") if routes else None
+    if oif != ul_index:
+        raise StretchError(f"host {host}: peer {peer.host} ({peer.address}) is not reached "
+                           f"through the underlay {underlay.ifname}",
+                           f"route it through {underlay.ifname}")
+
+
+def _vxlan_attrs(link: Any) -> tuple[int, str, int, int] | None:
+    """(vni, local, port, underlay index) of a vxlan link; None for another kind."""
+    get = link.get_nested
+    if get("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
+        return None
+
+    def data(key: str) -> Any:
+        return get("IFLA_LINKINFO", "IFLA_INFO_DATA", key)
+
+    return (int(data("IFLA_VXLAN_ID") or 0), str(data("IFLA_VXLAN_LOCAL") or ""),
+            int(data("IFLA_VXLAN_PORT") or 0), int(data("IFLA_VXLAN_LINK") or 0))
+
+
+def _fdb_peers(ns: NetNS, index: int) -> set[str]:
+    """Destinations of the device's all-zero FDB entries (its head-end replication list)."""
+    out = set()
+    for e in ns.fdb("dump", ifindex=index):
+        if e["ifindex"] == index and e.get_attr("NDA_LLADDR") == ANY_MAC:
+            dst = e.get_attr("NDA_DST")
+            if dst:
+                out.add(str(dst))
+    return out
+
+
+def _set_mtu(ns: NetNS, bridge: int, mtu: int) -> None:
+    """The bridge and every port of it (taps, the vxlan device) at ``mtu``."""
+    for link in ns.get_links():
+        if link.get_attr("IFLA_MASTER") == bridge and link.get_attr("IFLA_MTU") != mtu:
+            ns.link("set", index=link["index"], mtu=mtu)
+    ns.link("set", index=bridge, mtu=mtu)
+
+
+def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer],
+           host: str = "this host") -> bool:
+    """Stretch domain ``netid`` from this host (its fabric and underlay end) to ``peers``:
+    the domain's bridge, its vxlan device with exactly these peers' FDB entries, the MTU of
+    every hop, the firewall reloaded. Checked first (the request, the underlay there, up and
+    addressed, its MTU, each peer routed through it); a taken port shows when the device comes
+    up. On any fault one StretchError naming ``host``, and nothing this call made is left.
+    Idempotent; a device made otherwise (other VNI, port, address or underlay) is made again.
+    True when the device was new."""
+    want = check(underlay, netid, peers, host)
+    cfg = fabric.cfg
+    name = cfg.vxlan(netid)
+    attrs = (vni(netid), underlay.address, underlay.port)
+    with fabric.ns() as ns:
+        ul_index, ul_mtu = _underlay_link(ns, cfg, underlay, host)
+        mtu = guest_mtu(ul_mtu, host, underlay.ifname)
+        for p in peers:
+            _check_route(ns, p, ul_index, underlay, host)
+        old = ns.link_lookup(ifname=name)
+        if old and _vxlan_attrs(ns.get_links(old[0])[0]) != (*attrs, ul_index):
+            log.info("%s: %s was made otherwise; making it again", host, name)
+            ns.link("del", index=old[0])
+    new_bridge = netid not in fabric.domain_bridges()
+    fabric.ensure_domain(netid)
+    made = False
+    try:
+        with fabric.ns() as ns:
+            idx = ns.link_lookup(ifname=name)
+            if not idx:
+                try:
+                    ns.link("add", ifname=name, kind="vxlan", vxlan_id=attrs[0],
+                            vxlan_local=underlay.address, vxlan_port=underlay.port,
+                            vxlan_link=ul_index, vxlan_learning=0, vxlan_ttl=64,
+                            vxlan_df=VXLAN_DF_SET, mtu=mtu)
+                except NetlinkError as e:
+                    hint = ("load the vxlan module: `modprobe vxlan`"
+                            if e.code in (errno.EOPNOTSUPP, errno.ENODEV) else None)
+                    raise StretchError(f"host {host}: cannot create vxlan device {name}: "
+                                       f"{kernel_says(e)}", hint) from None
+                made = True
+                idx = ns.link_lookup(ifname=name)
+            bridge = ns.link_lookup(ifname=cfg.bridge(netid))[0]
+            ns.link("set", index=idx[0], master=bridge)
+            _set_mtu(ns, bridge, mtu)
+            try:
+                ns.link("set", index=idx[0], state="up")
+            except NetlinkError as e:
+                if e.code == errno.EADDRINUSE:
+                    raise StretchError(f"host {host}: VXLAN port {underlay.port} is taken in "
+                                       f"{cfg.netns} (another socket holds it)",
+                                       "free it, or give kh another port") from None
+                raise StretchError(f"host {host}: cannot bring {name} up: "
+                                   f"{kernel_says(e)}") from None
+            have = _fdb_peers(ns, idx[0])
+            for addr in sorted(set(want) - have):
+                ns.fdb("append", ifindex=idx[0], lladdr=ANY_MAC, dst=addr)
+            for addr in sorted(have - set(want)):
+                ns.fdb("del", ifindex=idx[0], lladdr=ANY_MAC, dst=addr)
+        fabric.apply_firewall()
+    except BaseException:
+        with contextlib.suppress(KhError, NetlinkError, OSError):
+            if made:
+                with fabric.ns() as ns:
+                    for i in ns.link_lookup(ifname=name):
+                        ns.link("del", index=i)
+            if new_bridge:
+                fabric.remove_domain(netid)
+            elif made:
+                fabric.apply_firewall()
+        raise
+    log.info("%s: domain %d stretched (VNI %d, MTU %d) to %s", host, netid, attrs[0], mtu,
+             ", ".join(want) or "no peer yet")
+    return made
+
+
+def remove(fabric: Fabric, netid: int) -> bool:
+    """Take domain ``netid``'s vxlan device away (its FDB entries go with it), put the bridge
+    and its taps back to DEFAULT_MTU and reload the firewall; the bridge stays (it is the
+    domain's). True when there was a device."""
+    cfg = fabric.cfg
+    with fabric.ns() as ns:
+        idx = ns.link_lookup(ifname=cfg.vxlan(netid))
+        if not idx:
+            return False
+        ns.link("del", index=idx[0])
+        bridge = ns.link_lookup(ifname=cfg.bridge(netid))
+        if bridge:
+            _set_mtu(ns, bridge[0], DEFAULT_MTU)
+    fabric.apply_firewall()
+    return True
+
+
+def _is_vxlan_name(cfg: FabricConfig, name: str) -> bool:
+    head = cfg.vxlan(0)[:-1]
+    tail = name[len(head):]
+    return name.startswith(head) and tail.isdigit() and tail.isascii() and \
+        name == cfg.vxlan(int(tail))
+
+
+def stretched(cfg: FabricConfig) -> dict[int, Stretch]:
+    """kh's stretched domains in ``cfg``'s namespace now, read from the kernel: {netid:
+    Stretch}. Empty when the namespace does not exist."""
+    if not nsutil.exists(cfg.netns):
+        return {}
+    out = {}
+    with contextlib.closing(NetNS(cfg.netns)) as ns:
+        links = list(ns.get_links())
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links}
+        for link in links:
+            name = str(link.get_attr("IFLA_IFNAME"))
+            attrs = _vxlan_attrs(link)
+            if attrs is None or not _is_vxlan_name(cfg, name):
+                continue
+            netid = int(name[len(cfg.vxlan(0)) - 1:])
+            number, local, port, ul = attrs
+            peers = tuple(sorted(_fdb_peers(ns, int(link["index"])),
+                                 key=ipaddress.IPv4Address))
+            out[netid] = Stretch(netid, number, name, Underlay(names.get(ul, ""), local, port),
+                                 peers, int(link.get_attr("IFLA_MTU")))
+    return out
+
+
+def tunnels(cfg: FabricConfig, names: Iterable[str]) -> tuple[Tunnel, ...]:
+    """What the firewall must let through for the vxlan devices among ``names`` (the
+    namespace's link names; nothing is read when none is kh's vxlan device): one Tunnel per
+    underlay end, its peers the union of the devices' FDB destinations."""
+    if not any(_is_vxlan_name(cfg, n) for n in names):
+        return ()
+    ends: dict[tuple[str, str, int], set[str]] = {}
+    for s in stretched(cfg).values():
+        if s.underlay.ifname:
+            key = (s.underlay.ifname, s.underlay.address, s.underlay.port)
+            ends.setdefault(key, set()).update(s.peers)
+    return tuple(Tunnel(i, a, p, tuple(sorted(peers, key=ipaddress.IPv4Address)))
+                 for (i, a, p), peers in sorted(ends.items()) if peers)
