@@ -56,28 +56,24 @@ ALTER TABLE allocations ADD COLUMN token INTEGER REFERENCES tokens(id);
     # sample of the same generation (times and CPU in integer microseconds since the epoch), the
     # same per domain interface, the gaps (a generation changed unseen), and each node's last raw
     # counters (what the next sample is compared with, across a khd restart too). Principals and
-    # allocations are named, not referenced: usage outlives a principal's removal.
+    # allocations are named, not referenced: usage outlives a principal's removal. The rows are
+    # kept in (principal, time) order, without a rowid: 30 days of 64 nodes stay small.
     6: """
 CREATE TABLE meter_usage (
-    t INTEGER NOT NULL, t0 INTEGER NOT NULL, node INTEGER NOT NULL, alloc INTEGER NOT NULL,
-    principal TEXT NOT NULL, gen TEXT NOT NULL, node_us INTEGER NOT NULL,
-    cpu_us INTEGER NOT NULL, mem_mib_us INTEGER NOT NULL, load_bytes INTEGER NOT NULL,
-    storage_mib_us INTEGER NOT NULL);
-CREATE INDEX meter_usage_pt ON meter_usage(principal, t);
-CREATE INDEX meter_usage_t ON meter_usage(t);
+    principal TEXT NOT NULL, t INTEGER NOT NULL, node INTEGER NOT NULL, alloc INTEGER NOT NULL,
+    node_us INTEGER NOT NULL, cpu_us INTEGER NOT NULL, mem_mib INTEGER NOT NULL,
+    load_bytes INTEGER NOT NULL, PRIMARY KEY (principal, t, node)) WITHOUT ROWID;
 CREATE TABLE meter_net (
-    t INTEGER NOT NULL, t0 INTEGER NOT NULL, node INTEGER NOT NULL, alloc INTEGER NOT NULL,
-    principal TEXT NOT NULL, slot INTEGER NOT NULL, netid INTEGER NOT NULL, kind TEXT NOT NULL,
-    gen INTEGER NOT NULL, tx_bytes INTEGER NOT NULL, rx_bytes INTEGER NOT NULL,
-    tx_packets INTEGER NOT NULL, rx_packets INTEGER NOT NULL);
-CREATE INDEX meter_net_pt ON meter_net(principal, t);
-CREATE INDEX meter_net_t ON meter_net(t);
+    principal TEXT NOT NULL, t INTEGER NOT NULL, node INTEGER NOT NULL, slot INTEGER NOT NULL,
+    alloc INTEGER NOT NULL, netid INTEGER NOT NULL, tx_bytes INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL, tx_packets INTEGER NOT NULL, rx_packets INTEGER NOT NULL,
+    PRIMARY KEY (principal, t, node, slot)) WITHOUT ROWID;
+CREATE TABLE meter_principals (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE meter_gaps (
     t0 INTEGER NOT NULL, t INTEGER NOT NULL, node INTEGER NOT NULL, alloc INTEGER NOT NULL,
     principal TEXT NOT NULL, what TEXT NOT NULL);
 CREATE TABLE meter_last (
     node INTEGER PRIMARY KEY, t INTEGER NOT NULL, gen TEXT NOT NULL, alloc INTEGER,
-    principal TEXT, cpu_us INTEGER NOT NULL, mem_mib INTEGER NOT NULL,
-    storage_mib INTEGER NOT NULL, nics TEXT NOT NULL);
+    principal TEXT, cpu_us INTEGER NOT NULL, mem_mib INTEGER NOT NULL, nics TEXT NOT NULL);
 """,
 }

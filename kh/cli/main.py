@@ -18,6 +18,7 @@ from kh.cli.lab import register as register_lab_commands
 from kh.cli.outside import register as register_outside_commands
 from kh.cli.service import register as register_service_commands
 from kh.cli.token import register as register_token_commands
+from kh.cli.usage import register as register_usage_commands
 from kh.errors import UsageError
 from kh.hw.board import parse_mem
 from kh.images import build as image_build
@@ -174,6 +175,7 @@ def _write_out(data: bytes) -> None:
 
 register_service_commands(main)
 register_token_commands(main)
+register_usage_commands(main)
 register_outside_commands(main)
 register_fabric_commands(main)
 register_lab_commands(main)

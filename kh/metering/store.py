@@ -1,23 +1,26 @@
 """The meter's tables in khd's state (kh.store_schema, version 6): writes and reads.
 
-meter_usage: one row per sample of an allocated node: t (the sample's time, us since the epoch),
-t0 (the node's previous sample), node, alloc, principal (that held the node in (t0, t]), gen
-(the QEMU generation compared), and what it used in (t0, t]: node_us, cpu_us, mem_mib_us,
-load_bytes, storage_mib_us. meter_net: the same per domain interface (slot, netid, kind, the
-tap's generation) with the node's tx/rx bytes and packets; rows with nothing sent or received
-are not written. meter_gaps: what could not be measured. meter_last: per node, the raw counters
-of its last sample (JSON for the interfaces), which the next sample is compared with.
+meter_usage: one row per sample of an allocated node, in (principal, t) order: t (the sample's
+time, us since the epoch), node, alloc (that held the node since its previous sample), and what
+it used since then, the previous sample of the same generation: node_us (the interval's length),
+cpu_us, mem_mib (reserved; memory-time is mem_mib x node_us), load_bytes. meter_net: the same
+per domain interface (slot, netid; the kind follows from the netid) with the node's tx/rx bytes
+and packets; rows with nothing sent or received are not written. meter_principals: every
+principal with rows. meter_gaps: what could not be measured (t0, t, node, alloc, principal,
+what). meter_last: per node, its last sample's raw counters with their generations (JSON for
+the interfaces): what the next sample is compared with, also by the next khd.
 
-Compaction (compact) merges the rows older than a day into one per node, allocation,
-generation (and interface) and minute: sums stay exact, since rows only ever add up.
+Compaction (compact) merges the rows older than a day into one per node, allocation (and
+interface) and minute, at the minute's last sample: sums stay exact, since rows only add up.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sqlite3
+from dataclasses import astuple, dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kh.metering.usage import (
     UNITS,
@@ -28,15 +31,15 @@ from kh.metering.usage import (
     UsageRecord,
     from_us,
 )
-from kh.model import DomainKind
+from kh.model import EXTERNAL, PUBLIC, DomainKind
 
 if TYPE_CHECKING:
     from kh.store import Store
 
 _NODE_COLS = (("node_us", Quantity.NODE_SECONDS, US), ("cpu_us", Quantity.CPU_SECONDS, US),
-              ("mem_mib_us", Quantity.MEM_MIB_SECONDS, US),
-              ("load_bytes", Quantity.LOAD_BYTES, 1),
-              ("storage_mib_us", Quantity.STORAGE_MIB_SECONDS, US))
+              ("mem_mib * node_us", Quantity.MEM_MIB_SECONDS, US),
+              ("load_bytes", Quantity.LOAD_BYTES, 1))
+KIND_SQL = ("CASE netid WHEN 0 THEN 'external' WHEN 1 THEN 'public' ELSE 'private' END")
 _NET_COLS = (("tx_bytes", Quantity.NET_TX_BYTES), ("rx_bytes", Quantity.NET_RX_BYTES),
              ("tx_packets", Quantity.NET_TX_PACKETS), ("rx_packets", Quantity.NET_RX_PACKETS))
 _GROUP = {"node": ("alloc", "node"), "allocation": ("alloc",), "principal": ()}
@@ -51,8 +54,8 @@ class Nic:
 
     slot: int
     gen: int  # the tap's ifindex: a recreated tap gets a new one
-    netid: int
-    kind: DomainKind
+    netid: int | None  # the domain it is plugged into from this sample on (None: none)
+    kind: DomainKind | None
     tx_bytes: int
     rx_bytes: int
     tx_packets: int
@@ -62,7 +65,7 @@ class Nic:
 @dataclass(frozen=True)
 class Last:
     """A node's last sample: its time (us), QEMU generation, who held it from then on (None:
-    no one), raw CPU us, reserved memory and storage (MiB) and interfaces."""
+    no one), raw CPU us, reserved memory (MiB) and interfaces."""
 
     node: int
     t: int
@@ -71,7 +74,6 @@ class Last:
     principal: str | None
     cpu_us: int
     mem_mib: int
-    storage_mib: int
     nics: tuple[Nic, ...]
 
 
@@ -79,18 +81,33 @@ def _amount(value: int, scale: int) -> Decimal:
     return Decimal(value) / scale if scale != 1 else Decimal(value)
 
 
+def _scope(lo: int, hi: int, principal: str | None, token: int | None
+           ) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause of rows in [lo, hi) us of ``principal`` (None: every principal, each
+    through the primary key) and of the allocations made with ``token`` (if one)."""
+    args: tuple[object, ...]
+    if principal is None:
+        where, args = ("principal IN (SELECT name FROM meter_principals) AND t >= ? AND t < ?",
+                       (lo, hi))
+    else:
+        where, args = "principal = ? AND t >= ? AND t < ?", (principal, lo, hi)
+    if token is not None:
+        where += " AND alloc IN (SELECT id FROM allocations WHERE token = ?)"
+        args = (*args, token)
+    return where, args
+
+
 def records(store: Store, lo: int, hi: int, principal: str | None, step: int,
             by: Grain) -> list[UsageRecord]:
     """See kh.metering.usage.usage_records (times and step in us)."""
     group = _GROUP[by]
-    where = "t >= ? AND t < ?" + (" AND principal = ?" if principal is not None else "")
-    args: tuple[object, ...] = (lo, hi) if principal is None else (lo, hi, principal)
+    where, args = _scope(lo, hi, principal, None)
     keys = ", ".join(("b", "principal", *group))
+    cols = "".join(", " + g for g in group)
     out: list[UsageRecord] = []
     sums = ", ".join(f"SUM({c})" for c, _q, _s in _NODE_COLS)
-    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal"
-                           f"{''.join(', ' + g for g in group)}, {sums} FROM meter_usage "
-                           f"WHERE {where} GROUP BY {keys}", args):
+    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal{cols}, {sums} "
+                           f"FROM meter_usage WHERE {where} GROUP BY {keys}", args):
         b, who = row[0], row[1]
         alloc = row[2] if group else None
         node = row[3] if len(group) > 1 else None
@@ -99,27 +116,37 @@ def records(store: Store, lo: int, hi: int, principal: str | None, step: int,
                 out.append(UsageRecord(who, alloc, node, q, None, None, from_us(b),
                                        from_us(b + step), _amount(v, scale), UNITS[q]))
     sums = ", ".join(f"SUM({c})" for c, _q in _NET_COLS)
-    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal"
-                           f"{''.join(', ' + g for g in group)}, kind, netid, {sums} "
-                           f"FROM meter_net WHERE {where} GROUP BY {keys}, kind, netid", args):
+    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal{cols}, netid, "
+                           f"{sums} FROM meter_net WHERE {where} GROUP BY {keys}, netid", args):
         b, who = row[0], row[1]
         alloc = row[2] if group else None
         node = row[3] if len(group) > 1 else None
-        kind, netid = DomainKind(row[2 + len(group)]), row[3 + len(group)]
-        for (_c, q), v in zip(_NET_COLS, row[4 + len(group):], strict=True):
+        netid = row[2 + len(group)]
+        for (_c, q), v in zip(_NET_COLS, row[3 + len(group):], strict=True):
             if v:
-                out.append(UsageRecord(who, alloc, node, q, kind, netid, from_us(b),
-                                       from_us(b + step), Decimal(v), UNITS[q]))
+                out.append(UsageRecord(who, alloc, node, q, kind_of(netid), netid,
+                                       from_us(b), from_us(b + step), Decimal(v), UNITS[q]))
     order = list(Quantity)
     out.sort(key=lambda r: (r.start, r.principal, r.allocation or 0, r.node or 0,
                             order.index(r.quantity), -1 if r.netid is None else r.netid))
     return out
 
 
-def gaps(store: Store, lo: int, hi: int, principal: str | None) -> list[Gap]:
-    """See kh.metering.usage.gaps (times in us)."""
-    where = "t > ? AND t0 < ?" + (" AND principal = ?" if principal is not None else "")
-    args: tuple[object, ...] = (lo, hi) if principal is None else (lo, hi, principal)
+def kind_of(netid: int) -> DomainKind:
+    return DomainKind.EXTERNAL if netid == EXTERNAL else DomainKind.PUBLIC \
+        if netid == PUBLIC else DomainKind.PRIVATE
+
+
+def gaps(store: Store, lo: int, hi: int, principal: str | None, token: int | None = None
+         ) -> list[Gap]:
+    """See kh.metering.usage.gaps (times in us; ``token`` as for sums)."""
+    where = "t > ? AND t0 < ?"
+    args: tuple[object, ...] = (lo, hi)
+    if principal is not None:
+        where, args = where + " AND principal = ?", (*args, principal)
+    if token is not None:
+        where += " AND alloc IN (SELECT id FROM allocations WHERE token = ?)"
+        args = (*args, token)
     return [Gap(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]), r[5]) for r in store._rows(
         f"SELECT principal, alloc, node, t0, t, what FROM meter_gaps WHERE {where} "
         "ORDER BY t0, node", args)]
@@ -129,42 +156,38 @@ def gaps(store: Store, lo: int, hi: int, principal: str | None) -> list[Gap]:
 def lasts(store: Store) -> dict[int, Last]:
     """Every node's last sample (kept across khd restarts)."""
     out = {}
-    for r in store._rows("SELECT node, t, gen, alloc, principal, cpu_us, mem_mib, "
-                         "storage_mib, nics FROM meter_last"):
-        nics = tuple(Nic(n[0], n[1], n[2], DomainKind(n[3]), *n[4:8])
-                     for n in json.loads(r[8]))
-        out[r[0]] = Last(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], nics)
+    for r in store._rows("SELECT node, t, gen, alloc, principal, cpu_us, mem_mib, nics "
+                         "FROM meter_last"):
+        nics = tuple(Nic(n[0], n[1], n[2], None if n[2] is None else kind_of(n[2]), *n[3:7])
+                     for n in json.loads(r[7]))
+        out[r[0]] = Last(r[0], r[1], r[2], r[3], r[4], r[5], r[6], nics)
     return out
 
 
 @dataclass(frozen=True)
 class Usage:
-    """What one node used in (t0, t] (see meter_usage)."""
+    """What node ``node`` used in the ``node_us`` before ``t``, charged to ``alloc``."""
 
+    principal: str
     t: int
-    t0: int
     node: int
     alloc: int
-    principal: str
-    gen: str
     node_us: int
     cpu_us: int
-    mem_mib_us: int
+    mem_mib: int
     load_bytes: int
-    storage_mib_us: int
 
 
 @dataclass(frozen=True)
 class NetUsage:
-    t: int
-    t0: int
-    node: int
-    alloc: int
+    """What node ``node`` sent and received on interface ``slot``, in domain ``netid``."""
+
     principal: str
+    t: int
+    node: int
     slot: int
+    alloc: int
     netid: int
-    kind: DomainKind
-    gen: int
     tx_bytes: int
     rx_bytes: int
     tx_packets: int
@@ -176,61 +199,83 @@ GapRow = tuple[int, int, int, int, str, str]  # t0, t (us), node, alloc, princip
 
 def write(store: Store, usage: list[Usage], net: list[NetUsage], found: list[GapRow],
           new: list[Last], gone: list[int]) -> None:
-    """One sample's outcome in one transaction: usage rows, gaps ((t0, t, node, alloc,
-    principal, what) in us), the nodes' new last samples, and nodes no longer metered."""
+    """One sample's outcome in one transaction: usage rows, gaps, the nodes' new last samples,
+    and the nodes no longer metered."""
     with store.tx() as db:
-        db.executemany("INSERT INTO meter_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(u.t, u.t0, u.node, u.alloc, u.principal, u.gen, u.node_us, u.cpu_us,
-                         u.mem_mib_us, u.load_bytes, u.storage_mib_us) for u in usage])
-        db.executemany("INSERT INTO meter_net VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(n.t, n.t0, n.node, n.alloc, n.principal, n.slot, n.netid,
-                         n.kind.value, n.gen, n.tx_bytes, n.rx_bytes, n.tx_packets,
-                         n.rx_packets) for n in net])
-        db.executemany("INSERT INTO meter_gaps VALUES (?, ?, ?, ?, ?, ?)",
-                       found)
-        db.executemany("INSERT OR REPLACE INTO meter_last VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        db.executemany("INSERT OR IGNORE INTO meter_principals VALUES (?)",
+                       sorted({(u.principal,) for u in usage}))
+        db.executemany("INSERT INTO meter_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [astuple(u) for u in usage])
+        db.executemany("INSERT INTO meter_net VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [astuple(n) for n in net])
+        db.executemany("INSERT INTO meter_gaps VALUES (?, ?, ?, ?, ?, ?)", found)
+        db.executemany("INSERT OR REPLACE INTO meter_last VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        [(x.node, x.t, x.gen, x.alloc, x.principal, x.cpu_us, x.mem_mib,
-                         x.storage_mib, json.dumps([[n.slot, n.gen, n.netid, n.kind.value,
-                                                     n.tx_bytes, n.rx_bytes, n.tx_packets,
-                                                     n.rx_packets] for n in x.nics]))
+                         json.dumps([[n.slot, n.gen, n.netid, n.tx_bytes, n.rx_bytes,
+                                      n.tx_packets, n.rx_packets] for n in x.nics]))
                         for x in new])
         db.executemany("DELETE FROM meter_last WHERE node=?", [(n,) for n in gone])
 
 
 def compact(store: Store, now: int, age: int = DAY_US, bucket: int = MINUTE_US) -> int:
-    """Merge the rows whose sample is older than ``age`` us into one per node, allocation,
-    generation (interface) and ``bucket`` us of sample time: t the last sample's, t0 the first
-    one's start, amounts summed (exact). Returns how many rows went. Idempotent."""
+    """Merge the rows whose sample is older than ``age`` us (whole buckets only) into one per
+    principal, node, allocation (interface, domain) and ``bucket`` us of sample time, at the
+    bucket's last sample, amounts summed: exact. Returns how many rows went. Idempotent."""
     cut = (now - age) // bucket * bucket
     with store.tx() as db:
         before = db.total_changes
-        _merge(db, "meter_usage", ("node", "alloc", "principal", "gen"),
-               ("node_us", "cpu_us", "mem_mib_us", "load_bytes", "storage_mib_us"), cut,
-               bucket)
-        _merge(db, "meter_net", ("node", "alloc", "principal", "slot", "netid", "kind", "gen"),
+        _merge(db, "meter_usage", ("principal", "node", "alloc", "mem_mib"),
+               ("node_us", "cpu_us", "load_bytes"), cut, bucket)
+        _merge(db, "meter_net", ("principal", "node", "slot", "alloc", "netid"),
                ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets"), cut, bucket)
-        return int(db.total_changes - before)
+        return int(db.total_changes - before) // 2  # each merged row: a delete, an insert
 
 
-def _merge(db: object, table: str, keys: tuple[str, ...], sums: tuple[str, ...], cut: int,
-           bucket: int) -> None:
-    import sqlite3
-    assert isinstance(db, sqlite3.Connection)
+def _merge(db: sqlite3.Connection, table: str, keys: tuple[str, ...], sums: tuple[str, ...],
+           cut: int, bucket: int) -> None:
     k = ", ".join(keys)
-    grouped = (f"SELECT MAX(t), MIN(t0), {k}, {', '.join(f'SUM({s})' for s in sums)} "
-               f"FROM {table} WHERE t < ? GROUP BY t / {bucket}, {k} "
-               "HAVING COUNT(*) > 1")
-    rows = db.execute(grouped, (cut,)).fetchall()
-    if not rows:
-        return
-    # the rows merged: every row of a group that has more than one
-    db.execute(f"CREATE TEMP TABLE IF NOT EXISTS merged AS SELECT * FROM {table} WHERE 0")
-    db.execute("DELETE FROM temp.merged")
-    cols = ("t", "t0", *keys, *sums)
-    db.executemany(f"INSERT INTO temp.merged ({', '.join(cols)}) VALUES "
-                   f"({', '.join('?' * len(cols))})", rows)
-    db.execute(f"DELETE FROM {table} WHERE t < ? AND ((t / {bucket}), {k}) IN "
-               f"(SELECT t / {bucket}, {k} FROM temp.merged)", (cut,))
-    db.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} "
-               "FROM temp.merged")
-    db.execute("DROP TABLE temp.merged")
+    rows = db.execute(f"SELECT MAX(t), {k}, {', '.join(f'SUM({s})' for s in sums)}, COUNT(*) "
+                      f"FROM {table} WHERE t < ? GROUP BY t / {bucket}, {k} "
+                      "HAVING COUNT(*) > 1", (cut,)).fetchall()
+    cols = ("t", *keys, *sums)
+    marks = ", ".join("?" * len(cols))
+    match = " AND ".join(f"{c} = ?" for c in keys)
+    for r in rows:
+        t, key = r[0], r[1:1 + len(keys)]
+        db.execute(f"DELETE FROM {table} WHERE t >= ? AND t <= ? AND {match}",
+                   (t // bucket * bucket, t, *key))
+        db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", r[:-1])
+
+
+# -- sums for `kh usage` (kh.metering.report) -----------------------------------------------------
+_BY_KEYS = {"principal": (), "node": ("alloc", "node"), "allocation": ("alloc",),
+            "hour": ("(t / 3600000000) * 3600000000",), "domain": ()}
+
+
+def sums(store: Store, lo: int, hi: int, principal: str | None, by: str,
+         token: int | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Integer sums over the samples taken in [lo, hi) us (of the allocations made with
+    ``token``, if one), per principal and ``by`` (a key of _BY_KEYS): (usage rows:
+    principal, *keys, node_us, cpu_us, mem_mib_us, load_bytes; net rows: principal, *keys,
+    kind, netid (None unless by domain), tx_bytes, rx_bytes, tx_packets, rx_packets). For
+    ``domain``, usage rows are per principal and net rows per domain."""
+    keys = _BY_KEYS[by]
+    where, args = _scope(lo, hi, principal, token)
+    cols = "".join(", " + k for k in keys)
+    usage = store._rows(f"SELECT principal{cols}, SUM(node_us), SUM(cpu_us), "
+                        f"SUM(mem_mib * node_us), SUM(load_bytes) FROM meter_usage "
+                        f"WHERE {where} GROUP BY principal{cols} ORDER BY principal{cols}",
+                        args)
+    domain = by == "domain"
+    net = store._rows(f"SELECT principal{cols}, {KIND_SQL} AS kind, "
+                      f"{'netid' if domain else 'NULL'}, SUM(tx_bytes), SUM(rx_bytes), "
+                      f"SUM(tx_packets), SUM(rx_packets) FROM meter_net WHERE {where} "
+                      f"GROUP BY principal{cols}, {'netid' if domain else 'kind'} "
+                      f"ORDER BY principal{cols}, {'netid' if domain else 'kind'}", args)
+    return usage, net
+
+
+def known(store: Store, principal: str) -> bool:
+    """A principal of the state, or one whose usage is kept (it may have been removed)."""
+    return store.principal(principal) is not None or bool(store._rows(
+        "SELECT 1 FROM meter_principals WHERE name=?", (principal,)))

@@ -18,8 +18,10 @@ Quantities (fixed names; units in UNITS):
   net_tx_packets       packets, as net_tx_bytes
   net_rx_packets       packets, as net_rx_bytes
   load_bytes           B      bulk bytes written to the node over the control channel
-  storage_mib_seconds  MiB*s  AoE storage exported to the principal x time
-Net quantities carry the domain (its kind and id); the others carry none.
+Net quantities carry the domain (its kind and id); the others carry none. Storage has no
+quantity of its own: kh's AoE disks are nodes serving from their RAM (khgetdisk, khstorage), so
+a disk is its disk node's reserved memory and time, charged as mem_mib_seconds and node_seconds;
+the host knows no other storage of a principal's.
 """
 
 from __future__ import annotations
@@ -49,14 +51,12 @@ class Quantity(str, enum.Enum):
     NET_TX_PACKETS = "net_tx_packets"
     NET_RX_PACKETS = "net_rx_packets"
     LOAD_BYTES = "load_bytes"
-    STORAGE_MIB_SECONDS = "storage_mib_seconds"
 
 
 UNITS: dict[Quantity, str] = {
     Quantity.NODE_SECONDS: "s", Quantity.CPU_SECONDS: "s", Quantity.MEM_MIB_SECONDS: "MiB*s",
     Quantity.NET_TX_BYTES: "B", Quantity.NET_RX_BYTES: "B", Quantity.NET_TX_PACKETS: "packets",
-    Quantity.NET_RX_PACKETS: "packets", Quantity.LOAD_BYTES: "B",
-    Quantity.STORAGE_MIB_SECONDS: "MiB*s"}
+    Quantity.NET_RX_PACKETS: "packets", Quantity.LOAD_BYTES: "B"}
 NET = frozenset({Quantity.NET_TX_BYTES, Quantity.NET_RX_BYTES, Quantity.NET_TX_PACKETS,
                  Quantity.NET_RX_PACKETS})
 

@@ -23,6 +23,7 @@ from kh.cc.channel import Hub, NodeWriter
 from kh.errors import KhError
 from kh.hw import memload
 from kh.hw.console import Console
+from kh.metering.sampler import CountedRam
 from kh.model import NodeState
 from kh.service import chanapi, tokens
 
@@ -294,7 +295,7 @@ class ServiceAccess:
             running = self.svc.nodes.running.get(node)
             if running is None:
                 raise memload.LoadError("the node is not running")
-            return RamFile(memload.ram_file(running.pid))
+            return CountedRam(RamFile(memload.ram_file(running.pid)), self.svc.meter, node)
 
     def mem_limit(self) -> int:
         return int(self.svc.cfg.mem_mib) * 1024 * 1024 - UBOOT_RESERVE

@@ -29,6 +29,7 @@ from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request, host_address
 from kh.errors import KhError, UsageError
+from kh.metering import routes as usage_routes
 from kh.model import PUBLIC
 from kh.service import aoe, httpd, publish, tokens
 from kh.service import request as rq
@@ -40,6 +41,7 @@ from kh.service.request import Caller
 
 log = logging.getLogger("kh.api")
 MAX_BODY = rq.MAX_BODY
+MAX_QUERY = 2048  # a GET's parameters (principal, period, times): far less
 
 
 class MethodNotAllowed(UsageError):
@@ -123,7 +125,7 @@ class App:
                 f"{self.service.cfg.ssh_port}, whose host key nodes pin; the in-node khget does")
         if environ.get("kh.tcp"):
             rq.check_host(environ.get("HTTP_HOST"))
-        body = self._body(environ) if method == "POST" else {}
+        body = self._body(environ) if method == "POST" else self._query(environ)
         for m, rx, fn in ROUTES:
             if m == method and (match := re.fullmatch(rx, path)):
                 if "token" in body and fn not in TOKEN_ROUTES:  # kh.service.tokens: scope
@@ -142,6 +144,27 @@ class App:
         if len(raw) < n:
             raise rq.BadFraming(f"request body ended after {len(raw)} of {n} bytes")
         return rq.parse_body(raw, environ.get("CONTENT_TYPE"))
+
+    @staticmethod
+    def _query(environ: dict[str, Any]) -> dict[str, Any]:
+        """A GET's parameters, which its route reads as a POST's body: each name once, as a
+        string (``format`` is the answer's, not the route's). At most MAX_QUERY bytes."""
+        raw = environ.get("QUERY_STRING", "")
+        if len(raw) > MAX_QUERY:
+            raise UsageError(f"query string of {len(raw)} bytes is too long",
+                             f"at most {MAX_QUERY}")
+        try:
+            pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, strict_parsing=False,
+                                           errors="strict", max_num_fields=32)
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("malformed query string") from None
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise UsageError(f"query parameter {k[:40]!r} is given twice")
+            out[k] = v
+        out.pop("format", None)
+        return out
 
     @staticmethod
     def _file(environ: dict[str, Any], start_response: Callable[..., Any], status: str,
@@ -381,10 +404,11 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
     *publish.ROUTES,  # node ports on the host's loopback (kh.service.publish)
+    *usage_routes.ROUTES,  # what principals used (kh.metering)
 ]
 
 # The only routes a token may use (with `token` instead of `credential`; kh.service.tokens).
-TOKEN_ROUTES = (allocate, release, aoe.route_assign)
+TOKEN_ROUTES = (allocate, release, aoe.route_assign, usage_routes.usage_own)
 
 
 # -- servers -----------------------------------------------------------------------------------

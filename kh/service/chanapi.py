@@ -21,6 +21,8 @@ and quotas are the API's own:
   khget [-p N] [-n LIST] [-i] [-x] [COUNT]       POST /v1/allocations (the in-node khget)
   aoe-address [-s SHELF] [-a SLOTS] NODE NETID   POST /v1/aoe/addresses (khgetdisk)
   release ALLOC [NODE...]                        POST /v1/allocations/ALLOC/release
+  usage [-s SINCE] [-u UNTIL] [-b BY]            POST /v1/usage (the in-node khget -U; a
+                                                 token's: the allocations it made)
 
 The answer is the API's text (khget's text object) on stdout with exit status 0, or khd's
 one-line reason ``kh: ...`` on stderr with the exit status kh's CLI gives for it (2 malformed,
@@ -51,7 +53,7 @@ MAX_WORDS = 64
 _NUMBER = re.compile(r"[0-9]{1,10}", re.ASCII)
 _LIST = re.compile(r"[0-9,]{1,1024}", re.ASCII)
 USAGE = ("khget [-p N] [-n LIST] [-i] [-x] [COUNT]; aoe-address [-s SHELF] [-a SLOTS] NODE "
-         "NETID; release ALLOC [NODE...]")
+         "NETID; release ALLOC [NODE...]; usage [-s SINCE] [-u UNTIL] [-b BY]")
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,12 @@ def parse(command: str) -> tuple[Route, dict[str, Any], tuple[str, ...]]:
             raise UsageError("release takes ALLOC", USAGE)
         nodes = [_number(w, "NODE") for w in args[1:]]
         return api.release, {"nodes": nodes}, (str(_number(args[0], "ALLOC")),)
+    if name == "usage":
+        from kh.metering import routes
+        opts, _ = _options(args, "s:u:b:", 0)
+        body = {key: opts[o] for o, key in (("-s", "since"), ("-u", "until"), ("-b", "by"))
+                if o in opts}
+        return routes.usage_own, body, ()
     raise UsageError(f"unknown API command {name[:40]!r}", USAGE)
 
 

@@ -86,6 +86,9 @@ SETTINGS: tuple[Setting, ...] = (
             1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
     Setting("node_quota", "KH_NODE_QUOTA", "--node-quota", "nodes one principal may hold at "
             f"once (default 16, 1 to {MAX_NODES})", 1, MAX_NODES, "node quota {}"),
+    Setting("meter_interval", "KH_METER_INTERVAL", "--meter-interval", "seconds between two "
+            "metering samples of every allocated node (default 10, 1 to 3600; kh.metering)",
+            1, 3600, "metering every {} s"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -124,6 +127,7 @@ class ServiceConfig:
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
     node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
+    meter_interval: int = 10  # s between metering samples (KH_METER_INTERVAL)
 
     def __post_init__(self) -> None:
         for s in SETTINGS:

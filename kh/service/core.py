@@ -35,6 +35,7 @@ from kh.allocation import (
 )
 from kh.errors import KhError
 from kh.hw.fabric import Fabric
+from kh.metering.sampler import HostSource, Meter
 from kh.model import (
     EXTERNAL,
     FIRST_PRIVATE,
@@ -88,6 +89,9 @@ class Service:
         self.limiter = admission.Limiter()  # refused credentials, per source and principal
         # `kh publish`'s ports (kh.service.publish), relayed from the outside world
         self.forwards = Forwarder(cfg.outside_netns, tick=self.publish_sync)
+        self.meter = Meter(self.store, HostSource(self.nodes, cfg.fabric.netns),
+                           mem_mib=cfg.mem_mib, tap_name=cfg.fabric.tap,
+                           interval=cfg.meter_interval)  # kh.metering: usage, per sample
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,6 +113,7 @@ class Service:
         for r in self.repairs:
             log.warning("repaired: %s", r)
         self.pool.start()
+        self.meter.start()  # its first sample: what the nodes used while no khd ran
 
     def sync_fabric(self) -> None:
         """A bridge for every domain of the state, and none for a domain it no longer has (a
@@ -123,6 +128,7 @@ class Service:
 
     def shutdown(self) -> None:
         """khd is going away: starts under way are ended; running nodes keep running."""
+        self.meter.stop()  # a last sample
         self.pool.stop()
         self.forwards.stop()
         self.nodes.detach_all()
@@ -223,6 +229,7 @@ class Service:
                 self._scrap(chosen)
                 self._drop_bridges(made)
                 raise
+            self.meter.sample(chosen)  # the allocation's start: its baseline
             return self.info(alloc)
 
     def _scrap(self, numbers: list[int]) -> None:
@@ -312,6 +319,7 @@ class Service:
                 if self._await_resets(numbers):
                     break
             self.store.nodes_releasing(numbers)
+            self.meter.sample(numbers)  # what they used up to their release
             self._scrap(numbers)
         return numbers
 
@@ -340,7 +348,11 @@ class Service:
             self.publish_sync(reset=number)  # the node boots afresh: its ports go
             self._resetting.add(number)
             self.store.node_resetting(number, True)
-        self._do_reset(number, domains)
+        self.meter.sample([number])
+        try:
+            self._do_reset(number, domains)
+        finally:
+            self.meter.sample([number])
 
     def _do_reset(self, number: int, domains: tuple[Domain, ...]) -> None:
         """The reset proper, for a node marked as being reset; clears the mark."""
@@ -387,12 +399,20 @@ class Service:
              ) -> membership.Change:
         """Plug running node ``number``'s next free interface into domain ``netid``
         (kh.service.membership.join)."""
-        return membership.join(self, number, netid, user, credential)
+        self.meter.sample([number])  # traffic up to the change is the old domains'
+        try:
+            return membership.join(self, number, netid, user, credential)
+        finally:
+            self.meter.sample([number])
 
     def leave(self, number: int, netid: int, user: str, credential: str | None
               ) -> membership.Change:
         """Unplug node ``number``'s interface in domain ``netid`` (membership.leave)."""
-        change = membership.leave(self, number, netid, user, credential)
+        self.meter.sample([number])
+        try:
+            change = membership.leave(self, number, netid, user, credential)
+        finally:
+            self.meter.sample([number])
         self.publish_sync()  # out of the external domain: its published ports go
         return change
 
@@ -446,6 +466,7 @@ class Service:
                 if self._await_resets(numbers):
                     break
             self.store.principal_removing(name, numbers)
+            self.meter.sample(numbers)
             for n in numbers:
                 self.nodes.stop(n)
             gone = self.store.forget_principal(name)

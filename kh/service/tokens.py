@@ -92,8 +92,9 @@ def from_body(body: dict[str, Any]) -> str | None:
 
 
 def out_of_scope(what: str = "this") -> TokenScope:
-    return TokenScope(f"a token may not do {what}: it may only allocate, and release or drive "
-                      "the allocations it made", "use the principal's credential")
+    return TokenScope(f"a token may not do {what}: it may only allocate, and release, drive "
+                      "or read the usage of the allocations it made",
+                      "use the principal's credential")
 
 
 # -- checking a token ------------------------------------------------------------------------

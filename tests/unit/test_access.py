@@ -13,9 +13,11 @@ import pytest
 
 from kh import admission
 from kh.hw import memload
+from kh.metering.sampler import Meter
 from kh.model import NodeState
 from kh.service.access import UBOOT_RESERVE, Grant, Revoked, ServiceAccess
 from kh.store import NodeRow, Store
+from tests.unit.test_metering import FakeSource
 
 
 class Writer:
@@ -50,6 +52,7 @@ class Svc:
         self.nodes = Nodes()
         self.cfg = Cfg()
         self.asked: list[tuple[str, str | None]] = []
+        self.meter = Meter(self.store, FakeSource(), mem_mib=256, tap_name=lambda n, s: "")
 
     def authenticate(self, user: str, credential: str | None, *, register: bool = False,
                      source: str | None = None) -> None:
@@ -151,6 +154,7 @@ def test_open_ram_finds_the_nodes_memfd(svc):
         ram.write(0x100, b"kittyhawk")
         ram.close()
         assert os.pread(fd, 9, 0x100) == b"kittyhawk"
+        assert svc.meter._loads == {1: 9}  # the meter counts what a load wrote (load_bytes)
         del svc.nodes.running[2]
         with pytest.raises(memload.LoadError, match="not running"):
             acc.open_ram(Grant("alice", 1, None, None), 2)

@@ -1,0 +1,73 @@
+"""The usage API (docs/api.yaml):
+
+  GET  /v1/usage?principal=&since=&until=&by=   the operator's (root on khd's unix socket):
+                                                 everyone's usage, or one principal's
+  POST /v1/usage {user, credential | token, since, until, by}
+                                                 a principal's own usage; with a token, only
+                                                 the allocations that token made
+
+Times and ``by`` as kh.metering.report says. An unknown principal is 404 for the operator (a
+principal kh never knew and no usage kept), and for anyone else the same 403 as a wrong
+credential; a malformed or reversed range, or a bad ``by``, is 400; nothing is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kh.admission import AuthError, check_user
+from kh.metering import report
+from kh.metering import store as mstore
+from kh.service import request as rq
+from kh.service import tokens
+from kh.service.core import NotFound, Service
+from kh.service.request import Caller
+
+Result = tuple[int, str, Any]
+
+
+def _answer(svc: Service, body: dict[str, Any], principal: str | None,
+            token: int | None = None) -> Result:
+    since, until = report.time_range(body.get("since"), body.get("until"))
+    by = report.check_by(body.get("by"))
+    data = report.report(svc.store, since, until, principal, by, token)
+    return 200, report.text(data), data
+
+
+def usage_all(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """GET /v1/usage: the operator's."""
+    if not caller.operator:
+        raise AuthError("everyone's usage is the operator's",
+                        "as root, on khd's unix socket; a principal asks POST /v1/usage")
+    extra = set(body) - {"principal", "since", "until", "by"}
+    if extra:
+        raise rq_unknown(extra)
+    name = body.get("principal") or None
+    if name is not None:
+        check_user(name)
+        if not mstore.known(svc.store, name):
+            raise NotFound(f"no principal {name}", "kh principal list shows them")
+    return _answer(svc, body, name)
+
+
+def usage_own(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """POST /v1/usage: a principal's own (a token's: its allocations')."""
+    extra = set(body) - {"user", "credential", "token", "since", "until", "by"}
+    if extra:
+        raise rq_unknown(extra)
+    user = rq.user(body)
+    token = tokens.from_body(body)
+    if token is not None:
+        row = tokens.authenticate(svc, user, token)
+        return _answer(svc, body, user, row.id)
+    svc.authenticate(user, rq.credential(body))
+    return _answer(svc, body, user)
+
+
+def rq_unknown(keys: set[str]) -> Exception:
+    from kh.errors import UsageError
+    return UsageError(f"unknown parameter {sorted(keys)[0][:40]!r}",
+                      "since, until, by (and principal for the operator)")
+
+
+ROUTES = [("GET", r"/v1/usage", usage_all), ("POST", r"/v1/usage", usage_own)]

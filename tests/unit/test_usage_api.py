@@ -1,0 +1,190 @@
+"""`kh usage`'s API (kh.metering.routes) on a real Service with fake nodes and fake counters:
+a principal sees only its own usage, everyone's is the operator's, a token sees the
+allocations it made, and bad input is one clear 4xx that changes nothing. The service's hooks
+(khget, release) take the samples."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kh.metering.report import time_range
+from kh.service import tokens
+from tests.unit.fake_khd import get, make_service, post, serving, serving_tcp, text_of
+from tests.unit.test_metering import FakeSource
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    s = make_service(tmp_path, monkeypatch)
+    src = FakeSource()
+    for n in range(1, 5):
+        src.cpu_of[n] = (f"g{n}", 0)
+    s.meter.source = src
+    s.meter.clock = lambda: time.time() - 600  # samples in the past: the default range has them
+    yield s
+    s.store.close()
+
+
+@pytest.fixture
+def khd(svc):
+    with serving(svc, svc.cfg.socket) as sock:
+        yield sock
+
+
+def khget(sock, user: str, **kw: object) -> dict:
+    status, resp = post(sock, "/v1/allocations?format=json", json.dumps(
+        dict(user=user, credential=user + "-cred", **kw)).encode())
+    assert status == 201, text_of(resp)
+    return json.loads(text_of(resp))
+
+
+def used(svc, seconds: float, cpu_us: int) -> None:
+    """Every node's QEMU used ``cpu_us`` more, and a sample is taken ``seconds`` later (on the
+    meter's clock, 10 minutes behind)."""
+    src = svc.meter.source
+    for n, (gen, us) in list(src.cpu_of.items()):
+        src.cpu_of[n] = (gen, us + cpu_us)
+    svc.meter.take(now=svc.meter.clock() + seconds)
+
+
+def own(sock, user: str, secret: str | None = None, key: str = "credential", **kw: object
+        ) -> tuple[int, str]:
+    status, resp = post(sock, "/v1/usage?format=json", json.dumps(
+        {"user": user, key: secret or user + "-cred", **kw}).encode())
+    return status, text_of(resp)
+
+
+def meter_rows(svc) -> tuple[int, ...]:
+    return tuple(svc.store._rows(f"SELECT COUNT(*) FROM {t}")[0][0]
+                 for t in ("meter_usage", "meter_net", "meter_gaps", "meter_last"))
+
+
+def test_a_principal_sees_only_its_own_usage(svc, khd):
+    khget(khd, "alice", count=2)
+    khget(khd, "bob")
+    used(svc, 10, 3_000_000)
+    status, text = own(khd, "bob", by="node")
+    assert status == 200, text
+    data = json.loads(text)
+    assert {r["principal"] for r in data["rows"]} == {"bob"}
+    assert len(data["rows"]) == 1 and "alice" not in text
+    assert data["rows"][0]["cpu_seconds"] == "3"
+    status, text = own(khd, "alice")
+    (row,) = json.loads(text)["rows"]
+    assert (row["principal"], row["cpu_seconds"]) == ("alice", "6")
+    # a wrong credential, or an unknown principal, gets the same 403
+    wrong = own(khd, "alice", "bob-cred")
+    nobody = own(khd, "carol", "carol-cred")
+    assert wrong[0] == nobody[0] == 403
+    assert json.loads(wrong[1])["error"].replace("alice", "X") == \
+        json.loads(nobody[1])["error"].replace("carol", "X")
+
+
+def test_everyones_usage_is_the_operators(svc, khd):
+    khget(khd, "alice")
+    khget(khd, "bob")
+    used(svc, 10, 1_000_000)
+    status, resp = get(khd, "/v1/usage?format=json")
+    assert status == 200, text_of(resp)
+    assert {r["principal"] for r in json.loads(text_of(resp))["rows"]} == {"alice", "bob"}
+    status, resp = get(khd, "/v1/usage?principal=bob&by=allocation&format=json")
+    assert [r["principal"] for r in json.loads(text_of(resp))["rows"]] == ["bob"]
+    with serving_tcp(svc) as addr:  # any other caller
+        status, resp = get(addr, "/v1/usage?principal=alice")
+        assert status == 403 and "operator" in text_of(resp), text_of(resp)
+
+
+def test_a_release_ends_the_charge(svc, khd):
+    a = khget(khd, "alice")
+    used(svc, 10, 2_000_000)
+    status, resp = post(khd, f"/v1/allocations/{a['id']}/release", json.dumps(
+        {"user": "alice", "credential": "alice-cred"}).encode())
+    assert status == 200, text_of(resp)
+    before = json.loads(own(khd, "alice")[1])["rows"][0]
+    used(svc, 100, 50_000_000)  # its node is no one's now (a sample still 8 min ago)
+    assert json.loads(own(khd, "alice")[1])["rows"][0] == before
+
+
+def test_a_token_sees_the_allocations_it_made(svc, khd):
+    khget(khd, "alice")  # with the credential
+    _, secret = tokens.add(svc, "alice", "alice-cred", (), None, None)
+    status, resp = post(khd, "/v1/allocations?format=json", json.dumps(
+        {"user": "alice", "token": secret}).encode())
+    assert status == 201, text_of(resp)
+    mine = json.loads(text_of(resp))["id"]
+    used(svc, 10, 1_000_000)
+    status, text = own(khd, "alice", secret, key="token", by="allocation")
+    assert status == 200, text
+    assert [r["allocation"] for r in json.loads(text)["rows"]] == [mine]
+    assert len(json.loads(own(khd, "alice", by="allocation")[1])["rows"]) == 2
+
+
+@pytest.mark.parametrize(("query", "words"), [
+    ("since=yesterday", "since 'yesterday' is not a time"),
+    ("since=2026-12-01&until=2026-11-01", "reversed or empty"),
+    ("since=now&until=now", "reversed or empty"),
+    ("by=week", "by must be one of"),
+    ("principal=nobody", "no principal nobody"),
+    ("principal=Bad%20Name", "principal"),
+    ("since=-5x", "not a time"),
+    ("colour=red", "unknown parameter 'colour'"),
+])
+def test_bad_input_is_one_clear_error_and_changes_nothing(svc, khd, query, words):
+    khget(khd, "alice")
+    used(svc, 10, 1_000_000)
+    before = meter_rows(svc)
+    status, resp = get(khd, f"/v1/usage?{query}")
+    text = text_of(resp)
+    assert status in (400, 404), text
+    assert text.startswith("kh: ") and text.count("\n") == 1 and words in text, text
+    assert meter_rows(svc) == before
+
+
+def test_a_principal_gets_the_same_checks(svc, khd):
+    khget(khd, "alice")
+    status, text = own(khd, "alice", since="2026-12-02", until="2026-12-01")
+    assert status == 400 and "reversed" in text
+    status, text = own(khd, "alice", principal="bob")
+    assert status == 400 and "unknown parameter 'principal'" in text
+
+
+def test_time_forms():
+    from datetime import UTC, datetime, timedelta
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert time_range(None, None, now) == (now - timedelta(days=30), now)
+    assert time_range("-2h", "now", now) == (now - timedelta(hours=2), now)
+    assert time_range("2026-11-30", "2026-12-01T08:00+01:00", now) == (
+        datetime(2026, 11, 30, tzinfo=UTC), datetime(2026, 12, 1, 7, tzinfo=UTC))
+
+
+def test_the_channel_and_the_in_node_khget_ask_the_same(tmp_path):
+    from kh.metering import routes
+    from kh.service import chanapi
+    from tests.unit.test_khget_sh import TOKEN, khget
+    assert chanapi.parse("usage -s -2h -u now -b node") == (
+        routes.usage_own, {"since": "-2h", "until": "now", "by": "node"}, ())
+    r, db = khget(tmp_path, "-t", TOKEN, "-U", "-s", "-2h", "-b", "hour", "alice")
+    assert db is not None and db["argv"][4:] == ["usage", "-s", "-2h", "-b", "hour"], r.stderr
+    r, db = khget(tmp_path, "-t", TOKEN, "-U", "-s", "1 day", "alice")
+    assert r.returncode == 2 and db is None and "bad -s" in r.stderr
+
+
+def test_text_and_csv_show_the_exact_report(svc, khd):
+    from kh.metering import report
+    khget(khd, "alice", x=True)
+    used(svc, 10, 1_500_000)
+    data = json.loads(text_of(get(khd, "/v1/usage?by=node&format=json")[1]))
+    data["gaps"] = [{"principal": "alice", "allocation": 1, "node": 2, "what": "cpu: new "
+                     "generation", "start": "2026-12-01T09:00:00+00:00",
+                     "end": "2026-12-01T09:00:10+00:00"}]
+    text = report.text(data)
+    head, row = text.splitlines()[:2]
+    assert head.split()[:4] == ["PRINCIPAL", "ALLOC", "NODE", "NODE-S"]
+    assert row.split()[0] == "alice" and row.split()[4] == "1.50"
+    assert "gap: node 2 (allocation 1, alice) 2026-12-01T09:00:00+00:00" in text
+    lines = report.to_csv(data).splitlines()
+    assert lines[0].startswith("principal,allocation,node,node_seconds,cpu_seconds,")
+    assert lines[1].split(",")[4] == "1.5"
