@@ -44,6 +44,35 @@ def ram_file(pid: int, proc: Path = Path("/proc")) -> Path:
     raise LoadError("the node's RAM is not shared", "the node was started without a RAM file")
 
 
+class RamFile:
+    """A RAM file (a QEMU memfd, or any file in tests) opened once; pieces written with pwrite,
+    so nothing is mapped or buffered: memory per load is one piece."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise LoadError(f"cannot open the node's RAM ({e.strerror})") from None
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise LoadError(f"0x{offset:x}+{len(data)} is outside the node's "
+                            f"{self.size >> 20} MiB")
+        view = memoryview(data)
+        while view:
+            try:
+                done = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                raise LoadError(f"writing the node's RAM failed ({e.strerror})") from None
+            view, offset = view[done:], offset + done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def write(ram: Path, addr: int, data: bytes) -> None:
     """Put ``data`` at guest-physical ``addr`` of the RAM behind ``ram``."""
     try:

@@ -133,7 +133,9 @@ def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None) 
         r.settle_pending()
         r.run(p)
         nodes = sum(len(g.nodes) for g in r.st.groups.values())
-    say(f"lab {lab.name} is up: {nodes} nodes in {len(lab.groups)} groups "
+    n = len(lab.groups)
+    say(f"lab {lab.name} is up: {nodes} node{'s' if nodes != 1 else ''} in {n} "
+        f"group{'s' if n != 1 else ''} "
         f"(kh status {lab.name}; kh check {lab.name}; kh down {lab.name})")
     return 0
 

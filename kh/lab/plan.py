@@ -131,7 +131,7 @@ def _settings_changed(g: Group, old: LabState) -> list[str]:
     for what, a, b in (("appliance", r.appliance, g.appliance), ("kernel", r.kernel, g.kernel),
                        ("keys", r.keys, g.keys)):
         if a != b:
-            why.append(f"{what} {a or '(none)'!r} -> {b or '(none)'!r}")
+            why.append(f"{what} {a!r} -> {b!r}")
     tok = (g.token.allocate_on, g.token.max_nodes) if g.token else None
     if tok != r.token:
         why.append("token changed")
@@ -251,7 +251,7 @@ def down(st: LabState) -> Plan:
     steps += [RmDomain(n, st.owners.get(n, ""), netid)
               for n, netid in reversed(list(st.domains.items()))]
     steps += [RmDomain("", u, netid) for u, netid in reversed(st.implicit)]
-    return Plan(tuple(steps), (f"lab {st.name}: everything released",))
+    return Plan(tuple(steps), ("everything it made goes",))
 
 
 def netid_text(name: str, st: LabState | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -80,6 +81,13 @@ class Runner:
     def save(self, st: LabState) -> None:
         self.st = st
         state_mod.save(st)
+
+    def kh2(self, principal: str, group: str, sub: str, *args: str, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """``kh GROUP SUB -u USER -c FILE ARGS`` (token add, domain rm ...) as ``principal``."""
+        sc = self.sc(principal)
+        return sc.cli("main", group, sub, "-u", principal, "-c", str(sc.principal.credential),
+                      *args, check=check)
 
     def alloc(self, principal: str, rec: AllocRec) -> Allocation:
         sc = self.sc(principal)
@@ -169,9 +177,8 @@ class Runner:
                  f"node{'s' if len(a.nodes) > 1 else ''} {' '.join(map(str, a.nodes))}{made}")
 
     def _token(self, s: AddToken) -> None:
-        sc = self.sc(s.principal)
-        r = sc.kh("token", "add", "--allocate-on", str(self.st.domains[s.domain]),
-                  "--max-nodes", str(s.max_nodes), "--json")
+        r = self.kh2(s.principal, "token", "add", "--allocate-on",
+                     str(self.st.domains[s.domain]), "--max-nodes", str(s.max_nodes), "--json")
         t = json.loads(r.stdout)
         self.tokens[s.group] = str(t["token"])
         rec = self.st.groups[s.group]
@@ -275,7 +282,7 @@ class Runner:
         self.save(self.st.with_group(rec))
 
     def _rm_token(self, s: RmToken) -> None:
-        self.sc(s.principal).kh("token", "rm", str(s.token_id), check=False)
+        self.kh2(s.principal, "token", "rm", str(s.token_id), check=False)
         rec = self.st.groups.get(s.group)
         if rec is not None:
             rec = replace(rec, token_ids=tuple(t for t in rec.token_ids if t != s.token_id))
@@ -283,7 +290,7 @@ class Runner:
         self.say(f"{s.group}: token {s.token_id} removed")
 
     def _rm_domain(self, s: RmDomain) -> None:
-        r = self.sc(s.principal).kh("domain", "rm", str(s.netid), check=False)
+        r = self.kh2(s.principal, "domain", "rm", str(s.netid), check=False)
         if r.returncode and "no private domain" not in r.stderr:
             raise KhError(f"domain {s.name or s.netid}: kh domain rm {s.netid} failed: "
                           f"{r.stderr.strip()[-200:]}")
@@ -307,6 +314,6 @@ class Runner:
             self.say(f"{p.group}: released con{a} (made by an interrupted step)")
         known = set(self.st.domains.values()) | {n for _, n in self.st.implicit}
         for d in sorted(doms - set(p.domains) - known, reverse=True):
-            self.sc(p.principal).kh("domain", "rm", str(d), check=False)
+            self.kh2(p.principal, "domain", "rm", str(d), check=False)
             self.say(f"{p.group}: removed domain {d} (made by an interrupted step)")
         self.save(replace(self.st, pending=None))

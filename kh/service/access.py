@@ -11,18 +11,16 @@ question. kh.cc holds no SQL and never touches the service's store.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kh import admission
 from kh.cc.channel import Hub, NodeWriter
 from kh.errors import KhError
-from kh.hw import memload
 from kh.hw.console import Console
+from kh.hw.memload import RamFile as RamFile  # its tests read it here
 from kh.metering.sampler import CountedRam
 from kh.model import NodeState
 from kh.service import chanapi, tokens
@@ -131,35 +129,6 @@ class ChannelAccess(Protocol):
     def api(self, grant: Grant, command: str, source: str) -> chanapi.Answer:
         """The answer of API login ``grant`` to ``command`` (kh.service.chanapi), asked from
         ``source``: the API route's text, or its one-line reason and exit status."""
-
-
-class RamFile:
-    """A RAM file (a QEMU memfd, or any file in tests) opened once; pieces written with pwrite,
-    so nothing is mapped or buffered: memory per load is one piece."""
-
-    def __init__(self, path: Path) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise memload.LoadError(f"cannot open the node's RAM ({e.strerror})") from None
-        self.size = os.fstat(self.fd).st_size
-
-    def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self.size:
-            raise memload.LoadError(f"0x{offset:x}+{len(data)} is outside the node's "
-                                    f"{self.size >> 20} MiB")
-        view = memoryview(data)
-        while view:
-            try:
-                done = os.pwrite(self.fd, view, offset)
-            except OSError as e:
-                raise memload.LoadError(f"writing the node's RAM failed ({e.strerror})") from None
-            view, offset = view[done:], offset + done
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class ServiceAccess:
@@ -292,10 +261,7 @@ class ServiceAccess:
                 raise Revoked(st.reason)
             if node not in st.nodes:
                 raise Revoked(f"node {node} is not in allocation {grant.alloc}")
-            running = self.svc.nodes.running.get(node)
-            if running is None:
-                raise memload.LoadError("the node is not running")
-            return CountedRam(RamFile(memload.ram_file(running.pid)), self.svc.meter, node)
+            return CountedRam(self.svc.nodes.open_ram(node), self.svc.meter, node)
 
     def mem_limit(self) -> int:
         return int(self.svc.cfg.mem_mib) * 1024 * 1024 - UBOOT_RESERVE

@@ -32,6 +32,7 @@ from kh.settings import paths
 MAX_NODES = 1024
 MIN_MEM_MIB, MAX_MEM_MIB = 256, 2048  # the board's least; a 32-bit e500v2 node maps 2 GiB
 MAX_PREFIX = 8  # the longest tap name, <prefix><node>s<slot>, must fit IFNAMSIZ (15 chars)
+BACKENDS = ("qemu", "libvirt")  # kh.hw.backend's two
 PREFIX_RE = re.compile(rf"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}")
 
 
@@ -81,6 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
             "--uplink-netns names one)", what="an outside world {}"),
     Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default qemu-system-ppc)",
             what="QEMU {}"),
+    Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
+            "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
+            "namespace; docs/libvirt.md)", what="backend {}"),
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
             f"principal may hold (default 16, 1 to {MAX_NETID - FIRST_PRIVATE + 1})",
             1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
@@ -109,6 +113,8 @@ def check(field: str, value: object, label: str | None = None) -> None:
         raise UsageError(f"{name} must be a lowercase letter then up to {MAX_PREFIX - 1} "
                          f"lowercase letters or digits, not {value!r}",
                          "it starts every interface name kh makes")
+    if field == "backend" and value not in BACKENDS:
+        raise UsageError(f"{name} must be {' or '.join(BACKENDS)}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ class ServiceConfig:
     uplink_netns: str | None = None  # the operator's outside world: kh never removes it
     outside: bool = True  # without uplink_netns: kh's own outside world, <prefix>-outside
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
+    backend: str = "qemu"  # kh.hw.backend: qemu (direct) or libvirt (KH_BACKEND)
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
     node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
     meter_interval: int = 10  # s between metering samples (KH_METER_INTERVAL)

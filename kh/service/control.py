@@ -20,7 +20,7 @@ from pathlib import Path
 from kh import proc
 from kh.client import Client, Disconnected, NotRunning
 from kh.errors import KhError
-from kh.hw import cgroup
+from kh.hw import cgroup, libvirtd
 from kh.hw import netns as nsutil
 from kh.hw.board import BOARDS
 from kh.hw.fabric import Fabric
@@ -271,6 +271,9 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     Processes and namespaces are found by the prefix tag, so two kh instances on one host
     need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
+    # kh's own libvirtd (the libvirt backend): its domains, then the daemon itself
+    done += libvirtd.stop(libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns),
+                          cfg.prefix)
     # Only now, with no khd left to start one: each found with its identity (PID, start time,
     # tag), checked again before each signal, and looked for again until none is found.
     stopped, left = procid.sweep(cfg.prefix)

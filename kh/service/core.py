@@ -47,10 +47,10 @@ from kh.model import (
     NodeState,
 )
 from kh.service import membership, recovery, tokens, views
+from kh.service.backends import make_backend
 from kh.service.config import ServiceConfig
 from kh.service.forward import Forwarder
 from kh.service.hardware import Hardware
-from kh.service.nodes import NodeManager
 from kh.service.pins import channel_boot_key
 from kh.service.pool import Pool, shortage
 from kh.service.request import current_caller
@@ -80,7 +80,7 @@ class Service:
         self.store = Store(cfg.db)
         membership.ensure_schema(self.store)
         self.fabric = Fabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port))
-        self.nodes = NodeManager(cfg, self.fabric)
+        self.nodes = make_backend(cfg, self.fabric)  # kh.hw.backend: qemu or libvirt
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)  # notified when a node's reset ends
         self._resetting: set[int] = set()  # nodes being reset (under the lock)

@@ -141,10 +141,8 @@ def tap_master(svc: Service, number: int, slot: int) -> int | None:
 
 
 def set_carrier(svc: Service, number: int, slot: int, up: bool) -> None:
-    """The carrier of the node's NIC ``slot`` (QMP set_link on its netdev's device)."""
-    from kh.service.nodes import node_spec
-    svc.nodes.running[number].qmp(node_spec(svc.cfg, number), "set_link", name=f"d{slot}",
-                                  up=up)
+    """The carrier of the node's NIC ``slot`` (the backend's link up/down)."""
+    svc.nodes.set_link(number, slot, up)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pwd
+import signal
 import subprocess
 import threading
 import time
@@ -28,6 +29,9 @@ from kh.cc.channel import NodeWriter
 from kh.errors import BootError, KhError, KhTimeout
 from kh.hw import board, cgroup, memload, qemu, uboot
 from kh.hw import netns as nsutil
+from kh.hw.backend import StartAborted as StartAborted
+from kh.hw.backend import StartFailed as StartFailed
+from kh.hw.backend import back_at_prompt
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
 from kh.hw.qemu import died_reason as died_reason  # khd's pool reads it here
@@ -105,19 +109,6 @@ def kill_recorded(cfg: ServiceConfig, number: int, pid: int | None) -> bool:
     return bool(ident and procid.stop([ident]))
 
 
-class StartFailed(BootError):
-    """A node did not come to the U-Boot prompt; ``reason`` says why in one line."""
-
-    def __init__(self, number: int, reason: str) -> None:
-        super().__init__(f"node {number} failed to start: {reason}")
-        self.number = number
-        self.reason = reason
-
-
-class StartAborted(BootError):
-    """khd is going away: the node's start was stopped, its QEMU ended."""
-
-
 def start_reason(error: KhError, exit_code: int | None, qemu_output: str, *names: str) -> str:
     """Why a start failed, in one line: what QEMU said when it exited on its own, or else the
     stage that did not come (the error's own message, without the node's ``names``: its tag,
@@ -131,6 +122,19 @@ def start_reason(error: KhError, exit_code: int | None, qemu_output: str, *names
     for name in names:
         message = message.removeprefix(f"{name}: ")
     return message
+
+
+def death_reason(exit_code: int | None, qemu_output: str) -> str:
+    """Why a node that had been running is gone, naming the signal that killed its QEMU
+    (``QEMU was killed by SIGKILL``) rather than a negative status."""
+    if exit_code is None or exit_code >= 0:
+        return died_reason(exit_code, qemu_output)
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"QEMU was killed by {name}" + died_reason(None, qemu_output).removeprefix(
+        "QEMU exited")
 
 
 def read_log(path: Path) -> str:
@@ -148,6 +152,7 @@ class RunningNode:
     mux: Mux
     popen: subprocess.Popen[bytes] | None = None  # None when reattached after a khd restart
     cgroup: cgroup.NodeCgroup | None = None
+    qemu_log: Path | None = None  # QEMU's stderr: why it died
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: NodeWriter = field(init=False)
 
@@ -167,6 +172,9 @@ class RunningNode:
         """QEMU's exit status, when it was our child and has exited."""
         return self.popen.poll() if self.popen is not None else None
 
+    def death_reason(self) -> str:
+        return death_reason(self.exit_code(), read_log(self.qemu_log) if self.qemu_log else "")
+
     def qmp(self, spec: board.NodeSpec, command: str, /, **args: object) -> object:
         assert spec.qmp is not None
         q = qemu.Qmp(spec.qmp)
@@ -177,6 +185,10 @@ class RunningNode:
 
 
 class NodeManager:
+    """The ``qemu`` backend (kh.hw.backend.Backend): khd runs each node's QEMU itself."""
+
+    name = "qemu"
+
     def __init__(self, cfg: ServiceConfig, fabric: Fabric) -> None:
         self.cfg = cfg
         self.fabric = fabric
@@ -255,7 +267,7 @@ class NodeManager:
         try:
             on_spawn(popen.pid)
             con, mux = self._attach_console(number, alive=lambda: popen.poll() is None)
-            node = made = RunningNode(number, ident, con, mux, popen, cg)
+            node = made = RunningNode(number, ident, con, mux, popen, cg, qemu_log)
             self._wait_qmp(spec, popen)
             for slot in range(NIC_SLOTS):
                 node.qmp(spec, "set_link", name=f"d{slot}", up=False)
@@ -370,9 +382,13 @@ class NodeManager:
         # The node ran on while no khd read its console: its log says so (issue 10).
         con, mux = self._attach_console(number, timeout=5, gap="khd was not running")
         node = RunningNode(number, ident, con, mux, None,
-                           cgroup.of_pid(pid, self.cfg.prefix, number))
+                           cgroup.of_pid(pid, self.cfg.prefix, number), self.cfg.qemu_log(number))
         self.running[number] = node
         return node
+
+    def kill_recorded(self, number: int, pid: int | None) -> bool:
+        """Stop node ``number``'s QEMU, only if ``pid`` is still it; True if so."""
+        return kill_recorded(self.cfg, number, pid)
 
     def stop_orphans(self) -> list[str]:
         """After ``reattach``: stop every QEMU carrying this khd's tag that is no running node
@@ -425,6 +441,19 @@ class NodeManager:
         for slot in range(NIC_SLOTS):
             node.qmp(spec, "set_link", name=f"d{slot}", up=slot < used)
 
+    def set_link(self, number: int, slot: int, up: bool) -> None:
+        """The carrier of the node's NIC ``slot`` (QMP set_link on its netdev's device)."""
+        self.running[number].qmp(node_spec(self.cfg, number), "set_link", name=f"d{slot}",
+                                 up=up)
+
+    def open_ram(self, number: int) -> memload.RamFile:
+        """The node's RAM: its QEMU's memfd, opened (the open file stays bound to that QEMU).
+        LoadError when the node is not running or its RAM cannot be opened."""
+        node = self.running.get(number)
+        if node is None:
+            raise memload.LoadError("the node is not running")
+        return memload.RamFile(memload.ram_file(node.pid))
+
     def reset(self, number: int, timeout: float = 30.0) -> None:
         node = self.running[number]
         spec = node_spec(self.cfg, number)
@@ -437,12 +466,5 @@ class NodeManager:
             node.qmp(spec, "system_reset")
             memload.load_files(node.pid, default_loads(self.cfg))
             node.qmp(spec, "cont")
-            node.console.expect(uboot.UBOOT_PROMPT, timeout, stage="U-Boot prompt after reset",
-                                start=start)
-            # What QEMU already held may still have reached the prompt: clear the line.
-            node.console.wait_sent(10)
-            start = node.console.mark()
-            node.console.write(b"\x03")
-            node.console.expect(uboot.UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C",
-                                start=start)
+            back_at_prompt(node.console, start, timeout)
 

@@ -17,7 +17,6 @@ node under the next free number in its place. Releasing it removes it.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,17 +25,11 @@ from typing import Any
 
 from kh.allocation import AllocationError
 from kh.errors import KhError
+from kh.hw.backend import Backend, StartAborted, StartFailed
 from kh.model import NodeState
 from kh.service.config import ServiceConfig
-from kh.service.nodes import (
-    NodeManager,
-    StartAborted,
-    StartFailed,
-    died_reason,
-    kill_recorded,
-    node_tag,
-    read_log,
-)
+from kh.service.nodes import death_reason as death_reason  # its tests read it here
+from kh.service.nodes import node_tag
 from kh.store import NodeRow, Store
 
 log = logging.getLogger("kh.pool")
@@ -57,19 +50,6 @@ def retry_delay(attempts: int, *, limit: int = START_ATTEMPTS, first: float = FI
     if attempts >= limit:
         return None
     return min(cap, first * 2.0 ** (attempts - 1))
-
-
-def death_reason(exit_code: int | None, qemu_output: str) -> str:
-    """Why a node that had been running is gone, naming the signal that killed its QEMU
-    (``QEMU was killed by SIGKILL``) rather than a negative status."""
-    if exit_code is None or exit_code >= 0:
-        return died_reason(exit_code, qemu_output)
-    try:
-        name = signal.Signals(-exit_code).name
-    except ValueError:
-        name = f"signal {-exit_code}"
-    return f"QEMU was killed by {name}" + died_reason(None, qemu_output).removeprefix(
-        "QEMU exited")
 
 
 def attempts_after(row: NodeRow, now: float) -> int:
@@ -233,7 +213,7 @@ def shortage(count: int, free: int, status: PoolStatus) -> AllocationError:
 class Pool:
     """Fills the pool, retries failed nodes with backoff, notices nodes that die."""
 
-    def __init__(self, cfg: ServiceConfig, store: Store, nodes: NodeManager,
+    def __init__(self, cfg: ServiceConfig, store: Store, nodes: Backend,
                  lock: threading.RLock) -> None:
         self.cfg = cfg
         self.store = store
@@ -252,7 +232,7 @@ class Pool:
         for row in self.store.nodes():
             n, tag = row.number, node_tag(self.cfg, row.number)
             if row.state == NodeState.STARTING:
-                kill_recorded(self.cfg, n, row.pid)  # only if row.pid is still its QEMU
+                self.nodes.kill_recorded(n, row.pid)  # only if row.pid is still its QEMU
                 self.store.delete_node(n)
                 repairs.append(f"node {n}: was starting when khd stopped; starting it again")
                 continue
@@ -266,7 +246,7 @@ class Pool:
                     continue
             except KhError as e:
                 log.warning("node %d: cannot reattach: %s", n, e)
-                kill_recorded(self.cfg, n, row.pid)
+                self.nodes.kill_recorded(n, row.pid)
             if row.state == NodeState.ALLOCATED:
                 self.store.node_failed(n, "QEMU exited while khd was away")
                 repairs.append(f"node {n}: {tag} had exited; marked failed")
@@ -365,9 +345,8 @@ class Pool:
                 node = self.nodes.running.get(row.number)
                 if node is None or node.alive():
                     continue
-                code = node.exit_code()
+                reason = node.death_reason()
                 self.nodes.stop(row.number)
-                reason = death_reason(code, read_log(self.cfg.qemu_log(row.number)))
                 log.warning("node %d died: %s", row.number, reason)
                 if row.state == NodeState.ALLOCATED:
                     self.store.node_failed(row.number, reason)

@@ -127,6 +127,25 @@ def test_webfarm_grows_by_the_difference_checks_and_goes(khd, labs, tmp_path):
     r = khlab(khd, labs, "status", "webfarm")
     assert r.returncode == 0 and " ready " in r.stdout, r
 
+    # one node re-booted; the others untouched
+    last = grown["allocations"][1]["nodes"][1]
+    r = khlab(khd, labs, "restart", "webfarm", "web[3]")
+    assert r.returncode == 0 and f"web[3]: node {last} ready" in r.stdout, r
+    assert len(uboot.READY.findall(khd.console_log(last).read_bytes())) == 2
+    assert all(len(uboot.READY.findall(khd.console_log(n).read_bytes())) == 1 for n in nodes)
+
+    # 4 -> 3 nodes and new keys: the newest node released, the other 3 re-booted
+    f.write_text(text.replace("count: 2", "count: 3").replace(
+        "    appliance: apache\n", "    appliance: apache\n    keys: kh.lab={{ lab }}\n"))
+    r = khlab(khd, labs, "up", str(f))
+    assert r.returncode == 0, r
+    assert f"web: 4 -> 3 nodes: {last} released" in r.stdout, r.stdout
+    assert "web: re-booted: keys '' -> 'kh.lab={{ lab }}'" in r.stdout, r.stdout
+    assert [len(uboot.READY.findall(khd.console_log(n).read_bytes())) for n in nodes] == [2, 2]
+    assert "kh.lab=webfarm" in khd.console_log(nodes[0]).read_text(errors="replace")
+    r = khlab(khd, labs, "check", str(f))
+    assert r.returncode == 0 and "1/1 checks passed" in r.stdout, r
+
     f.unlink()  # down works from the remembered state
     r = khlab(khd, labs, "down", "webfarm")
     assert r.returncode == 0, r

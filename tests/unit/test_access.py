@@ -34,7 +34,16 @@ class Running:
 
 @dataclass
 class Nodes:
+    """The backend (kh.hw.backend.Backend) as far as ServiceAccess uses it; RAM opened as the
+    qemu backend opens it (the memfd of the node's process, found through /proc)."""
+
     running: dict[int, Running] = field(default_factory=dict)
+
+    def open_ram(self, number: int) -> memload.RamFile:
+        node = self.running.get(number)
+        if node is None:
+            raise memload.LoadError("the node is not running")
+        return memload.RamFile(memload.ram_file(node.pid))
 
 
 @dataclass
