@@ -12,6 +12,7 @@ import click
 from kh import boot as boot_mod
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
+from kh.cli.bill import register as register_bill_commands
 from kh.cli.common import entry, handle_errors, setup_logging, stop_on_signals
 from kh.cli.fabric import register as register_fabric_commands
 from kh.cli.lab import register as register_lab_commands
@@ -175,6 +176,7 @@ def _write_out(data: bytes) -> None:
 
 register_service_commands(main)
 register_token_commands(main)
+register_bill_commands(main)
 register_usage_commands(main)
 register_outside_commands(main)
 register_fabric_commands(main)

@@ -29,7 +29,9 @@ from kh import textobj
 from kh.admission import AuthError, Throttled, check_user
 from kh.allocation import MAX_NETID, MAX_NODE, NIC_SLOTS, AllocationError, Request, host_address
 from kh.errors import KhError, UsageError
+from kh.metering import billing
 from kh.metering import routes as usage_routes
+from kh.metering import top as top_routes
 from kh.model import PUBLIC
 from kh.service import aoe, httpd, publish, tokens
 from kh.service import request as rq
@@ -405,6 +407,8 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
     *publish.ROUTES,  # node ports on the host's loopback (kh.service.publish)
     *usage_routes.ROUTES,  # what principals used (kh.metering)
+    *billing.ROUTES,  # their bills (kh.metering.billing)
+    *top_routes.ROUTES,  # the nodes now, for `kh top` (kh.metering.top)
 ]
 
 # The only routes a token may use (with `token` instead of `credential`; kh.service.tokens).

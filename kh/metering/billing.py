@@ -1,0 +1,166 @@
+"""`kh bill` in khd: a principal's bill for a period, from the meter's records and a price list
+(kh.metering.rating), and the API's routes for it.
+
+Which price list: a list sent with the request (what-if: its text, at most prices.MAX_BYTES;
+khd never opens a path a client names), else the operator's ``<state dir>/prices.toml`` when
+there is one, else the default shipped with kh (kh/metering/default-prices.toml).
+
+Who sees what, as for usage: a principal its own bill, with its credential (``POST /v1/bill``);
+the operator (root on khd's unix socket) anyone's (``GET /v1/bill?principal=&period=``, or a
+POST without a credential). Rating only reads: a bill changes nothing in the state.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kh.admission import AuthError, check_user
+from kh.errors import KhError, UsageError
+from kh.metering import prices as pricing
+from kh.metering import rating
+from kh.metering import store as mstore
+from kh.metering.usage import gaps, usage_records
+from kh.service import request as rq
+
+if TYPE_CHECKING:
+    from kh.service.core import Service
+    from kh.service.request import Caller
+
+DEFAULT = Path(__file__).with_name("default-prices.toml")
+Result = tuple[int, str, Any]
+
+
+class ServicePricesBroken(KhError):
+    """The operator's price list in the state directory cannot be used (a 500: the service's
+    fault, not the caller's)."""
+
+
+def service_prices(state_dir: Path) -> pricing.PriceList:
+    """The operator's ``<state_dir>/prices.toml``, else the default. Read at every bill, so
+    a changed file counts from the next bill on; ServicePricesBroken when it is bad."""
+    own = state_dir / "prices.toml"
+    if not own.exists():
+        return pricing.load(DEFAULT)
+    try:
+        return pricing.load(own)
+    except pricing.PriceError as e:
+        raise ServicePricesBroken(f"the service's price list is unusable: {e.message}",
+                                  "the operator fixes it, or removes it for kh's default") \
+            from None
+
+
+def this_month(zone: Any, now: datetime | None = None) -> str:
+    """``YYYY-MM``, the current month of the price list's zone."""
+    return (now or datetime.now(UTC)).astimezone(zone).strftime("%Y-%m")
+
+
+def bill(svc: Service, principal: str, period_text: str | None,
+         plist: pricing.PriceList) -> rating.Bill:
+    """``principal``'s bill for the period (default: this month). NotFound-like UsageError is
+    the caller's business; this reads the meter's tables only."""
+    text = period_text or this_month(plist.zone)
+    start, end = rating.period(text, plist)
+    step = rating.step_for(plist, start, end)
+    records = usage_records(svc.store, start, end, principal, step=step, by="principal")
+    return rating.rate(records, plist, principal, text, start, end,
+                       gaps(svc.store, start, end, principal))
+
+
+def _prices(svc: Service, body: dict[str, Any]) -> pricing.PriceList:
+    sent = body.get("prices")
+    if sent is None:
+        return service_prices(svc.cfg.state_dir)
+    if not isinstance(sent, str):
+        raise UsageError("`prices` must be a price list's text (TOML)")
+    return pricing.parse(sent.encode("utf-8", "surrogatepass")[:pricing.MAX_BYTES + 1],
+                         "the price list sent")
+
+
+def _period(body: dict[str, Any]) -> str | None:
+    p = body.get("period")
+    if p is None or p == "":
+        return None
+    if not isinstance(p, str) or len(p) > 10:
+        raise UsageError("`period` must be YYYY-MM or YYYY-MM-DD")
+    return p
+
+
+def _known(svc: Service, name: str) -> None:
+    """The operator asks for a principal of the state, or a removed one whose usage is kept
+    (its last bill); NotFound (404) otherwise."""
+    from kh.service.core import NotFound
+    if not mstore.known(svc.store, name):
+        raise NotFound(f"no principal {name}", "kh principal list shows them")
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise UsageError(f"unknown parameter {extra[0][:40]!r}",
+                         "one of " + ", ".join(sorted(allowed)))
+
+
+def route_get(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """GET /v1/bill?principal=NAME&period=2026-11: the operator's, for anyone."""
+    if not caller.operator:
+        raise AuthError("a bill over TCP needs the principal's credential",
+                        "POST /v1/bill with user and credential")
+    _only(body, {"principal", "period"})
+    name = body.get("principal")
+    if not isinstance(name, str) or not name:
+        raise UsageError("`principal` is required", "GET /v1/bill?principal=NAME")
+    check_user(name)
+    _known(svc, name)
+    return _answer(bill(svc, name, _period(body), _prices(svc, {})))
+
+
+def route_post(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
+    """POST /v1/bill {user, credential, period, prices}: a principal's own bill (the operator
+    needs no credential), rated with the price list sent, else the service's."""
+    _only(body, {"user", "credential", "period", "prices"})
+    user = rq.user(body)
+    cred = rq.credential(body)
+    if cred is None and caller.operator:
+        check_user(user)
+        _known(svc, user)
+    else:
+        svc.authenticate(user, cred)
+    plist = _prices(svc, body)  # after the credential: a stranger learns nothing by it
+    return _answer(bill(svc, user, _period(body), plist))
+
+
+def _answer(b: rating.Bill) -> Result:
+    return 200, text(b), b.to_json()
+
+
+def text(b: rating.Bill) -> str:
+    """The bill as `kh bill` prints it."""
+    p = b.prices
+    zone = p.zone
+    lines = [f"bill for {b.principal}, {b.period} ({b.start.astimezone(zone):%Y-%m-%d %H:%M} "
+             f"to {b.end.astimezone(zone):%Y-%m-%d %H:%M} {p.timezone}), prices: "
+             f"{p.name or p.source} (sha256 {p.sha256[:12]})",
+             f"{'ENTRY':<9} {'QUANTITY':<19} {'DOMAIN':<8} {'RATE':<26} {'AMOUNT':>22} "
+             f"{'PRICE':>18} {'CHARGE':>12}"]
+    for x in b.lines:
+        per = "" if x.per == 1 else f"/{rating.num(x.per)}"
+        lines.append(f"{x.entry:<9} {x.quantity.value:<19} "
+                     f"{x.domain.value if x.domain else '-':<8} {x.rate[:26]:<26} "
+                     f"{rating.num(x.amount) + ' ' + x.unit:>22} "
+                     f"{rating.num(x.price) + per:>18} {x.charge:>12}")
+    lines.append(f"{'total':<9} {'':<19} {'':<8} {'':<26} {'':>22} {p.currency:>18} "
+                 f"{b.total:>12}")
+    if b.unpriced:
+        lines.append("not priced (free): " + ", ".join(
+            f"{u.quantity.value}{' ' + u.domain.value if u.domain else ''} "
+            f"{rating.num(u.amount)} {u.unit}" for u in b.unpriced))
+    for g in b.gaps:
+        lines.append(f"not metered: node {g.node} (allocation {g.allocation}) {g.what} from "
+                     f"{g.start.astimezone(zone):%Y-%m-%d %H:%M:%S} to "
+                     f"{g.end.astimezone(zone):%Y-%m-%d %H:%M:%S} (khd could not see it)")
+    return "\n".join(lines) + "\n"
+
+
+ROUTES = [("GET", r"/v1/bill", route_get), ("POST", r"/v1/bill", route_post)]
