@@ -1,0 +1,143 @@
+"""Issue 16, Speed: ping and HTTP between two real nodes in one domain, on one host and across
+two hosts over VXLAN. Prints numbers; asserts nothing.
+
+Two kh fabrics on this machine joined by an underlay (tests/unit/twohost.py, MTU 1500), domain 3
+stretched between them. Three ppce500 nodes boot the shell appliance (busybox httpd on port 80)
+with their NIC in domain 3 and MTU 1450 (boot key kh.mtu0): nodes 1 and 2 on host a, node 3 on
+host b; each node's QEMU runs in its host's fabric namespace (started from a thread that entered
+it), on a tap of that fabric. From node 1: `ping` node 2 (same host) and node 3 (across hosts),
+and fetch each one's page N times with busybox wget (the loop's time on the node's own clock).
+
+Usage (root, images built): .venv/bin/python -m benchmarks.vxlan_nodes [--pings N] [--gets N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from kh import boot
+from kh.allocation import node_address
+from kh.hw import board, qemu, stretch, uboot
+from kh.hw import netns as nsutil
+from kh.hw.antispoof import nic_mac
+from kh.settings import paths
+from tests.unit.twohost import Host, two_hosts
+
+D = 3
+
+
+@contextlib.contextmanager
+def node_in(h: Host, number: int, logdir: Path) -> Iterator[boot.BootedNode]:
+    """Node ``number`` booted into the shell appliance with its NIC on ``h``'s tap in domain D.
+    Its QEMU is started from a thread inside ``h``'s namespace (a child is in the namespace of
+    the thread that forks it), which lives until the node is torn down (QEMU dies with it)."""
+    h.fabric.ensure_tap(number, 0)
+    h.fabric.attach(number, 0, D)
+    p = paths()
+    cfg = boot.default_config(
+        p, khargs=f"kh.node={number} kh.eth0={node_address(D, number)} kh.mtu0=1450",
+        console_log=logdir / f"node{number}.console.log")
+    cfg = dataclasses.replace(cfg, name=f"vxn{number}")
+    box: dict[str, object] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def run() -> None:
+        workdir = Path(tempfile.mkdtemp(prefix="kh-vxn-"))
+        try:
+            nsutil.enter(h.cfg.netns)
+            spec = dataclasses.replace(boot.node_spec(cfg, workdir), nics=(
+                board.Nic("n0", nic_mac(number, 0), tap=h.cfg.tap(number, 0)),))
+            with qemu.running(spec, console_log=cfg.console_log, workdir=workdir,
+                              die_with_parent=True) as node:
+                node.console.expect(uboot.UBOOT_PROMPT, cfg.prompt_timeout, stage="U-Boot")
+                box["node"] = boot.kboot(node, cfg)
+                ready.set()
+                done.wait()
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            ready.set()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    t = threading.Thread(target=run, name=f"node{number}")
+    t.start()
+    try:
+        ready.wait()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        yield box["node"]  # type: ignore[misc]
+    finally:
+        done.set()
+        t.join()
+
+
+def ping(node: boot.BootedNode, addr: str, count: int) -> tuple[float, float, float, str]:
+    """(min, avg, max) ms of ``count`` pings, and the loss line."""
+    out, _ = node.run(f"ping -c {count} -i 0.2 {addr}", timeout=count + 60)
+    m = re.search(r"min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+    loss = re.search(r"\d+ packets transmitted.*", out)
+    if not m:
+        raise SystemExit(f"ping {addr}: {out.strip()[-200:]}")
+    return float(m[1]), float(m[2]), float(m[3]), loss[0] if loss else ""
+
+
+def fetches(node: boot.BootedNode, addr: str, gets: int) -> float:
+    """Milliseconds per page: ``gets`` fetches of http://addr/ in a loop, timed by the node's
+    own clock (/proc/uptime, 10 ms resolution over the whole loop)."""
+    out, status = node.run(
+        "read a _ < /proc/uptime; i=0; "
+        f"while [ $i -lt {gets} ]; do wget -q -O /dev/null http://{addr}/ || exit 1; "
+        "i=$((i+1)); done; read b _ < /proc/uptime; echo $a $b", timeout=gets * 5 + 60)
+    if status != 0:
+        raise SystemExit(f"wget {addr} failed")
+    a, b = (float(x) for x in out.split()[-2:])
+    return (b - a) * 1000 / gets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pings", type=int, default=50)
+    ap.add_argument("--gets", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    logdir = Path(tempfile.mkdtemp(prefix="kh-vxn-logs-"))
+    with two_hosts("bvn") as (a, b):
+        stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name)
+        stretch.ensure(b.fabric, b.underlay, D, [a.peer], b.name)
+        with node_in(a, 1, logdir) as n1, node_in(a, 2, logdir), node_in(b, 3, logdir):
+            targets = {"same host": str(node_address(D, 2).ip),
+                       "across hosts": str(node_address(D, 3).ip)}
+            for addr in targets.values():  # ARP and the bridges' learning first
+                ping(n1, addr, 3)
+            print(f"node 1 (host a) to node 2 (host a) and node 3 (host b), domain {D}, MTU "
+                  f"1450; {args.rounds} rounds, alternating")
+            res: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
+            for i in range(args.rounds):
+                order = list(targets.items())
+                for name, addr in (order if i % 2 == 0 else order[::-1]):
+                    mn, avg, mx, loss = ping(n1, addr, args.pings)
+                    per_get = fetches(n1, addr, args.gets)
+                    res[name].append((avg, per_get))
+                    print(f"  {name:12s} ping min/avg/max {mn:.2f}/{avg:.2f}/{mx:.2f} ms "
+                          f"({loss}); HTTP GET {per_get:.1f} ms a page ({args.gets} pages)")
+            same, across = (sorted(res[k]) for k in targets)
+            p_same = sum(x for x, _ in same) / len(same)
+            p_across = sum(x for x, _ in across) / len(across)
+            h_same = sum(y for _, y in same) / len(same)
+            h_across = sum(y for _, y in across) / len(across)
+            print(f"  mean ping {p_same:.2f} vs {p_across:.2f} ms: across / same "
+                  f"{p_across / p_same:.2f}x; HTTP {h_same:.1f} vs {h_across:.1f} ms a page: "
+                  f"{h_across / h_same:.2f}x (goal: within 2x)")
+    shutil.rmtree(logdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
