@@ -5,11 +5,11 @@
    and 4 real taps each (256, in a network namespace of the benchmark's own; needs root,
    otherwise no taps), over a real store. The meter's thread takes SAMPLES samples; its own
    CPU time (thread_time) per sample, and the share of one core that is at a 10 s interval.
-2. A store holding 30 days of 64 nodes (8 principals of 8): the last two days at 10 s, the 28
-   before at one row a minute (as compaction leaves them), each node with one interface's
-   traffic; then the compaction of the older day, the state's size, and how long the reports
-   take in-process: everyone's (`kh usage`), one principal's by node and by hour, and the
-   records rating reads (usage_records, hourly).
+2. A store holding 30 days of 64 nodes (8 principals of 8; see synthesize), each node with one
+   interface's traffic; then a compaction (a day merged per minute, a day of samples dropped),
+   the state's size, and how long the reports take in-process: everyone's (`kh usage`), one
+   principal's by node and by hour, and the records rating reads (usage_records, hourly and
+   per minute).
 
 Prints numbers; asserts nothing. `python -m benchmarks.metering [--samples N] [--skip-store]`.
 """
@@ -138,29 +138,46 @@ def sampler(samples: int) -> None:
 
 
 def synthesize(path: Path, now: int) -> None:
-    """30 days of 64 nodes' rows straight into a new state (as the sampler and compaction
-    would have left them), in one transaction."""
+    """30 days of 64 nodes straight into a new state, as the sampler and a week of compaction
+    would have left it: samples every 10 s for the last 2 days (so one day is still to merge),
+    one a minute for the 6 days before, only hourly sums before that (and the 8th day's
+    samples, still to drop); the hourly sums of all 30 days. One transaction."""
     st = Store(path)
     rng = random.Random(14)
     node_rows, net_rows = [], []
+    hours: dict[tuple[str, int, int], list[int]] = {}
+    net_hours: dict[tuple[str, int, int, int], list[int]] = {}
     users = [f"p{p}" for p in range(PRINCIPALS)]
-    t_start = now - 30 * DAY * US
+    hour = 3600 * US
     for n in range(1, NODES + 1):
         user = users[(n - 1) // (NODES // PRINCIPALS)]
         alloc, netid = n, 3 + (n - 1) // (NODES // PRINCIPALS)
-        t = t_start
+        t = now - 30 * DAY * US
         while t < now:
             step = 60 if t < now - 2 * DAY * US else 10
             t += step * US
-            node_rows.append((user, t, n, alloc, step * US, rng.randrange(0, step * 20_000),
-                              256, 0))
-            b = rng.randrange(0, step * 2000)
-            net_rows.append((user, t, n, 0, alloc, netid, b, b // 2, b // 1000, b // 2000))
+            cpu, b = rng.randrange(0, step * 20_000), rng.randrange(0, step * 2000)
+            h = hours.setdefault((user, t // hour * hour, n), [0, 0, 0])
+            h[0] += step * US
+            h[1] += cpu
+            h[2] += 256 * step * US
+            nh = net_hours.setdefault((user, t // hour * hour, n, netid), [0, 0, 0, 0])
+            for i, v in enumerate((b, b // 2, b // 1000, b // 2000)):
+                nh[i] += v
+            if t >= now - 8 * DAY * US:
+                node_rows.append((user, t, n, alloc, step * US, cpu, 256, 0))
+                net_rows.append((user, t, n, 0, alloc, netid, b, b // 2, b // 1000, b // 2000))
     with st.tx() as db:
         db.executemany("INSERT OR IGNORE INTO meter_principals VALUES (?)",
                        [(u,) for u in users])
         db.executemany("INSERT INTO meter_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", node_rows)
         db.executemany("INSERT INTO meter_net VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", net_rows)
+        db.executemany("INSERT INTO meter_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(u, h, n, n, *v, 0) for (u, h, n), v in hours.items()])
+        db.executemany("INSERT INTO meter_net_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(u, h, n, 0, n, nid, *v) for (u, h, n, nid), v in net_hours.items()])
+        db.execute("INSERT INTO meta VALUES ('meter_horizon', ?)",
+                   (str((now - 8 * DAY * US) // hour * hour),))
     st.close()
 
 
@@ -189,8 +206,8 @@ def store_bench() -> None:
         rows = st._rows("SELECT COUNT(*) FROM meter_usage")[0][0]
         print(f"30 days x {NODES} nodes synthesized in {time.perf_counter() - t0:.1f} s: "
               f"{rows} usage rows (+ as many traffic rows), {size(path):.1f} MiB")
-        merged = timed("compaction of the day older than a day (10 s -> 1 min)",
-                       lambda: mstore.compact(st, now))
+        merged = timed("compaction: the day older than a day (10 s -> 1 min), the 8th day's "
+                       "samples dropped", lambda: mstore.compact(st, now))
         rows = st._rows("SELECT COUNT(*) FROM meter_usage")[0][0]
         print(f"  {merged} rows merged; now {rows} usage rows, {size(path):.1f} MiB "
               f"(after VACUUM: ", end="")
@@ -207,6 +224,9 @@ def store_bench() -> None:
         timed("everyone's, by node", lambda: report.report(st, since, until, None, "node"))
         recs = timed("records rating reads: one principal, hourly",
                      lambda: usage_records(st, since, until, "p3", step=3600, by="principal"))
+        print(f"  ({len(recs)} records)")  # type: ignore[arg-type]
+        recs = timed("records rating reads: one principal, per minute",
+                     lambda: usage_records(st, since, until, "p3", step=60, by="principal"))
         print(f"  ({len(recs)} records)")  # type: ignore[arg-type]
         st.close()
     finally:

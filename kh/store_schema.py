@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
@@ -75,5 +75,26 @@ CREATE TABLE meter_gaps (
 CREATE TABLE meter_last (
     node INTEGER PRIMARY KEY, t INTEGER NOT NULL, gen TEXT NOT NULL, alloc INTEGER,
     principal TEXT, cpu_us INTEGER NOT NULL, mem_mib INTEGER NOT NULL, nics TEXT NOT NULL);
+""",
+    # Metering's hourly sums (kh.metering.store): kept up to date with every sample, so a month
+    # is read from ~1/360 of the rows, and kept after the samples themselves are dropped (after
+    # a week): the hour is the sample time's, in us since the epoch.
+    7: """
+CREATE TABLE meter_hours (
+    principal TEXT NOT NULL, hour INTEGER NOT NULL, node INTEGER NOT NULL,
+    alloc INTEGER NOT NULL, node_us INTEGER NOT NULL, cpu_us INTEGER NOT NULL,
+    mem_mib_us INTEGER NOT NULL, load_bytes INTEGER NOT NULL,
+    PRIMARY KEY (principal, hour, node, alloc)) WITHOUT ROWID;
+CREATE TABLE meter_net_hours (
+    principal TEXT NOT NULL, hour INTEGER NOT NULL, node INTEGER NOT NULL, slot INTEGER NOT NULL,
+    alloc INTEGER NOT NULL, netid INTEGER NOT NULL, tx_bytes INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL, tx_packets INTEGER NOT NULL, rx_packets INTEGER NOT NULL,
+    PRIMARY KEY (principal, hour, node, slot, alloc, netid)) WITHOUT ROWID;
+INSERT INTO meter_hours SELECT principal, t / 3600000000 * 3600000000, node, alloc,
+    SUM(node_us), SUM(cpu_us), SUM(mem_mib * node_us), SUM(load_bytes) FROM meter_usage
+    GROUP BY 1, 2, 3, 4;
+INSERT INTO meter_net_hours SELECT principal, t / 3600000000 * 3600000000, node, slot, alloc,
+    netid, SUM(tx_bytes), SUM(rx_bytes), SUM(tx_packets), SUM(rx_packets) FROM meter_net
+    GROUP BY 1, 2, 3, 4, 5, 6;
 """,
 }

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from kh.errors import UsageError
+from kh.metering import query
 from kh.metering import store as mstore
 from kh.metering.usage import US, check_range, from_us
 from kh.model import DomainKind
@@ -83,7 +84,7 @@ def report(st: Store, since: datetime, until: datetime, principal: str | None, b
     kind), node_seconds, cpu_seconds, mem_mib_seconds (decimal strings), load_bytes, and
     ``net``: {kind: {tx_bytes, rx_bytes, tx_packets, rx_packets}}."""
     lo, hi = check_range(since, until)
-    usage, net = mstore.sums(st, lo, hi, principal, by, token)
+    usage, net = query.sums(st, lo, hi, principal, by, token)
     keys = {"principal": (), "node": ("allocation", "node"), "allocation": ("allocation",),
             "hour": ("hour",), "domain": ()}[by]
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}

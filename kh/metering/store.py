@@ -20,15 +20,11 @@ import json
 import sqlite3
 from dataclasses import astuple, dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kh.metering.usage import (
-    UNITS,
     US,
     Gap,
-    Grain,
-    Quantity,
-    UsageRecord,
     from_us,
 )
 from kh.model import EXTERNAL, PUBLIC, DomainKind
@@ -36,15 +32,10 @@ from kh.model import EXTERNAL, PUBLIC, DomainKind
 if TYPE_CHECKING:
     from kh.store import Store
 
-_NODE_COLS = (("node_us", Quantity.NODE_SECONDS, US), ("cpu_us", Quantity.CPU_SECONDS, US),
-              ("mem_mib * node_us", Quantity.MEM_MIB_SECONDS, US),
-              ("load_bytes", Quantity.LOAD_BYTES, 1))
-KIND_SQL = ("CASE netid WHEN 0 THEN 'external' WHEN 1 THEN 'public' ELSE 'private' END")
-_NET_COLS = (("tx_bytes", Quantity.NET_TX_BYTES), ("rx_bytes", Quantity.NET_RX_BYTES),
-             ("tx_packets", Quantity.NET_TX_PACKETS), ("rx_packets", Quantity.NET_RX_PACKETS))
-_GROUP = {"node": ("alloc", "node"), "allocation": ("alloc",), "principal": ()}
 DAY_US = 86400 * US
+HOUR_US = 3600 * US
 MINUTE_US = 60 * US
+KEEP_US = 7 * DAY_US  # samples are kept this long; the hourly sums for good
 
 
 @dataclass(frozen=True)
@@ -79,57 +70,6 @@ class Last:
 
 def _amount(value: int, scale: int) -> Decimal:
     return Decimal(value) / scale if scale != 1 else Decimal(value)
-
-
-def _scope(lo: int, hi: int, principal: str | None, token: int | None
-           ) -> tuple[str, tuple[object, ...]]:
-    """The WHERE clause of rows in [lo, hi) us of ``principal`` (None: every principal, each
-    through the primary key) and of the allocations made with ``token`` (if one)."""
-    args: tuple[object, ...]
-    if principal is None:
-        where, args = ("principal IN (SELECT name FROM meter_principals) AND t >= ? AND t < ?",
-                       (lo, hi))
-    else:
-        where, args = "principal = ? AND t >= ? AND t < ?", (principal, lo, hi)
-    if token is not None:
-        where += " AND alloc IN (SELECT id FROM allocations WHERE token = ?)"
-        args = (*args, token)
-    return where, args
-
-
-def records(store: Store, lo: int, hi: int, principal: str | None, step: int,
-            by: Grain) -> list[UsageRecord]:
-    """See kh.metering.usage.usage_records (times and step in us)."""
-    group = _GROUP[by]
-    where, args = _scope(lo, hi, principal, None)
-    keys = ", ".join(("b", "principal", *group))
-    cols = "".join(", " + g for g in group)
-    out: list[UsageRecord] = []
-    sums = ", ".join(f"SUM({c})" for c, _q, _s in _NODE_COLS)
-    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal{cols}, {sums} "
-                           f"FROM meter_usage WHERE {where} GROUP BY {keys}", args):
-        b, who = row[0], row[1]
-        alloc = row[2] if group else None
-        node = row[3] if len(group) > 1 else None
-        for (_c, q, scale), v in zip(_NODE_COLS, row[2 + len(group):], strict=True):
-            if v:
-                out.append(UsageRecord(who, alloc, node, q, None, None, from_us(b),
-                                       from_us(b + step), _amount(v, scale), UNITS[q]))
-    sums = ", ".join(f"SUM({c})" for c, _q in _NET_COLS)
-    for row in store._rows(f"SELECT (t / {step}) * {step} AS b, principal{cols}, netid, "
-                           f"{sums} FROM meter_net WHERE {where} GROUP BY {keys}, netid", args):
-        b, who = row[0], row[1]
-        alloc = row[2] if group else None
-        node = row[3] if len(group) > 1 else None
-        netid = row[2 + len(group)]
-        for (_c, q), v in zip(_NET_COLS, row[3 + len(group):], strict=True):
-            if v:
-                out.append(UsageRecord(who, alloc, node, q, kind_of(netid), netid,
-                                       from_us(b), from_us(b + step), Decimal(v), UNITS[q]))
-    order = list(Quantity)
-    out.sort(key=lambda r: (r.start, r.principal, r.allocation or 0, r.node or 0,
-                            order.index(r.quantity), -1 if r.netid is None else r.netid))
-    return out
 
 
 def kind_of(netid: int) -> DomainKind:
@@ -208,6 +148,19 @@ def write(store: Store, usage: list[Usage], net: list[NetUsage], found: list[Gap
                        [astuple(u) for u in usage])
         db.executemany("INSERT INTO meter_net VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        [astuple(n) for n in net])
+        db.executemany("INSERT INTO meter_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO "
+                       "UPDATE SET node_us = node_us + excluded.node_us, cpu_us = cpu_us + "
+                       "excluded.cpu_us, mem_mib_us = mem_mib_us + excluded.mem_mib_us, "
+                       "load_bytes = load_bytes + excluded.load_bytes",
+                       [(u.principal, u.t // HOUR_US * HOUR_US, u.node, u.alloc, u.node_us,
+                         u.cpu_us, u.mem_mib * u.node_us, u.load_bytes) for u in usage])
+        db.executemany("INSERT INTO meter_net_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON "
+                       "CONFLICT DO UPDATE SET tx_bytes = tx_bytes + excluded.tx_bytes, "
+                       "rx_bytes = rx_bytes + excluded.rx_bytes, tx_packets = tx_packets + "
+                       "excluded.tx_packets, rx_packets = rx_packets + excluded.rx_packets",
+                       [(n.principal, n.t // HOUR_US * HOUR_US, n.node, n.slot, n.alloc,
+                         n.netid, n.tx_bytes, n.rx_bytes, n.tx_packets, n.rx_packets)
+                        for n in net])
         db.executemany("INSERT INTO meter_gaps VALUES (?, ?, ?, ?, ?, ?)", found)
         db.executemany("INSERT OR REPLACE INTO meter_last VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        [(x.node, x.t, x.gen, x.alloc, x.principal, x.cpu_us, x.mem_mib,
@@ -217,12 +170,21 @@ def write(store: Store, usage: list[Usage], net: list[NetUsage], found: list[Gap
         db.executemany("DELETE FROM meter_last WHERE node=?", [(n,) for n in gone])
 
 
-def compact(store: Store, now: int, age: int = DAY_US, bucket: int = MINUTE_US) -> int:
+def compact(store: Store, now: int, age: int = DAY_US, bucket: int = MINUTE_US,
+            keep: int = KEEP_US) -> int:
     """Merge the rows whose sample is older than ``age`` us (whole buckets only) into one per
     principal, node, allocation (interface, domain) and ``bucket`` us of sample time, at the
-    bucket's last sample, amounts summed: exact. Returns how many rows went. Idempotent."""
+    bucket's last sample, amounts summed: exact. Drop the samples older than ``keep`` us
+    (whole hours; their hourly sums stay) and move the horizon (kh.metering.query) there.
+    Returns how many rows were merged. Idempotent."""
     cut = (now - age) // bucket * bucket
+    edge = (now - keep) // HOUR_US * HOUR_US
     with store.tx() as db:
+        old = db.execute("SELECT value FROM meta WHERE key='meter_horizon'").fetchone()
+        if old is None or int(old[0]) < edge:
+            db.execute("DELETE FROM meter_usage WHERE t < ?", (edge,))
+            db.execute("DELETE FROM meter_net WHERE t < ?", (edge,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('meter_horizon', ?)", (str(edge),))
         before = db.total_changes
         _merge(db, "meter_usage", ("principal", "node", "alloc", "mem_mib"),
                ("node_us", "cpu_us", "load_bytes"), cut, bucket)
@@ -246,33 +208,6 @@ def _merge(db: sqlite3.Connection, table: str, keys: tuple[str, ...], sums: tupl
                    (t // bucket * bucket, t, *key))
         db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", r[:-1])
 
-
-# -- sums for `kh usage` (kh.metering.report) -----------------------------------------------------
-_BY_KEYS = {"principal": (), "node": ("alloc", "node"), "allocation": ("alloc",),
-            "hour": ("(t / 3600000000) * 3600000000",), "domain": ()}
-
-
-def sums(store: Store, lo: int, hi: int, principal: str | None, by: str,
-         token: int | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Integer sums over the samples taken in [lo, hi) us (of the allocations made with
-    ``token``, if one), per principal and ``by`` (a key of _BY_KEYS): (usage rows:
-    principal, *keys, node_us, cpu_us, mem_mib_us, load_bytes; net rows: principal, *keys,
-    kind, netid (None unless by domain), tx_bytes, rx_bytes, tx_packets, rx_packets). For
-    ``domain``, usage rows are per principal and net rows per domain."""
-    keys = _BY_KEYS[by]
-    where, args = _scope(lo, hi, principal, token)
-    cols = "".join(", " + k for k in keys)
-    usage = store._rows(f"SELECT principal{cols}, SUM(node_us), SUM(cpu_us), "
-                        f"SUM(mem_mib * node_us), SUM(load_bytes) FROM meter_usage "
-                        f"WHERE {where} GROUP BY principal{cols} ORDER BY principal{cols}",
-                        args)
-    domain = by == "domain"
-    net = store._rows(f"SELECT principal{cols}, {KIND_SQL} AS kind, "
-                      f"{'netid' if domain else 'NULL'}, SUM(tx_bytes), SUM(rx_bytes), "
-                      f"SUM(tx_packets), SUM(rx_packets) FROM meter_net WHERE {where} "
-                      f"GROUP BY principal{cols}, {'netid' if domain else 'kind'} "
-                      f"ORDER BY principal{cols}, {'netid' if domain else 'kind'}", args)
-    return usage, net
 
 
 def known(store: Store, principal: str) -> bool:

@@ -70,8 +70,9 @@ class UsageRecord:
     """``amount`` (exact, in ``unit``) of ``quantity`` used by ``principal``'s allocation
     ``allocation`` on node ``node`` (None: summed over them, by the grain asked for), measured
     by the samples taken in [start, end) (aware UTC datetimes; bucket bounds, aligned to
-    multiples of the step since the epoch). ``domain``/``netid``: the domain of a net quantity
-    (its kind and id), None for the others."""
+    multiples of the step since the epoch; a bucket finer than an hour older than the samples
+    kept, a week, comes from hourly sums and spans its hour). ``domain``/``netid``: the
+    domain of a net quantity (its kind and id), None for the others."""
 
     principal: str
     allocation: int | None
@@ -134,11 +135,11 @@ def usage_records(store: Store, since: datetime, until: datetime,
     60 gives whole UTC minutes) and per ``by``; records with a zero amount are left out.
     Ordered by start, principal, allocation, node, quantity, netid. UsageError if the range
     is reversed or a datetime is naive, or step < 1. Reads only."""
-    from kh.metering import store as mstore  # the tables' layout lives there
+    from kh.metering import query  # the tables' layout lives there
     lo, hi = check_range(since, until)
     if step < 1:
         raise UsageError(f"step {step} s is not a positive number of seconds")
-    return mstore.records(store, lo, hi, principal, step * US, by)
+    return query.records(store, lo, hi, principal, step * US, by)
 
 
 def gaps(store: Store, since: datetime, until: datetime,

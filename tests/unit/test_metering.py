@@ -304,3 +304,53 @@ def test_the_thread_samples_on_request_and_at_stop(st):
     finally:
         m.stop()
     assert totals(st)[(Quantity.NODE_SECONDS, None)] == 15
+
+
+def test_hourly_sums_give_what_the_samples_give(st):
+    """Any range, whole hours or not, reads the same sums from the hourly table and the edge
+    samples as from the samples alone; once the samples are dropped, whole hours still add up
+    and a range's ends before the horizon round out to their hours."""
+    from kh.metering import query
+    src = FakeSource()
+    allocate(st, "alice", 1)
+    allocate(st, "bob", 2, (4,))
+    m = meter(st, src)
+    rng = random.Random(3)
+    cpu, rx, t = 0, 0, 1_789_999_200.0  # a whole hour
+    for _ in range(400):  # ~4.5 hours, irregular
+        cpu += rng.randrange(0, 2_000_000)
+        rx += rng.randrange(0, 3000)
+        for n in (1, 2):
+            src.cpu_of[n] = ("g", cpu)
+            src.tap_of[f"t{n}s0"] = (40 + n, rx, 0, rx // 100, 0)
+        m.take(now=t)
+        t += 40 + rng.random()
+    lo0, hi0 = 1_789_999_200 * US_, int(t * US_)
+
+    def brute(lo: int, hi: int) -> dict[str, tuple[int, int, int]]:
+        rows = st._rows("SELECT principal, SUM(node_us), SUM(cpu_us), SUM(mem_mib * node_us) "
+                        "FROM meter_usage WHERE t >= ? AND t < ? GROUP BY principal", (lo, hi))
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+    for _ in range(30):
+        lo = rng.randrange(lo0 - 3600 * US_, hi0)
+        hi = rng.randrange(lo + 1, hi0 + 3600 * US_)
+        usage, _net = query.sums(st, lo, hi, None, "principal")
+        assert {r[0]: tuple(r[1:4]) for r in usage} == brute(lo, hi), (lo, hi)
+        recs = query.records(st, lo, hi, "alice", 3600 * US_, "principal")
+        got = sum(r.amount for r in recs if r.quantity == Quantity.CPU_SECONDS)
+        assert got * US_ == brute(lo, hi).get("alice", (0, 0, 0))[1]
+    whole = brute(lo0, hi0)
+    mstore.compact(st, hi0 + 8 * 86400 * US_)  # over a week later: the samples go
+    assert st._rows("SELECT COUNT(*) FROM meter_usage")[0][0] == 0
+    usage, _ = query.sums(st, lo0, hi0, None, "principal")
+    assert {r[0]: tuple(r[1:4]) for r in usage} == whole
+    # from the middle of the first hour: that hour is taken whole
+    usage, _ = query.sums(st, lo0 + 1800 * US_, hi0, None, "principal")
+    assert {r[0]: tuple(r[1:4]) for r in usage} == whole
+    (r,) = [x for x in query.records(st, lo0, lo0 + 600 * US_, "alice", 60 * US_, "principal")
+            if x.quantity == Quantity.NODE_SECONDS]
+    assert (r.end - r.start).total_seconds() == 3600  # an hourly sum spans its hour
+
+
+US_ = 1_000_000
