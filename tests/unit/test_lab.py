@@ -176,3 +176,18 @@ def test_schema_is_valid_json_schema() -> None:
 
     from kh.lab.source import schema
     jsonschema.Draft202012Validator.check_schema(schema())
+
+
+def test_kh_up_refuses_a_bad_file_in_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    f = lab_file(tmp_path, BASE.replace("count: 3", "count: -1"))
+    env = {**os.environ, "KH_LAB_DIR": str(tmp_path / "labs"),
+           "KH_STATE_DIR": str(tmp_path / "nokhd")}
+    r = subprocess.run([sys.executable, "-m", "kh.cli.main", "up", str(f)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"kh: {f}:11: key groups.cli.count: -1 is less than the "
+                                     "minimum of 1"]
+    assert not (tmp_path / "labs").exists()

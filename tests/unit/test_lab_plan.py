@@ -165,3 +165,33 @@ def test_dry_run_of_a_count_change(tmp_path: Path) -> None:
     assert 'cli_2=$(khget -c ' in got and " -n 5 alice 1)" in got
     assert 'echo "$cli_2" | khdo' in got and "$con2" not in got
     assert "kh.nfs=10.5.0.2:/export n=3" in got  # the new node's keys, srv's real address
+
+
+def test_state_round_trip_and_mode(tmp_path: Path, monkeypatch) -> None:
+    from kh.lab import state
+    from kh.lab.state import Pending
+    monkeypatch.setenv("KH_LAB_DIR", str(tmp_path / "labs"))
+    lab = lab_of(tmp_path)
+    st = running(lab, {"srv": [(1, (2,))], "cli": [(2, (3, 4, 5))]},
+                 srv={"token_ids": (3,), "gained": (8,), "token": ("net", 2)})
+    st = LabState(**{**st.__dict__, "implicit": (("alice", 9),),
+                     "pending": Pending("alice", (1, 2), (5,), "cli"),
+                     "checks": (("c", False, "why"),)})
+    state.save(st)
+    assert state.load("t") == st and state.names() == ["t"]
+    assert (tmp_path / "labs" / "t.json").stat().st_mode & 0o777 == 0o600
+    state.remove("t")
+    assert state.load("t") is None
+
+
+def test_a_check_is_judged_by_status_expect_and_reject(tmp_path: Path) -> None:
+    from kh.lab.checks import judge
+    text = BASE + ("checks:\n  - name: c\n    on: cli[1]\n    run: x\n    expect: ok\n"
+                   "    reject: leak\n")
+    c = lab_of(tmp_path, text).checks[0]
+    r = {"run": "x", "expect": "ok", "reject": "leak"}
+    assert judge(c, r, "all ok\n", 0).ok
+    assert judge(c, r, "all ok\n", 1).detail.startswith("exit status 1, not 0")
+    assert not judge(c, r, "nothing\n", 0).ok
+    bad = judge(c, r, "ok but leak\n", 0)
+    assert not bad.ok and "'leak' in its output" in bad.detail and bad.place == "cli[1]"
