@@ -112,7 +112,12 @@ def main() -> None:
     with two_hosts("bvn") as (a, b):
         stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name)
         stretch.ensure(b.fabric, b.underlay, D, [a.peer], b.name)
-        with node_in(a, 1, logdir) as n1, node_in(a, 2, logdir), node_in(b, 3, logdir):
+        with node_in(a, 1, logdir) as n1, node_in(a, 2, logdir) as n2, \
+                node_in(b, 3, logdir) as n3:
+            mtus = [n.run("cat /sys/class/net/eth0/mtu")[0].strip() for n in (n1, n2, n3)]
+            print(f"nodes' eth0 MTU (boot key kh.mtu0=1450): {', '.join(mtus)}")
+            if set(mtus) != {"1450"}:
+                raise SystemExit("a node did not take its MTU from kh.mtu0")
             targets = {"same host": str(node_address(D, 2).ip),
                        "across hosts": str(node_address(D, 3).ip)}
             for addr in targets.values():  # ARP and the bridges' learning first
