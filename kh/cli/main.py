@@ -19,6 +19,7 @@ from kh.cli.lab import register as register_lab_commands
 from kh.cli.outside import register as register_outside_commands
 from kh.cli.service import register as register_service_commands
 from kh.cli.token import register as register_token_commands
+from kh.cli.topo import register as register_topo_commands
 from kh.cli.usage import register as register_usage_commands
 from kh.errors import UsageError
 from kh.hw.board import parse_mem
@@ -181,6 +182,7 @@ register_usage_commands(main)
 register_outside_commands(main)
 register_fabric_commands(main)
 register_lab_commands(main)
+register_topo_commands(main)
 
 run = entry(main, "kh")
 

@@ -90,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
             1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
     Setting("node_quota", "KH_NODE_QUOTA", "--node-quota", "nodes one principal may hold at "
             f"once (default 16, 1 to {MAX_NODES})", 1, MAX_NODES, "node quota {}"),
+    Setting("page_port", "KH_PAGE_PORT", "--page-port", "the live page's port on 127.0.0.1 "
+            "(default 0: no page; e.g. 7481)", 0, 65535, "page port {}"),
     Setting("meter_interval", "KH_METER_INTERVAL", "--meter-interval", "seconds between two "
             "metering samples of every allocated node (default 10, 1 to 3600; kh.metering)",
             1, 3600, "metering every {} s"),
@@ -134,6 +136,7 @@ class ServiceConfig:
     backend: str = "qemu"  # kh.hw.backend: qemu (direct) or libvirt (KH_BACKEND)
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
     node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
+    page_port: int = 0  # the live page on 127.0.0.1 (kh.page; KH_PAGE_PORT); 0: none
     meter_interval: int = 10  # s between metering samples (KH_METER_INTERVAL)
 
     def __post_init__(self) -> None:
@@ -183,6 +186,11 @@ class ServiceConfig:
         return self.run / "khd.pid"
 
     @property
+    def page_token(self) -> Path:
+        """The live page's operator token (mode 600, new at each khd start with a page)."""
+        return self.state_dir / "page-operator-token"
+
+    @property
     def khd_log(self) -> Path:
         return self.logs / "khd.log"
 
@@ -201,7 +209,7 @@ class ServiceConfig:
         """Everything khd keeps in its state directory; `kh clean` removes exactly these."""
         db = self.db
         sqlite_files = tuple(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))
-        return (db, *sqlite_files, self.host_key, self.run, self.logs)
+        return (db, *sqlite_files, self.host_key, self.page_token, self.run, self.logs)
 
     @property
     def images_needed(self) -> tuple[Path, ...]:

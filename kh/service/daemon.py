@@ -21,6 +21,7 @@ from kh.cc.sshd import SshServer, host_key
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC
+from kh.page.serve import page_server
 from kh.service import api, config, httpd, statedir
 from kh.service.access import ServiceAccess
 from kh.service.config import ServiceConfig
@@ -58,6 +59,9 @@ def run(cfg: ServiceConfig) -> int:
         sshd = SshServer(ServiceAccess(svc), host_key(cfg.host_key))
         sshd.listen(listen_tcp("127.0.0.1", cfg.ssh_port))
         sshd.listen(nsutil.run_in(cfg.fabric.netns, lambda: listen_tcp(public, cfg.ssh_port)))
+        page = page_server(svc, cfg)  # the live page (kh.page), when it has a port
+        if page is not None:
+            servers.append(page)
         # The unix socket last: once it exists, khd answers on every listener. It lives in the
         # operator's 0700 run directory, and each peer's uid is checked (SO_PEERCRED) too.
         servers.append(api.UnixServer(cfg.socket, app))
@@ -67,6 +71,8 @@ def run(cfg: ServiceConfig) -> int:
         log.warning("khd %d serving on %s, 127.0.0.1:%d and %s:%d (fabric), ssh on port %d; "
                     "%d nodes", os.getpid(), cfg.socket, cfg.api_port, public, cfg.api_port,
                     cfg.ssh_port, cfg.nodes)
+        if page is not None:
+            log.warning("khd's live page on http://127.0.0.1:%d/", cfg.page_port)
         stop.wait()
     finally:
         if svc is not None:  # first: no node start begins while the listeners drain
