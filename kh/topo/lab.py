@@ -57,7 +57,8 @@ def from_lab(lab: Lab, server: str = "127.0.0.1") -> Topology:
                                   g.principal, f"G:{g.name}", tuple(ifs)))
             keys.append(key)
         after = f", after {' '.join(g.after)}" if g.after else ""
-        allocs.append(TopoAllocation(f"G:{g.name}", f"group {g.name} ({g.count} nodes{after})",
+        size = f"{g.count} node{'s' * (g.count != 1)}"
+        allocs.append(TopoAllocation(f"G:{g.name}", f"group {g.name} ({size}{after})",
                                      g.principal, f"con?@{server}", tuple(keys)))
     # shared domains first, then private ones in the file's order
     order = sorted(domains.values(), key=lambda d: (d.netid is None, d.netid or 0))

@@ -118,7 +118,7 @@ def _h(s: str) -> str:
 
 
 def _dot_node(n: TopoNode) -> str:
-    rows = [f'<TR><TD BGCOLOR="#eeeeee"><B>{_h(n.label)}</B> {_h(n.state)}</TD></TR>']
+    rows = [f'<TR><TD BGCOLOR="#eeeeee"><B>{_h(n.label)}</B>&#160;{_h(n.state)}</TD></TR>']
     rows += [f'<TR><TD PORT="e{i.slot}" ALIGN="LEFT">eth{i.slot} {_h(i.ip or "?")}'
              + (f'<BR ALIGN="LEFT"/><FONT POINT-SIZE="8">{_h(i.mac)}</FONT>' if i.mac else "")
              + "</TD></TR>" for i in n.interfaces]

@@ -1,7 +1,8 @@
 """khd's live page in a real browser (issue 15, item 4): headless Chromium loads the page of a
 running 4-node system (alice's allocation of 3, bob's of 1), the DOM shows every node with its
 state and the topology SVG, a node's console line arrives escaped, a principal's view holds no
-other principal's node, and a screenshot is kept in tests/artifacts/page/ (CI copies it).
+other principal's node, and a screenshot is kept in tests/artifacts/page/ (CI copies it);
+`kh topo` draws the same running system (a principal's --json without the other's nodes).
 
 Chromium runs as the unprivileged user kh-node (tools/setup-apt makes it), with its own
 sandbox, an empty profile, background networking off and a proxy that goes nowhere, so the
@@ -10,6 +11,7 @@ only place it reaches is the page on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -99,7 +101,7 @@ def test_page_in_a_browser(request, tmp_path, kh_paths):
         for n in mine + theirs:
             assert re.search(rf'<tr class="node" id="node-{n}" data-node="{n}" '
                              r'data-state="allocated"', page), page[-3000:]
-        assert re.search(r"<svg[^>]*>.*node 4.*</svg>", page, re.S), "no topology picture"
+        assert re.search(rf"<svg[^>]*>.*node {mine[0]}.*</svg>", page, re.S), "no picture"
         assert "&lt;b&gt;kh-page-test&lt;/b&gt;" in page and MARK not in page
 
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,15 @@ def test_page_in_a_browser(request, tmp_path, kh_paths):
             assert r.returncode == 0, r.stderr[-2000:]
             shutil.copy(f"{d}/page.png", shot)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        r = kh(cfg, "topo")  # the same picture in a terminal, from the running khd
+        assert r.returncode == 0, r.stderr
+        assert all(f"node {n}  [allocated]" in r.stdout for n in mine + theirs), r.stdout
+        assert "principal alice" in r.stdout and "principal bob" in r.stdout
+        r = kh(cfg, "topo", "-u", "alice", "-c", alice, "--json")
+        assert r.returncode == 0, r.stderr
+        assert {n["number"] for n in json.loads(r.stdout)["nodes"]} == set(mine)
+        assert "bob" not in r.stdout
 
         view = dom(cfg, "-u", "alice", "-c", alice)
         assert all(f'id="node-{n}"' in view for n in mine)
