@@ -112,6 +112,9 @@ def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None) 
     st = state_mod.load(lab.name)
     if st is not None and st.service != service():
         _state(lab.name)
+    if st is not None and not dry_run:
+        with Runner(st, lab, say) as r:
+            st = r.forget_gone()
     p = plan.up(lab, st, only)
     images = paths().out
     if dry_run:

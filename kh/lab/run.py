@@ -299,6 +299,24 @@ class Runner:
         self.save(replace(self.st, domains=doms, implicit=implicit))
         self.say(f"domain {s.name or s.netid} ({s.netid}) removed")
 
+    def forget_gone(self) -> LabState:
+        """Drop from the state the allocations khd no longer has (released by hand, khd
+        restarted): the next plan allocates their nodes again. Says which."""
+        live: dict[str, set[int]] = {}
+        for name, rec in list(self.st.groups.items()):
+            have = live.setdefault(rec.principal, self.holdings(rec.principal)[0])
+            gone = [a.id for a in rec.allocations if a.id not in have]
+            if not gone and set(rec.gained) <= have:
+                continue
+            allocs = tuple(a for a in rec.allocations if a.id in have)
+            self.say(f"{name}: con{', con'.join(map(str, gone))} gone from the service: "
+                     "its nodes are allocated again" if gone else
+                     f"{name}: allocations its actions made are gone")
+            rec = replace(rec, allocations=allocs, count=sum(len(a.nodes) for a in allocs),
+                          gained=tuple(x for x in rec.gained if x in have))
+            self.save(self.st.with_group(rec))
+        return self.st
+
     # -- after an interrupted step ----------------------------------------------------------
     def settle_pending(self) -> None:
         """A step that may have allocated was cut short: release what its principal gained

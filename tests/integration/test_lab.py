@@ -146,6 +146,18 @@ def test_webfarm_grows_by_the_difference_checks_and_goes(khd, labs, tmp_path):
     r = khlab(khd, labs, "check", str(f))
     assert r.returncode == 0 and "1/1 checks passed" in r.stdout, r
 
+    # an allocation released behind the lab's back: status says so, kh up makes it again
+    second = grown["allocations"][1]["id"]
+    assert kh(khd, "release", "-u", "webfarm", "-c", str(f.parent / "webfarmcred"),
+              str(second)).returncode == 0
+    r = khlab(khd, labs, "status", "webfarm")
+    assert r.returncode == 0 and " GONE " in r.stdout, r
+    r = khlab(khd, labs, "up", str(f))
+    assert r.returncode == 0 and f"web: con{second} gone from the service" in r.stdout, r
+    assert "web: 2 -> 3 nodes: 1 added" in r.stdout, r
+    r = khlab(khd, labs, "check", str(f))
+    assert r.returncode == 0 and "1/1 checks passed" in r.stdout, r
+
     f.unlink()  # down works from the remembered state
     r = khlab(khd, labs, "down", "webfarm")
     assert r.returncode == 0, r
