@@ -76,22 +76,26 @@ def register(main: click.Group) -> None:
         vxlan device and FDB, MTUs, firewall. Prints the result as JSON."""
         from kh.hw import stretch
         cfg = _cfg(prefix)
-        stretch.ensure(_fabric(cfg, host), stretch.Underlay(ifname, address, port), netid,
-                       [_peer(p) for p in peers], host)
-        click.echo(json.dumps(stretch.stretched(cfg)[netid].as_json()))
+        made = stretch.ensure(_fabric(cfg, host), stretch.Underlay(ifname, address, port), netid,
+                              [_peer(p) for p in peers], host)
+        click.echo(json.dumps({**stretch.stretched(cfg)[netid].as_json(),
+                               "made": {"device": made.device, "bridge": made.bridge}}))
 
     @fabric.command("unstretch")
     @prefix_opt
+    @click.option("--bridge", is_flag=True,
+                  help="Remove the domain's bridge too when no tap is in it (undoing a stretch "
+                       "that made it).")
     @click.argument("netid", type=int)
     @handle_errors
-    def unstretch_cmd(prefix: str, netid: int) -> None:
-        """Take domain NETID's vxlan device away (the domain's bridge stays)."""
+    def unstretch_cmd(prefix: str, bridge: bool, netid: int) -> None:
+        """Take domain NETID's vxlan device away (the domain's bridge stays unless --bridge)."""
         from kh.hw import stretch
         cfg = _cfg(prefix)
         if not nsutil.exists(cfg.netns):
             click.echo(f"no fabric {cfg.netns} here")
             return
-        gone = stretch.remove(_fabric(cfg, "this host"), netid)
+        gone = stretch.remove(_fabric(cfg, "this host"), netid, bridge)
         click.echo(f"domain {netid}: {'unstretched' if gone else 'was not stretched'}")
 
     @fabric.command("show")

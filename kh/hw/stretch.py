@@ -102,6 +102,18 @@ class Stretch:
 
 
 @dataclass(frozen=True)
+class Made:
+    """What ``ensure`` made new: the vxlan device, the domain's bridge. True when the device
+    was new (a domain newly stretched from this host)."""
+
+    device: bool
+    bridge: bool
+
+    def __bool__(self) -> bool:
+        return self.device
+
+
+@dataclass(frozen=True)
 class Tunnel:
     """What the firewall lets through for one underlay end: VXLAN from ``peers`` to
     ``address``:``port`` arriving on ``ifname``, and back."""
@@ -262,14 +274,14 @@ def _set_mtu(ns: NetNS, bridge: int, mtu: int) -> None:
 
 
 def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer],
-           host: str = "this host") -> bool:
+           host: str = "this host") -> Made:
     """Stretch domain ``netid`` from this host (its fabric and underlay end) to ``peers``:
     the domain's bridge, its vxlan device with exactly these peers' FDB entries, the MTU of
     every hop, the firewall reloaded. Checked first (the request, the underlay there, up and
     addressed, its MTU, each peer routed through it); a taken port shows when the device comes
     up. On any fault one StretchError naming ``host``, and nothing this call made is left.
     Idempotent; a device made otherwise (other VNI, port, address or underlay) is made again.
-    True when the device was new."""
+    What was new (``Made``: true when the device was)."""
     want = check(underlay, netid, peers, host)
     cfg = fabric.cfg
     name = cfg.vxlan(netid)
@@ -333,24 +345,29 @@ def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer]
         raise
     log.info("%s: domain %d stretched (VNI %d, MTU %d) to %s", host, netid, attrs[0], mtu,
              ", ".join(want) or "no peer yet")
-    return made
+    return Made(made, new_bridge)
 
 
-def remove(fabric: Fabric, netid: int) -> bool:
+def remove(fabric: Fabric, netid: int, bridge: bool = False) -> bool:
     """Take domain ``netid``'s vxlan device away (its FDB entries go with it), put the bridge
-    and its taps back to DEFAULT_MTU and reload the firewall; the bridge stays (it is the
-    domain's). True when there was a device."""
+    and its taps back to DEFAULT_MTU and reload the firewall. The bridge stays (it is the
+    domain's), unless ``bridge`` (undoing an ``ensure`` that made it) and no tap is in it.
+    True when there was a device."""
     cfg = fabric.cfg
+    empty = False
     with fabric.ns() as ns:
         idx = ns.link_lookup(ifname=cfg.vxlan(netid))
-        if not idx:
-            return False
-        ns.link("del", index=idx[0])
-        bridge = ns.link_lookup(ifname=cfg.bridge(netid))
-        if bridge:
-            _set_mtu(ns, bridge[0], DEFAULT_MTU)
-    fabric.apply_firewall()
-    return True
+        if idx:
+            ns.link("del", index=idx[0])
+        br = ns.link_lookup(ifname=cfg.bridge(netid))
+        if br:
+            _set_mtu(ns, br[0], DEFAULT_MTU)
+            empty = not any(link.get_attr("IFLA_MASTER") == br[0] for link in ns.get_links())
+    if bridge and br and empty:
+        fabric.remove_domain(netid)  # reloads the firewall
+    elif idx:
+        fabric.apply_firewall()
+    return bool(idx)
 
 
 def _is_vxlan_name(cfg: FabricConfig, name: str) -> bool:

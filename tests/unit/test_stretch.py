@@ -196,7 +196,8 @@ def test_stretch_is_read_back_and_removing_it_takes_everything_away() -> None:
     frames no longer cross."""
     with two_hosts("vxd") as (a, b):
         stretch_both(a, b, D)
-        assert stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name) is False
+        assert stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name) == stretch.Made(
+            device=False, bridge=False)
         s = stretch.stretched(a.cfg)[D]
         assert (s.vni, s.device, s.underlay, s.peers, s.mtu) == (
             stretch.vni(D), a.cfg.vxlan(D), a.underlay, (b.underlay.address,), MTU)
@@ -277,6 +278,7 @@ def test_the_remote_side_through_kh_fabric() -> None:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         made = json.loads(r.stdout)
+        assert made.pop("made") == {"device": True, "bridge": True}
         assert (made["vni"], made["peers"], made["mtu"]) == (stretch.vni(D),
                                                              [a.underlay.address], MTU)
         show = subprocess.run([str(KH), "fabric", "show", "--prefix", b.cfg.prefix, "--json"],
