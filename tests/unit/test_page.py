@@ -287,3 +287,38 @@ def test_console_tail_reads_only_the_end(tmp_path):
     assert tail == [f"{stamp} line {i}" for i in range(4992, 5000)]
     assert content.console_tail(tmp_path / "missing.log", None) == []
     assert os.path.getsize(log) > content.CONSOLE_BYTES
+
+
+def test_usage_comes_from_the_meter(tmp_path):
+    from datetime import UTC, datetime
+
+    from kh.page.usage import last_day
+    from kh.service import membership
+    from kh.store import Store
+    from tests.unit.test_metering import T0, FakeSource, meter
+    from tests.unit.test_metering import allocate as metered
+    st = Store(tmp_path / "state.db")
+    membership.ensure_schema(st)
+    try:
+        src = FakeSource()
+        metered(st, "alice", 1)
+        src.cpu_of[1] = ("g1", 5_000_000)
+        m = meter(st, src)
+        m.take(now=T0)
+        src.cpu_of[1] = ("g1", 7_500_000)
+        m.take(now=T0 + 10)
+        now = datetime.fromtimestamp(T0 + 60, UTC)
+        rows = dict(last_day(st, "alice", now) or [])
+        assert rows["cpu_seconds"] == "2.5 s" and rows["node_seconds"] == "10.0 s"
+        assert last_day(st, "bob", now) is None  # nothing metered: said, not zeros
+        assert last_day(st, "alice", datetime.fromtimestamp(T0 + 2 * 86400, UTC)) is None
+    finally:
+        st.close()
+
+
+def test_no_page_port_no_page_and_no_token(tmp_path):
+    from kh.page.serve import page_server
+    from kh.service.config import ServiceConfig
+    cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path)
+    write_operator_token(cfg.page_token)
+    assert page_server(object(), cfg) is None and not cfg.page_token.exists()
