@@ -191,3 +191,14 @@ def test_kh_up_refuses_a_bad_file_in_one_line(tmp_path: Path) -> None:
     assert r.stderr.splitlines() == [f"kh: {f}:11: key groups.cli.count: -1 is less than the "
                                      "minimum of 1"]
     assert not (tmp_path / "labs").exists()
+
+
+def test_the_docs_15_line_lab_loads(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "labs.md").read_text()
+    text = doc[doc.index("```yaml\n") + 8:doc.index("```", doc.index("```yaml\n") + 8)]
+    assert len(text.splitlines()) <= 15
+    lab = load_lab(lab_file(tmp_path, text))
+    assert [g.name for g in lab.order()] == ["gw", "web"] and lab.nodes == 4
+    web = lab.group("web")
+    assert template.node_keys(lab, template.symbolic(lab), web, 2) == \
+        "kh.httpd=1 kh.gw=<gw[0].ip.back>"
