@@ -46,17 +46,23 @@ def register(main: click.Group) -> None:
     @click.option("-u", "--user", help="A principal's own view (its credential by -c or "
                   "$KH_CREDENTIAL); without it, everything (the operator's, as root).")
     @click.option("-c", "--credential", "cred", metavar="FILE", help=credential.HELP)
-    @click.option("--dot", "fmt", flag_value="dot", help="Graphviz DOT.")
-    @click.option("--svg", "fmt", flag_value="svg", help="SVG, laid out by Graphviz's dot.")
-    @click.option("--mermaid", "fmt", flag_value="mermaid",
+    @click.option("--dot", is_flag=True, help="Graphviz DOT.")
+    @click.option("--svg", is_flag=True, help="SVG, laid out by Graphviz's dot.")
+    @click.option("--mermaid", is_flag=True,
                   help="A Mermaid flowchart (for a ```mermaid block in Markdown).")
-    @click.option("--json", "fmt", flag_value="json", help="The graph as JSON.")
+    @click.option("--json", "as_json", is_flag=True, help="The graph as JSON.")
     @handle_errors
-    def topo(lab: Path | None, user: str | None, cred: str | None, fmt: str | None) -> None:
+    def topo(lab: Path | None, user: str | None, cred: str | None, dot: bool, svg: bool,
+             mermaid: bool, as_json: bool) -> None:
         """The topology as a picture (Figure 2 style): principals, allocations and their
         control channels, nodes and their interfaces (MAC, address, domain), domains
         (external, public, private with owners), published ports. From the running service,
         or from LAB (a lab file) without running it. Text by default (100 columns)."""
+        formats = [f for f, on in (("dot", dot), ("svg", svg), ("mermaid", mermaid),
+                                   ("json", as_json)) if on]
+        if len(formats) > 1:
+            raise UsageError(f"one format at a time, not {' and '.join(formats)}")
+        fmt = formats[0] if formats else None
         if lab is not None and (user or cred):
             raise UsageError("a lab file's topology has no principal's view",
                              "kh topo LAB, or kh topo -u USER for the running one")

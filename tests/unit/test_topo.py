@@ -157,3 +157,9 @@ def test_kh_topo_reads_a_lab_file(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("flowchart LR\n") and "k_gw_2e_0" in r.stdout
+
+
+def test_kh_topo_takes_one_format():
+    r = subprocess.run([sys.executable, "-m", "kh.cli.main", "topo", "--dot", "--json",
+                        "any.yaml"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == "kh: one format at a time, not dot and json\n"
