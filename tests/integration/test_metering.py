@@ -73,9 +73,12 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     # at the U-Boot prompt a node dozes (0.7 % of a core, docs/service.md): under 5 % here
     assert Decimal(b["cpu_seconds"]) < Decimal(b["node_seconds"]) / 20
     assert Decimal(b["node_seconds"]) > 10 and Decimal(a["node_seconds"]) > 20
-    assert a["net"]["private"]["tx_bytes"] >= 2 * BIG_KIB * 1024  # both ways: one sent it,
-    assert a["net"]["private"]["rx_bytes"] >= 2 * BIG_KIB * 1024  # the other received it
     assert tx(b) == 0  # bob's node has no domain
+    r = kh(khd, "usage", "alice", "--since", "-1h", "--by", "node", "--json")
+    assert r.returncode == 0, r.stderr
+    nodes = {row["node"]: row["net"]["private"] for row in json.loads(r.stdout)["rows"]}
+    assert nodes[a1]["tx_bytes"] > BIG_KIB * 1024 > nodes[a2]["tx_bytes"]  # one sent it,
+    assert nodes[a2]["rx_bytes"] > BIG_KIB * 1024 > nodes[a1]["rx_bytes"]  # the other got it
 
     # khd killed and started again: its nodes ran on, and so did their counters
     pid = control.pid_of(khd)
@@ -98,7 +101,7 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     assert tx(after["alice"]) >= tx(a)
     # bob's node was charged for the time khd was down too: allocation to the last sample
     held = Decimal(after["bob"]["node_seconds"])
-    assert time.time() - t_alloc - 8 < held <= Decimal(time.time() - t_alloc), held
+    assert time.time() - t_alloc - 5 < held <= Decimal(time.time() - t_alloc), held
 
     # bob sees his own, never alice's
     own = usage(khd, "bob", "-c", credfile("bob-m1"), "--by", "node")
