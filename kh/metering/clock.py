@@ -5,6 +5,7 @@ A window is half-open wall-clock time ``HH:MM-HH:MM`` in the price list's IANA t
 the weekdays it names (default every day). One whose end is not after its start runs past
 midnight, into the next day: ``22:00-06:00`` on ``fri`` is Friday 22:00 to Saturday 06:00 (the
 day a window starts on is the one its ``days`` name). ``24:00`` ends a window at midnight.
+Windows begin and end on a quarter hour.
 
 A moment's window is decided by its wall-clock time in the zone (what a clock on the wall
 there shows): on the day a clock skips an hour (DST begins) a window within the skipped hour
@@ -23,6 +24,10 @@ from zoneinfo import ZoneInfo
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday()'s order
 DAY = 1440  # minutes
+# Windows begin and end on a quarter hour (as time-of-use tariffs do), so the meter's records
+# can be read in buckets of 15 minutes or more (rating.step_for) whatever the list says:
+# at most 96 edges a day, and 2,976 buckets in a month.
+QUARTER = 15
 WEEK = 7 * DAY
 _HOURS = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})", re.ASCII)
 
@@ -49,6 +54,9 @@ def parse_hours(text: str) -> tuple[int, int]:
     if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2):
         raise WindowError(f"{text!r} is not a time of day (00:00 to 23:59, or 24:00 as an end)")
     start, end = h1 * 60 + m1, h2 * 60 + m2
+    if start % QUARTER or end % QUARTER:
+        raise WindowError(f"{text!r} does not start and end on a quarter hour (:00, :15, :30 "
+                          "or :45)")
     if start == end:
         raise WindowError(f"{text!r} is an empty window (00:00-24:00 is a whole day)")
     return start, end

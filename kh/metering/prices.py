@@ -35,6 +35,7 @@ list's validity without a gap or an overlap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -136,14 +137,20 @@ class PriceList:
     valid_until: datetime | None
     entries: tuple[Entry, ...]
 
+    @functools.cached_property
+    def _by_kind(self) -> dict[tuple[Quantity, DomainKind | None], list[Entry]]:
+        out: dict[tuple[Quantity, DomainKind | None], list[Entry]] = {}
+        for e in self.entries:
+            out.setdefault((e.quantity, e.domain), []).append(e)
+        return out
+
     def entry_for(self, quantity: Quantity, domain: DomainKind | None, moment: datetime
                   ) -> Entry | None:
         """The entry that prices ``quantity`` (of ``domain``) at ``moment``: one for that
         domain kind before one for every kind; None when the list does not price it."""
         for want in (domain, None) if domain is not None else (None,):
-            for e in self.entries:
-                if e.quantity == quantity and e.domain == want and e.valid_from <= moment \
-                        and (e.valid_until is None or moment < e.valid_until):
+            for e in self._by_kind.get((quantity, want), ()):
+                if e.valid_from <= moment and (e.valid_until is None or moment < e.valid_until):
                     return e
         return None
 
@@ -234,6 +241,9 @@ class _Reader:
 
     def _moment(self, value: object, key: str) -> datetime:
         if isinstance(value, datetime):
+            if value.minute % clock.QUARTER or value.second or value.microsecond:
+                raise self.fail(key, f"{value.isoformat()} is not on a quarter hour",
+                                "prices change on a quarter hour: :00, :15, :30 or :45")
             return (value if value.tzinfo else value.replace(tzinfo=self.zone)).astimezone(UTC)
         if isinstance(value, date):
             return clock.local_midnight(value, self.zone)

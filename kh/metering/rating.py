@@ -204,15 +204,20 @@ def _bill(used: dict[tuple[int, Quantity, DomainKind | None], Decimal], cuts: li
     by_rate: dict[tuple[str, str], tuple[Entry, Decimal, Decimal]] = {}  # key, rate -> price
     tiered: dict[str, tuple[Entry, Decimal]] = {}
     unpriced: dict[tuple[Quantity, DomainKind | None], Decimal] = {}
-    for (i, q, d), amount in sorted(used.items(), key=lambda kv: (kv[0][0], kv[0][1].value,
-                                                                  kv[0][2] or "")):
-        e = prices.entry_for(q, d, cuts[i])
+    entry: dict[tuple[int, Quantity, DomainKind | None], Entry | None] = {}  # looked up once
+    rate_of: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (entry, piece) -> window
+    for (i, q, d), amount in used.items():
+        if (i, q, d) not in entry:
+            entry[(i, q, d)] = prices.entry_for(q, d, cuts[i])
+        e = entry[(i, q, d)]
         if e is None:
             unpriced[(q, d)] = unpriced.get((q, d), ZERO) + amount
         elif e.mode is not None:
             tiered[e.key] = (e, tiered.get(e.key, (e, ZERO))[1] + amount)
         else:
-            label, price = _window(e, cuts[i], cuts[i + 1], prices)
+            if (e.key, i) not in rate_of:
+                rate_of[(e.key, i)] = _window(e, cuts[i], cuts[i + 1], prices)
+            label, price = rate_of[(e.key, i)]
             old = by_rate.get((e.key, label), (e, price, ZERO))[2]
             by_rate[(e.key, label)] = (e, price, old + amount)
     q_ = Decimal(1).scaleb(-prices.decimals)

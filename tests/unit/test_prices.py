@@ -45,6 +45,13 @@ BAD = [
      'price = 2\n', r"t\.toml:7: price\[0\]\.window\[0\]\.hours: '08:00-08:00' is an empty"),
     ("bad hours", HEAD + NODE + 'price = 1\n[[price.window]]\nhours = "8-20"\nprice = 2\n',
      r"hours: '8-20' is not HH:MM-HH:MM"),
+    ("a window off the quarter hours", HEAD + NODE + 'price = 1\n[[price.window]]\n'
+     'hours = "08:10-20:00"\nprice = 2\n', r"t\.toml:7: price\[0\]\.window\[0\]\.hours: "
+     r"'08:10-20:00' does not start and end on a quarter hour"),
+    ("a price change off the quarter hours", HEAD + NODE + "price = 1\n"
+     "valid_until = 2026-06-01T12:05:00Z\n" + NODE + "price = 2\n"
+     "valid_from = 2026-06-01T12:05:00Z\n", r"t\.toml:6: price\[0\]\.valid_until: "
+     r"2026-06-01T12:05:00\+00:00 is not on a quarter hour"),
     ("bad weekday", HEAD + NODE + 'price = 1\n[[price.window]]\nhours = "08:00-20:00"\n'
      'days = ["monday"]\nprice = 2\n', r"t\.toml:8: price\[0\]\.window\[0\]\.days: 'monday'"),
     ("validity gap", HEAD + NODE + 'price = 1\nvalid_until = 2026-06-01\n' + NODE +
