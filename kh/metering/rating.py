@@ -8,7 +8,8 @@ The rules (docs/service.md, Billing):
   whose [start, end) spans a window's edge, a validity date or the period's bounds is split
   there pro rata by time (its last piece takes what is left, so nothing is lost or made up).
   ``step_for`` picks buckets that no edge falls inside, so with the meter's records this only
-  happens in zones whose offset is not whole minutes.
+  happens where the meter keeps hourly sums instead of samples (past a week) and an edge is
+  off the hour.
 - Each quantity (and domain kind, for net quantities) is priced by the list's entry for that
   kind, else its entry for every kind; a quantity the list does not price is listed as
   unpriced and costs nothing.
