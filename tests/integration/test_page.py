@@ -5,8 +5,9 @@ other principal's node, and a screenshot is kept in tests/artifacts/page/ (CI co
 `kh topo` draws the same running system (a principal's --json without the other's nodes).
 
 Chromium runs as the unprivileged user kh-node (tools/setup-apt makes it), with its own
-sandbox, an empty profile, background networking off and a proxy that goes nowhere, so the
-only place it reaches is the page on 127.0.0.1.
+sandbox (a user namespace, or in a chroot, where the kernel refuses one, Debian's setuid
+chromium-sandbox helper), an empty profile, background networking off and a proxy that goes
+nowhere, so the only place it reaches is the page on 127.0.0.1.
 """
 
 from __future__ import annotations
