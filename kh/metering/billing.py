@@ -141,17 +141,19 @@ def text(b: rating.Bill) -> str:
     zone = p.zone
     lines = [f"bill for {b.principal}, {b.period} ({b.start.astimezone(zone):%Y-%m-%d %H:%M} "
              f"to {b.end.astimezone(zone):%Y-%m-%d %H:%M} {p.timezone}), prices: "
-             f"{p.name or p.source} (sha256 {p.sha256[:12]})",
-             f"{'ENTRY':<9} {'QUANTITY':<19} {'DOMAIN':<8} {'RATE':<26} {'AMOUNT':>22} "
-             f"{'PRICE':>18} {'CHARGE':>12}"]
+             f"{p.name or p.source} (sha256 {p.sha256[:12]})"]
+    rows = [("ENTRY", "QUANTITY", "DOMAIN", "RATE", "AMOUNT", "PRICE", "CHARGE")]
     for x in b.lines:
         per = "" if x.per == 1 else f"/{rating.num(x.per)}"
-        lines.append(f"{x.entry:<9} {x.quantity.value:<19} "
-                     f"{x.domain.value if x.domain else '-':<8} {x.rate[:26]:<26} "
-                     f"{rating.num(x.amount) + ' ' + x.unit:>22} "
-                     f"{rating.num(x.price) + per:>18} {x.charge:>12}")
-    lines.append(f"{'total':<9} {'':<19} {'':<8} {'':<26} {'':>22} {p.currency:>18} "
-                 f"{b.total:>12}")
+        rows.append((x.entry, x.quantity.value, x.domain.value if x.domain else "-", x.rate,
+                     f"{rating.num(x.amount)} {x.unit}", rating.num(x.price) + per,
+                     str(x.charge)))
+    rows.append(("total", "", "", "", "", p.currency, str(b.total)))
+    width = [max(len(r[i]) for r in rows) for i in range(7)]
+    for r in rows:  # the first four columns to the left, the figures to the right
+        lines.append("  ".join([*(c.ljust(w) for c, w in zip(r[:4], width, strict=False)),
+                                *(c.rjust(w) for c, w in zip(r[4:], width[4:],
+                                                             strict=False))]).rstrip())
     if b.unpriced:
         lines.append("not priced (free): " + ", ".join(
             f"{u.quantity.value}{' ' + u.domain.value if u.domain else ''} "

@@ -153,3 +153,16 @@ def test_what_kh_bill_asks(tmp_path, monkeypatch):
         ("POST", "/v1/bill", {"user": "alice", "prices": prices.read_text()}, False)]
     r = run.invoke(main, ["bill", "no body"])
     assert r.exit_code == 2 and r.output.startswith("kh: ")
+
+
+def test_the_bill_as_text(khd):
+    status, raw = get(khd[1], "/v1/bill?principal=alice&period=2026-11")
+    lines = text_of(raw).splitlines()
+    assert status == 200 and lines[0].startswith(
+        "bill for alice, 2026-11 (2026-11-01 00:00 to 2026-12-01 00:00 UTC), prices: kh default")
+    assert [x.split() for x in lines[1:]] == [
+        ["ENTRY", "QUANTITY", "DOMAIN", "RATE", "AMOUNT", "PRICE", "CHARGE"],
+        ["price[0]", "node_seconds", "-", "base", "36000", "s", "0.01/3600", "0.10"],
+        ["price[1]", "cpu_seconds", "-", "base", "3600", "s", "0.02/3600", "0.02"],
+        ["total", "EUR", "0.12"]]
+    assert len({len(x) for x in lines[1:]}) == 1  # the figures line up on the right
