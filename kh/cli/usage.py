@@ -36,10 +36,11 @@ def register(main: click.Group) -> None:
             raise UsageError("--json and --csv are two formats", "give one")
         params = {k: v for k, v in (("since", since), ("until", until), ("by", by))
                   if v is not None}
-        secret = credential.resolve(cred)
+        if user is None and cred is not None:
+            raise UsageError("a credential goes with USER", "kh usage USER -c FILE")
+        # without USER, everyone's (the operator's), whatever $KH_CREDENTIAL holds
+        secret = credential.resolve(cred) if user is not None else None
         if secret is not None:
-            if user is None:
-                raise UsageError("a credential goes with USER", "kh usage USER -c FILE")
             text = client().call("POST", "/v1/usage", {"user": user, "credential": secret,
                                                        **params}, as_json=as_json or as_csv)
         else:

@@ -108,6 +108,9 @@ def report(st: Store, since: datetime, until: datetime, principal: str | None, b
         counts = dict(zip(NET, map(int, x[n + 2:]), strict=True))
         if by == "domain":
             traffic.append({"principal": x[0], "netid": x[n + 1], "kind": x[n], **counts})
+            have = row((x[0],))["net"].setdefault(x[n], dict.fromkeys(NET, 0))
+            for k, v in counts.items():
+                have[k] += v
         else:
             row(tuple(x[:n]))["net"][x[n]] = counts
     out: dict[str, Any] = {"since": since.isoformat(), "until": until.isoformat(), "by": by,

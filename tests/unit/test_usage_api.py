@@ -188,3 +188,48 @@ def test_text_and_csv_show_the_exact_report(svc, khd):
     lines = report.to_csv(data).splitlines()
     assert lines[0].startswith("principal,allocation,node,node_seconds,cpu_seconds,")
     assert lines[1].split(",")[4] == "1.5"
+
+
+def test_the_cli_asks_as_the_operator_or_as_the_principal(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kh.cli import usage as usage_cli
+    from kh.cli.main import main
+    from tests.unit.test_cli_principal import Recorder
+    rec = Recorder('{"by": "principal", "rows": [], "gaps": []}')
+    monkeypatch.setattr(usage_cli, "client", lambda: rec)
+    monkeypatch.setenv("KH_CREDENTIAL", "from-env")
+
+    def kh(*args: str):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(main, ["usage", *args])
+    assert kh("--since", "-2h", "--by", "node").exit_code == 0  # everyone's, whatever the env
+    assert kh("alice", "--csv").exit_code == 0  # alice herself, with $KH_CREDENTIAL
+    monkeypatch.delenv("KH_CREDENTIAL")
+    assert kh("bob", "--until", "now").exit_code == 0  # the operator asks for bob's
+    assert rec.calls == [
+        ("GET", "/v1/usage?since=-2h&by=node", None, False),
+        ("POST", "/v1/usage", {"user": "alice", "credential": "from-env", "by": "principal"},
+         True),
+        ("GET", "/v1/usage?until=now&by=principal&principal=bob", None, False)]
+    cred = tmp_path / "c"
+    cred.write_text("x")
+    r = kh("-c", str(cred))
+    assert r.exit_code == 2 and "a credential goes with USER" in r.stderr
+    assert kh("--json", "--csv").exit_code == 2
+
+
+def test_by_domain_gives_each_domain_and_the_totals(svc, khd):
+    khget(khd, "alice", x=True, p=1)
+    (n,) = [r.number for r in svc.store.nodes() if r.alloc is not None]
+    src = svc.meter.source
+    src.tap_of[f"ku{n}s0"] = (70, 0, 0, 0, 0)
+    src.tap_of[f"ku{n}s1"] = (71, 0, 0, 0, 0)
+    used(svc, 1, 0)  # the taps' baseline
+    src.tap_of[f"ku{n}s0"] = (70, 500, 40, 5, 1)  # the tap received 500 B: the node sent them
+    src.tap_of[f"ku{n}s1"] = (71, 30, 0, 1, 0)
+    used(svc, 10, 0)
+    data = json.loads(text_of(get(khd, "/v1/usage?by=domain&format=json")[1]))
+    assert sorted((t["kind"], t["tx_bytes"], t["rx_bytes"]) for t in data["traffic"]) == [
+        ("external", 500, 40), ("private", 30, 0)]
+    (row,) = data["rows"]
+    assert row["net"]["external"]["tx_bytes"] == 500 and row["net"]["private"]["tx_bytes"] == 30
