@@ -60,6 +60,7 @@ MAX_ENTRIES = 256
 MAX_WINDOWS = 32  # per entry
 MAX_TIERS = 32
 MAX_DECIMALS = 6
+MAX_NUMBER = Decimal(10) ** 15  # prices, per, upto: a charge then fits rating's 50 digits
 TIER_MODES = ("volume", "graduated")
 _LIST_KEYS = {"currency", "decimals", "timezone", "valid_from", "valid_until", "price", "name"}
 _ENTRY_KEYS = {"quantity", "domain", "per", "price", "window", "tiers", "tier", "valid_from",
@@ -254,6 +255,8 @@ class _Reader:
             value = Decimal(value)
         if not isinstance(value, Decimal) or not value.is_finite():
             raise self.fail(key, f"must be a number, not {_show(value)}")
+        if value >= MAX_NUMBER:
+            raise self.fail(key, f"{value} is too large", "below 10^15")
         if value < 0 or (positive and value == 0):
             raise self.fail(key, f"must be {'above' if positive else 'at least'} 0, not "
                             f"{value}", "prices and amounts are never negative")
