@@ -33,7 +33,7 @@ BAD = [
     ("negative window price", HEAD + NODE + 'price = 1\n[[price.window]]\nhours = "08:00-09:00"'
      '\nprice = -2\n', r"t\.toml:8: price\[0\]\.window\[0\]\.price: must be at least 0"),
     ("a price too large to round", HEAD + NODE + "price = 1e60\n",
-     r"t\.toml:5: price\[0\]\.price: 1E\+40 is too large"),
+     r"t\.toml:5: price\[0\]\.price: 1E\+60 is too large"),
     ("unknown quantity", HEAD + '[[price]]\nquantity = "cpu_secs"\nprice = 1\n',
      r"t\.toml:4: price\[0\]\.quantity: 'cpu_secs' is not a metered quantity"),
     ("overlapping windows", HEAD + NODE + 'price = 1\n[[price.window]]\nhours = "22:00-06:00"\n'
