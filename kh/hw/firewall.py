@@ -9,7 +9,8 @@ its uplink. Frames bridged inside one domain are accepted wherever br_netfilter 
 to IP filtering, so a host that turns `bridge-nf-call-iptables` on cannot cut a domain. A domain
 stretched to other hosts (kh.hw.stretch) adds its tunnels: VXLAN in only from the peer hosts'
 underlay addresses on the underlay interface, to this host's address and port, and out only
-to them; ARP on the underlay only for this host's underlay address.
+to them; ARP on the underlay interfaces (``<prefix>ulN``), whether or not a domain is stretched,
+so another host can tell this one is up.
 
 The ruleset is nft JSON built from Python values (``ruleset``) and applied in one transaction
 (``load``, through libnftables in kh's namespace; ``apply`` runs nft itself): kh's tables are
@@ -63,6 +64,7 @@ class Plan:
     bridges: tuple[str, ...]  # every domain bridge now (bridged traffic within each passes)
     ports: tuple[int, ...]  # TCP ports served at the public host address (API, ssh)
     tunnels: tuple[Tunnel, ...] = ()  # VXLAN to and from peer hosts (kh.hw.stretch)
+    underlays: str = ""  # nft wildcard of the underlay interfaces (<prefix>ul*): ARP there
 
     @classmethod
     def of(cls, cfg: FabricConfig, netids: Iterable[int], ports: Iterable[int],
@@ -70,7 +72,7 @@ class Plan:
         return cls(cfg.bridge(PUBLIC), cfg.bridge(EXTERNAL),
                    cfg.uplink if cfg.uplink_netns else None,
                    tuple(sorted({cfg.bridge(n) for n in netids})),
-                   tuple(sorted(set(ports))), tuple(tunnels))
+                   tuple(sorted(set(ports))), tuple(tunnels), cfg.underlay(0)[:-1] + "*")
 
 
 # -- nft JSON building blocks ------------------------------------------------------------------
@@ -181,12 +183,13 @@ def ruleset(plan: Plan) -> list[Json]:
              for bridge, addr in ((plan.public, public), (plan.external, gateway))]
     if plan.uplink:
         cmds.append(_rule(arp, "input", _is(_meta("iifname"), plan.uplink), ACCEPT))
-    cmds += [_rule(arp, "input", _is(_meta("iifname"), t.ifname),
-                   _is(_field("arp", "daddr ip"), t.address), ACCEPT) for t in plan.tunnels]
+    if plan.underlays:  # the network between kh's hosts: ARP as any host there (arp_ignore
+        # answers only for the interface's own address), so a peer can tell this host is up
+        cmds.append(_rule(arp, "input", _is(_meta("iifname"), plan.underlays), ACCEPT))
     cmds.append(_chain(arp, "output", "filter", "output", 0, "drop"))
     cmds.append(_rule(arp, "output", _is(_meta("oifname"), {"set": mine[1:]}), ACCEPT))
-    cmds += [_rule(arp, "output", _is(_meta("oifname"), t.ifname),
-                   _is(_field("arp", "saddr ip"), t.address), ACCEPT) for t in plan.tunnels]
+    if plan.underlays:
+        cmds.append(_rule(arp, "output", _is(_meta("oifname"), plan.underlays), ACCEPT))
     return cmds
 
 

@@ -1,27 +1,12 @@
-"""Communication domains across hosts (issue 16, item 3): a domain with nodes on several hosts
-is stretched over a VXLAN tunnel between those hosts' fabrics.
+"""Communication domains across hosts (issue 16, item 3; docs/multihost.md): a domain with
+nodes on several hosts is stretched over VXLAN between those hosts' fabrics.
 
-On every host that has a node in domain ``netid``, kh's fabric namespace holds a vxlan device
-``<prefix>vx<netid>`` (``FabricConfig.vxlan``) with VNI ``vni(netid)``, plugged into the domain's
-bridge like a node's tap. It learns nothing (``nolearning``): frames the bridge floods to it are
-sent to every other host in the domain by head-end replication, one all-zero FDB entry per peer
-host (``00:00:00:00:00:00 dst PEER``), and the bridges learn the remote MACs from what comes
-back, as they learn local ones. No multicast is needed in the underlay.
-
-The underlay is an interface inside kh's fabric namespace with an IPv4 address (``Underlay``):
-in the tests a veth between two fabrics, on real hosts a NIC the operator moves in (``kh
-fabric underlay``). Everything with an address stays in kh's namespaces. kh's firewall
-(kh.hw.firewall) accepts VXLAN only from the peers' addresses on that interface, to this
-host's address and port; ``tunnels`` reads what it needs back from the kernel, so the firewall
-always matches the FDB, on a host where no khd runs too (``kh fabric stretch`` over ssh).
-
-MTU is set at every hop: the vxlan device, the bridge and its taps take ``guest_mtu`` (the
-underlay's MTU less the 50 bytes of outer Ethernet, IPv4, UDP and VXLAN headers), and nodes are
-told the same with the boot key ``kh.mtuN``. The outer packets carry DF: a frame too big for
-the tunnel is dropped at the bridge, never fragmented on the way.
-
-Isolation holds as on one host: one VNI per domain, each vxlan device in its own domain's
-bridge; a frame arriving with another VNI meets another device (or none) and another bridge.
+On each such host kh's fabric namespace holds a vxlan device ``<prefix>vx<netid>`` with VNI
+``vni(netid)`` in the domain's bridge, learning nothing, with one all-zero FDB entry per peer
+host (head-end replication: no multicast in the underlay). The underlay is an interface inside
+kh's namespace (``Underlay``), so kh's firewall (kh.hw.firewall) sees it: VXLAN only from the
+peers, read back from the kernel (``tunnels``), also where no khd runs (`kh fabric`). Every hop
+(device, bridge, taps, nodes' ``kh.mtuN``) has MTU ``guest_mtu``; outer packets carry DF.
 """
 
 from __future__ import annotations
@@ -42,6 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kh.allocation import MAX_NETID
 from kh.errors import KhError
+from kh.hw import arp
 from kh.hw import netns as nsutil
 from kh.hw.tags import FabricConfig
 
@@ -193,6 +179,7 @@ def remote_argv(prefix: str, underlay: Underlay, netid: int, peers: Sequence[Pee
     check(underlay, netid, peers, host)
     if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
         raise StretchError(f"host {host}: kh prefix {prefix!r} is malformed")
+    _kh_underlay(FabricConfig(prefix=prefix), underlay, host)
     argv = [kh, "fabric", "stretch", "--prefix", prefix, "--host", host,
             "--underlay", underlay.ifname, "--local", underlay.address,
             "--port", str(underlay.port)]
@@ -205,6 +192,14 @@ def remote_argv(prefix: str, underlay: Underlay, netid: int, peers: Sequence[Pee
 def kernel_says(e: Exception) -> str:
     code = e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)
     return os.strerror(code) if code else str(e)
+
+
+def _kh_underlay(cfg: FabricConfig, underlay: Underlay, host: str) -> None:
+    """The underlay carries kh's name (``<prefix>ulN``): kh's firewall answers ARP there."""
+    if not re.fullmatch(re.escape(cfg.underlay(0)[:-1]) + r"\d{1,3}", underlay.ifname):
+        raise StretchError(f"host {host}: underlay interface {underlay.ifname} is not named "
+                           f"{cfg.underlay(0)[:-1]}N", "kh fabric underlay DEV A.B.C.D/LEN "
+                           "moves a NIC in and names it")
 
 
 def _underlay_link(ns: NetNS, cfg: FabricConfig, underlay: Underlay, host: str
@@ -226,9 +221,10 @@ def _underlay_link(ns: NetNS, cfg: FabricConfig, underlay: Underlay, host: str
     return idx[0], int(link.get_attr("IFLA_MTU"))
 
 
-def _check_route(ns: NetNS, peer: Peer, ul_index: int, underlay: Underlay, host: str) -> None:
+def _check_route(ns: NetNS, peer: Peer, ul_index: int, underlay: Underlay, host: str) -> str:
     """The peer is reached through the underlay interface (a route lookup: a peer behind
-    another interface, or behind none, is refused)."""
+    another interface, or behind none, is refused); the next hop there (the peer itself, or
+    the gateway it is routed through)."""
     try:
         routes = ns.route("get", dst=peer.address)
     except NetlinkError as e:
@@ -239,6 +235,19 @@ def _check_route(ns: NetNS, peer: Peer, ul_index: int, underlay: Underlay, host:
         raise StretchError(f"host {host}: peer {peer.host} ({peer.address}) is not reached "
                            f"through the underlay {underlay.ifname}",
                            f"route it through {underlay.ifname}")
+    return str(routes[0].get_attr("RTA_GATEWAY") or peer.address)
+
+
+def _check_alive(cfg: FabricConfig, underlay: Underlay, peers: Sequence[Peer],
+                 hops: Sequence[str], host: str) -> None:
+    """Each peer's next hop answers ARP on the underlay (a host that is down, or an address
+    no host holds, is refused before anything is made)."""
+    for peer, hop in zip(peers, hops, strict=True):
+        if not arp.arp_answers(cfg.netns, underlay.ifname, underlay.address, hop):
+            via = "" if hop == peer.address else f" (its gateway {hop})"
+            raise StretchError(f"host {host}: peer {peer.host} ({peer.address}) is unreachable: "
+                               f"no ARP answer{via} on {underlay.ifname}",
+                               "is that host up, and its underlay address right?")
 
 
 def _vxlan_attrs(link: Any) -> tuple[int, str, int, int] | None:
@@ -284,17 +293,18 @@ def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer]
     What was new (``Made``: true when the device was)."""
     want = check(underlay, netid, peers, host)
     cfg = fabric.cfg
+    _kh_underlay(cfg, underlay, host)
     name = cfg.vxlan(netid)
     attrs = (vni(netid), underlay.address, underlay.port)
     with fabric.ns() as ns:
         ul_index, ul_mtu = _underlay_link(ns, cfg, underlay, host)
         mtu = guest_mtu(ul_mtu, host, underlay.ifname)
-        for p in peers:
-            _check_route(ns, p, ul_index, underlay, host)
+        hops = [_check_route(ns, p, ul_index, underlay, host) for p in peers]
         old = ns.link_lookup(ifname=name)
         if old and _vxlan_attrs(ns.get_links(old[0])[0]) != (*attrs, ul_index):
             log.info("%s: %s was made otherwise; making it again", host, name)
             ns.link("del", index=old[0])
+    _check_alive(cfg, underlay, peers, hops, host)
     new_bridge = netid not in fabric.domain_bridges()
     fabric.ensure_domain(netid)
     made = False

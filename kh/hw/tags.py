@@ -31,6 +31,10 @@ class FabricConfig:
         """Domain ``netid``'s VXLAN device, when the domain spans hosts (kh.hw.stretch)."""
         return f"{self.prefix}vx{netid}"
 
+    def underlay(self, n: int = 0) -> str:
+        """The underlay interface ``n`` in kh's namespace, to kh's other hosts (kh.hw.stretch)."""
+        return f"{self.prefix}ul{n}"
+
     def tap(self, node: int, slot: int) -> str:
         return f"{self.prefix}{node}s{slot}"
 

@@ -16,9 +16,10 @@ from kh.hw.tags import FabricConfig
 
 
 def move_underlay(cfg: FabricConfig, dev: str, interface: str) -> Underlay:
-    """Move host interface ``dev`` (the host's own namespace) into kh's fabric namespace and
-    give it ``interface`` (A.B.C.D/LEN): a real host's underlay. It stays there until `kh
-    clean` removes the namespace (a physical NIC then goes back to the host). StretchError
+    """Move host interface ``dev`` (the host's own namespace) into kh's fabric namespace as
+    ``<prefix>ulN`` (the first free N; its alias keeps the old name) with ``interface``
+    (A.B.C.D/LEN), up: a real host's underlay. Done again, it finds it there. It stays until
+    `kh clean` removes the namespace (a physical NIC then goes back to the host). StretchError
     when there is no such interface or the kernel refuses."""
     try:
         if "/" not in interface:
@@ -31,21 +32,29 @@ def move_underlay(cfg: FabricConfig, dev: str, interface: str) -> Underlay:
     if not nsutil.exists(cfg.netns):
         raise StretchError(f"kh's fabric {cfg.netns} does not exist",
                            "kh service start makes it")
+    alias = f"kh underlay, was {dev}"
     with IPRoute() as host:
         idx = host.link_lookup(ifname=dev)
         if idx:
             try:
+                host.link("set", index=idx[0], state="down")
+                host.link("set", index=idx[0], ifalias=alias)
                 host.link("set", index=idx[0], net_ns_fd=nsutil.path(cfg.netns))
             except NetlinkError as e:
                 raise StretchError(f"cannot move {dev} into {cfg.netns}: "
                                    f"{kernel_says(e)}") from None
     with contextlib.closing(NetNS(cfg.netns)) as ns:
-        idx = ns.link_lookup(ifname=dev)
-        if not idx:
+        links = {str(link.get_attr("IFLA_IFNAME")): link for link in ns.get_links()}
+        found = [n for n, link in links.items()
+                 if n == dev or link.get_attr("IFLA_IFALIAS") == alias]
+        if not found:
             raise StretchError(f"there is no interface {dev} on this host")
-        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx[0])}
+        name, idx = found[0], int(links[found[0]]["index"])
+        if name == dev:  # just moved in: kh's name for it
+            name = next(cfg.underlay(n) for n in range(1000) if cfg.underlay(n) not in links)
+            ns.link("set", index=idx, ifname=name)
+        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx)}
         if str(iface.ip) not in have:
-            ns.addr("add", index=idx[0], address=str(iface.ip),
-                    prefixlen=iface.network.prefixlen)
-        ns.link("set", index=idx[0], state="up")
-    return Underlay(dev, str(iface.ip))
+            ns.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        ns.link("set", index=idx, state="up")
+    return Underlay(name, str(iface.ip))

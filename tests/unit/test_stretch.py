@@ -225,9 +225,9 @@ def nothing_made(h: Host, netid: int) -> None:
 
 
 def test_faults_are_one_line_naming_the_host_and_leave_nothing() -> None:
-    """A taken VXLAN port, an underlay MTU too small, a peer with no route, a missing
-    underlay: one StretchError naming the host and what is wrong; no device, no bridge, no
-    firewall rule left behind."""
+    """A taken VXLAN port, an underlay MTU too small, a peer with no route, a peer on the
+    underlay that does not answer (down), a missing underlay: one StretchError naming the host
+    and what is wrong; no device, no bridge, no firewall rule left behind."""
     with two_hosts("vxe") as (a, b):
         sock = nsutil.run_in(a.cfg.netns, lambda: socket.socket(socket.AF_INET,
                                                                  socket.SOCK_DGRAM))
@@ -242,8 +242,12 @@ def test_faults_are_one_line_naming_the_host_and_leave_nothing() -> None:
                                                r"unreachable"):
             stretch.ensure(a.fabric, a.underlay, D, [Peer("far", "192.0.2.7")], "a")
         nothing_made(a, D)
-        with pytest.raises(StretchError, match=r"^host a: underlay interface nope is not in"):
-            stretch.ensure(a.fabric, stretch.Underlay("nope", a.underlay.address), D,
+        with pytest.raises(StretchError, match=r"^host a: peer dead \(172\.31\.254\.7\) is "
+                                               r"unreachable: no ARP answer on "):
+            stretch.ensure(a.fabric, a.underlay, D, [b.peer, Peer("dead", "172.31.254.7")], "a")
+        nothing_made(a, D)
+        with pytest.raises(StretchError, match=r"^host a: underlay interface \w+ul7 is not in"):
+            stretch.ensure(a.fabric, stretch.Underlay(a.cfg.underlay(7), a.underlay.address), D,
                            [b.peer], "a")
         with a.fabric.ns() as ns:
             ns.link("set", index=ns.link_lookup(ifname=a.underlay.ifname)[0], mtu=1300)
@@ -294,8 +298,9 @@ def test_the_remote_side_through_kh_fabric() -> None:
 
 def test_kh_fabric_underlay_moves_a_nic_into_khs_namespace() -> None:
     """`kh fabric underlay DEV A/LEN` on a real host: DEV leaves the host's namespace (here a
-    scratch namespace standing for it) for kh's fabric, addressed and up; a missing DEV and a
-    malformed address are one line each."""
+    scratch namespace standing for it) for kh's fabric as <prefix>ul0, addressed and up (done
+    again, it is found there); a missing DEV, a malformed address and an underlay without kh's
+    name are one line each."""
     from pyroute2 import netns
 
     from kh.hw.fabric import Fabric
@@ -311,14 +316,19 @@ def test_kh_fabric_underlay_moves_a_nic_into_khs_namespace() -> None:
             ns.link("add", ifname="vxunic0", kind="veth", peer="vxunic1")
         u = nsutil.run_in(scratch, lambda: move_underlay(fabric.cfg, "vxunic0",
                                                          "192.0.2.1/24"))
-        assert u == stretch.Underlay("vxunic0", "192.0.2.1")
+        assert u == stretch.Underlay(fabric.cfg.underlay(0), "192.0.2.1")
         with fabric.ns() as ns:
-            link = ns.get_links(ns.link_lookup(ifname="vxunic0")[0])[0]
-            assert link["flags"] & 1
+            link = ns.get_links(ns.link_lookup(ifname=u.ifname)[0])[0]
+            assert link["flags"] & 1 and link.get_attr("IFLA_IFALIAS") == "kh underlay, was vxunic0"
             assert [a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=link["index"])] == [
                 "192.0.2.1"]
         with contextlib.closing(NetNS(scratch)) as ns:
             assert ns.link_lookup(ifname="vxunic0") == []
+        again = nsutil.run_in(scratch, lambda: move_underlay(fabric.cfg, "vxunic0",
+                                                             "192.0.2.1/24"))
+        assert again == u
+        with pytest.raises(StretchError, match=r"^host a: underlay interface eth9 is not named "):
+            stretch.ensure(fabric, stretch.Underlay("eth9", "192.0.2.1"), D, [], "a")
         with pytest.raises(StretchError, match=r"^there is no interface nope on this host$"):
             nsutil.run_in(scratch, lambda: move_underlay(fabric.cfg, "nope", "192.0.2.1/24"))
         with pytest.raises(StretchError, match=r"is not A\.B\.C\.D/LEN"):

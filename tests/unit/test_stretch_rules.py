@@ -98,9 +98,20 @@ def test_firewall_lets_vxlan_in_only_from_peers_on_the_underlay() -> None:
         assert want in text, want
     udp_out = [r for r in rules if r["chain"] == "output" and "udp" in json.dumps(r)]
     assert len(udp_out) == 1 and '"oifname"}}, "right": "khul0"' in json.dumps(udp_out[0])
-    arp = [r for r in rules if r["family"] == "arp" and "khul0" in json.dumps(r)]
-    assert len(arp) == 2 and all("192.0.2.1" in json.dumps(r) for r in arp)
     assert "udp" not in plan(()) and "khul0" not in plan(())
+
+
+def test_arp_is_let_through_on_kh_underlays_even_before_a_stretch() -> None:
+    """A host with no stretched domain yet answers ARP on its underlay (<prefix>ulN), so a
+    peer stretching a domain to it can tell it is up; nowhere else new."""
+    for tunnels in ((), (stretch.Tunnel("khul0", "192.0.2.1", 4789, ("192.0.2.2",)),)):
+        rules = [c["add"]["rule"] for c in firewall.ruleset(firewall.Plan.of(CFG, [3], [],
+                                                                              tunnels))
+                 if "rule" in c.get("add", {}) and c["add"]["rule"]["family"] == "arp"]
+        on_underlay = [r["chain"] for r in rules if '"right": "khul*"' in json.dumps(r)]
+        assert on_underlay == ["input", "output"]
+    assert fnmatch.fnmatch(CFG.underlay(0), "khul*") and not fnmatch.fnmatch(CFG.tap(1, 0),
+                                                                              "khul*")
 
 
 def test_antispoofing_accepts_vxlan_ports_and_no_tap_is_one() -> None:

@@ -1,9 +1,9 @@
 """Two kh "hosts" on one machine, for tests of domains across hosts (kh.hw.stretch): each host
 is a kh fabric of its own prefix (its own namespace, firewall, anti-spoofing), and the underlay
 between them is a "wire": a namespace of the test's own holding a bridge, with a veth from it
-into each fabric (``<prefix>ul0`` there, addressed 172.31.254.N/24). The wire namespace is the
-network between the hosts: a test may give it an address and send from it (a stranger on the
-underlay). Needs root.
+into each fabric, named ``<prefix>ul0`` there (kh's name for an underlay: its firewall lets ARP
+through on it) and addressed 172.31.254.N/24. The wire namespace is the network between the
+hosts: a test may give it an address and send from it (a stranger on the underlay). Needs root.
 
 Reuse: ``two_hosts(tag)`` for two fabrics joined; ``Wire(name, mtu)`` and ``Wire.plug`` to join
 namespaces of your own (e.g. a fabric whose namespace a test's libvirtd runs in).
@@ -107,7 +107,7 @@ def two_hosts(tag: str, mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
                        else (), remote=None if side == "a" else side)
             fabrics.append(f)
             f.ensure()
-            ifname = f"{f.cfg.prefix}ul0"
+            ifname = f.cfg.underlay(0)  # <prefix>ul0: kh's name for an underlay
             wire.plug(f.cfg.netns, ifname, f"{NET}.{i}")
             hosts.append(Host(side, f, Underlay(ifname, f"{NET}.{i}"), wire))
         yield hosts[0], hosts[1]
