@@ -30,12 +30,16 @@ def _cfg(prefix: str) -> FabricConfig:
     return FabricConfig(prefix=prefix)
 
 
-def _fabric(cfg: FabricConfig, host: str) -> Fabric:
+def _fabric(cfg: FabricConfig, host: str, make: bool = False) -> Fabric:
     """This host's fabric. Where a khd of this prefix serves (its firewall lets its ports in),
     khd's own, kept serving them; otherwise another host's side (``Fabric.remote``: no kh
-    address on its bridges), made when missing."""
+    address on its bridges), made when missing only with ``make`` (`kh fabric underlay`, a
+    host's first kh command); KhError otherwise, before anything is made."""
     from kh.hw.fabric import Fabric
     if not nsutil.exists(cfg.netns):
+        if not make:
+            raise KhError(f"host {host}: kh's fabric {cfg.netns} does not exist here",
+                          "kh fabric underlay DEV A.B.C.D/LEN makes it with its underlay")
         f = Fabric(cfg, remote=host)
         f.ensure()
         return f
@@ -118,12 +122,22 @@ def register(main: click.Group) -> None:
 
     @fabric.command("underlay")
     @prefix_opt
+    @click.option("--host", "host", default="this host", help="This host's kh name.")
     @click.argument("dev")
     @click.argument("address", metavar="A.B.C.D/LEN")
     @handle_errors
-    def underlay_cmd(prefix: str, dev: str, address: str) -> None:
-        """Move host interface DEV into kh's fabric namespace as the underlay, with ADDRESS
-        (a NIC on the network between kh's hosts; it returns to the host on `kh clean`)."""
+    def underlay_cmd(prefix: str, host: str, dev: str, address: str) -> None:
+        """Move host interface DEV into kh's fabric namespace as the underlay <prefix>ulN, with
+        ADDRESS (a NIC on the network between kh's hosts; it returns to the host on `kh
+        clean`). On a host where kh has no fabric yet, it is made (another host's side)."""
         from kh.hw.underlay import move_underlay
-        u = move_underlay(_cfg(prefix), dev, address)
-        click.echo(f"underlay {u.ifname} {u.address} in {prefix}-fabric")
+        cfg = _cfg(prefix)
+        made = not nsutil.exists(cfg.netns)
+        fabric = _fabric(cfg, host, make=True)
+        try:
+            u = move_underlay(cfg, dev, address)
+        except KhError:
+            if made:  # nothing half-made: the fabric this command made goes again
+                fabric.destroy()
+            raise
+        click.echo(f"underlay {u.ifname} {u.address} in {cfg.netns}")

@@ -336,3 +336,24 @@ def test_kh_fabric_underlay_moves_a_nic_into_khs_namespace() -> None:
     finally:
         fabric.destroy()
         netns.remove(scratch)
+
+
+@pytest.mark.skipif(not KH.exists(), reason="kh is not installed in .venv (make venv)")
+def test_kh_fabric_on_a_host_without_a_fabric_makes_nothing_half() -> None:
+    """On a host where kh has no fabric: `kh fabric stretch` refuses, naming the command that
+    makes it, and makes no namespace; `kh fabric underlay` with a missing NIC fails and takes
+    away the fabric it had just made."""
+    from tests.unit.twohost import own
+    prefix = own("vxn")
+    ns = f"{prefix}-fabric"
+    r = subprocess.run([str(KH), "fabric", "stretch", "--prefix", prefix, "--host", "c",
+                        "--underlay", f"{prefix}ul0", "--local", "192.0.2.3", str(D)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == (
+        f"kh: host c: kh's fabric {ns} does not exist here (kh fabric underlay DEV "
+        "A.B.C.D/LEN makes it with its underlay)\n")
+    assert not nsutil.exists(ns)
+    r = subprocess.run([str(KH), "fabric", "underlay", "--prefix", prefix, "nosuchnic0",
+                        "192.0.2.3/24"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "there is no interface nosuchnic0" in r.stderr
+    assert not nsutil.exists(ns)
