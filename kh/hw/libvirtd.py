@@ -10,7 +10,8 @@ khd; a libvirtd that is stopped and started again re-attaches to them.
 
 Layout of ``root`` (all kh's): ``etc/`` (libvirtd.conf, qemu.conf; mounted over /etc/libvirt),
 ``run/`` (the socket ``libvirt-sock``, /run/libvirt), ``lib/`` (/var/lib/libvirt: guest RAM
-files under ``lib/qemu/ram``), ``cache/``, ``log/`` and ``libvirtd.pid``.
+files under ``lib/qemu/ram``), ``cache/``, ``log/``, ``lock/`` (/run/lock: console lock files)
+and ``libvirtd.pid``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from kh.hw import netns as nsutil
 
 # Private directory (under the daemon's root) -> the fixed path it is mounted over.
 MOUNTS = (("etc", "/etc/libvirt"), ("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"),
-          ("cache", "/var/cache/libvirt"), ("log", "/var/log/libvirt"))
+          ("cache", "/var/cache/libvirt"), ("log", "/var/log/libvirt"),
+          ("lock", "/run/lock"))  # its console lock files (/var/lock/LCK.._pts_N)
 SOCKET = "libvirt-sock"
 RAM_DIR = "/var/lib/libvirt/qemu/ram"  # memory_backing_dir, as every kh daemon sees it
 START_WAIT = 20.0  # seconds a starting libvirtd may take to answer on its socket
@@ -88,7 +90,7 @@ def prepare(d: Libvirtd) -> None:
     for sub, _ in MOUNTS:
         (d.root / sub).mkdir(exist_ok=True)
         # its QEMUs (as qemu_user) open their RAM files under /var/lib/libvirt/qemu/ram
-        (d.root / sub).chmod(0o755 if sub in ("lib", "run") else 0o700)
+        (d.root / sub).chmod(0o755 if sub in ("lib", "run", "lock") else 0o700)
     (d.root / "lib" / "qemu").mkdir(exist_ok=True)
     (d.root / "lib" / "qemu").chmod(0o711)
     (d.root / "lib" / "qemu" / "ram").mkdir(exist_ok=True)
@@ -127,6 +129,10 @@ def start(d: Libvirtd, log_file: Path) -> subprocess.Popen[bytes] | None:
     if answers(d):
         return None
     prepare(d)
+    # A daemon that was killed leaves its consoles' lock files, naming its PID; its successor
+    # would refuse those consoles while that PID lives on (a zombie no one reaped).
+    for stale in (d.root / "lock").glob("LCK..*"):
+        stale.unlink(missing_ok=True)
     with open(log_file, "ab") as out:
         p = proc.start(argv(d), stdout=out, stderr=out)
     deadline = time.monotonic() + START_WAIT
@@ -147,10 +153,10 @@ def running_pid(d: Libvirtd) -> int | None:
     """The daemon's PID from its pidfile, if that process is alive."""
     try:
         pid = int(d.pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return None
-    return pid
+    return None if state in ("Z", "X") else pid
 
 
 def stop(d: Libvirtd, prefix: str, wait: float = 10.0) -> list[str]:

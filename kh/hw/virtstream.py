@@ -197,9 +197,9 @@ class VolumeRam:
 def ram_volume(conn: libvirt.virConnect, dom: libvirt.virDomain, pool_name: str,
                host: str) -> VolumeRam:
     """The domain's RAM file as the one volume of a transient ``dir`` pool ``pool_name`` over
-    its RAM directory (``<memory_backing_dir>/<ID>-<name>``, new at each start: a pool over
-    an older one is replaced). LoadError naming ``host`` when libvirt refuses."""
-    path = f"{RAM_DIR}/{dom.ID()}-{dom.name()}"
+    its RAM directory (``<memory_backing_dir>/libvirt/qemu/<ID>-<name>``, new at each start:
+    a pool over an older one is replaced). LoadError naming ``host`` when libvirt refuses."""
+    path = f"{RAM_DIR}/libvirt/qemu/{dom.ID()}-{dom.name()}"  # as libvirt 9.0 names it
     try:
         try:
             pool = conn.storagePoolLookupByName(pool_name)

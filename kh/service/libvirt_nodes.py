@@ -47,7 +47,7 @@ from kh.hw.virtstream import (
 from kh.service.config import ServiceConfig
 from kh.service.libvirt_host import LibvirtHost, LibvirtNode
 from kh.service.mux import Mux
-from kh.service.nodes import default_loads, mac, node_tag, node_user
+from kh.service.nodes import default_loads, mac, node_tag
 
 log = logging.getLogger("kh.libvirt")
 EMULATOR = "/usr/bin/qemu-system-ppc"  # on the libvirt host (Debian's qemu-system-ppc)
@@ -74,8 +74,10 @@ class LibvirtNodes:
         self.host = host
         daemon = None
         if uri is None:  # kh's own daemon, in the fabric namespace (started on first use)
-            daemon = libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns,
-                                       node_user())
+            # QEMUs as root (sandboxed, in kh's namespace): libvirt 9.0 makes each guest's
+            # RAM directory root's 0700 and, without its DAC driver (which would chown the
+            # shared U-Boot image), never hands it to another user (docs/libvirt.md)
+            daemon = libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns, None)
             uri = daemon.uri
         self.running: dict[int, LibvirtNode] = {}
         self.link = LibvirtHost(host, uri, daemon, cfg.logs, lambda: list(self.running.values()))
