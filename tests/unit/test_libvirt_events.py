@@ -45,3 +45,13 @@ def test_a_stopped_domain_marks_only_its_node_gone(tmp_path: Path) -> None:
         for d in doms[1:]:
             d.destroy()
         host.close()
+
+
+def test_an_unreachable_host_is_one_error_naming_it(tmp_path: Path) -> None:
+    from kh.errors import KhError
+    from kh.hw.virtstream import connect
+
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-such-sock"
+    with pytest.raises(KhError, match=r"^host h2: cannot reach libvirt at qemu\+unix") as e:
+        connect(uri, "h2")
+    assert "\n" not in str(e.value)
