@@ -14,69 +14,18 @@ Usage (root, images built): .venv/bin/python -m benchmarks.vxlan_nodes [--pings 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import re
 import shutil
 import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from kh import boot
 from kh.allocation import node_address
-from kh.hw import board, qemu, stretch, uboot
-from kh.hw import netns as nsutil
-from kh.hw.antispoof import nic_mac
-from kh.settings import paths
-from tests.unit.twohost import Host, two_hosts
+from kh.hw import stretch
+from tests.integration.stretchnodes import node_in
+from tests.unit.twohost import two_hosts
 
 D = 3
-
-
-@contextlib.contextmanager
-def node_in(h: Host, number: int, logdir: Path) -> Iterator[boot.BootedNode]:
-    """Node ``number`` booted into the shell appliance with its NIC on ``h``'s tap in domain D.
-    Its QEMU is started from a thread inside ``h``'s namespace (a child is in the namespace of
-    the thread that forks it), which lives until the node is torn down (QEMU dies with it)."""
-    h.fabric.ensure_tap(number, 0)
-    h.fabric.attach(number, 0, D)
-    p = paths()
-    cfg = boot.default_config(
-        p, khargs=f"kh.node={number} kh.eth0={node_address(D, number)} kh.mtu0=1450",
-        console_log=logdir / f"node{number}.console.log")
-    cfg = dataclasses.replace(cfg, name=f"vxn{number}")
-    box: dict[str, object] = {}
-    ready, done = threading.Event(), threading.Event()
-
-    def run() -> None:
-        workdir = Path(tempfile.mkdtemp(prefix="kh-vxn-"))
-        try:
-            nsutil.enter(h.cfg.netns)
-            spec = dataclasses.replace(boot.node_spec(cfg, workdir), nics=(
-                board.Nic("n0", nic_mac(number, 0), tap=h.cfg.tap(number, 0)),))
-            with qemu.running(spec, console_log=cfg.console_log, workdir=workdir,
-                              die_with_parent=True) as node:
-                node.console.expect(uboot.UBOOT_PROMPT, cfg.prompt_timeout, stage="U-Boot")
-                box["node"] = boot.kboot(node, cfg)
-                ready.set()
-                done.wait()
-        except BaseException as e:
-            box["error"] = e
-        finally:
-            ready.set()
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    t = threading.Thread(target=run, name=f"node{number}")
-    t.start()
-    try:
-        ready.wait()
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        yield box["node"]  # type: ignore[misc]
-    finally:
-        done.set()
-        t.join()
 
 
 def ping(node: boot.BootedNode, addr: str, count: int) -> tuple[float, float, float, str]:
@@ -112,8 +61,8 @@ def main() -> None:
     with two_hosts("bvn") as (a, b):
         stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name)
         stretch.ensure(b.fabric, b.underlay, D, [a.peer], b.name)
-        with node_in(a, 1, logdir) as n1, node_in(a, 2, logdir) as n2, \
-                node_in(b, 3, logdir) as n3:
+        with node_in(a, 1, D, logdir) as n1, node_in(a, 2, D, logdir) as n2, \
+                node_in(b, 3, D, logdir) as n3:
             mtus = [n.run("cat /sys/class/net/eth0/mtu")[0].strip() for n in (n1, n2, n3)]
             print(f"nodes' eth0 MTU (boot key kh.mtu0=1450): {', '.join(mtus)}")
             if set(mtus) != {"1450"}:
