@@ -106,6 +106,13 @@ def lab_line(lab: Lab, group: str, key: str) -> int:
 
 def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None) -> int:
     lab = load_lab(path)
+    if dry_run:
+        return _up(lab, path, say, True, only)
+    with state_mod.locked(lab.name):
+        return _up(lab, path, say, False, only)
+
+
+def _up(lab: Lab, path: Path, say: Say, dry_run: bool, only: str | None) -> int:
     if only is not None and all(g.name != only for g in lab.groups):
         raise UsageError(f"lab {lab.name} has no group {only!r}",
                          "groups: " + ", ".join(g.name for g in lab.groups))
@@ -145,6 +152,11 @@ def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None) 
 
 def down(arg: str | None, say: Say) -> int:
     name, _ = resolve(arg)
+    with state_mod.locked(name):
+        return _down(name, say)
+
+
+def _down(name: str, say: Say) -> int:
     st = _state(name)
     assert st is not None
     with Runner(st, None, say) as r:
@@ -188,7 +200,7 @@ def check(arg: str | None, say: Say) -> list[Result]:
     st = _state(name)
     assert st is not None
     lab = load_lab(path or Path(st.file))
-    with Runner(st, lab, say) as r:
+    with state_mod.locked(name), Runner(st, lab, say) as r:
         results = run_checks(r, lab)
     ok = sum(x.ok for x in results)
     say(f"lab {name}: {ok}/{len(results)} checks passed")
@@ -215,7 +227,7 @@ def restart(arg: str, node_arg: str, say: Say) -> int:
     node = rec.nodes[i]
     a = next(x for x in rec.allocations if node in x.nodes)
     images = paths().out
-    with Runner(st, lab, say) as r:
+    with state_mod.locked(name), Runner(st, lab, say) as r:
         sc = r.sc(rec.principal)
         alloc = r.alloc(rec.principal, a)
         token = None

@@ -11,9 +11,12 @@ before it; a `kh down` that finds it releases what the principal gained since.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +160,24 @@ def save(st: LabState) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """One command at a time on a lab (kh up, down, restart, check): an exclusive lock on
+    NAME.lock beside its state; UsageError at once when another holds it."""
+    d = lab_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path_of(name).with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another kh command is working on lab {name}",
+                             "wait for it to end") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove(name: str) -> None:

@@ -90,7 +90,7 @@ def test_webfarm_grows_by_the_difference_checks_and_goes(khd, labs, tmp_path):
     # bad input: more nodes than the machine has; one error naming the line, nothing made
     f.write_text(text.replace("count: 2", "count: 100"))
     r = khlab(khd, labs, "up", str(f))
-    assert r.returncode != 0 and f"{f}:11: key groups.web.count: the lab needs 100 more nodes" \
+    assert r.returncode != 0 and f"{f}:12: key groups.web.count: the lab needs 100 more nodes" \
         in r.stderr, r
     assert holdings(khd) == before and not (labs / "webfarm.json").exists()
 

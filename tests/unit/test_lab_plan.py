@@ -195,3 +195,19 @@ def test_a_check_is_judged_by_status_expect_and_reject(tmp_path: Path) -> None:
     assert not judge(c, r, "nothing\n", 0).ok
     bad = judge(c, r, "ok but leak\n", 0)
     assert not bad.ok and "'leak' in its output" in bad.detail and bad.place == "cli[1]"
+
+
+def test_one_command_at_a_time_on_a_lab(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from kh.errors import UsageError
+    from kh.lab import state
+    monkeypatch.setenv("KH_LAB_DIR", str(tmp_path))
+    with state.locked("t"):
+        with pytest.raises(UsageError, match="another kh command is working on lab t"), \
+                state.locked("t"):
+            pass
+        with state.locked("u"):  # another lab is another lock
+            pass
+    with state.locked("t"):  # released
+        pass
