@@ -301,9 +301,7 @@ def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer]
         mtu = guest_mtu(ul_mtu, host, underlay.ifname)
         hops = [_check_route(ns, p, ul_index, underlay, host) for p in peers]
         old = ns.link_lookup(ifname=name)
-        if old and _vxlan_attrs(ns.get_links(old[0])[0]) != (*attrs, ul_index):
-            log.info("%s: %s was made otherwise; making it again", host, name)
-            ns.link("del", index=old[0])
+        stale = bool(old) and _vxlan_attrs(ns.get_links(old[0])[0]) != (*attrs, ul_index)
     _check_alive(cfg, underlay, peers, hops, host)
     new_bridge = netid not in fabric.domain_bridges()
     fabric.ensure_domain(netid)
@@ -311,6 +309,10 @@ def ensure(fabric: Fabric, underlay: Underlay, netid: int, peers: Sequence[Peer]
     try:
         with fabric.ns() as ns:
             idx = ns.link_lookup(ifname=name)
+            if idx and stale:
+                log.info("%s: %s was made otherwise; making it again", host, name)
+                ns.link("del", index=idx[0])
+                idx = []
             if not idx:
                 try:
                     ns.link("add", ifname=name, kind="vxlan", vxlan_id=attrs[0],

@@ -191,7 +191,8 @@ def udp_rules(netns: str) -> list[dict]:
 
 
 def test_stretch_is_read_back_and_removing_it_takes_everything_away() -> None:
-    """ensure is idempotent and sets exactly the peers given; remove takes the device and its
+    """ensure is idempotent, sets exactly the peers given and makes a device made otherwise
+    (another port) again; remove takes the device and its
     FDB entries away, the bridge and taps back to 1500, the firewall's VXLAN rules gone, and
     frames no longer cross."""
     with two_hosts("vxd") as (a, b):
@@ -203,6 +204,10 @@ def test_stretch_is_read_back_and_removing_it_takes_everything_away() -> None:
             stretch.vni(D), a.cfg.vxlan(D), a.underlay, (b.underlay.address,), MTU)
         assert fdb_of(a, D) == [b.underlay.address]
         assert udp_rules(a.cfg.netns) != []
+        moved = stretch.Underlay(a.underlay.ifname, a.underlay.address, 4790)
+        assert stretch.ensure(a.fabric, moved, D, [b.peer], a.name).device  # made again
+        assert stretch.stretched(a.cfg)[D].underlay.port == 4790
+        stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name)
         with node(a, 1, D) as n1, node(b, 2, D) as n2:
             fx.wait_bridged(n1, n2, mac(1, 0))
             assert stretch.remove(a.fabric, D) is True
