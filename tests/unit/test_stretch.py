@@ -192,9 +192,8 @@ def udp_rules(netns: str) -> list[dict]:
 
 def test_stretch_is_read_back_and_removing_it_takes_everything_away() -> None:
     """ensure is idempotent, sets exactly the peers given and makes a device made otherwise
-    (another port) again; remove takes the device and its
-    FDB entries away, the bridge and taps back to 1500, the firewall's VXLAN rules gone, and
-    frames no longer cross."""
+    (another port) again; remove takes the device and its FDB entries away, the bridge and
+    taps back to 1500, the firewall's VXLAN rules gone, and frames no longer cross."""
     with two_hosts("vxd") as (a, b):
         stretch_both(a, b, D)
         assert stretch.ensure(a.fabric, a.underlay, D, [b.peer], a.name) == stretch.Made(
