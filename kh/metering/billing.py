@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kh.service.request import Caller
 
 DEFAULT = Path(__file__).with_name("default-prices.toml")
+DEFAULT_NAME = "kh's default price list"
 Result = tuple[int, str, Any]
 
 
@@ -39,14 +40,22 @@ class ServicePricesBroken(KhError):
 
 def service_prices(state_dir: Path) -> pricing.PriceList:
     """The operator's ``<state_dir>/prices.toml``, else the default. Read at every bill, so
-    a changed file counts from the next bill on; ServicePricesBroken when it is bad."""
+    a changed file counts from the next bill on; ServicePricesBroken when it is bad. Either is
+    named by what it is, never by its path on the host (callers may be principals)."""
     own = state_dir / "prices.toml"
     if not own.exists():
-        return pricing.load(DEFAULT)
+        return pricing.parse(DEFAULT.read_bytes(), DEFAULT_NAME)
+    where = "the service's price list (<state dir>/prices.toml)"
     try:
-        return pricing.load(own)
+        with open(own, "rb") as f:
+            data = f.read(pricing.MAX_BYTES + 1)
+        return pricing.parse(data, where)
+    except OSError as e:
+        raise ServicePricesBroken(f"{where} cannot be read: {e.strerror}",
+                                  "the operator fixes it, or removes it for kh's default") \
+            from None
     except pricing.PriceError as e:
-        raise ServicePricesBroken(f"the service's price list is unusable: {e.message}",
+        raise ServicePricesBroken(e.message,
                                   "the operator fixes it, or removes it for kh's default") \
             from None
 

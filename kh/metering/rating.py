@@ -157,7 +157,7 @@ def rate(records: Iterable[UsageRecord], prices: PriceList, principal: str, peri
     if start < prices.valid_from or (prices.valid_until is not None
                                      and end > prices.valid_until):
         until = "no end" if prices.valid_until is None else prices.valid_until.isoformat()
-        raise UsageError(f"the price list {prices.source} holds from "
+        raise UsageError(f"{prices.source} holds from "
                          f"{prices.valid_from.isoformat()} to {until}, not for all of the "
                          f"period {period_text}", "rate it with a price list for that time")
     cuts = [start, *_bounds(prices, start, end), end]

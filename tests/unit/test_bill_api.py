@@ -61,6 +61,7 @@ def test_the_operator_sees_anyones_bill_and_others_only_their_own(khd):
     status, data = answer(get(sock, "/v1/bill?principal=alice&period=2026-11&format=json"))
     assert status == 200 and data["total"] == "0.12" and data["currency"] == "EUR"
     assert data["principal"] == "alice" and data["prices"]["name"] == "kh default"
+    assert data["prices"]["source"] == "kh's default price list"  # never a host path
     # bob: 2 x 0.01 = 0.02
     assert answer(get(sock, "/v1/bill?principal=bob&period=2026-11&format=json"))[1][
         "total"] == "0.02"
@@ -109,13 +110,15 @@ def test_the_service_rates_with_the_operators_price_list(khd):
     own.write_text("currency = \n")
     status, data = answer(get(sock, "/v1/bill?principal=alice&period=2026-11&format=json"))
     assert status == 500 and data["error"].startswith(
-        f"the service's price list is unusable: {own}: not valid TOML")
+        "the service's price list (<state dir>/prices.toml): not valid TOML")
+    assert str(own) not in data["error"] and data["hint"].startswith("the operator fixes")
 
 
 @pytest.mark.parametrize("path, status, error", [
     ("/v1/bill?principal=nobody", 404, "no principal nobody"),
     ("/v1/bill?principal=alice&period=2026-13", 400, "bad period '2026-13'"),
-    ("/v1/bill?principal=alice&period=2025-11", 400, "holds from 2026-01-01"),
+    ("/v1/bill?principal=alice&period=2025-11", 400,
+     "kh's default price list holds from 2026-01-01"),
     ("/v1/bill?principal=alice&since=2026-11-01", 400, "unknown parameter 'since'"),
     ("/v1/bill?period=2026-11", 400, "`principal` is required"),
     ("/v1/bill?principal=alice&principal=bob", 400, "given twice"),
