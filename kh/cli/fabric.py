@@ -120,6 +120,46 @@ def register(main: click.Group) -> None:
         if not found:
             click.echo("no domain is stretched from this host")
 
+    @fabric.command("wire")
+    @prefix_opt
+    @click.option("--host", "host", default="this host", help="This host's kh name.")
+    @click.argument("node", type=int)
+    @click.argument("netids", nargs=-1, metavar="NETID|-...")
+    @handle_errors
+    def wire_cmd(prefix: str, host: str, node: int, netids: tuple[str, ...]) -> None:
+        """Node NODE's taps here, one per NIC slot, each plugged into the domain given for its
+        slot ('-': none), making the domains' bridges (a node of this host that khd runs through
+        libvirt elsewhere). Prints the taps as JSON."""
+        from kh.allocation import MAX_NODE, NIC_SLOTS
+        if not 1 <= node <= MAX_NODE or not 1 <= len(netids) <= NIC_SLOTS:
+            raise UsageError(f"node {node} with {len(netids)} slots",
+                             f"a node 1-{MAX_NODE}, 1-{NIC_SLOTS} slots")
+        if any(n != "-" and not n.isdigit() for n in netids):
+            raise UsageError(f"slots {' '.join(netids)}: each a netid or '-'")
+        f = _fabric(_cfg(prefix), host)
+        taps = []
+        for slot, n in enumerate(netids):
+            taps.append(f.ensure_tap(node, slot))
+            if n != "-":
+                f.ensure_domain(int(n))
+            f.attach(node, slot, None if n == "-" else int(n))
+        click.echo(json.dumps({"node": node, "taps": taps}))
+
+    @fabric.command("unwire")
+    @prefix_opt
+    @click.argument("node", type=int)
+    @click.argument("slots", type=click.IntRange(1, 16))
+    @handle_errors
+    def unwire_cmd(prefix: str, node: int, slots: int) -> None:
+        """Remove node NODE's taps here (slots 0..SLOTS-1)."""
+        f = _fabric(_cfg(prefix), "this host")
+        names = f.links()
+        for slot in range(slots):
+            if f.cfg.tap(node, slot) in names:
+                f.attach(node, slot, None)  # anti-spoofing lets go of it first
+        f.remove_taps(node, slots)
+        click.echo(f"node {node}: taps removed")
+
     @fabric.command("underlay")
     @prefix_opt
     @click.option("--host", "host", default="this host", help="This host's kh name.")

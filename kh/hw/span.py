@@ -127,3 +127,31 @@ def unspan(netid: int, sides: Sequence[Side]) -> list[str]:
         except Exception as e:
             faults.append(f"host {side.host}: {e}" if not str(e).startswith("host ") else str(e))
     return faults
+
+
+class RemoteFabric:
+    """Another host's fabric through `kh fabric` behind ``runner`` (as ``remote``): the taps of
+    the nodes khd runs there (through libvirt), which libvirt's ``managed='no'`` interfaces need
+    made in that host's fabric namespace. One command per node. KhError with that host's line."""
+
+    def __init__(self, runner: Sequence[str], prefix: str, host: str, kh: str = "kh") -> None:
+        self.runner, self.prefix, self.host, self.kh = tuple(runner), prefix, host, kh
+
+    def _run(self, *words: str) -> str:
+        argv = [*self.runner, self.kh, "fabric", *words]
+        try:
+            return proc.run(argv, timeout=REMOTE_TIMEOUT,
+                            what=f"kh fabric {words[0]} on {self.host}").stdout
+        except KhError as e:
+            raise _remote_error(self.host, e) from None
+
+    def wire(self, node: int, netids: Sequence[int | None]) -> list[str]:
+        """Node ``node``'s taps there, slot by slot in ``netids`` (None: unplugged); their
+        names."""
+        out = self._run("wire", "--prefix", self.prefix, "--host", self.host, str(int(node)),
+                        *("-" if n is None else str(int(n)) for n in netids))
+        return [str(t) for t in json.loads(out)["taps"]]
+
+    def unwire(self, node: int, slots: int) -> None:
+        """Remove node ``node``'s taps there."""
+        self._run("unwire", "--prefix", self.prefix, str(int(node)), str(int(slots)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,23 @@ def test_a_host_that_refuses_leaves_nothing_on_the_others() -> None:
         with pytest.raises(StretchError, match=r"^cannot start /nonexistent/kh|^host b: "):
             span.span(D, sides(a, b, kh="/nonexistent/kh"))
         assert stretch.stretched(a.cfg) == {} and udp_rules(a) == 0
+
+
+def test_a_remote_hosts_node_taps_through_kh_fabric() -> None:
+    """RemoteFabric.wire makes a node's taps on host b, slot 0 in domain 3 (stretched: it takes
+    the domain's MTU), slot 1 unplugged; unwire removes them. A bad slot list is one line."""
+    with two_hosts("spc") as (a, b):
+        span.span(D, sides(a, b))
+        remote = span.RemoteFabric([], b.cfg.prefix, b.name, kh=str(KH))
+        assert remote.wire(7, [D, None]) == [b.cfg.tap(7, 0), b.cfg.tap(7, 1)]
+        with b.fabric.ns() as ns:
+            links = {str(link.get_attr("IFLA_IFNAME")): link for link in ns.get_links()}
+        bridge = links[b.cfg.bridge(D)]["index"]
+        assert links[b.cfg.tap(7, 0)].get_attr("IFLA_MASTER") == bridge
+        assert links[b.cfg.tap(7, 0)].get_attr("IFLA_MTU") == 1450
+        assert links[b.cfg.tap(7, 1)].get_attr("IFLA_MASTER") is None
+        bad = subprocess.run([str(KH), "fabric", "wire", "--prefix", b.cfg.prefix, "7", "3",
+                              "x"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr == "kh: slots 3 x: each a netid or '-'\n"
+        remote.unwire(7, 2)
+        assert not {b.cfg.tap(7, 0), b.cfg.tap(7, 1)} & set(b.fabric.links())
