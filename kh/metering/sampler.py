@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -195,6 +196,7 @@ class Meter:
         self._compacted = 0.0
         self._taking = threading.Lock()  # one sample at a time (inline ones, without the thread)
         self.cpu_seconds = 0.0  # the sampler thread's own CPU, for benchmarks
+        self.closed = False  # the state is closed: the thread ends
 
     # -- life ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -218,7 +220,7 @@ class Meter:
             log.exception("the meter cannot read the taps: traffic is not metered")
         self._guarded(None)
         next_at = time.monotonic() + self.interval
-        while True:
+        while not self.closed:
             try:
                 req = self._requests.get(timeout=max(0.0, next_at - time.monotonic()))
             except queue.Empty:
@@ -231,6 +233,11 @@ class Meter:
             numbers, done = req
             self._guarded(numbers)
             done.set()
+        while True:  # answer whoever still asks, at once
+            req = self._requests.get()
+            if req is None:
+                return
+            req[1].set()
 
     def _guarded(self, numbers: frozenset[int] | None) -> None:
         c0 = time.thread_time()
@@ -240,6 +247,8 @@ class Meter:
             if numbers is None and self.clock() - self._compacted >= COMPACT_EVERY:
                 self._compacted = self.clock()
                 mstore.compact(self.store, int(self._compacted * US))
+        except sqlite3.ProgrammingError:  # the state was closed under it (khd is going away)
+            self.closed = True
         except Exception:
             log.exception("metering sample failed")
         self.cpu_seconds += time.thread_time() - c0
