@@ -21,15 +21,18 @@ def register(main: click.Group) -> None:
     @click.option("--dry-run", "-n", is_flag=True,
                   help="Print the plan as the khget/khdo/kh commands it runs; run nothing.")
     @click.option("--only", metavar="GROUP", help="Bring up (or reconcile) this group alone.")
+    @click.option("--take-over", is_flag=True,
+                  help="A lab of this name is up from another file: make it what LAB says "
+                  "(refused without).")
     @handle_errors
-    def up(lab: Path, dry_run: bool, only: str | None) -> None:
+    def up(lab: Path, dry_run: bool, only: str | None, take_over: bool) -> None:
         """Bring the lab in LAB (a YAML file) up, or make the running lab what the file now
         says: nodes added or released where a count changed, groups re-booted whose
         appliance, kernel or keys changed; what it does is printed. The state is remembered
         (kh down works from it even if the file changes or goes). Credentials are read from
         the files the lab names; nothing is allocated when the file has an error."""
         with stop_on_signals():
-            sys.exit(commands.up(lab, _say, dry_run=dry_run, only=only))
+            sys.exit(commands.up(lab, _say, dry_run=dry_run, only=only, take_over=take_over))
 
     @main.command()
     @click.argument("lab", required=False)

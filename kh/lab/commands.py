@@ -104,21 +104,30 @@ def lab_line(lab: Lab, group: str, key: str) -> int:
     return read(lab.path).line(("groups", group, key))
 
 
-def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None) -> int:
+def up(path: Path, say: Say, *, dry_run: bool = False, only: str | None = None,
+       take_over: bool = False) -> int:
+    """``take_over``: a lab of the same name up from another file becomes what this file
+    says (without it, that is refused: two files named alike must not undo each other)."""
     lab = load_lab(path)
     if dry_run:
-        return _up(lab, path, say, True, only)
+        return _up(lab, path, say, True, only, take_over)
     with state_mod.locked(lab.name):
-        return _up(lab, path, say, False, only)
+        return _up(lab, path, say, False, only, take_over)
 
 
-def _up(lab: Lab, path: Path, say: Say, dry_run: bool, only: str | None) -> int:
+def _up(lab: Lab, path: Path, say: Say, dry_run: bool, only: str | None,
+        take_over: bool = False) -> int:
     if only is not None and all(g.name != only for g in lab.groups):
         raise UsageError(f"lab {lab.name} has no group {only!r}",
                          "groups: " + ", ".join(g.name for g in lab.groups))
     st = state_mod.load(lab.name)
     if st is not None and st.service != service():
         _state(lab.name)
+    if st is not None and st.file != str(path.resolve()) and not take_over:
+        raise UsageError(f"lab {lab.name} is up from another file, {st.file}; {path} would "
+                         "undo it", f"kh down {lab.name} first, name this lab otherwise "
+                         f"(lab: NAME), or kh up --take-over to make lab {lab.name} what "
+                         f"{path} says")
     if st is not None and not dry_run:
         with Runner(st, lab, say) as r:
             st = r.forget_gone()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kh import textobj
 from kh.errors import KhError
@@ -39,6 +40,7 @@ from kh.scenario import Allocation, Principal, Scenario
 from kh.settings import paths
 
 Say = Callable[[str], None]
+PENDING_SLACK = 60.0  # s past a step's timeout before an allocation cannot be its
 
 
 class Runner:
@@ -93,23 +95,41 @@ class Runner:
         sc = self.sc(principal)
         return sc.allocations.get(rec.id) or sc.adopt(rec.text)
 
-    def holdings(self, principal: str) -> tuple[set[int], set[int]]:
-        """The principal's live allocations and own private domains (kh ps -u)."""
+    def view(self, principal: str) -> dict[str, Any]:
+        """The principal's kh ps --json ({} when it cannot be had)."""
         r = self.sc(principal).kh("ps", "--json", check=False)
         if r.returncode:
-            return set(), set()
-        view = json.loads(r.stdout)
-        return ({a["id"] for a in view["allocations"]},
-                {d["netid"] for d in view["domains"]
+            return {}
+        view: dict[str, Any] = json.loads(r.stdout)
+        return view
+
+    def holdings(self, principal: str) -> tuple[set[int], set[int]]:
+        """The principal's live allocations and own private domains (kh ps -u)."""
+        view = self.view(principal)
+        return ({a["id"] for a in view.get("allocations", [])},
+                {d["netid"] for d in view.get("domains", [])
                  if d["kind"] == "private" and d["owner"] == principal})
 
+    def others(self) -> tuple[set[int], set[int]]:
+        """What the other labs of this service hold (state.claimed): never this lab's."""
+        return state_mod.claimed(self.st.name, self.st.service)
+
     @contextlib.contextmanager
-    def pending(self, principal: str, group: str) -> Iterator[Pending]:
-        """While the block may allocate: what the principal held before, in the state."""
+    def pending(self, principal: str, group: str, limit: float) -> Iterator[Pending]:
+        """While the block may allocate (for at most ``limit`` s): what the principal held
+        before, in the state. Cut short (Ctrl-C, SIGTERM, a failure), what it gained is
+        released at once, while nothing else can have been made since."""
+        started = time.time()
         allocs, doms = self.holdings(principal)
-        p = Pending(principal, tuple(sorted(allocs)), tuple(sorted(doms)), group)
+        p = Pending(principal, tuple(sorted(allocs)), tuple(sorted(doms)), group, started,
+                    started + limit + PENDING_SLACK)
         self.save(replace(self.st, pending=p))
-        yield p
+        try:
+            yield p
+        except BaseException:
+            with contextlib.suppress(Exception):  # kh down settles it when this cannot
+                self.settle_pending()
+            raise
         self.save(replace(self.st, pending=None))
 
     def group_rec(self, g: Group) -> GroupRec:
@@ -156,7 +176,7 @@ class Runner:
             opts += ["-n", ",".join(str(self.st.domains[d]) for d in s.joins)]
         if s.creates:
             opts += ["-p", str(len(s.creates))]
-        with self.pending(s.principal, s.group) as before:
+        with self.pending(s.principal, s.group, g.timeout) as before:
             a = sc.khget(*opts, count=s.count)
             rec = self.group_rec(g)
             rec = replace(rec, count=rec.count + len(a.nodes), ready=False,
@@ -241,10 +261,10 @@ class Runner:
             alloc = self.alloc(s.principal, a)
             for cmd in template.actions(self.lab, facts, g, index[n]):
                 self.say(f"{s.group}: node {n}: {cmd}")
-                with self.pending(s.principal, s.group) as before:
+                with self.pending(s.principal, s.group, g.timeout) as before:
                     out = self.sc(s.principal).check(alloc, n, cmd, g.timeout)
                     now, _ = self.holdings(s.principal)
-                    gained = sorted(now - set(before.allocations) - ours)
+                    gained = sorted(now - set(before.allocations) - ours - self.others()[0])
                     rec = self.st.groups[s.group]
                     self.save(self.st.with_group(replace(rec, gained=(*rec.gained, *gained))))
                 for line in out.strip().splitlines()[-3:]:
@@ -290,13 +310,19 @@ class Runner:
         self.say(f"{s.group}: token {s.token_id} removed")
 
     def _rm_domain(self, s: RmDomain) -> None:
+        if s.netid in self.others()[1]:  # another lab's nodes are in it (khget's default)
+            self.say(f"domain {s.name or s.netid} ({s.netid}) kept: another lab uses it")
+        else:
+            self._rm_domain_now(s)
+        doms = {n: i for n, i in self.st.domains.items() if i != s.netid}
+        implicit = tuple(x for x in self.st.implicit if x != (s.principal, s.netid))
+        self.save(replace(self.st, domains=doms, implicit=implicit))
+
+    def _rm_domain_now(self, s: RmDomain) -> None:
         r = self.kh2(s.principal, "domain", "rm", str(s.netid), check=False)
         if r.returncode and "no private domain" not in r.stderr:
             raise KhError(f"domain {s.name or s.netid}: kh domain rm {s.netid} failed: "
                           f"{r.stderr.strip()[-200:]}")
-        doms = {n: i for n, i in self.st.domains.items() if i != s.netid}
-        implicit = tuple(x for x in self.st.implicit if x != (s.principal, s.netid))
-        self.save(replace(self.st, domains=doms, implicit=implicit))
         self.say(f"domain {s.name or s.netid} ({s.netid}) removed")
 
     def forget_gone(self) -> LabState:
@@ -324,14 +350,21 @@ class Runner:
         p = self.st.pending
         if p is None:
             return
-        allocs, doms = self.holdings(p.principal)
+        view = self.view(p.principal)
+        _, doms = self.holdings(p.principal)
+        other_allocs, other_doms = self.others()
         ours = {a.id for r in self.st.groups.values() for a in r.allocations}
         ours |= {x for r in self.st.groups.values() for x in r.gained}
-        for a in sorted(allocs - set(p.allocations) - ours, reverse=True):
+        # the step's: not held before it, not another lab's, not made after it had to end
+        late = {a["id"] for a in view.get("allocations", [])
+                if p.deadline and float(a.get("created") or 0) > p.deadline}
+        allocs = {a["id"] for a in view.get("allocations", [])}
+        for a in sorted(allocs - set(p.allocations) - ours - other_allocs - late,
+                        reverse=True):
             self.sc(p.principal).release(a)
             self.say(f"{p.group}: released con{a} (made by an interrupted step)")
         known = set(self.st.domains.values()) | {n for _, n in self.st.implicit}
-        for d in sorted(doms - set(p.domains) - known, reverse=True):
+        for d in sorted(doms - set(p.domains) - known - other_doms, reverse=True):
             self.kh2(p.principal, "domain", "rm", str(d), check=False)
             self.say(f"{p.group}: removed domain {d} (made by an interrupted step)")
         self.save(replace(self.st, pending=None))

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kh.errors import UsageError
+from kh import textobj
+from kh.errors import KhError, UsageError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 VERSION = 1
@@ -63,12 +64,16 @@ class GroupRec:
 
 @dataclass(frozen=True)
 class Pending:
-    """A step that may allocate is running: what its principal held before it."""
+    """A step that may allocate is running: what its principal held before it, when it
+    began and by when it must have ended (time.time(); 0: not known, a state of an older kh).
+    An allocation the principal made after ``deadline`` is not the step's."""
 
     principal: str
     allocations: tuple[int, ...]
     domains: tuple[int, ...]
     group: str = ""
+    started: float = 0.0
+    deadline: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ class LabState:
             implicit=tuple((str(u), int(n)) for u, n in d.get("implicit", [])),
             groups=groups,
             pending=Pending(p["principal"], tuple(p["allocations"]), tuple(p["domains"]),
-                            p.get("group", "")) if p else None,
+                            p.get("group", ""), float(p.get("started", 0.0)),
+                            float(p.get("deadline", 0.0))) if p else None,
             checks=tuple((str(n), bool(ok), str(det)) for n, ok, det in d.get("checks", [])))
 
 
@@ -182,6 +188,30 @@ def locked(name: str) -> Iterator[None]:
 
 def remove(name: str) -> None:
     path_of(name).unlink(missing_ok=True)
+
+
+def claimed(but: str, service: str) -> tuple[set[int], set[int]]:
+    """The allocations and private domains the other labs' states (of ``service``) hold
+    (domains: those they made and those their allocations are in): never the leftovers of
+    lab ``but``'s interrupted step, nor a domain ``but`` may remove, whoever made it."""
+    allocs: set[int] = set()
+    doms: set[int] = set()
+    for n in names():
+        if n == but:
+            continue
+        try:
+            st = load(n)
+        except UsageError:
+            continue
+        if st is None or st.service != service:
+            continue
+        for g in st.groups.values():
+            allocs |= {a.id for a in g.allocations} | set(g.gained)
+            for a in g.allocations:
+                with contextlib.suppress(KhError):
+                    doms |= {d.netid for d in textobj.parse(a.text).domains if d is not None}
+        doms |= set(st.domains.values()) | {d for _, d in st.implicit}
+    return allocs, doms
 
 
 def names() -> list[str]:

@@ -1,0 +1,111 @@
+"""A lab's leftovers are its own (issue 15): an interrupted `kh up` settled by `kh down` (or
+the next `kh up`) releases what its step made, never another lab's allocations or domains,
+nor what its principal made after the step had to end; a lab file named like a running lab
+from another file does not undo it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kh.errors import UsageError
+from kh.lab import commands
+from kh.lab import state as state_mod
+from kh.lab.run import Runner
+from kh.lab.state import AllocRec, GroupRec, LabState, Pending
+
+TEXT = ("con{id}@127.0.0.1\nprotocol: uboot\nnetwork {net} : eth0\n"
+        "nodeinfo: {n} {n} 10.{net}.0.{n}\nnodes: {n}\n")
+
+
+@pytest.fixture
+def labs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KH_LAB_DIR", str(tmp_path / "labs"))
+    monkeypatch.setenv("KH_STATE_DIR", str(tmp_path / "khd"))
+    return tmp_path
+
+
+def group(name: str, alloc: int, net: int, node: int) -> GroupRec:
+    return GroupRec(name, "alice", 1, (), "worker", "uImage", "",
+                    allocations=(AllocRec(alloc, (node,),
+                                          TEXT.format(id=alloc, net=net, n=node), True),))
+
+
+class FakeScenario:
+    def __init__(self, released: list[int]) -> None:
+        self.released = released
+
+    def release(self, alloc: int) -> None:
+        self.released.append(alloc)
+
+
+def test_settle_releases_only_what_the_interrupted_step_made(labs: Path) -> None:
+    svc = commands.service()
+    # lab a: its khget of group w was cut short at t=1000 (limit 300 s + slack)
+    a = LabState("a", "/x/a.yaml", svc, {"alice": "/x/alicecred"},
+                 pending=Pending("alice", (5,), (3,), "w", 1000.0, 1360.0))
+    state_mod.save(a)
+    # lab b, up since with alice too: con6 in alice's domain 3 (khget's default) and its
+    # own domain 7
+    state_mod.save(LabState("b", "/x/b.yaml", svc, {"alice": "/x/alicecred"},
+                            domains={"bnet": 7}, groups={"v": group("v", 6, 3, 2)}))
+    view = {"allocations": [{"id": 5, "created": 900.0},    # before the step
+                            {"id": 6, "created": 1100.0},   # lab b's
+                            {"id": 8, "created": 1010.0},   # the step's own
+                            {"id": 9, "created": 5000.0}],  # a khget by hand, hours later
+            "domains": [{"netid": d, "kind": "private", "owner": "alice"}
+                        for d in (3, 7, 10)]}
+    released: list[int] = []
+    removed: list[str] = []
+    said: list[str] = []
+    r = Runner(a, None, said.append)
+    r.view = lambda principal: view  # type: ignore[method-assign]
+    r.sc = lambda principal: FakeScenario(released)  # type: ignore[method-assign,assignment,return-value]
+
+    def kh2(principal: str, group: str, sub: str, *args: str, check: bool = True) -> Any:
+        removed.append(f"{group} {sub} {' '.join(args)}")
+    r.kh2 = kh2  # type: ignore[method-assign,assignment]
+    r.settle_pending()
+    assert released == [8]
+    assert removed == ["domain rm 10"]
+    st = state_mod.load("a")
+    assert st is not None and st.pending is None
+
+
+def test_a_domain_another_lab_uses_is_kept_at_down(labs: Path) -> None:
+    from kh.lab.plan import RmDomain
+    svc = commands.service()
+    a = LabState("a", "/x/a.yaml", svc, {"alice": "/x/alicecred"}, implicit=(("alice", 3),))
+    state_mod.save(a)
+    state_mod.save(LabState("b", "/x/b.yaml", svc, {"alice": "/x/alicecred"},
+                            groups={"v": group("v", 6, 3, 2)}))
+    removed: list[str] = []
+    said: list[str] = []
+    r = Runner(a, None, said.append)
+
+    def kh2(principal: str, group: str, sub: str, *args: str, check: bool = True) -> Any:
+        removed.append(f"{group} {sub} {' '.join(args)}")
+    r.kh2 = kh2  # type: ignore[method-assign,assignment]
+    r.step(RmDomain("", "alice", 3))
+    assert removed == [] and r.st.implicit == ()
+    assert said == ["domain 3 (3) kept: another lab uses it"]
+
+
+def test_a_lab_named_like_a_running_one_from_another_file_is_refused(labs: Path) -> None:
+    cred = labs / "bobcred"
+    cred.write_text("bobs-secret\n")
+    f = labs / "shop.yaml"
+    f.write_text("principals:\n  bob: {credential: ./bobcred}\ngroups:\n  db:\n"
+                 "    appliance: worker\n")
+    state_mod.save(LabState("shop", "/home/alice/shop.yaml", commands.service(),
+                            {"alice": "/home/alice/alicecred"},
+                            groups={"web": group("web", 2, 3, 2)}))
+    said: list[str] = []
+    with pytest.raises(UsageError, match=r"lab shop is up from another file, "
+                       r"/home/alice/shop.yaml; .*shop.yaml would undo it"):
+        commands.up(f, said.append, dry_run=True)
+    assert said == []
+    assert commands.up(f, said.append, dry_run=True, take_over=True) == 0
+    assert any("web: gone from the file" in line for line in said)
