@@ -54,15 +54,9 @@ class LiveNode:
 
 
 def _taps(netns: str) -> dict[str, TapCounters]:
-    from pyroute2 import IPRoute
-
     from kh.hw import netns as nsutil
-
-    def dump() -> dict[str, TapCounters]:
-        with IPRoute() as ipr:
-            return read_taps(ipr)
     try:
-        return nsutil.run_in(netns, dump)
+        return nsutil.run_in(netns, read_taps)
     except Exception as e:  # no fabric (not root): no traffic figures
         log.debug("cannot read the taps: %s", e)
         return {}

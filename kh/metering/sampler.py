@@ -6,9 +6,9 @@ start and stop), the meter reads, for each node that is allocated now or was at 
 
 - its emulator's generation and cumulative CPU time (Source.cpu: the node's cgroup where there
   is one, else /proc/PID/stat); a new QEMU process is a new generation;
-- every tap's cumulative bytes and packets (Source.taps: one netlink dump of kh's fabric
-  namespace, which the sampler's thread enters for good); a recreated tap (a new ifindex) is a
-  new generation;
+- every tap's cumulative bytes and packets (Source.taps: the kernel's link statistics of kh's
+  fabric namespace, which the sampler's thread enters for good); a recreated tap (a new
+  ifindex) is a new generation;
 
 and compares them with the node's last sample (kh.metering.store.Last, kept in the state, so a
 khd restart compares across the time it was down). The interval since then is charged to the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
@@ -77,22 +78,20 @@ def proc_stat(pid: int) -> tuple[int, int] | None:
 
 class HostSource:
     """The real counters: the backend's accounting (kh.hw.backend.Backend.usage: a cgroup per
-    node) or /proc/PID/stat for a ``qemu`` node without a cgroup, and pyroute2's dump of the
-    links of kh's fabric namespace (IFLA_STATS64)."""
+    node) or /proc/PID/stat for a ``qemu`` node without a cgroup, and the links of kh's fabric
+    namespace (read_taps), from a thread that entered it."""
 
     def __init__(self, nodes: Backend, netns: str | None) -> None:
         self.nodes = nodes
         self.netns = netns
-        self._ipr: object | None = None
+        self._entered = False
 
     def enter(self) -> None:
         if self.netns is None:
             return
-        from pyroute2 import IPRoute
-
         from kh.hw import netns as nsutil
         nsutil.enter(self.netns)
-        self._ipr = IPRoute()
+        self._entered = True
 
     def cpu(self, number: int) -> tuple[str, int] | None:
         node = self.nodes.running.get(number)
@@ -114,19 +113,25 @@ class HostSource:
         return None if local else (f"none:{pid}", 0)
 
     def taps(self) -> Mapping[str, TapCounters]:
-        return {} if self._ipr is None else read_taps(self._ipr)
+        return read_taps() if self._entered else {}
 
 
-def read_taps(ipr: object) -> dict[str, TapCounters]:
-    """Every link's counters (IFLA_STATS64) by name, from one dump of ``ipr`` (a pyroute2
-    IPRoute of the namespace)."""
+def read_taps() -> dict[str, TapCounters]:
+    """Every link's counters by name, in the calling thread's network namespace: the kernel's
+    64-bit link statistics (what IFLA_STATS64 carries) from /proc/thread-self/net/dev, and each
+    link's ifindex (socket.if_nameindex). 1 ms for 257 links, where pyroute2's dump of the same
+    took 52 ms to parse."""
+    index = {name: i for i, name in socket.if_nameindex()}
     out = {}
-    for link in ipr.get_links():  # type: ignore[attr-defined]
-        st = link.get_attr("IFLA_STATS64")
-        name = link.get_attr("IFLA_IFNAME")
-        if st is not None and name is not None:
-            out[name] = (int(link["index"]), int(st["rx_bytes"]), int(st["tx_bytes"]),
-                         int(st["rx_packets"]), int(st["tx_packets"]))
+    with open("/proc/thread-self/net/dev", "rb") as f:
+        lines = f.read().splitlines()[2:]  # two header lines
+    for line in lines:
+        name, _, data = line.partition(b":")
+        link = name.strip().decode(errors="replace")
+        v = data.split()
+        if link in index and len(v) >= 10:
+            # receive: bytes packets errs drop fifo frame compressed multicast; transmit: ...
+            out[link] = (index[link], int(v[0]), int(v[8]), int(v[1]), int(v[9]))
     return out
 
 

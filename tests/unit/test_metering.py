@@ -354,3 +354,27 @@ def test_hourly_sums_give_what_the_samples_give(st):
 
 
 US_ = 1_000_000
+
+
+def test_the_taps_are_read_as_the_kernel_counts_them():
+    """read_taps gives each link's ifindex and the kernel's 64-bit counters, as rtnetlink's
+    IFLA_STATS64 gives them (read before and after: lo may carry others' traffic)."""
+    from pyroute2 import IPRoute
+
+    from kh.metering.sampler import read_taps
+
+    def stats() -> dict[str, tuple[int, int, int, int, int]]:
+        with IPRoute() as ipr:
+            out = {}
+            for link in ipr.get_links():
+                s = link.get_attr("IFLA_STATS64")
+                out[link.get_attr("IFLA_IFNAME")] = (
+                    int(link["index"]), s["rx_bytes"], s["tx_bytes"], s["rx_packets"],
+                    s["tx_packets"])
+            return out
+    before, got, after = stats(), read_taps(), stats()
+    assert set(got) == set(before) and "lo" in got
+    for name, values in got.items():
+        assert values[0] == before[name][0]
+        assert all(b <= v <= a for b, v, a in zip(before[name][1:], values[1:],
+                                                  after[name][1:], strict=True)), name
