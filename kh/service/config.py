@@ -209,7 +209,13 @@ class ServiceConfig:
         """Everything khd keeps in its state directory; `kh clean` removes exactly these."""
         db = self.db
         sqlite_files = tuple(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))
-        return (db, *sqlite_files, self.host_key, self.page_token, self.run, self.logs)
+        return (db, *sqlite_files, self.host_key, self.page_token, self.run, self.logs,
+                self.libvirt_dir)
+
+    @property
+    def libvirt_dir(self) -> Path:
+        """kh's own libvirtd's directories (the libvirt backend: kh.hw.libvirtd)."""
+        return self.state_dir / "libvirt"
 
     @property
     def images_needed(self) -> tuple[Path, ...]:

@@ -272,7 +272,7 @@ def clean(cfg: ServiceConfig, *, keep_logs: bool = False) -> list[str]:
     need different prefixes."""
     done = [f"stopped khd {pid}" for pid in stop(cfg)]
     # kh's own libvirtd (the libvirt backend): its domains, then the daemon itself
-    done += libvirtd.stop(libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns),
+    done += libvirtd.stop(libvirtd.Libvirtd(cfg.libvirt_dir, cfg.fabric.netns),
                           cfg.prefix)
     # Only now, with no khd left to start one: each found with its identity (PID, start time,
     # tag), checked again before each signal, and looked for again until none is found.

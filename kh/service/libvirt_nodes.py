@@ -77,7 +77,7 @@ class LibvirtNodes:
             # QEMUs as root (sandboxed, in kh's namespace): libvirt 9.0 makes each guest's
             # RAM directory root's 0700 and, without its DAC driver (which would chown the
             # shared U-Boot image), never hands it to another user (docs/libvirt.md)
-            daemon = libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns, None)
+            daemon = libvirtd.Libvirtd(cfg.libvirt_dir, cfg.fabric.netns, None)
             uri = daemon.uri
         self.running: dict[int, LibvirtNode] = {}
         self.link = LibvirtHost(host, uri, daemon, cfg.logs, lambda: list(self.running.values()))

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -38,10 +39,21 @@ def lvkhd(request, tmp_path_factory, kh_paths, outside):
                      prefix=f"kv{os.getpid() % 10000}", uplink_netns=outside,
                      backend="libvirt") as cfg:
         yield cfg
+    # kh clean took kh's libvirtd, its domains and its directories with it
+    assert not cfg.libvirt_dir.exists()
+    assert [p for p in Path("/proc").glob("[0-9]*")
+            if str(cfg.libvirt_dir).encode() in read_cmdline(p)] == []
+
+
+def read_cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def daemon(cfg) -> libvirtd.Libvirtd:
-    return libvirtd.Libvirtd(cfg.state_dir / "libvirt", cfg.fabric.netns, None)
+    return libvirtd.Libvirtd(cfg.libvirt_dir, cfg.fabric.netns, None)
 
 
 def test_nodes_boot_and_talk_in_a_private_domain(lvkhd, artifacts):
