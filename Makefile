@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m benchmarks.hostile
 	$(PY) -m benchmarks.webfarm
 	$(PY) -m benchmarks.intranet
+	$(PY) -m benchmarks.metering
 
 clean-images:
 	rm -rf images/out
