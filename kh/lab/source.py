@@ -112,7 +112,11 @@ def _schema_error(src: Source, e: jsonschema.ValidationError) -> LabError:
         return src.error(where, f"bad name: {e.message}")
     if e.validator == "type":
         return src.error(where, f"{_short(e.instance)} is not of type {e.validator_value}")
-    return src.error(where, e.message[:300])
+    message = e.message
+    shown = repr(e.instance)
+    if message.startswith(shown):  # jsonschema begins with the whole value: say what is wrong
+        message = _short(e.instance) + message[len(shown):]
+    return src.error(where, message[:300])
 
 
 def _short(v: Any) -> str:

@@ -202,3 +202,11 @@ def test_the_docs_15_line_lab_loads(tmp_path: Path) -> None:
     web = lab.group("web")
     assert template.node_keys(lab, template.symbolic(lab), web, 2) == \
         "kh.httpd=1 kh.gw=<gw[0].ip.back>"
+
+
+def test_schema_error_on_a_large_value_says_what_is_wrong(tmp_path: Path) -> None:
+    groups = "".join(f"  g{i}:\n    appliance: worker\n    keys: {'k' * 60}\n" for i in range(33))
+    msg = error_of(tmp_path, "principals:\n  alice: {credential: ./alicecred}\ngroups:\n"
+                   + groups)
+    assert msg.startswith(f"{tmp_path / 't.yaml'}:3: key groups: {{'g0': ")
+    assert msg.endswith("... has too many properties") and len(msg) < 300
