@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kh.errors import UsageError
 from kh.metering import query
 from kh.metering import store as mstore
-from kh.metering.usage import US, check_range, from_us
+from kh.metering.usage import US, check_range, from_us, to_us
 from kh.model import DomainKind
 
 if TYPE_CHECKING:
@@ -76,15 +76,20 @@ def _sec(us: int) -> str:
 
 
 def report(st: Store, since: datetime, until: datetime, principal: str | None, by: str,
-           token: int | None = None) -> dict[str, Any]:
+           token: int | None = None, floor: datetime | None = None) -> dict[str, Any]:
     """The usage of ``principal`` (None: everyone; ``token``: only the allocations made with
     that token) in [since, until) by ``by``, as JSON data:
     {"since", "until" (ISO), "by", "principal", "rows": [...], "gaps": [...]}. A row: the
     principal, its keys (allocation and node, or hour; for ``domain`` traffic rows netid and
     kind), node_seconds, cpu_seconds, mem_mib_seconds (decimal strings), load_bytes, and
-    ``net``: {kind: {tx_bytes, rx_bytes, tx_packets, rx_packets}}."""
+    ``net``: {kind: {tx_bytes, rx_bytes, tx_packets, rx_packets}}. With ``floor``, the range
+    starts there at the earliest (a principal sees nothing from before it was registered:
+    another principal of that name, since removed, used it)."""
     lo, hi = check_range(since, until)
-    usage, net = query.sums(st, lo, hi, principal, by, token)
+    if floor is not None and floor > since:  # nothing before ``floor`` is shown
+        since = min(floor, until)
+        lo = min(to_us(since), hi)
+    usage, net = query.sums(st, lo, hi, principal, by, token) if lo < hi else ([], [])
     keys = {"principal": (), "node": ("allocation", "node"), "allocation": ("allocation",),
             "hour": ("hour",), "domain": ()}[by]
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -119,7 +124,7 @@ def report(st: Store, since: datetime, until: datetime, principal: str | None, b
         out["traffic"] = traffic
     out["gaps"] = [{"principal": g.principal, "allocation": g.allocation, "node": g.node,
                     "start": g.start.isoformat(), "end": g.end.isoformat(), "what": g.what}
-                   for g in mstore.gaps(st, lo, hi, principal, token)]
+                   for g in (mstore.gaps(st, lo, hi, principal, token) if lo < hi else [])]
     return out
 
 

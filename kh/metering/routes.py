@@ -6,13 +6,16 @@
                                                  a principal's own usage; with a token, only
                                                  the allocations that token made
 
-Times and ``by`` as kh.metering.report says. An unknown principal is 404 for the operator (a
-principal kh never knew and no usage kept), and for anyone else the same 403 as a wrong
-credential; a malformed or reversed range, or a bad ``by``, is 400; nothing is changed.
+Times and ``by`` as kh.metering.report says. A principal sees nothing from before it was
+registered (the usage of a removed principal of the same name stays the operator's). An
+unknown principal is 404 for the operator (a principal kh never knew and no usage kept), and
+for anyone else the same 403 as a wrong credential; a malformed or reversed range, or a bad
+``by``, is 400; nothing is changed.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from kh.admission import AuthError, check_user
@@ -27,11 +30,18 @@ Result = tuple[int, str, Any]
 
 
 def _answer(svc: Service, body: dict[str, Any], principal: str | None,
-            token: int | None = None) -> Result:
+            token: int | None = None, floor: datetime | None = None) -> Result:
     since, until = report.time_range(body.get("since"), body.get("until"))
     by = report.check_by(body.get("by"))
-    data = report.report(svc.store, since, until, principal, by, token)
+    data = report.report(svc.store, since, until, principal, by, token, floor)
     return 200, report.text(data), data
+
+
+def _registered(svc: Service, user: str) -> datetime | None:
+    """When principal ``user`` was registered: a principal sees no usage from before it (a
+    removed principal of the same name's)."""
+    rows = svc.store._rows("SELECT created FROM principals WHERE name=?", (user,))
+    return datetime.fromtimestamp(rows[0][0], UTC) if rows else None
 
 
 def usage_all(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
@@ -59,9 +69,9 @@ def usage_own(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     token = tokens.from_body(body)
     if token is not None:
         row = tokens.authenticate(svc, user, token)
-        return _answer(svc, body, user, row.id)
+        return _answer(svc, body, user, row.id, _registered(svc, user))
     svc.authenticate(user, rq.credential(body))
-    return _answer(svc, body, user)
+    return _answer(svc, body, user, floor=_registered(svc, user))
 
 
 def rq_unknown(keys: set[str]) -> Exception:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,6 +16,10 @@ from kh.metering.report import time_range
 from kh.service import tokens
 from tests.unit.fake_khd import get, make_service, post, serving, serving_tcp, text_of
 from tests.unit.test_metering import FakeSource
+
+# the samples are taken in the future (``used``): every report asks until a day from now
+UNTIL = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+UNTIL_Q = urllib.parse.quote(UNTIL)
 
 
 @pytest.fixture
@@ -23,7 +29,6 @@ def svc(tmp_path, monkeypatch):
     for n in range(1, 5):
         src.cpu_of[n] = (f"g{n}", 0)
     s.meter.source = src
-    s.meter.clock = lambda: time.time() - 600  # samples in the past: the default range has them
     yield s
     s.store.close()
 
@@ -42,8 +47,8 @@ def khget(sock, user: str, **kw: object) -> dict:
 
 
 def used(svc, seconds: float, cpu_us: int) -> None:
-    """Every node's QEMU used ``cpu_us`` more, and a sample is taken ``seconds`` later (on the
-    meter's clock, 10 minutes behind)."""
+    """Every node's QEMU used ``cpu_us`` more, and a sample is taken ``seconds`` later (in the
+    future: the tests ask until UNTIL)."""
     src = svc.meter.source
     for n, (gen, us) in list(src.cpu_of.items()):
         src.cpu_of[n] = (gen, us + cpu_us)
@@ -53,7 +58,7 @@ def used(svc, seconds: float, cpu_us: int) -> None:
 def own(sock, user: str, secret: str | None = None, key: str = "credential", **kw: object
         ) -> tuple[int, str]:
     status, resp = post(sock, "/v1/usage?format=json", json.dumps(
-        {"user": user, key: secret or user + "-cred", **kw}).encode())
+        {"user": user, key: secret or user + "-cred", "until": UNTIL, **kw}).encode())
     return status, text_of(resp)
 
 
@@ -87,10 +92,10 @@ def test_everyones_usage_is_the_operators(svc, khd):
     khget(khd, "alice")
     khget(khd, "bob")
     used(svc, 10, 1_000_000)
-    status, resp = get(khd, "/v1/usage?format=json")
+    status, resp = get(khd, f"/v1/usage?until={UNTIL_Q}&format=json")
     assert status == 200, text_of(resp)
     assert {r["principal"] for r in json.loads(text_of(resp))["rows"]} == {"alice", "bob"}
-    status, resp = get(khd, "/v1/usage?principal=bob&by=allocation&format=json")
+    status, resp = get(khd, f"/v1/usage?principal=bob&by=allocation&until={UNTIL_Q}&format=json")
     assert [r["principal"] for r in json.loads(text_of(resp))["rows"]] == ["bob"]
     with serving_tcp(svc) as addr:  # any other caller
         status, resp = get(addr, "/v1/usage?principal=alice")
@@ -104,7 +109,7 @@ def test_a_release_ends_the_charge(svc, khd):
         {"user": "alice", "credential": "alice-cred"}).encode())
     assert status == 200, text_of(resp)
     before = json.loads(own(khd, "alice")[1])["rows"][0]
-    used(svc, 100, 50_000_000)  # its node is no one's now (a sample still 8 min ago)
+    used(svc, 100, 50_000_000)  # its node is no one's now
     assert json.loads(own(khd, "alice")[1])["rows"][0] == before
 
 
@@ -176,7 +181,7 @@ def test_text_and_csv_show_the_exact_report(svc, khd):
     from kh.metering import report
     khget(khd, "alice", x=True)
     used(svc, 10, 1_500_000)
-    data = json.loads(text_of(get(khd, "/v1/usage?by=node&format=json")[1]))
+    data = json.loads(text_of(get(khd, f"/v1/usage?by=node&until={UNTIL_Q}&format=json")[1]))
     data["gaps"] = [{"principal": "alice", "allocation": 1, "node": 2, "what": "cpu: new "
                      "generation", "start": "2026-12-01T09:00:00+00:00",
                      "end": "2026-12-01T09:00:10+00:00"}]
@@ -228,8 +233,23 @@ def test_by_domain_gives_each_domain_and_the_totals(svc, khd):
     src.tap_of[f"ku{n}s0"] = (70, 500, 40, 5, 1)  # the tap received 500 B: the node sent them
     src.tap_of[f"ku{n}s1"] = (71, 30, 0, 1, 0)
     used(svc, 10, 0)
-    data = json.loads(text_of(get(khd, "/v1/usage?by=domain&format=json")[1]))
+    data = json.loads(text_of(get(khd, f"/v1/usage?by=domain&until={UNTIL_Q}&format=json")[1]))
     assert sorted((t["kind"], t["tx_bytes"], t["rx_bytes"]) for t in data["traffic"]) == [
         ("external", 500, 40), ("private", 30, 0)]
     (row,) = data["rows"]
     assert row["net"]["external"]["tx_bytes"] == 500 and row["net"]["private"]["tx_bytes"] == 30
+
+
+def test_a_new_principal_of_a_removed_ones_name_sees_none_of_its_usage(svc, khd):
+    khget(khd, "alice")
+    used(svc, 0.001, 4_000_000)  # now: before the next alice is registered
+    svc.remove_principal("alice")
+    time.sleep(0.05)
+    status, resp = post(khd, "/v1/allocations?format=json", json.dumps(
+        {"user": "alice", "credential": "another-alice"}).encode())
+    assert status == 201, text_of(resp)
+    status, text = own(khd, "alice", "another-alice")
+    assert status == 200 and json.loads(text)["rows"] == [], text
+    # the operator still has the first alice's, to bill
+    status, resp = get(khd, f"/v1/usage?principal=alice&until={UNTIL_Q}&format=json")
+    assert json.loads(text_of(resp))["rows"][0]["cpu_seconds"] == "4"
