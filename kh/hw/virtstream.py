@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from typing import Any
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -63,6 +64,23 @@ def connect(uri: str, host: str) -> libvirt.virConnect:
     if conn is None:
         raise KhError(f"host {host}: cannot reach libvirt at {uri}")
     return conn
+
+
+def check_ppc(conn: libvirt.virConnect, host: str, machine: str = "ppce500") -> str:
+    """The emulator path of the host's ``ppc`` guests that offer ``machine`` (from libvirt's
+    capabilities); KhError naming the host when it has none (no qemu-system-ppc there)."""
+    try:
+        caps = ElementTree.fromstring(conn.getCapabilities())
+    except (libvirt.libvirtError, ElementTree.ParseError) as e:
+        raise KhError(f"host {host}: cannot read libvirt's capabilities ({e})") from None
+    for guest in caps.findall("guest"):
+        arch = guest.find("arch")
+        if arch is None or arch.get("name") != "ppc":
+            continue
+        if any(m.text == machine for m in arch.findall("machine")):
+            return arch.findtext("emulator") or ""
+    raise KhError(f"host {host}: libvirt there offers no ppc {machine} guest",
+                  "install qemu-system-ppc on that host")
 
 
 RECV = 65536  # bytes asked of the stream at a time

@@ -26,7 +26,7 @@ from kh.cc.channel import NodeWriter
 from kh.errors import KhError
 from kh.hw import libvirtd
 from kh.hw.console import Console
-from kh.hw.virtstream import ConsolePump, connect, error_text
+from kh.hw.virtstream import ConsolePump, check_ppc, connect, error_text
 from kh.service.mux import Mux
 
 log = logging.getLogger("kh.libvirt")
@@ -76,8 +76,11 @@ class LibvirtHost:
     """The connection to one libvirt host; ``nodes`` gives the nodes running there."""
 
     def __init__(self, name: str, uri: str, daemon: libvirtd.Libvirtd | None, logs: Path,
-                 nodes: Callable[[], list[LibvirtNode]]) -> None:
+                 nodes: Callable[[], list[LibvirtNode]], machine: str | None = "ppce500") -> None:
+        """``machine``: the guest machine the host must offer (checked when it is first
+        reached; None: not checked, for libvirt's test driver)."""
         self.name = name
+        self.machine = machine
         self.uri = uri
         self.daemon = daemon
         self.logs = logs
@@ -104,8 +107,15 @@ class LibvirtHost:
             if self._conn is None:
                 if self.daemon is not None:
                     self._start_daemon()
-                self._conn = connect(self.uri, self.name)
-                self._watch(self._conn)
+                conn = connect(self.uri, self.name)
+                try:
+                    if self.machine is not None:  # one clear error, before any node
+                        check_ppc(conn, self.name, self.machine)
+                except KhError:
+                    conn.close()
+                    raise
+                self._conn = conn
+                self._watch(conn)
             return self._conn
 
     # -- events ---------------------------------------------------------------------------

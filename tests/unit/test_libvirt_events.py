@@ -29,7 +29,8 @@ def test_a_stopped_domain_marks_only_its_node_gone(tmp_path: Path) -> None:
     from kh.service.libvirt_host import LibvirtHost
 
     nodes: list[SimpleNamespace] = []
-    host = LibvirtHost("testhost", "test:///default", None, tmp_path, lambda: nodes)
+    host = LibvirtHost("testhost", "test:///default", None, tmp_path, lambda: nodes,
+                       machine=None)  # the test driver has no ppc guests
     conn = host.conn  # events registered on it
     doms = [conn.createXML(domainxml.render(spec(name=f"kh-node{n}", number=n)), 0)
             for n in (1, 2)]
@@ -55,3 +56,28 @@ def test_an_unreachable_host_is_one_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(KhError, match=r"^host h2: cannot reach libvirt at qemu\+unix") as e:
         connect(uri, "h2")
     assert "\n" not in str(e.value)
+
+
+def test_a_host_without_qemu_system_ppc_is_refused_naming_it(tmp_path: Path) -> None:
+    from kh.errors import KhError
+    from kh.service.libvirt_host import LibvirtHost
+
+    host = LibvirtHost("x86box", "test:///default", None, tmp_path, list)
+    with pytest.raises(KhError, match=r"^host x86box: libvirt there offers no ppc ppce500 guest"):
+        host.conn  # noqa: B018  # the first use connects and checks
+
+
+def test_a_host_with_qemu_system_ppc_offers_ppce500(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from kh.hw.virtstream import check_ppc, event_loop
+
+    if os.geteuid() != 0 or shutil.which("qemu-system-ppc") is None:
+        pytest.skip("the embedded QEMU driver needs root and qemu-system-ppc")
+    event_loop()
+    conn = libvirt.open(f"qemu:///embed?root={tmp_path / 'root'}")
+    try:
+        assert check_ppc(conn, "here").endswith("qemu-system-ppc")
+    finally:
+        conn.close()
