@@ -7,10 +7,12 @@ another service refuse it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
+from kh.admission import AuthError, Throttled
 from kh.client import Client
 from kh.errors import KhError, UsageError
 from kh.hw import uboot
@@ -97,6 +99,44 @@ def preflight(lab: Lab, p: plan.Plan, images: Path, st: LabState | None) -> None
                                f"{'s' if need > 1 else ''}, the service has {free} free; "
                                "nothing was allocated",
                                "kh service status; release some, or start khd with more")
+    quotas(lab, p, sizes)
+
+
+def quotas(lab: Lab, p: plan.Plan, sizes: dict[int, int]) -> None:
+    """Each principal's khgets fit its node and private-domain quotas (what it holds, less
+    what the plan releases first, as khd counts them in kh ps -u): LabError naming the
+    group's count (or domains) otherwise, before anything is allocated."""
+    from kh.cli import credential
+    for pr in lab.principals:
+        gets = [s for s in p.steps if isinstance(s, plan.Khget) and s.principal == pr.name]
+        if not gets:
+            continue
+        body = {"user": pr.name, "credential": credential.resolve(str(pr.credential))}
+        try:
+            view = json.loads(Client(from_env().socket).call("POST", "/v1/ps", body,
+                                                             as_json=True))
+        except AuthError as e:
+            if isinstance(e, Throttled):
+                raise
+            continue  # not registered yet (khget registers it: it holds nothing)
+        (held, most), (doms, most_doms) = view["quota"]["nodes"], view["quota"]["domains"]
+        held -= sum(len(s.nodes) or sizes.get(s.allocation, 0) for s in p.steps
+                    if isinstance(s, plan.Release) and s.principal == pr.name)
+        for s in gets:
+            held += s.count
+            doms += len(s.creates)
+            if held > most:
+                raise LabError(f"{lab.path}:{lab_line(lab, s.group, 'count')}: key "
+                               f"groups.{s.group}.count: principal {pr.name} would hold "
+                               f"{held} nodes, over its node quota of {most}; nothing was "
+                               "allocated", "kh ps -u shows its quota; release some, or ask "
+                               "the operator to raise --node-quota")
+            if doms > most_doms:
+                raise LabError(f"{lab.path}:{lab_line(lab, s.group, 'domains')}: key "
+                               f"groups.{s.group}.domains: principal {pr.name} would own "
+                               f"{doms} private domains, over its quota of {most_doms}; "
+                               "nothing was allocated", "kh domain rm frees some, or ask the "
+                               "operator to raise --domain-quota")
 
 
 def lab_line(lab: Lab, group: str, key: str) -> int:

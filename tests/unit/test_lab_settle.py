@@ -109,3 +109,74 @@ def test_a_lab_named_like_a_running_one_from_another_file_is_refused(labs: Path)
     assert said == []
     assert commands.up(f, said.append, dry_run=True, take_over=True) == 0
     assert any("web: gone from the file" in line for line in said)
+
+
+class FakeClient:
+    """khd's answers: 10 nodes free; alice holds 1 node of 3 and 1 domain of 2 (``held``);
+    carol is not registered."""
+
+    held = (1, 1)
+
+    def __init__(self, socket: object) -> None:
+        pass
+
+    def call(self, method: str, path: str, body: Any = None, as_json: bool = False) -> str:
+        import json
+
+        from kh.admission import AuthError
+        if path == "/v1/status":
+            return "khd running: 12 nodes, 10 free, 2 allocated\n"
+        if body["user"] != "alice":
+            raise AuthError(f"credential refused for principal {body['user']}")
+        return json.dumps({"quota": {"nodes": [self.held[0], 3], "domains": [self.held[1], 2]}})
+
+
+QUOTA_LAB = """\
+principals:
+  alice: {credential: ./alicecred}
+  carol: {credential: ./alicecred}
+domains:
+  n1: {}
+  n2: {}
+groups:
+  a:
+    count: 1
+    domains: [n1]
+    appliance: worker
+  b:
+    count: COUNT
+    domains: [n2]
+    appliance: worker
+  c:
+    principal: carol
+    count: 5
+    appliance: worker
+"""
+
+
+@pytest.mark.parametrize("count,error", [
+    ("2", "t.yaml:13: key groups.b.count: principal alice would hold 4 nodes, over its node "
+          "quota of 3; nothing was allocated"),
+    ("1", "t.yaml:14: key groups.b.domains: principal alice would own 3 private domains, "
+          "over its quota of 2; nothing was allocated")])
+def test_a_lab_over_its_principals_quota_allocates_nothing(
+        labs: Path, monkeypatch: pytest.MonkeyPatch, count: str, error: str) -> None:
+    from kh.lab import plan
+    from kh.lab.model import load_lab
+    from kh.lab.source import LabError
+    (labs / "alicecred").write_text("s3cret-in-a-file\n")
+    f = labs / "t.yaml"
+    f.write_text(QUOTA_LAB.replace("COUNT", count))
+    images = labs / "images"
+    images.mkdir()
+    for name in ("uImage", "worker.cpio.gz.uimg"):
+        (images / name).write_bytes(b"x")
+    monkeypatch.setattr(commands, "Client", FakeClient)
+    lab = load_lab(f)
+    with pytest.raises(LabError) as e:
+        commands.preflight(lab, plan.up(lab, None, None), images, None)
+    assert str(e.value).startswith(f"{labs / error}")
+    if count == "1":  # carol (not registered yet: khget registers her) is not refused
+        lab = load_lab(f)
+        monkeypatch.setattr(FakeClient, "held", (0, 0))
+        commands.preflight(lab, plan.up(lab, None, None), images, None)
