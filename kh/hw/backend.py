@@ -25,7 +25,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from kh.errors import BootError
+from kh.allocation import NIC_SLOTS
+from kh.errors import BootError, KhError
 from kh.hw.cgroup import Usage
 from kh.hw.console import Console
 from kh.hw.uboot import UBOOT_PROMPT
@@ -136,3 +137,14 @@ def back_at_prompt(console: Console, start: int, timeout: float) -> None:
     start = console.mark()
     console.write(b"\x03")
     console.expect(UBOOT_PROMPT, 5, stage="U-Boot prompt after Ctrl-C", start=start)
+
+
+def fresh_taps(fabric: Fabric, number: int) -> None:
+    """Node ``number``'s taps in kh's fabric, made if missing and in no domain, before its
+    emulator starts: a node starts cut off. StartFailed when the fabric refuses."""
+    try:
+        for slot in range(NIC_SLOTS):
+            fabric.ensure_tap(number, slot)
+            fabric.attach(number, slot, None)
+    except KhError as e:
+        raise StartFailed(number, str(e)) from e

@@ -31,7 +31,7 @@ import libvirt
 from kh.allocation import NIC_SLOTS
 from kh.errors import KhError
 from kh.hw import domainxml, libvirtd, uboot
-from kh.hw.backend import StartAborted, StartFailed, back_at_prompt
+from kh.hw.backend import StartAborted, StartFailed, back_at_prompt, fresh_taps
 from kh.hw.board import BOARDS
 from kh.hw.cgroup import Usage
 from kh.hw.console import Console
@@ -120,12 +120,7 @@ class LibvirtNodes:
     def start(self, number: int, timeout: float = 30.0,
               on_spawn: Callable[[int], None] = lambda pid: None) -> LibvirtNode:
         spec = domain_spec(self.cfg, number)
-        try:
-            for slot in range(NIC_SLOTS):
-                self.fabric.ensure_tap(number, slot)
-                self.fabric.attach(number, slot, None)
-        except KhError as e:
-            raise StartFailed(number, str(e)) from e
+        fresh_taps(self.fabric, number)
         with self._lock:
             if self._closing:
                 raise StartAborted(f"node {number}: khd is stopping")

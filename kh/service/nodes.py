@@ -31,7 +31,7 @@ from kh.hw import board, cgroup, memload, qemu, uboot
 from kh.hw import netns as nsutil
 from kh.hw.backend import StartAborted as StartAborted
 from kh.hw.backend import StartFailed as StartFailed
-from kh.hw.backend import back_at_prompt
+from kh.hw.backend import back_at_prompt, fresh_taps
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
 from kh.hw.qemu import died_reason as died_reason  # khd's pool reads it here
@@ -235,12 +235,7 @@ class NodeManager:
         d = self.cfg.node_dir(number)
         d.mkdir(parents=True, exist_ok=True)
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
-        try:
-            for slot in range(NIC_SLOTS):
-                self.fabric.ensure_tap(number, slot)
-                self.fabric.attach(number, slot, None)
-        except KhError as e:
-            raise StartFailed(number, str(e)) from e
+        fresh_taps(self.fabric, number)
         argv = nsutil.enter_argv(self.cfg.fabric.netns) + board.qemu_argv(spec) + ["-S"]
         qemu_log = self.cfg.qemu_log(number)
         cg = self._cgroup(number)
