@@ -96,18 +96,24 @@ class Runner:
         return sc.allocations.get(rec.id) or sc.adopt(rec.text)
 
     def view(self, principal: str) -> dict[str, Any]:
-        """The principal's kh ps --json ({} when it cannot be had)."""
+        """The principal's kh ps --json. KhError when khd does not give it (busy, slow,
+        stopped, the credential refused): never taken for "holds nothing", which would make
+        the lab forget, or call gone, allocations that still run."""
         r = self.sc(principal).kh("ps", "--json", check=False)
         if r.returncode:
-            return {}
+            raise KhError(f"lab {self.st.name}: cannot see what {principal} holds (kh ps -u "
+                          f"{principal}): {r.stderr.strip()[-200:]}",
+                          "kh service status; try again once khd answers (a principal the "
+                          f"operator removed holds nothing: remove {self.st.name}.json from "
+                          f"{state_mod.lab_dir()})")
         view: dict[str, Any] = json.loads(r.stdout)
         return view
 
     def holdings(self, principal: str) -> tuple[set[int], set[int]]:
         """The principal's live allocations and own private domains (kh ps -u)."""
         view = self.view(principal)
-        return ({a["id"] for a in view.get("allocations", [])},
-                {d["netid"] for d in view.get("domains", [])
+        return ({a["id"] for a in view["allocations"]},
+                {d["netid"] for d in view["domains"]
                  if d["kind"] == "private" and d["owner"] == principal})
 
     def others(self) -> tuple[set[int], set[int]]:
@@ -356,9 +362,9 @@ class Runner:
         ours = {a.id for r in self.st.groups.values() for a in r.allocations}
         ours |= {x for r in self.st.groups.values() for x in r.gained}
         # the step's: not held before it, not another lab's, not made after it had to end
-        late = {a["id"] for a in view.get("allocations", [])
+        late = {a["id"] for a in view["allocations"]
                 if p.deadline and float(a.get("created") or 0) > p.deadline}
-        allocs = {a["id"] for a in view.get("allocations", [])}
+        allocs = {a["id"] for a in view["allocations"]}
         for a in sorted(allocs - set(p.allocations) - ours - other_allocs - late,
                         reverse=True):
             self.sc(p.principal).release(a)

@@ -180,3 +180,27 @@ def test_a_lab_over_its_principals_quota_allocates_nothing(
         lab = load_lab(f)
         monkeypatch.setattr(FakeClient, "held", (0, 0))
         commands.preflight(lab, plan.up(lab, None, None), images, None)
+
+
+class SilentScenario:
+    """A principal's scenario whose kh ps fails as it does when khd is busy or slow."""
+
+    def kh(self, *args: str, check: bool = True) -> Any:
+        import subprocess
+        return subprocess.CompletedProcess(["kh", *args], 1, "",
+                                           "kh: khd did not answer within 30 s\n")
+
+
+def test_khd_not_answering_is_not_everything_gone(labs: Path) -> None:
+    from kh.errors import KhError
+    from kh.lab.plan import Release
+    st = LabState("a", "/x/a.yaml", commands.service(), {"alice": "/x/alicecred"},
+                  groups={"w": group("w", 6, 3, 2)})
+    state_mod.save(st)
+    said: list[str] = []
+    r = Runner(st, None, said.append)
+    r.sc = lambda principal: SilentScenario()  # type: ignore[method-assign,assignment,return-value]
+    for call in (r.forget_gone, lambda: r.step(Release("w", "alice", 6))):
+        with pytest.raises(KhError, match=r"cannot see what alice holds .*did not answer"):
+            call()
+    assert state_mod.load("a") == st and said == []  # the allocation is still the lab's
