@@ -101,7 +101,7 @@ class Service:
         self.cfg.run.mkdir(parents=True, exist_ok=True)
         self.fabric.ensure()
         with self.lock:
-            self.repairs = recovery.recover(self.store, self.cfg) + self.pool.adopt()
+            self.repairs = recovery.recover(self.store, self.cfg, self.nodes) + self.pool.adopt()
         self.sync_fabric()
         with self.lock:
             self.repairs += membership.reconcile(self)

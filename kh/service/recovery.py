@@ -19,10 +19,10 @@ import threading
 from typing import TYPE_CHECKING
 
 from kh.errors import KhError
+from kh.hw.backend import Backend
 from kh.model import Domain, NodeState
-from kh.service import membership, procid
+from kh.service import membership
 from kh.service.config import ServiceConfig
-from kh.service.nodes import recorded
 from kh.store import Store
 
 if TYPE_CHECKING:
@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("kh.service")
 
 
-def recover(store: Store, cfg: ServiceConfig) -> list[str]:
-    """Do it; return one line per repair, for `kh ps` and khd's log."""
+def recover(store: Store, cfg: ServiceConfig, nodes: Backend) -> list[str]:
+    """Do it; return one line per repair, for `kh ps` and khd's log. ``nodes`` (the backend)
+    stops what the half-done requests' nodes left running."""
     repairs = []
     half = store.nodes(NodeState.CONFIGURING, NodeState.RELEASING)
-    # only a PID that is still the node's QEMU (tag and start time) is signalled
-    procid.stop([i for r in half if (i := recorded(cfg, r.number, r.pid)) is not None])
+    for r in half:  # only if the recorded process (domain) is still the node's
+        nodes.kill_recorded(r.number, r.pid)
     if half:
         released = store.drop_nodes([r.number for r in half])
         for r in half:
