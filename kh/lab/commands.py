@@ -51,7 +51,12 @@ def resolve(arg: str | None) -> tuple[str, Path | None]:
         st = state_mod.load(n)
         if st is not None and st.file == ab:
             return n, p
-    return load_lab(p).name, p
+    name = load_lab(p).name
+    st = state_mod.load(name)
+    if st is not None:  # another file of the same name is up: never act on it through this one
+        raise UsageError(f"lab {name} is up from another file, {st.file}, not {arg}",
+                         f"kh status {name} / kh down {name}: a lab is named by its name")
+    return name, p
 
 
 def _state(name: str, must: bool = True) -> LabState | None:

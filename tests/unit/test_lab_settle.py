@@ -93,7 +93,9 @@ def test_a_domain_another_lab_uses_is_kept_at_down(labs: Path) -> None:
     assert said == ["domain 3 (3) kept: another lab uses it"]
 
 
-def test_a_lab_named_like_a_running_one_from_another_file_is_refused(labs: Path) -> None:
+def test_a_lab_named_like_a_running_one_from_another_file_is_refused(
+        labs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(labs)
     cred = labs / "bobcred"
     cred.write_text("bobs-secret\n")
     f = labs / "shop.yaml"
@@ -109,6 +111,13 @@ def test_a_lab_named_like_a_running_one_from_another_file_is_refused(labs: Path)
     assert said == []
     assert commands.up(f, said.append, dry_run=True, take_over=True) == 0
     assert any("web: gone from the file" in line for line in said)
+    # nor do down, status, check or restart act on it through this file
+    for arg in (str(f), "shop.yaml"):  # the path, or the name of a file here (cwd: labs)
+        with pytest.raises(UsageError) as e:
+            commands.resolve(arg)
+        assert str(e.value).startswith("lab shop is up from another file, "
+                                       f"/home/alice/shop.yaml, not {arg} ")
+    assert commands.resolve("shop") == ("shop", None)
 
 
 class FakeClient:
