@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import select
 import signal
 import sys
 import traceback
@@ -68,6 +70,23 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, s
             signal.signal(s, h)
 
 
+def _stdout_gone() -> bool:
+    """Is standard output a pipe whose reader has gone? Then it is pointed at /dev/null, so
+    that nothing more (Python's own flush at exit included) fails writing to it."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
+
+
 def handle_errors(fn: F) -> F:
     """Run a command body; map exceptions to `kh: ...` and an exit code."""
 
@@ -81,6 +100,10 @@ def handle_errors(fn: F) -> F:
             raise
         except click.ClickException:
             raise
+        except BrokenPipeError as e:
+            if not _stdout_gone():
+                ctx.exit(report(e, debug))
+            ctx.exit(128 + signal.SIGPIPE)  # `kh ps | head -1`: the reader has had enough
         except (KhError, KeyboardInterrupt, Exception) as e:
             ctx.exit(report(e, debug))
 
