@@ -37,7 +37,7 @@ def running(user: str | None, cred: str | None) -> Topology:
 def planned(path: Path) -> Topology:
     from kh.lab.model import load_lab
     from kh.topo.lab import from_lab
-    return from_lab(load_lab(path))
+    return from_lab(load_lab(path, credentials=False))  # a picture needs no credential
 
 
 def register(main: click.Group) -> None:

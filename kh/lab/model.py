@@ -166,12 +166,13 @@ class Lab:
         return tuple(done)
 
 
-def load_lab(path: Path) -> Lab:
+def load_lab(path: Path, credentials: bool = True) -> Lab:
     """Read ``path`` into a Lab. LabError (file, line, key) for: a file that is not YAML or
     breaks lab.schema.json (unknown key, wrong type ...), an unknown principal, domain or
     group, a domain of another principal, more than 4 interfaces, a cycle in ``after``
-    (naming it), a credential file that is missing, or a template that names a missing node,
-    domain or variable (checked by rendering every node's with placeholder addresses)."""
+    (naming it), a credential file that is missing (unless not ``credentials``: a picture of
+    the file needs none), or a template that names a missing node, domain or variable
+    (checked by rendering every node's with placeholder addresses)."""
     path = Path(path)
     src = read(path)
     d = src.data
@@ -183,7 +184,7 @@ def load_lab(path: Path) -> Lab:
     def at(*where: str | int) -> At:
         return At(path, src.line(where), keypath(where))
 
-    principals = tuple(_principal(src, path, n, p, at("principals", n))
+    principals = tuple(_principal(src, path, n, p, at("principals", n), credentials)
                        for n, p in d["principals"].items())
     pnames = [p.name for p in principals]
     first = pnames[0]
@@ -227,11 +228,12 @@ def _strs(v: object) -> list[str]:
     return [str(x) for x in v] if isinstance(v, list) else []
 
 
-def _principal(src: Source, path: Path, name: str, p: dict[str, str], where: At) -> Principal:
+def _principal(src: Source, path: Path, name: str, p: dict[str, str], where: At,
+               must_exist: bool = True) -> Principal:
     cred = Path(p["credential"]).expanduser()
     if not cred.is_absolute():
         cred = path.resolve().parent / cred
-    if not cred.is_file():
+    if must_exist and not cred.is_file():
         raise src.error(("principals", name, "credential"),
                         f"credential file {p['credential']!r} is missing ({cred})",
                         "put the principal's credential in that file, mode 600")

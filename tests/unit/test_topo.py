@@ -161,6 +161,21 @@ def test_kh_topo_reads_a_lab_file(tmp_path):
     assert r.stdout.startswith("flowchart LR\n") and "k_gw_2e_0" in r.stdout
 
 
+def test_kh_topo_of_a_lab_file_needs_no_credential_file(tmp_path):
+    """A picture of a plan asks nothing of khd: the credential files need not exist yet
+    (kh up still refuses without them)."""
+    lab = tmp_path / "intranet.yaml"
+    shutil.copy(EXAMPLES / "intranet.yaml", lab)
+    r = subprocess.run([sys.executable, "-m", "kh.cli.main", "topo", str(lab)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("kh topology: lab intranet.yaml, as planned, not running\n")
+    r = subprocess.run([sys.executable, "-m", "kh.cli.main", "up", "--dry-run", str(lab)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "key principals.corp1.credential: credential file " \
+        "'./corp1cred' is missing" in r.stderr
+
+
 def test_kh_topo_takes_one_format():
     r = subprocess.run([sys.executable, "-m", "kh.cli.main", "topo", "--dot", "--json",
                         "any.yaml"], capture_output=True, text=True, timeout=60)
