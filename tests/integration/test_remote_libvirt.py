@@ -91,6 +91,8 @@ def host_b(tmp_path, kh_paths):
         if sshd is not None:
             sshd.terminate()
             sshd.wait(10)
+        if cfg.libvirt_dir.exists() and not libvirtd.answers(daemon):  # a test killed it:
+            libvirtd.start(daemon, cfg.logs / "libvirtd.log")  # it takes its QEMUs back
         libvirtd.stop(daemon, prefix)
         fabric.destroy()
         fabric.destroy_outside()
@@ -123,4 +125,25 @@ def test_a_node_on_a_libvirt_host_reached_over_ssh(host_b):
         assert uboot_command(node.console, "echo over-ssh", 10).strip().endswith("over-ssh")
     finally:
         nodes.stop(1)
+        nodes.detach_all()
+
+
+def test_a_host_that_dies_takes_only_its_nodes_down(host_b, monkeypatch):
+    from kh.service import libvirt_host
+    from kh.service.libvirt_nodes import LibvirtNodes
+
+    monkeypatch.setattr(libvirt_host, "HOST_GRACE", 3.0)  # 30 s in khd
+    cfg, fabric, uri, daemon = host_b
+    nodes = LibvirtNodes(cfg, fabric, uri=uri, host="hostb")
+    try:
+        node = nodes.start(1)
+        pid = libvirtd.running_pid(daemon)
+        assert pid is not None
+        os.kill(pid, 9)  # host b's libvirt is gone; its QEMU runs on, unreachable
+        deadline = time.monotonic() + 30
+        while node.alive():
+            assert time.monotonic() < deadline, "the node was not marked gone"
+            time.sleep(0.1)
+        assert node.death_reason().startswith("lost libvirt host hostb: no connection for 3 s")
+    finally:
         nodes.detach_all()
