@@ -168,7 +168,8 @@ def load(path: Path) -> PriceList:
 
 def parse(data: bytes, source: str) -> PriceList:
     """A price list from its bytes; ``source`` names it in errors. PriceError when it is over
-    MAX_BYTES, not UTF-8, not TOML, or breaks a rule of the module's docstring."""
+    MAX_BYTES, not UTF-8, not TOML (or nested past the parser's depth), or breaks a rule of
+    the module's docstring."""
     if len(data) > MAX_BYTES:
         raise PriceError(f"{source}: a price list is at most {MAX_BYTES} bytes")
     try:
@@ -179,6 +180,9 @@ def parse(data: bytes, source: str) -> PriceList:
         raw = tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as e:
         raise PriceError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per [ or {: 32 KiB of them pass Python's limit
+        raise PriceError(f"{source}: nested too deeply (arrays or inline tables within each "
+                         "other; a price list needs two levels)") from None
     return _Reader(text, source).price_list(raw, hashlib.sha256(data).hexdigest())
 
 

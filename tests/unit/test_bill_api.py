@@ -97,6 +97,10 @@ def test_a_price_list_sent_with_the_request_rates_the_same_usage(khd):
     status, data = as_principal(tcp, user="alice", credential="alice-cred",
                                 prices="/etc/shadow")
     assert status == 400 and data["error"].startswith("the price list sent: not valid TOML")
+    # nor can one nested too deeply for the TOML parser make khd fail (it was a 500)
+    status, data = as_principal(tcp, user="alice", credential="alice-cred",
+                                prices="a = " + "[" * 5000 + "]" * 5000)
+    assert status == 400 and data["error"].startswith("the price list sent: nested too deeply")
 
 
 def test_the_service_rates_with_the_operators_price_list(khd):

@@ -99,6 +99,18 @@ def test_too_large_or_not_text():
         prices.load(Path("nowhere.toml"))
 
 
+@pytest.mark.parametrize("nest", [
+    "a = " + "[" * 5000 + "]" * 5000,  # arrays in arrays
+    "a = " + "{a = " * 3000 + "1" + "}" * 3000,  # inline tables in inline tables
+])
+def test_a_deeply_nested_price_list_is_one_error_not_a_crash(nest):
+    # under MAX_BYTES: tomllib recursed past Python's limit (RecursionError, khd's 500)
+    text = (HEAD + nest + "\n").encode()
+    assert len(text) <= prices.MAX_BYTES
+    with pytest.raises(prices.PriceError, match=r"^t\.toml: nested too deeply"):
+        prices.parse(text, "t.toml")
+
+
 def test_kh_bill_with_a_bad_price_file_says_so_in_one_line_and_asks_khd_nothing(
         tmp_path, monkeypatch):
     asked: list[object] = []
