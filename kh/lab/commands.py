@@ -144,6 +144,33 @@ def quotas(lab: Lab, p: plan.Plan, sizes: dict[int, int]) -> None:
                                "operator to raise --domain-quota")
 
 
+def resolvable(lab: Lab, p: plan.Plan, st: LabState | None) -> None:
+    """Every template the plan renders (the keys and actions of the groups it boots) names
+    only nodes and domains that are up or that the plan makes: LabError before anything is
+    allocated (`kh up --only web` while web's keys name gw's node, and gw is not up)."""
+    made = {s.group for s in p.steps if isinstance(s, plan.Khget)}
+    new_doms = {d for s in p.steps if isinstance(s, plan.Khget) for d in s.creates}
+    sym = template.facts(lab, st, frozenset(made))
+    facts = template.Facts(
+        {g: n if g in made else tuple(x for x in n if isinstance(x, int))
+         for g, n in sym.nodes.items()},
+        {d: i for d, i in sym.netids.items() if isinstance(i, int) or d in new_doms})
+    shared = template.base(lab, facts)
+    for name in dict.fromkeys(s.group for s in p.steps if isinstance(s, plan.Boot | plan.Act)):
+        g = lab.group(name)
+        for i in range(g.count):
+            try:
+                template.node_keys(lab, facts, g, i, "<token>" if g.token else None, shared)
+                template.actions(lab, facts, g, i, shared)
+            except LabError as e:
+                down = [x for x in sorted(set(sym.nodes) - made - set(st.groups if st else ()))
+                        if plan._refers(g, x)] or sorted(set(sym.nodes) - made
+                                                         - set(st.groups if st else ()))
+                raise LabError(e.message, f"groups not up: {', '.join(down)}; bring them up "
+                               "first (kh up without --only, or --only each)"
+                               if down else e.hint) from None
+
+
 def lab_line(lab: Lab, group: str, key: str) -> int:
     from kh.lab.source import read
     return read(lab.path).line(("groups", group, key))
@@ -177,6 +204,7 @@ def _up(lab: Lab, path: Path, say: Say, dry_run: bool, only: str | None,
         with Runner(st, lab, say) as r:
             st = r.forget_gone()
     p = plan.up(lab, st, only)
+    resolvable(lab, p, st)
     images = paths().out
     if dry_run:
         for line in dryrun.lines(p, lab, st, images):

@@ -213,3 +213,23 @@ def test_khd_not_answering_is_not_everything_gone(labs: Path) -> None:
         with pytest.raises(KhError, match=r"cannot see what alice holds .*did not answer"):
             call()
     assert state_mod.load("a") == st and said == []  # the allocation is still the lab's
+
+
+def test_only_a_group_naming_a_group_not_up_allocates_nothing(labs: Path) -> None:
+    """`kh up --only web` while web's keys name gw's node and gw is not up: refused before
+    the khget (it used to allocate web's node, then fail rendering its keys)."""
+    from kh.lab.source import LabError
+    (labs / "alicecred").write_text("s3cret-in-a-file\n")
+    f = labs / "shop.yaml"
+    f.write_text("principals:\n  alice: {credential: ./alicecred}\ndomains:\n  back: {}\n"
+                 "groups:\n  gw:\n    domains: [external, back]\n    appliance: gateway\n"
+                 "  web:\n    domains: [back]\n    appliance: worker\n"
+                 "    keys: kh.gw={{ nodes.gw[0].ip.back }}\n")
+    said: list[str] = []
+    with pytest.raises(LabError) as e:
+        commands.up(f, said.append, dry_run=True, only="web")
+    assert str(e.value).startswith(f"{f}:12: key groups.web.keys: template names something "
+                                   "that does not exist: list object has no element 0 ")
+    assert e.value.hint is not None and e.value.hint.startswith("groups not up: gw;")
+    assert said == [] and state_mod.names() == []
+    assert commands.up(f, said.append, dry_run=True, only="gw") == 0
