@@ -133,11 +133,16 @@ class PageApp:
     # -- sessions ---------------------------------------------------------------------------
     @staticmethod
     def _cookie(environ: dict[str, Any]) -> str | None:
+        """The session cookie's value; None without one, or with two: cookies are not kept
+        apart by port, so a page on another port of 127.0.0.1 (a published node's) can add
+        its own kh_page for a deeper path (/live), which the browser sends first. Taking it
+        would show one principal's view in another's (or the operator's) page."""
+        values = set()
         for part in environ.get("HTTP_COOKIE", "").split(";"):
             name, _, value = part.strip().partition("=")
             if name == COOKIE:
-                return str(value)
-        return None
+                values.add(value)
+        return str(values.pop()) if len(values) == 1 else None
 
     def _session(self, environ: dict[str, Any], required: bool = True) -> Any:
         """The request's live session; Unauthorized (or None) without one. A principal's

@@ -322,3 +322,16 @@ def test_no_page_port_no_page_and_no_token(tmp_path):
     cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path)
     write_operator_token(cfg.page_token)
     assert page_server(object(), cfg) is None and not cfg.page_token.exists()
+
+
+def test_a_second_session_cookie_is_no_session(page):
+    """A page on another port of 127.0.0.1 (cookies ignore ports) sets kh_page=<bob's
+    session> for path /live; the operator's browser then sends both, bob's first. The page
+    must not serve the operator's page bob's view: with two, there is no session."""
+    operator, bob = Client(page), Client(page)
+    operator.login(operator_token=read_operator_token(page.token_path))
+    bob.login(user="bob", credential="bob-secret-22")
+    assert 'id="node-5"' in operator.request("GET", "/live")[2]
+    tossed = f"{COOKIE}={bob.cookie}; {COOKIE}={operator.cookie}"
+    status, _, body = operator.request("GET", "/live", headers={"Cookie": tossed})
+    assert status == 401 and 'id="node-7"' not in body
