@@ -95,11 +95,17 @@ class Runner:
         sc = self.sc(principal)
         return sc.allocations.get(rec.id) or sc.adopt(rec.text)
 
-    def view(self, principal: str) -> dict[str, Any]:
+    def view(self, principal: str, unknown_empty: bool = False) -> dict[str, Any]:
         """The principal's kh ps --json. KhError when khd does not give it (busy, slow,
         stopped, the credential refused): never taken for "holds nothing", which would make
-        the lab forget, or call gone, allocations that still run."""
+        the lab forget, or call gone, allocations that still run. ``unknown_empty``: a
+        refused credential is a principal not registered yet (khget registers it), which
+        holds nothing: before a step, and settling one (a wrong credential allocated nothing
+        either)."""
         r = self.sc(principal).kh("ps", "--json", check=False)
+        if (r.returncode and unknown_empty and f"credential refused for principal {principal}"
+                in r.stderr):
+            return {"allocations": [], "domains": []}
         if r.returncode:
             raise KhError(f"lab {self.st.name}: cannot see what {principal} holds (kh ps -u "
                           f"{principal}): {r.stderr.strip()[-200:]}",
@@ -109,9 +115,10 @@ class Runner:
         view: dict[str, Any] = json.loads(r.stdout)
         return view
 
-    def holdings(self, principal: str) -> tuple[set[int], set[int]]:
-        """The principal's live allocations and own private domains (kh ps -u)."""
-        view = self.view(principal)
+    def holdings(self, principal: str, unknown_empty: bool = False
+                 ) -> tuple[set[int], set[int]]:
+        """The principal's live allocations and own private domains (kh ps -u; view)."""
+        view = self.view(principal, unknown_empty)
         return ({a["id"] for a in view["allocations"]},
                 {d["netid"] for d in view["domains"]
                  if d["kind"] == "private" and d["owner"] == principal})
@@ -126,7 +133,7 @@ class Runner:
         before, in the state. Cut short (Ctrl-C, SIGTERM, a failure), what it gained is
         released at once, while nothing else can have been made since."""
         started = time.time()
-        allocs, doms = self.holdings(principal)
+        allocs, doms = self.holdings(principal, unknown_empty=True)
         p = Pending(principal, tuple(sorted(allocs)), tuple(sorted(doms)), group, started,
                     started + limit + PENDING_SLACK)
         self.save(replace(self.st, pending=p))
@@ -356,8 +363,8 @@ class Runner:
         p = self.st.pending
         if p is None:
             return
-        view = self.view(p.principal)
-        _, doms = self.holdings(p.principal)
+        view = self.view(p.principal, unknown_empty=True)
+        _, doms = self.holdings(p.principal, unknown_empty=True)
         other_allocs, other_doms = self.others()
         ours = {a.id for r in self.st.groups.values() for a in r.allocations}
         ours |= {x for r in self.st.groups.values() for x in r.gained}

@@ -5,6 +5,7 @@ from another file does not undo it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def test_settle_releases_only_what_the_interrupted_step_made(labs: Path) -> None
     removed: list[str] = []
     said: list[str] = []
     r = Runner(a, None, said.append)
-    r.view = lambda principal: view  # type: ignore[method-assign]
+    r.view = lambda principal, unknown_empty=False: view  # type: ignore[method-assign]
     r.sc = lambda principal: FakeScenario(released)  # type: ignore[method-assign,assignment,return-value]
 
     def kh2(principal: str, group: str, sub: str, *args: str, check: bool = True) -> Any:
@@ -233,3 +234,27 @@ def test_only_a_group_naming_a_group_not_up_allocates_nothing(labs: Path) -> Non
     assert e.value.hint is not None and e.value.hint.startswith("groups not up: gw;")
     assert said == [] and state_mod.names() == []
     assert commands.up(f, said.append, dry_run=True, only="gw") == 0
+
+
+class RefusingScenario:
+    """kh ps -u for a principal khd does not know (or whose credential changed)."""
+
+    def kh(self, *args: str, check: bool = True) -> Any:
+        import subprocess
+        return subprocess.CompletedProcess(
+            ["kh", *args], 3, "", "kh: credential refused for principal alice (check -c FILE "
+            "or KH_CREDENTIAL; a new principal registers with khget)\n")
+
+
+def test_a_principal_not_registered_yet_holds_nothing_before_its_first_khget(
+        labs: Path) -> None:
+    from kh.errors import KhError
+    st = LabState("a", "/x/a.yaml", commands.service(), {"alice": "/x/alicecred"})
+    state_mod.save(st)
+    r = Runner(st, None, [].append)
+    r.sc = lambda principal: RefusingScenario()  # type: ignore[method-assign,assignment,return-value]
+    with r.pending("alice", "w", 10) as p:  # a new lab's first khget registers alice
+        assert (p.allocations, p.domains) == ((), ())
+    r.save(replace(r.st, groups={"w": group("w", 6, 3, 2)}))
+    with pytest.raises(KhError, match="credential refused"):
+        r.forget_gone()  # the lab's allocations are not forgotten on a refusal
