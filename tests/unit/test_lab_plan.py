@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kh.lab import dryrun, plan
 from kh.lab.model import Lab, load_lab
 from kh.lab.plan import Act, AddToken, Boot, Khget, Release, Reset, RmDomain, RmToken
@@ -150,8 +152,13 @@ def test_down_undoes_everything(tmp_path: Path) -> None:
         RmDomain("net", "alice", 5), RmDomain("", "alice", 9))
 
 
-def test_dry_run_text(tmp_path: Path) -> None:
+def test_dry_run_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lab = lab_of(tmp_path)
+    # Credential paths are printed relative to the working directory when that is short;
+    # from here they are absolute, wherever the checkout and the temporary directory lie.
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
     got = dryrun.lines(plan.up(lab, None), lab, None, Path("/img"))
     got = [line.replace(str(tmp_path), "TMP") for line in got]
     want = (GOLDEN / "lab-dry-run.txt").read_text().splitlines()
