@@ -99,14 +99,16 @@ def test_libvirt_runs_the_qemu_command_line_we_mean(tmp_path: Path) -> None:
     qemu = shutil.which("qemu-system-ppc")
     if qemu is None:
         pytest.skip("no qemu-system-ppc")
-    from kh.hw.virtstream import event_loop
+    from kh.hw.virtstream import check_ppc, event_loop
     event_loop()  # the embedded driver needs one
     loader = tmp_path / "u-boot.elf"
     loader.write_bytes(b"\x7fELF")
+    # (one embedded driver per process: the host check of kh.hw.virtstream is tested here too)
     conn = libvirt.open(f"qemu:///embed?root={tmp_path / 'root'}")
     try:
         argv = conn.domainXMLToNative("qemu-argv",
                                       domainxml.render(spec(loader=loader, emulator=qemu)), 0)
+        assert check_ppc(conn, "here") == qemu  # this host offers ppc ppce500 guests
     finally:
         conn.close()
     assert "-machine ppce500" in argv
