@@ -29,6 +29,10 @@ DAY = 1440  # minutes
 # at most 96 edges a day, and 2,976 buckets in a month.
 QUARTER = 15
 WEEK = 7 * DAY
+# The years a price list's dates and a bill's period may name: the meter counts from 1970 on,
+# and a day and a time zone's offset either side of them stay within datetime's years 1..9999
+# (at its ends, converting a moment or finding a day's edges overflowed).
+YEARS = (1970, 9998)
 _HOURS = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})", re.ASCII)
 
 

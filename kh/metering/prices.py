@@ -245,6 +245,9 @@ class _Reader:
                 raise self.fail(prefix + k, "is not a key of a price list here", hint)
 
     def _moment(self, value: object, key: str) -> datetime:
+        if isinstance(value, date) and not clock.YEARS[0] <= value.year <= clock.YEARS[1]:
+            raise self.fail(key, f"{value.isoformat()} is not in the years {clock.YEARS[0]} "
+                            f"to {clock.YEARS[1]}")
         if isinstance(value, datetime):
             if value.minute % clock.QUARTER or value.second or value.microsecond:
                 raise self.fail(key, f"{value.isoformat()} is not on a quarter hour",

@@ -121,12 +121,15 @@ def period(text: str, prices: PriceList) -> tuple[datetime, datetime]:
         if not m:
             raise ValueError
         y, mo = int(m[1]), int(m[2])
+        if not clock.YEARS[0] <= y <= clock.YEARS[1]:
+            raise ValueError
         first = date(y, mo, int(m[3]) if m[3] else 1)
         last = first + timedelta(days=1) if m[3] else \
             date(y + mo // 12, mo % 12 + 1, 1)
     except ValueError:
         raise UsageError(f"bad period {text[:40]!r}", "a month, 2026-11, or a day, "
-                         "2026-11-05") from None
+                         f"2026-11-05, of the years {clock.YEARS[0]} to {clock.YEARS[1]}") \
+            from None
     return clock.local_midnight(first, prices.zone), clock.local_midnight(last, prices.zone)
 
 

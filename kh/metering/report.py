@@ -2,9 +2,10 @@
 
 Times (``--since``/``--until``, the API's ``since``/``until``): ``now``; ``-N[smhd]`` (that long
 before now); or ISO 8601 (``2026-11-30``, ``2026-11-30T08:00``, ``...Z``, ``...+01:00``; without
-an offset it is UTC). Defaults: until now, since 30 days before until. A sample counts in the
-range when its time does (kh.metering.usage). ``by``: principal (default), node (and
-allocation), allocation, hour (UTC), domain (traffic per domain; the rest per principal).
+an offset it is UTC), in the years 1970 to 9998 (kh.metering.clock.YEARS). Defaults: until
+now, since 30 days before until. A sample counts in the range when its time does
+(kh.metering.usage). ``by``: principal (default), node (and allocation), allocation, hour
+(UTC), domain (traffic per domain; the rest per principal).
 Amounts are exact decimals (strings in JSON and CSV).
 """
 
@@ -18,7 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from kh.errors import UsageError
-from kh.metering import query
+from kh.metering import clock, query
 from kh.metering import store as mstore
 from kh.metering.usage import US, check_range, from_us, to_us
 from kh.model import DomainKind
@@ -42,14 +43,21 @@ def parse_time(text: object, name: str, now: datetime) -> datetime:
     if text == "now":
         return now
     m = _RELATIVE.fullmatch(text)
-    if m:
-        return now - timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
     try:
-        t = datetime.fromisoformat(text)
+        if m:
+            t = now - timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
+        else:
+            t = datetime.fromisoformat(text)
+            t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
     except ValueError:
         raise UsageError(f"{name} {text!r} is not a time",
                          "now, -N[smhd] (e.g. -2h) or ISO 8601 (e.g. 2026-11-30T08:00Z)") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    except OverflowError:  # past datetime's years 1..9999
+        t = None
+    lo, hi = clock.YEARS
+    if t is None or not lo <= t.year <= hi:  # a day either side must stay within datetime's
+        raise UsageError(f"{name} {text!r} is not in the years {lo} to {hi}")
+    return t
 
 
 def time_range(since: object, until: object, now: datetime | None = None

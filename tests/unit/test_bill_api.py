@@ -121,6 +121,7 @@ def test_the_service_rates_with_the_operators_price_list(khd):
 @pytest.mark.parametrize("path, status, error", [
     ("/v1/bill?principal=nobody", 404, "no principal nobody"),
     ("/v1/bill?principal=alice&period=2026-13", 400, "bad period '2026-13'"),
+    ("/v1/bill?principal=alice&period=9999-12-31", 400, "bad period '9999-12-31'"),
     ("/v1/bill?principal=alice&period=2025-11", 400,
      "kh's default price list holds from 2026-01-01"),
     ("/v1/bill?principal=alice&since=2026-11-01", 400, "unknown parameter 'since'"),

@@ -99,6 +99,16 @@ def test_too_large_or_not_text():
         prices.load(Path("nowhere.toml"))
 
 
+@pytest.mark.parametrize("when", [
+    "0001-01-01T00:00:00+23:59", "0001-01-01", "9999-12-31T00:00:00-23:45", "9999-01-01",
+    "1969-12-31T23:45:00Z"])
+def test_a_date_at_the_calendars_ends_is_one_error_not_an_overflow(when):
+    # 0001-01-01T00:00:00+23:59 was 'internal error: OverflowError' (khd's 500)
+    text = f'currency = "EUR"\nvalid_from = {when}\n' + NODE + "price = 1\n"
+    with pytest.raises(prices.PriceError, match=r"^t\.toml:2: valid_from: .*years 1970 to 9998"):
+        prices.parse(text.encode(), "t.toml")
+
+
 @pytest.mark.parametrize("nest", [
     "a = " + "[" * 5000 + "]" * 5000,  # arrays in arrays
     "a = " + "{a = " * 3000 + "1" + "}" * 3000,  # inline tables in inline tables

@@ -284,6 +284,16 @@ def test_a_period_outside_the_lists_validity_is_refused():
         rating.period("2026-13", pl)
 
 
+@pytest.mark.parametrize("tz, period", [
+    ("UTC", "9999-12-31"), ("UTC", "9999-12"), ("Etc/GMT+12", "9999-12-30"),
+    ("Pacific/Kiritimati", "0001-01-01"), ("UTC", "1969-12")])
+def test_a_period_at_the_calendars_ends_is_a_bad_period_not_an_overflow(tz, period):
+    # 9999-12-31 was 'internal error: OverflowError' (khd's 500) for any principal
+    pl = plist('[[price]]\nquantity = "cpu_seconds"\nprice = 1\n', tz=tz)
+    with pytest.raises(UsageError, match=r"bad period .*years 1970 to 9998"):
+        bill([], pl, period)
+
+
 def test_buckets_are_chosen_so_that_no_edge_falls_inside_one():
     pl = plist(DST.format(hours="08:30-20:00"), tz="Europe/Berlin")
     start, end = rating.period("2026-11", pl)

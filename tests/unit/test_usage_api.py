@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kh.errors import UsageError
 from kh.metering.report import time_range
 from kh.service import tokens
 from tests.unit.fake_khd import get, make_service, post, serving, serving_tcp, text_of
@@ -163,6 +164,17 @@ def test_time_forms():
     assert time_range("-2h", "now", now) == (now - timedelta(hours=2), now)
     assert time_range("2026-11-30", "2026-12-01T08:00+01:00", now) == (
         datetime(2026, 11, 30, tzinfo=UTC), datetime(2026, 12, 1, 7, tzinfo=UTC))
+
+
+@pytest.mark.parametrize("since, until", [
+    ("0001-01-01T00:00+14:00", None), (None, "9999-12-31T23:59-14:00"), ("-999999d", None),
+    (None, "0001-01-05"), ("1969-12-31T23:59Z", None), (None, "9999-06-01")])
+def test_a_time_at_the_calendars_ends_is_one_error_not_an_overflow(since, until):
+    # each was 'internal error: OverflowError' (khd's 500, to any principal)
+    from datetime import UTC, datetime
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    with pytest.raises(UsageError, match=r"(since|until) .* is not in the years 1970 to 9998"):
+        time_range(since, until, now)
 
 
 def test_the_channel_and_the_in_node_khget_ask_the_same(tmp_path):
