@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from kh.admission import AuthError, check_user
 from kh.errors import KhError, UsageError
 from kh.metering import prices as pricing
-from kh.metering import rating
+from kh.metering import rating, routes
 from kh.metering import store as mstore
 from kh.metering.usage import gaps, usage_records
 from kh.service import request as rq
@@ -66,15 +66,20 @@ def this_month(zone: Any, now: datetime | None = None) -> str:
 
 
 def bill(svc: Service, principal: str, period_text: str | None,
-         plist: pricing.PriceList) -> rating.Bill:
-    """``principal``'s bill for the period (default: this month). NotFound-like UsageError is
-    the caller's business; this reads the meter's tables only."""
+         plist: pricing.PriceList, floor: datetime | None = None) -> rating.Bill:
+    """``principal``'s bill for the period (default: this month), of the samples taken from
+    ``floor`` on (the principal's registration, when the principal asks: a removed principal
+    of the same name's usage is the operator's, kh.metering.routes). NotFound-like UsageError
+    is the caller's business; this reads the meter's tables only."""
     text = period_text or this_month(plist.zone)
     start, end = rating.period(text, plist)
     step = rating.step_for(plist, start, end)
-    records = usage_records(svc.store, start, end, principal, step=step, by="principal")
+    lo = start if floor is None else max(start, floor)
+    if lo >= end:  # registered after the period
+        return rating.rate([], plist, principal, text, start, end, [])
+    records = usage_records(svc.store, lo, end, principal, step=step, by="principal")
     return rating.rate(records, plist, principal, text, start, end,
-                       gaps(svc.store, start, end, principal))
+                       gaps(svc.store, lo, end, principal))
 
 
 def _prices(svc: Service, body: dict[str, Any]) -> pricing.PriceList:
@@ -134,10 +139,12 @@ def route_post(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     if cred is None and caller.operator:
         check_user(user)
         _known(svc, user)
+        floor = None
     else:
         svc.authenticate(user, cred)
+        floor = routes.registered(svc, user)
     plist = _prices(svc, body)  # after the credential: a stranger learns nothing by it
-    return _answer(bill(svc, user, _period(body), plist))
+    return _answer(bill(svc, user, _period(body), plist, floor))
 
 
 def _answer(b: rating.Bill) -> Result:

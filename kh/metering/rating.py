@@ -233,7 +233,7 @@ def _bill(used: dict[tuple[int, Quantity, DomainKind | None], Decimal], cuts: li
         lines += _tier_lines(e, amount, q_)
     order = {e.key: n for n, e in enumerate(prices.entries)}
     lines.sort(key=lambda x: (order[x.entry], x.rate != "base", x.rate))
-    total = sum((x.charge for x in lines), ZERO)
+    total = sum((x.charge for x in lines), ZERO.quantize(q_))  # no line: 0.00, not 0
     return Bill(principal, period_text, cuts[0], cuts[-1], prices, tuple(lines),
                 tuple(Unpriced(q, d, a, UNITS[q]) for (q, d), a in sorted(
                     unpriced.items(), key=lambda kv: (kv[0][0].value, kv[0][1] or ""))),

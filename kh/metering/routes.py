@@ -37,7 +37,7 @@ def _answer(svc: Service, body: dict[str, Any], principal: str | None,
     return 200, report.text(data), data
 
 
-def _registered(svc: Service, user: str) -> datetime | None:
+def registered(svc: Service, user: str) -> datetime | None:
     """When principal ``user`` was registered: a principal sees no usage from before it (a
     removed principal of the same name's)."""
     rows = svc.store._rows("SELECT created FROM principals WHERE name=?", (user,))
@@ -69,9 +69,9 @@ def usage_own(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     token = tokens.from_body(body)
     if token is not None:
         row = tokens.authenticate(svc, user, token)
-        return _answer(svc, body, user, row.id, _registered(svc, user))
+        return _answer(svc, body, user, row.id, registered(svc, user))
     svc.authenticate(user, rq.credential(body))
-    return _answer(svc, body, user, floor=_registered(svc, user))
+    return _answer(svc, body, user, floor=registered(svc, user))
 
 
 def rq_unknown(keys: set[str]) -> Exception:

@@ -36,6 +36,10 @@ def khd(tmp_path, monkeypatch):
     usage = [Usage("alice", at(3, 10), na, a.id, 10 * H, H, 0, 0),
              Usage("bob", at(4, 2), nb, b.id, 2 * H, 0, 0, 0)]
     mstore.write(svc.store, usage, [], [], [], [])
+    # both registered before the November they used (a principal is billed from its
+    # registration on)
+    with svc.store.tx() as db:
+        db.execute("UPDATE principals SET created = ?", (at(1, 0) / US,))
     with serving(svc, tmp_path / "run" / "khd.sock") as sock, serving_tcp(svc) as tcp:
         yield svc, sock, tcp
     svc.store.close()
@@ -78,10 +82,13 @@ def test_the_operator_sees_anyones_bill_and_others_only_their_own(khd):
     assert meter_rows(svc) == before  # rating read the usage only
 
 
+WHAT_IF = ('currency = "USD"\nvalid_from = 2026-01-01\n[[price]]\nquantity = '
+           '"node_seconds"\nper = 3600\nprice = 1.5\n')
+
+
 def test_a_price_list_sent_with_the_request_rates_the_same_usage(khd):
     tcp = khd[2]
-    what_if = ('currency = "USD"\nvalid_from = 2026-01-01\n[[price]]\nquantity = '
-               '"node_seconds"\nper = 3600\nprice = 1.5\n')
+    what_if = WHAT_IF
     # 10 node-hours x 1.5 = 15.00; cpu_seconds is not priced by this list: free
     status, data = as_principal(tcp, user="alice", credential="alice-cred", period="2026-11",
                                 prices=what_if)
@@ -174,3 +181,18 @@ def test_the_bill_as_text(khd):
         ["price[1]", "cpu_seconds", "-", "base", "3600", "s", "0.02/3600", "0.02"],
         ["total", "EUR", "0.12"]]
     assert len({len(x) for x in lines[1:]}) == 1  # the figures line up on the right
+
+
+def test_a_new_principal_of_a_removed_ones_name_is_not_billed_its_usage(khd):
+    # the first bob's bill went to whoever registered bob next (usage did not; the bill did)
+    svc, sock, tcp = khd
+    svc.remove_principal("bob")
+    svc.khget(Request(user="bob", count=1), "another-bob")
+    status, data = as_principal(tcp, user="bob", credential="another-bob", period="2026-11")
+    assert status == 200 and data["lines"] == [] and data["total"] == "0.00", data
+    status, data = as_principal(tcp, user="bob", credential="another-bob", period="2026-11",
+                                prices=WHAT_IF)  # a price list sent changes nothing to that
+    assert status == 200 and data["lines"] == [], data
+    # the operator still bills the first bob's November
+    data = answer(get(sock, "/v1/bill?principal=bob&period=2026-11&format=json"))[1]
+    assert data["total"] == "0.02" and data["lines"][0]["amount"] == "7200"
