@@ -44,8 +44,9 @@ def register(main: click.Group) -> None:
         if period:
             body["period"] = period
         if prices_file is not None:
-            pricing.load(prices_file)  # its faults named here, with the file and line
-            body["prices"] = prices_file.read_bytes().decode("utf-8")
+            data = pricing.read(prices_file)  # once: what is checked is what is sent
+            pricing.parse(data, str(prices_file))  # its faults named here, file and line
+            body["prices"] = data.decode("utf-8")
         if secret is None and prices_file is None:
             query = urllib.parse.urlencode({"principal": user, **(
                 {"period": period} if period else {})})

@@ -158,12 +158,17 @@ class PriceList:
 
 def load(path: Path) -> PriceList:
     """Read and check a price file. PriceError (naming the file) for anything wrong with it."""
+    return parse(read(path), str(path))
+
+
+def read(path: Path) -> bytes:
+    """A price file's bytes, at most MAX_BYTES + 1 (parse refuses more), read once: a pipe
+    (``--prices <(...)``) has nothing the second time. PriceError if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            return f.read(MAX_BYTES + 1)
     except OSError as e:
         raise PriceError(f"cannot read price list {str(path)!r}: {e.strerror}") from None
-    return parse(data, str(path))
 
 
 def parse(data: bytes, source: str) -> PriceList:

@@ -170,6 +170,26 @@ def test_what_kh_bill_asks(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output.startswith("kh: ")
 
 
+def test_kh_bill_reads_the_price_file_once(monkeypatch):
+    # `kh bill alice --prices <(...)`: a pipe, checked and then read again (empty), so khd
+    # got "" and answered 'the price list sent: currency: must be a currency code'
+    import os
+    rec = Recorder()
+    monkeypatch.setattr(bill_cli, "client", lambda: rec)
+    monkeypatch.delenv("KH_CREDENTIAL", raising=False)
+    text = 'currency = "EUR"\nvalid_from = 2026-01-01\n[[price]]\nquantity = "cpu_seconds"\n' \
+        'price = 1\n'
+    r, w = os.pipe()
+    try:
+        os.write(w, text.encode())
+        os.close(w)
+        got = CliRunner().invoke(main, ["bill", "alice", "--prices", f"/dev/fd/{r}"])
+    finally:
+        os.close(r)
+    assert got.exit_code == 0, got.output
+    assert rec.calls == [("POST", "/v1/bill", {"user": "alice", "prices": text}, False)]
+
+
 def test_the_bill_as_text(khd):
     status, raw = get(khd[1], "/v1/bill?principal=alice&period=2026-11")
     lines = text_of(raw).splitlines()
