@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m benchmarks.webfarm
 	$(PY) -m benchmarks.intranet
 	$(PY) -m benchmarks.metering
+	$(PY) -m benchmarks.libvirt
 
 clean-images:
 	rm -rf images/out
