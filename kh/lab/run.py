@@ -324,7 +324,10 @@ class Runner:
 
     def _rm_domain(self, s: RmDomain) -> None:
         if s.netid in self.others()[1]:  # another lab's nodes are in it (khget's default)
-            self.say(f"domain {s.name or s.netid} ({s.netid}) kept: another lab uses it")
+            heir = state_mod.hand_over(s.netid, s.principal, self.st.name, self.st.service)
+            self.say(f"domain {s.name or s.netid} ({s.netid}) kept: "
+                     + (f"lab {heir} uses it and removes it at its kh down" if heir else
+                        "another lab uses it"))
         else:
             self._rm_domain_now(s)
         doms = {n: i for n, i in self.st.domains.items() if i != s.netid}

@@ -214,6 +214,31 @@ def claimed(but: str, service: str) -> tuple[set[int], set[int]]:
     return allocs, doms
 
 
+def hand_over(netid: int, principal: str, but: str, service: str) -> str | None:
+    """Lab ``but`` goes, but another lab's nodes are in its private domain ``netid`` (khget
+    put them in their principal's first one): the first such lab (not busy with another kh
+    command) takes it over, removing it at its own kh down. Its name, or None."""
+    for n in names():
+        if n == but:
+            continue
+        with contextlib.suppress(UsageError), locked(n):  # busy or damaged: the next one
+            st = load(n)
+            if st is None or st.service != service:
+                continue
+            uses = set()
+            for g in st.groups.values():
+                for a in g.allocations:
+                    with contextlib.suppress(KhError):
+                        uses |= {d.netid for d in textobj.parse(a.text).domains
+                                 if d is not None}
+            if netid not in uses:
+                continue
+            if (principal, netid) not in st.implicit:
+                save(replace(st, implicit=(*st.implicit, (principal, netid))))
+            return n
+    return None
+
+
 def names() -> list[str]:
     """Every lab with a state."""
     d = lab_dir()

@@ -87,11 +87,20 @@ def test_a_domain_another_lab_uses_is_kept_at_down(labs: Path) -> None:
     r = Runner(a, None, said.append)
 
     def kh2(principal: str, group: str, sub: str, *args: str, check: bool = True) -> Any:
+        import subprocess
         removed.append(f"{group} {sub} {' '.join(args)}")
+        return subprocess.CompletedProcess([], 0, "", "")
     r.kh2 = kh2  # type: ignore[method-assign,assignment]
     r.step(RmDomain("", "alice", 3))
     assert removed == [] and r.st.implicit == ()
-    assert said == ["domain 3 (3) kept: another lab uses it"]
+    assert said == ["domain 3 (3) kept: lab b uses it and removes it at its kh down"]
+    b = state_mod.load("b")  # lab b took it over: its kh down removes it, nothing is left
+    assert b is not None and b.implicit == (("alice", 3),)
+    state_mod.remove("a")
+    rb = Runner(b, None, said.append)
+    rb.kh2 = kh2  # type: ignore[method-assign,assignment]
+    rb.step(RmDomain("", "alice", 3))
+    assert removed == ["domain rm 3"]
 
 
 def test_a_lab_named_like_a_running_one_from_another_file_is_refused(
