@@ -19,8 +19,13 @@ template of every node that way, so that a missing name is found before anything
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import resource
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -37,6 +42,65 @@ if TYPE_CHECKING:
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 MAX_OUTPUT = 8192  # characters a rendered template may have
+RENDER_SECONDS = 5.0  # one template's rendering (kh up's boots, checks)
+ALL_SECONDS = 30.0  # every template of every node, rendered when a lab file is read
+RENDER_BYTES = 512 << 20  # memory renderings may take beyond what the process has
+
+
+class _OverTime(BaseException):
+    """SIGALRM in a rendering (a BaseException: no `except Exception` inside swallows it)."""
+
+
+_bounding = False
+_rendering = ""  # the template being rendered (file:line: key ...), for bounded's error
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, where: str) -> Iterator[None]:
+    """Templates rendered within take at most ``seconds`` (wall) and RENDER_BYTES more
+    memory (RLIMIT_AS, lowered meanwhile): a lab file is read before anything runs, by
+    `kh topo LAB` too, and Jinja2's sandbox bounds neither (nested loops, 'x' * 10**10,
+    'x' | center(10**10)). LabError naming ``where`` beyond. Outside the main thread, or
+    inside another bounded block (which governs), nothing more is bounded."""
+    from kh.lab.source import LabError
+    global _bounding
+    if _bounding or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: FrameType | None) -> None:
+        raise _OverTime
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _vm_bytes() + RENDER_BYTES
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    lower = soft == resource.RLIM_INFINITY or limit < soft
+    old = signal.signal(signal.SIGALRM, alarm)
+    _bounding = True
+    try:
+        if lower:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    except _OverTime:
+        raise LabError(f"{_rendering or where}: templates take over {seconds:g} s to render",
+                       "a loop too many?") from None
+    except MemoryError:
+        raise LabError(f"{_rendering or where}: templates take over {RENDER_BYTES >> 20} MiB "
+                       "to render") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if lower:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        _bounding = False
+_rendering = ""  # the template being rendered (file:line: key ...), for bounded's error
 
 
 @dataclass(frozen=True)
@@ -100,8 +164,11 @@ def render(source: str, ctx: Mapping[str, Any], where: str) -> str:
     """The rendered template, one line (newlines become spaces). TemplateError naming
     ``where`` (file:line: key ...) for a syntax error or a name that does not exist."""
     from kh.lab.source import LabError
+    global _rendering
+    _rendering = where
     try:
-        out = _ENV.from_string(source).render(ctx)
+        with bounded(RENDER_SECONDS, where):
+            out = _ENV.from_string(source).render(ctx)
     except jinja2.TemplateSyntaxError as e:
         raise LabError(f"{where}: template: {e.message}") from None
     except jinja2.UndefinedError as e:
@@ -146,12 +213,13 @@ def validate(lab: Lab) -> None:
     that names something missing."""
     facts = symbolic(lab)
     shared = base(lab, facts)
-    for g in lab.groups:
-        for i in range(g.count):
-            node_keys(lab, facts, g, i, "<token>" if g.token else None, shared)
-            actions(lab, facts, g, i, shared)
-    for c in lab.checks:
-        check(lab, facts, c, shared)
+    with bounded(ALL_SECONDS, str(lab.path)):
+        for g in lab.groups:
+            for i in range(g.count):
+                node_keys(lab, facts, g, i, "<token>" if g.token else None, shared)
+                actions(lab, facts, g, i, shared)
+        for c in lab.checks:
+            check(lab, facts, c, shared)
 
 
 def facts(lab: Lab, st: LabState | None, fresh: frozenset[str] = frozenset(),

@@ -210,3 +210,23 @@ def test_schema_error_on_a_large_value_says_what_is_wrong(tmp_path: Path) -> Non
                    + groups)
     assert msg.startswith(f"{tmp_path / 't.yaml'}:3: key groups: {{'g0': ")
     assert msg.endswith("... has too many properties") and len(msg) < 300
+
+
+@pytest.mark.parametrize("keys,error", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "templates take over 1 s to render"),
+    ("{{ ('x' * 10**10) | length }}", "templates take over 512 MiB to render"),
+    ("{{ ('x' | center(3 * 10**9)) | length }}", "templates take over 512 MiB to render")])
+def test_a_template_cannot_take_the_hosts_cpu_or_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str, error: str) -> None:
+    """Jinja2's sandbox bounds neither time nor memory; a lab file is read (kh topo LAB,
+    kh up --dry-run) before anything runs, so reading one must not hang or exhaust the host."""
+    import resource
+    import signal
+    monkeypatch.setattr(template, "ALL_SECONDS", 1.0)
+    before = resource.getrlimit(resource.RLIMIT_AS), signal.getsignal(signal.SIGALRM)
+    msg = error_of(tmp_path, BASE.replace("keys: kh.nfs={{ nodes.srv[0].ip.net }}:/export "
+                                          "n={{ index }}", f"keys: \"{keys}\""))
+    assert msg == f"{tmp_path / 't.yaml'}:14: key groups.cli.keys: {error}" + (
+        " (a loop too many?)" if "s to" in error else "")
+    assert (resource.getrlimit(resource.RLIMIT_AS), signal.getsignal(signal.SIGALRM)) == before
