@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.parse
 from datetime import datetime
@@ -69,6 +70,9 @@ def register(main: click.Group) -> None:
         Rates come from the host's own counters, read twice a second apart."""
         if as_json and not once:
             raise UsageError("--json goes with --once", "kh top --once --json")
+        if not once and not sys.stdout.isatty():
+            raise UsageError("kh top refreshes a terminal, and stdout is none",
+                             "kh top --once, or --once --json, for scripts")
         read = _reader(user, cred)
         before = read()
         time.sleep(REFRESH)

@@ -107,6 +107,15 @@ def test_kh_top_once_json_and_a_principals_view(fake, tmp_path):
     assert r.exit_code == 2 and r.output == "kh: --json goes with --once (kh top --once --json)\n"
 
 
+def test_kh_top_to_a_pipe_says_to_use_once(fake):
+    # `kh top | head` (or > file) printed nothing, for ever: its screen is a terminal's
+    r = CliRunner().invoke(main, ["top"])  # CliRunner's stdout is no terminal
+    assert r.exit_code == 2 and r.output == (
+        "kh: kh top refreshes a terminal, and stdout is none (kh top --once, or --once "
+        "--json, for scripts)\n")
+    assert fake.calls == []
+
+
 def test_who_sees_which_nodes(tmp_path, monkeypatch):
     svc = make_service(tmp_path, monkeypatch, nodes=4)
     a = svc.khget(Request(user="alice", count=2), "alice-cred")
