@@ -211,3 +211,14 @@ def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
+
+
+def skip_without_private_mounts() -> None:
+    """Skip unless this root can give a process mounts of its own (kh's libvirtd needs them:
+    `unshare --mount --propagation private`). A chroot whose / is no mount point cannot
+    (make check-fresh's root: 'cannot change root filesystem propagation'); a machine can."""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("kh's libvirtd needs a mount namespace with private propagation, and "
+                    f"here: {r.stderr.strip()}")

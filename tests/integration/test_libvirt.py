@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     release,
     running_khd,
     shell,
+    skip_without_private_mounts,
     wait_free,
 )
 from tests.integration.test_channel import khdo, tagged
@@ -34,6 +35,7 @@ def lvkhd(request, tmp_path_factory, kh_paths, outside):
     pytest.importorskip("libvirt")
     if not os.path.exists("/usr/sbin/libvirtd"):
         pytest.skip("no libvirtd (tools/setup-apt installs libvirt-daemon)")
+    skip_without_private_mounts()
     with running_khd(request, tmp_path_factory.mktemp("lvkhd") / "state", kh_paths,
                      keep_as="libvirt-khd-logs", nodes=NODES,
                      prefix=f"kv{os.getpid() % 10000}", uplink_netns=outside,

@@ -21,6 +21,7 @@ from kh.hw import libvirtd
 from kh.hw.fabric import Fabric
 from kh.hw.uboot import uboot_command
 from kh.service.config import ServiceConfig
+from tests.integration.conftest import skip_without_private_mounts
 
 pytestmark = pytest.mark.guest
 SSH_PORT = 2222  # inside host b's own network namespace
@@ -50,6 +51,7 @@ def host_b(tmp_path, kh_paths):
     for prog in ("/usr/sbin/libvirtd", "/usr/sbin/dropbear", "/usr/bin/ssh"):
         if not os.path.exists(prog):
             pytest.skip(f"no {prog} (tools/setup-apt)")
+    skip_without_private_mounts()
     prefix = f"kr{os.getpid() % 10000}"
     cfg = ServiceConfig(state_dir=tmp_path / "b", images=kh_paths.out, nodes=1, prefix=prefix,
                         outside=False)

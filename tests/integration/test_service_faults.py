@@ -247,9 +247,17 @@ def test_clean_after_khd_stopped_while_restarting_nodes(tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_clean_after_khd_stopped_while_its_pool_starts(kh_paths, tmp_path, sig):
     s = setup(tmp_path, "s", kh_paths.out, None, nodes=6)
+    # Nodes 1-5 are real QEMUs; node 6 never brings its console up, so the pool is still
+    # starting when khd is stopped (six real nodes reached their prompts before `kh ps`
+    # answered in a fresh root, and the test saw a ready pool).
+    qemu = script(tmp_path / "qemu-node6-hangs",
+                  f'case "$*" in *"process={s.cfg.prefix}-node6 "*) '
+                  f"python3 -c 'import time; time.sleep(600)' helper-of-{s.cfg.prefix} &\n"
+                  "wait; exit;; esac\nexec qemu-system-ppc \"$@\"\n")
+    cfg = s.cfg = ServiceConfig(**{**vars(s.cfg), "qemu": str(qemu)})
     before = s.snapshot()
     try:
-        stop_mid_start(s.cfg, sig)
+        stop_mid_start(cfg, sig)
         r = kh(s.cfg, "clean")
         assert r.returncode == 0, r.stderr
         assert s.snapshot() == before
