@@ -150,7 +150,11 @@ def dropbear(tmp: Path, key: Path) -> Iterator[tuple[int, Path]]:
                 time.sleep(0.05)
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # seen once in a loaded fresh root
+                proc.kill()
+                proc.wait(10)
     raise AssertionError(f"dropbear did not start: {log.read_text()}")
 
 
