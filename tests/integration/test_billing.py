@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 
+from tests.integration import meter
 from tests.integration.conftest import allocate, credfile, kh, running_khd
 
 pytestmark = pytest.mark.guest
@@ -37,7 +38,7 @@ def bill(cfg, *args: str) -> dict:
 def test_bill_and_top_of_a_node_at_the_uboot_prompt(khd, tmp_path):
     carol = credfile("carol-b1")
     _, (node,), _ = allocate(khd, "-c", carol, "carol")
-    time.sleep(7)  # three samples or more
+    meter.wait_samples(khd, 4)  # three whole intervals or more after the first
     period = time.strftime("%Y-%m", time.gmtime())
 
     # the service's list (kh's default), as the operator and as carol herself: the same bill

@@ -21,6 +21,7 @@ import pytest
 
 from kh import textobj
 from kh.service import control
+from tests.integration import meter
 from tests.integration.conftest import allocate, credfile, kh, running_khd, shell
 
 pytestmark = pytest.mark.guest
@@ -31,9 +32,7 @@ BIG_KIB = 512  # what alice's first node serves to her second
 
 def usage(cfg, *args: str) -> dict[str, dict[str, Any]]:
     """`kh usage ARGS --json` (the operator's, unless ARGS give a credential), by principal."""
-    r = kh(cfg, "usage", *args, "--json")
-    assert r.returncode == 0, r.stderr
-    return {row["principal"]: row for row in json.loads(r.stdout)["rows"]}
+    return {row["principal"]: row for row in meter.usage(cfg, *args)["rows"]}
 
 
 def tx(row: dict[str, Any]) -> int:
@@ -70,7 +69,7 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     out, status = one.run(f"end=$(($(date +%s) + {BUSY_S})); "
                           "while [ $(date +%s) -lt $end ]; do :; done", BUSY_S + 60)
     assert status == 0, out
-    time.sleep(5)  # two samples more
+    meter.wait_samples(khd, 2)  # two samples more: the loop's CPU is counted
     before = usage(khd, "--since", "-1h")
     a, b = before["alice"], before["bob"]
     print(f"\nalice: {a}\nbob: {b}")
@@ -95,7 +94,7 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     out, status = one.run("khget -t /tmp/tok alice 1", 60)
     assert status == 0, out
     made = textobj.parse(out).id
-    time.sleep(3)  # a sample after its baseline
+    meter.wait_allocation(khd, "alice", made)  # a sample after its baseline
     out, status = one.run("khget -t /tmp/tok -U -b allocation -s -1h alice", 60)
     assert status == 0, out
     print(out)
@@ -109,12 +108,10 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     deadline = time.monotonic() + 10
     while control.pid_of(khd) == pid and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(4)
+    time.sleep(4)  # khd stays down a while: its first sample after the start charges it
     control.start(khd)
-    time.sleep(3)
-    r = kh(khd, "usage", "--since", "-1h", "--json")
-    assert r.returncode == 0, r.stderr
-    data = json.loads(r.stdout)
+    meter.wait_samples(khd, 1)
+    data = meter.usage(khd, "--since", "-1h")
     assert data["gaps"] == [], data["gaps"]
     after = {row["principal"]: row for row in data["rows"]}
     for who in ("alice", "bob"):
