@@ -13,7 +13,8 @@ environment names the service: KH_STATE_DIR, KH_PREFIX, KH_SSH_PORT, KHDO_NETNS 
 control channel: a ``tagged`` session on ``con<ID>`` from khget on (every node's console as the
 principal sees it, read-only, for its log and ready line) and ``con<ID>.<N>`` for commands on
 one node. khd lets a principal hold 16 ssh connections: one per allocation here, and at most
-MAX_SHELLS nodes' command consoles (the least recently used is closed, and reopened when used).
+kh.scenario_consoles.MAX_SHELLS nodes' command consoles (the least recently used is closed,
+and reopened when used); kh.scenario_consoles holds both kinds.
 
 ``logs`` (default: a new directory under $TMPDIR) receives node<N>.console.log per node and
 report.json / report.txt (the steps and their seconds, the allocations, the error). A failed
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +40,15 @@ from types import TracebackType
 from typing import Any
 
 from kh import boot, proc, textobj
-from kh.cc.client import ChannelClient
 from kh.cli import credential
 from kh.errors import KhError, Stopped
 from kh.hw import uboot
 from kh.hw.console import Console
 from kh.model import AllocationInfo
+from kh.scenario_consoles import Shells, Watch
 from kh.settings import paths
 
-MAX_SHELLS = 6  # command consoles (con<ID>.<N>) open at once
 CLI_TIMEOUT = 900.0  # seconds a khget/khdo/kh command may take (loads to 64 nodes included)
-TAGGED = re.compile(rb"^node(\d+): (.*?)\r?$")
 
 
 class ScenarioError(KhError):
@@ -99,87 +96,6 @@ class Allocation:
         return d.netid
 
 
-class _Feed:
-    """A read-only stream for Console.adopt: what the tagged session says of one node."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._cond = threading.Condition()
-
-    def put(self, data: bytes) -> None:
-        with self._cond:
-            self._chunks.append(data)
-            self._cond.notify()
-
-    def recv(self, size: int) -> bytes:
-        """Everything said so far, at once; b"" once the session ended."""
-        with self._cond:
-            while not self._chunks:
-                self._cond.wait()
-            if not self._chunks[0]:
-                return b""
-            end = self._chunks.index(b"") if b"" in self._chunks else len(self._chunks)
-            data = b"".join(self._chunks[:end])
-            del self._chunks[:end]
-            return data
-
-    def sendall(self, data: bytes) -> None:
-        raise OSError(30, "this view of the console is read-only (write with khdo)")
-
-    def shutdown(self, how: int) -> None:
-        self.put(b"")
-
-    def close(self) -> None:
-        self.put(b"")
-
-    def fileno(self) -> int:
-        return -1
-
-
-class _Watch:
-    """One ``tagged`` session on con<ID>: each node's console as a read-only Console."""
-
-    def __init__(self, alloc: Allocation, port: int, secret: str, logs: Path) -> None:
-        self.client = ChannelClient(f"con{alloc.id}", alloc.info.server, port, password=secret)
-        try:
-            self.chan = self.client.open("tagged")
-        except BaseException:
-            self.client.close()
-            raise
-        self.feeds = {n: _Feed() for n in alloc.nodes}
-        self.consoles: dict[int, Console] = {}
-        for n, feed in self.feeds.items():
-            con = Console(Path(f"con{alloc.id}"), logs / f"node{n}.console.log", name=f"node{n}")
-            con.adopt(feed)
-            self.consoles[n] = con
-        self.thread = threading.Thread(target=self._demux, daemon=True, name=f"watch-{alloc.id}")
-        self.thread.start()
-
-    def _demux(self) -> None:
-        rest = b""
-        while True:
-            try:
-                data = self.chan.recv(65536)
-            except (OSError, EOFError):
-                data = b""
-            if not data:
-                break
-            *lines, rest = (rest + data).split(b"\n")
-            for line in lines:
-                m = TAGGED.match(line)
-                if m and int(m[1]) in self.feeds:
-                    self.feeds[int(m[1])].put(m[2] + b"\r\n")
-        for feed in self.feeds.values():
-            feed.put(b"")
-
-    def close(self) -> None:
-        self.chan.close()
-        self.client.close()
-        self.thread.join(5)
-        for con in self.consoles.values():
-            con.close()
-
-
 class Scenario:
     """A principal's run: allocations made with khget, released on the way out (see the
     module's docstring). ``images``: where khdo loads kernel and appliances from (default
@@ -197,8 +113,8 @@ class Scenario:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.steps: list[dict[str, Any]] = []
         self.allocations: dict[int, Allocation] = {}
-        self._watches: dict[int, _Watch] = {}
-        self._shells: OrderedDict[tuple[int, int], tuple[ChannelClient, Console]] = OrderedDict()
+        self._watches: dict[int, Watch] = {}
+        self._shells = Shells(self.logs)
         self._before: set[int] = set()
         self._stack = contextlib.ExitStack()
         self._lock = threading.Lock()
@@ -225,7 +141,7 @@ class Scenario:
         alloc = Allocation(r.stdout, textobj.parse(r.stdout))
         with self._lock:
             self.allocations[alloc.id] = alloc
-        self._watches[alloc.id] = _Watch(alloc, self.ssh_port, p.secret(), self.logs)
+        self._watches[alloc.id] = Watch(alloc, self.ssh_port, p.secret(), self.logs)
         return alloc
 
     def adopt(self, text: str) -> Allocation:
@@ -235,7 +151,7 @@ class Scenario:
         with self._lock:
             self.allocations[alloc.id] = alloc
         secret = self.principal.secret()
-        self._watches[alloc.id] = _Watch(alloc, self.ssh_port, secret, self.logs)
+        self._watches[alloc.id] = Watch(alloc, self.ssh_port, secret, self.logs)
         return alloc
 
     def khdo(self, alloc: Allocation, func: str, *args: str, check: bool = True
@@ -313,28 +229,7 @@ class Scenario:
         return out
 
     def _shell(self, alloc: Allocation, node: int) -> Console:
-        key = (alloc.id, node)
-        if key in self._shells:
-            self._shells.move_to_end(key)
-            return self._shells[key][1]
-        while len(self._shells) >= MAX_SHELLS:
-            self._close_shell(next(iter(self._shells)))
-        client = ChannelClient(f"con{alloc.id}.{node}", alloc.info.server, self.ssh_port,
-                               password=self.principal.secret())
-        try:
-            con = Console(Path(f"con{alloc.id}.{node}"), self.logs / f"node{node}.shell.log",
-                          name=f"node{node}")
-            con.adopt(client.open("raw"))
-        except BaseException:
-            client.close()
-            raise
-        self._shells[key] = (client, con)
-        return con
-
-    def _close_shell(self, key: tuple[int, int]) -> None:
-        client, con = self._shells.pop(key)
-        con.close()
-        client.close()
+        return self._shells.get(alloc, node, self.ssh_port, self.principal.secret())
 
     # -- release and the report -----------------------------------------------------------
     def release(self, alloc: Allocation | int) -> None:
@@ -346,8 +241,7 @@ class Scenario:
             self.allocations.pop(aid, None)
 
     def _close_consoles(self, aid: int) -> None:
-        for key in [k for k in self._shells if k[0] == aid]:
-            self._close_shell(key)
+        self._shells.close(aid)
         watch = self._watches.pop(aid, None)
         if watch:
             watch.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kh import scenario
+from kh import scenario_consoles
 from kh.errors import Stopped
 from kh.scenario import Principal, Scenario, ScenarioError
 
@@ -98,7 +98,7 @@ class FakeService:
 def svc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeService:
     s = FakeService(held={1})
     monkeypatch.setattr(Scenario, "cli", lambda self, *a, **kw: s.cli(*a, **kw))
-    monkeypatch.setattr(scenario, "ChannelClient", s.client)
+    monkeypatch.setattr(scenario_consoles, "ChannelClient", s.client)
     return s
 
 
