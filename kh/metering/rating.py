@@ -35,7 +35,7 @@ from typing import Any
 
 from kh.errors import UsageError
 from kh.metering import clock
-from kh.metering.prices import Entry, PriceList
+from kh.metering.pricelist import Entry, PriceList
 from kh.metering.usage import UNITS, Gap, Quantity, UsageRecord
 from kh.model import DomainKind
 
