@@ -216,7 +216,8 @@ def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:
 def skip_without_private_mounts() -> None:
     """Skip unless this root can give a process mounts of its own (kh's libvirtd needs them:
     `unshare --mount --propagation private`). A chroot whose / is no mount point cannot
-    (make check-fresh's root: 'cannot change root filesystem propagation'); a machine can."""
+    ('cannot change root filesystem propagation'); a machine can, and so can make
+    check-fresh's root, bind-mounted onto itself before the chroot."""
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"],
                        capture_output=True, text=True)
     if r.returncode != 0:

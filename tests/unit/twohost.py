@@ -6,7 +6,8 @@ through on it) and addressed 172.31.254.N/24. The wire namespace is the network 
 hosts: a test may give it an address and send from it (a stranger on the underlay). Needs root.
 
 Reuse: ``two_hosts(tag)`` for two fabrics joined; ``Wire(name, mtu)`` and ``Wire.plug`` to join
-namespaces of your own (e.g. a fabric whose namespace a test's libvirtd runs in).
+namespaces of your own (e.g. a fabric whose namespace a test's libvirtd runs in); ``Wire.cable``
+for a bare NIC on the wire that `kh fabric underlay` takes (tests/integration/farhost.py).
 """
 
 from __future__ import annotations
@@ -46,17 +47,25 @@ class Wire:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
         nsutil.sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")
 
-    def plug(self, target_ns: str, ifname: str, address: str, plen: int = 24) -> None:
-        """A veth from the wire into ``target_ns``, named ``ifname`` there, holding
-        ``address``/``plen``, up, MTU ``mtu``."""
+    def cable(self, target_ns: str, ifname: str) -> None:
+        """A veth from the wire into ``target_ns`` (the wire's own namespace: left there, off
+        the bridge), named ``ifname`` there, MTU ``mtu``, down and without an address: a host's
+        NIC on the underlay, for `kh fabric underlay` to take (tests/integration/farhost.py)."""
         here = f"w{abs(hash((target_ns, ifname))) % 10**8}"
         with contextlib.closing(NetNS(self.name)) as ns:
             ns.link("add", ifname=here, kind="veth", peer=ifname)
-            ns.link("set", index=ns.link_lookup(ifname=ifname)[0],
-                    net_ns_fd=nsutil.path(target_ns))
+            ns.link("set", index=ns.link_lookup(ifname=ifname)[0], mtu=self.mtu)
+            if target_ns != self.name:
+                ns.link("set", index=ns.link_lookup(ifname=ifname)[0],
+                        net_ns_fd=nsutil.path(target_ns))
             idx = ns.link_lookup(ifname=here)[0]
             ns.link("set", index=idx, mtu=self.mtu,
                     master=ns.link_lookup(ifname="wire")[0], state="up")
+
+    def plug(self, target_ns: str, ifname: str, address: str, plen: int = 24) -> None:
+        """A veth from the wire into ``target_ns``, named ``ifname`` there, holding
+        ``address``/``plen``, up, MTU ``mtu``."""
+        self.cable(target_ns, ifname)
         with contextlib.closing(NetNS(target_ns)) as ns:
             idx = ns.link_lookup(ifname=ifname)[0]
             ns.addr("add", index=idx, address=address, prefixlen=plen)

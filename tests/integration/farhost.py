@@ -1,0 +1,227 @@
+"""A second kh host on this machine, reached as a remote one (issue 16, item 4's harness).
+
+``far_host`` makes host "b" the way another machine would be: its own network namespace (its
+"host" namespace: the test's own, ``<prefix>-host``), in it a dropbear sshd on its loopback,
+running in a mount namespace of its own where a private ``/root`` holds the test's key in
+``authorized_keys`` (the host's ``/root`` is never touched) and ``/run/libvirt`` is its kh
+libvirtd's socket directory (so ``qemu+ssh://root@hostb/system`` reaches that daemon, as the
+system daemon of a real host). kh's libvirtd there (kh.hw.libvirtd) runs in b's fabric
+namespace ``<prefix>-fabric``. The ssh client reaches the sshd through its ``ProxyCommand``: a
+byte relay run inside b's namespace, so no address outside a namespace is used. Commands run
+on b over that ssh (``FarHost.ssh``), e.g. this repo's ``kh fabric ...`` (``FarHost.kh``).
+
+With a ``Wire`` (tests/unit/twohost.py), b's NIC on it (``eth1`` in b's host namespace) becomes
+its underlay the way an operator makes one: `kh fabric underlay eth1 ADDRESS/24` run there over
+ssh, which also makes b's fabric (another host's side). Without one, the caller's fabric for b
+is made here in-process (a libvirt host with no domains across hosts).
+
+Needs root, libvirtd, dropbear, ssh; a chroot needs / to be a mount point (tools/check-fresh
+makes it one). ``python -m tests.integration.farhost sshd ROOT RUN -- DROPBEAR...`` is the
+sshd's entry inside its new mount namespace (the mounts, then dropbear).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pyroute2 import NetNS, netns
+
+from kh.hw import libvirtd
+from kh.hw import netns as nsutil
+from kh.hw.fabric import Fabric
+from kh.service.config import ServiceConfig
+from tests.integration.conftest import skip_without_private_mounts
+
+REPO = Path(__file__).resolve().parents[2]
+KH = str(Path(sys.executable).parent / "kh")  # this repo's kh (.venv/bin/kh), on both hosts
+SSH_PORT = 2222  # inside b's own network namespace
+NIC = "eth1"  # b's NIC on the underlay, before kh takes it
+# The ssh client's ProxyCommand: a byte relay to b's sshd, run inside b's namespace.
+RELAY = """import os, socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def up():
+    while data := os.read(0, 65536):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    os.write(1, data)
+"""
+
+
+def require_far_host() -> None:
+    """Skip, naming why, where a far host cannot be made: not root, no libvirt binding, no
+    libvirtd, dropbear or ssh (tools/setup-apt), no private mounts."""
+    pytest.importorskip("libvirt")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, libvirtd)")
+    for prog in ("/usr/sbin/libvirtd", "/usr/sbin/dropbear", "/usr/bin/ssh"):
+        if not os.path.exists(prog):
+            pytest.skip(f"no {prog} (tools/setup-apt)")
+    skip_without_private_mounts()
+
+
+def run(*argv: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``argv`` here; AssertionError with its output when it fails."""
+    r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{shlex.join(str(a) for a in argv)}: {r.stderr or r.stdout}"
+    return r
+
+
+@dataclass(frozen=True)
+class FarHost:
+    """Host b as khd sees it: its name, its kh prefix, the ``qemu+ssh`` URI of its libvirtd,
+    and the argv prefix that runs a command there over ssh (``runner``, as khd's `kh host add`
+    derives it from the URI: the wrapper, the key)."""
+
+    name: str
+    cfg: ServiceConfig  # b's prefix, its state directory (libvirtd, logs)
+    netns: str  # b's own network namespace (its sshd's)
+    daemon: libvirtd.Libvirtd
+    uri: str
+    runner: tuple[str, ...]
+    underlay: str | None  # b's underlay address (with a wire)
+    sshd_pid: int
+
+    @property
+    def prefix(self) -> str:
+        return self.cfg.prefix
+
+    def ssh(self, *argv: str, timeout: float = 60, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """``argv`` run on b over ssh (words joined by ssh: each must need no quoting)."""
+        r = subprocess.run([*self.runner, *argv], capture_output=True, text=True,
+                           timeout=timeout)
+        assert not check or r.returncode == 0, f"on {self.name}: {' '.join(argv)}: {r.stderr}"
+        return r
+
+    def kh(self, *words: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """This repo's kh on b, over ssh."""
+        return self.ssh(KH, *words, check=check)
+
+    def libvirtd_pid(self) -> int | None:
+        return libvirtd.running_pid(self.daemon)
+
+    def start_libvirtd(self) -> None:
+        """b's kh libvirtd (again): it takes back the QEMUs a daemon before it started."""
+        libvirtd.start(self.daemon, self.cfg.logs / "libvirtd.log")
+
+
+def _sshd(tmp: Path, netns_name: str, daemon: libvirtd.Libvirtd, log: Path
+          ) -> subprocess.Popen[bytes]:
+    """b's dropbear: in b's namespace, in a mount namespace of its own (private /root with the
+    test's key, /run/libvirt = b's daemon's sockets); its PID holds that mount namespace."""
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp / "key")
+    run("dropbearkey", "-t", "ed25519", "-f", tmp / "hostkey")
+    root = tmp / "broot"
+    (root / ".ssh").mkdir(parents=True, mode=0o700)
+    (root / ".ssh" / "authorized_keys").write_bytes((tmp / "key.pub").read_bytes())
+    (root / ".ssh" / "authorized_keys").chmod(0o600)
+    argv = [*nsutil.enter_argv(netns_name), "unshare", "--mount", "--propagation", "private",
+            "--", sys.executable, "-m", "tests.integration.farhost", "sshd", str(root),
+            str(daemon.socket.parent), "--",
+            "dropbear", "-F", "-E", "-s", "-r", str(tmp / "hostkey"), "-W", str(4 << 20),
+            "-p", f"127.0.0.1:{SSH_PORT}", "-P", str(tmp / "sshd.pid")]
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+
+
+def _client(tmp: Path, netns_name: str) -> tuple[str, tuple[str, ...]]:
+    """The qemu+ssh URI and the runner: ssh through a wrapper whose ProxyCommand relays
+    inside b's namespace; the test's key; b's host key not checked (made by the test)."""
+    (tmp / "relay.py").write_text(RELAY)
+    proxy = shlex.join([*nsutil.enter_argv(netns_name), sys.executable,
+                        str(tmp / "relay.py"), "127.0.0.1", str(SSH_PORT)])
+    wrapper = tmp / "ssh"
+    wrapper.write_text("#!/bin/sh\nexec ssh -o " + shlex.quote(f"ProxyCommand={proxy}")
+                       + " -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+                       " -o LogLevel=ERROR \"$@\"\n")
+    wrapper.chmod(0o700)
+    key = tmp / "key"
+    uri = (f"qemu+ssh://root@hostb/system?command={wrapper}&keyfile={key}"
+           "&no_verify=1&no_tty=1")
+    runner = (str(wrapper), "-T", "-o", "BatchMode=yes", "-i", str(key), "root@hostb", "--")
+    return uri, runner
+
+
+def _wait_ssh(runner: tuple[str, ...], sshd: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        r = subprocess.run([*runner, "true"], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return
+        assert sshd.poll() is None, f"b's sshd exited: {log.read_text()[-500:]}"
+        assert time.monotonic() < deadline, f"b's sshd does not answer: {r.stderr}"
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def far_host(tmp: Path, images: Path, prefix: str, wire: object = None,
+             address: str = "172.31.254.2/24", name: str = "hostb") -> Iterator[FarHost]:
+    """Host ``name`` with kh prefix ``prefix`` (not khd's: both hosts' namespaces share this
+    machine's names), its files under ``tmp``; on ``wire`` (a tests.unit.twohost.Wire) with
+    underlay ``address`` when given. Everything is removed afterwards, whatever happened: its
+    domains, libvirtd, sshd, fabric and namespace."""
+    cfg = ServiceConfig(state_dir=tmp / "b", images=images, nodes=1, prefix=prefix,
+                        outside=False)
+    host_ns = f"{prefix}-host"
+    daemon = libvirtd.Libvirtd(cfg.libvirt_dir, cfg.fabric.netns, None)
+    sshd: subprocess.Popen[bytes] | None = None
+    fabric = Fabric(cfg.fabric)
+    try:
+        cfg.logs.mkdir(parents=True)
+        netns.create(host_ns)
+        with contextlib.closing(NetNS(host_ns)) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        sshd = _sshd(tmp, host_ns, daemon, cfg.logs / "sshd.log")
+        uri, runner = _client(tmp, host_ns)
+        _wait_ssh(runner, sshd, cfg.logs / "sshd.log")
+        far = FarHost(name, cfg, host_ns, daemon, uri, runner,
+                      address.split("/")[0] if wire is not None else None, sshd.pid)
+        if wire is not None:  # b's NIC on the underlay, taken by kh there (fabric made)
+            wire.cable(host_ns, NIC)  # type: ignore[attr-defined]
+            far.kh("fabric", "underlay", "--prefix", prefix, "--host", name, NIC, address)
+        else:
+            fabric.ensure()
+        far.start_libvirtd()
+        yield far
+    finally:
+        if libvirtd.answers(daemon) or cfg.libvirt_dir.exists():
+            if cfg.libvirt_dir.exists() and not libvirtd.answers(daemon):
+                with contextlib.suppress(Exception):  # a test killed it: it takes its QEMUs
+                    libvirtd.start(daemon, cfg.logs / "libvirtd.log")  # back to destroy them
+            libvirtd.stop(daemon, prefix)
+        if sshd is not None:
+            sshd.terminate()
+            try:
+                sshd.wait(10)
+            except subprocess.TimeoutExpired:
+                sshd.kill()
+                sshd.wait(10)
+        fabric.destroy()
+        if nsutil.exists(host_ns):
+            netns.remove(host_ns)
+
+
+def main(args: list[str]) -> None:
+    """In b's sshd's new mount namespace: ROOT over /root, RUN over /run/libvirt, then exec
+    the program after ``--``."""
+    root, run_dir, sep, *program = args
+    assert sep == "--" and program, args
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", root, "/root"], check=True)
+    subprocess.run(["mount", "--bind", run_dir, "/run/libvirt"], check=True)
+    os.execvp(program[0], program)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sshd"]:
+    main(sys.argv[2:])
