@@ -7,16 +7,12 @@ import click
 from kh.cli import credential
 from kh.cli.common import entry, handle_errors, setup_logging
 from kh.cli.service import client
-from kh.errors import UsageError
 
 
 def _netids(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"bad domain list {text!r}", "write -n 3,4") from None
+    """-n's domains, read as khd reads a list (request.number_list): ``3,4`` → [3, 4]."""
+    from kh.service.request import number_list
+    return number_list(text or "", "domain list")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

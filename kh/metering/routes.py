@@ -44,14 +44,12 @@ def registered(svc: Service, user: str) -> datetime | None:
     return datetime.fromtimestamp(rows[0][0], UTC) if rows else None
 
 
+@rq.takes("principal", "since", "until", "by")
 def usage_all(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """GET /v1/usage: the operator's."""
     if not caller.operator:
         raise AuthError("everyone's usage is the operator's",
                         "as root, on khd's unix socket; a principal asks POST /v1/usage")
-    extra = set(body) - {"principal", "since", "until", "by"}
-    if extra:
-        raise rq_unknown(extra)
     name = body.get("principal") or None
     if name is not None:
         check_user(name)
@@ -60,11 +58,9 @@ def usage_all(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return _answer(svc, body, name)
 
 
+@rq.takes(*rq.PRINCIPAL, "token", "since", "until", "by")
 def usage_own(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """POST /v1/usage: a principal's own (a token's: its allocations')."""
-    extra = set(body) - {"user", "credential", "token", "since", "until", "by"}
-    if extra:
-        raise rq_unknown(extra)
     user = rq.user(body)
     token = tokens.from_body(body)
     if token is not None:
@@ -72,12 +68,6 @@ def usage_own(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
         return _answer(svc, body, user, row.id, registered(svc, user))
     svc.authenticate(user, rq.credential(body))
     return _answer(svc, body, user, floor=registered(svc, user))
-
-
-def rq_unknown(keys: set[str]) -> Exception:
-    from kh.errors import UsageError
-    return UsageError(f"unknown parameter {sorted(keys)[0][:40]!r}",
-                      "since, until, by (and principal for the operator)")
 
 
 ROUTES = [("GET", r"/v1/usage", usage_all), ("POST", r"/v1/usage", usage_own)]

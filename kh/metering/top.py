@@ -38,6 +38,7 @@ def snapshot(nodes: list[LiveNode]) -> dict[str, Any]:
                  for c in x.nics if c.netid is not None]} for x in nodes]}
 
 
+@rq.takes()
 def route_get(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """GET /v1/top: every node (the operator's: khd's unix socket as root)."""
     if not caller.operator:
@@ -47,6 +48,7 @@ def route_get(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, _plain(data), data
 
 
+@rq.takes(*rq.PRINCIPAL)
 def route_post(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """POST /v1/top {user, credential}: the principal's own nodes."""
     user = rq.user(body)

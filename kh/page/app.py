@@ -79,7 +79,7 @@ class PageApp:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
-        path = urllib.parse.urlsplit(environ.get("REQUEST_URI", "")).path
+        path = rq.request_path(environ.get("REQUEST_URI", ""))
         try:
             rq.check_host(environ.get("HTTP_HOST"))
             code, ctype, body, headers = self._route(environ, method, path)

@@ -149,6 +149,7 @@ def _required(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return rq.integer(body, key, lo, lo, hi)
 
 
+@rq.takes(*rq.PRINCIPAL, "token", "node", "netid", "shelf", "avoid")
 def route_assign(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     a, new = assign(svc, rq.user(body), rq.credential(body),
                     _required(body, "node", 1, MAX_NODE), _required(body, "netid", 0, MAX_NETID),
@@ -157,6 +158,7 @@ def route_assign(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return (201 if new else 200), a.name + "\n", a.to_json()
 
 
+@rq.takes(*rq.PRINCIPAL, "netid")
 def route_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     netid = None if body.get("netid") is None else rq.integer(body, "netid", 0, 0, MAX_NETID)
     found = addresses(svc, rq.user(body), rq.credential(body), netid)

@@ -82,7 +82,7 @@ class App:
                  ) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         # the path as sent: waitress's PATH_INFO is percent-decoded, and `%33` is not an id
-        path = urllib.parse.urlsplit(environ.get("REQUEST_URI", "")).path
+        path = rq.request_path(environ.get("REQUEST_URI", ""))
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
         as_json = query.get("format", [""])[0] == "json" or \
             "application/json" in environ.get("HTTP_ACCEPT", "")
@@ -132,6 +132,8 @@ class App:
             if m == method and (match := re.fullmatch(rx, path)):
                 if "token" in body and fn not in TOKEN_ROUTES:  # kh.service.tokens: scope
                     raise tokens.out_of_scope(f"{method} {path[:80]}")
+                if fn in rq.FIELDS:  # each route's parameters, no other (rq.takes)
+                    rq.check_fields(body, rq.FIELDS[fn])
                 with rq.calling(caller):
                     return fn(self.service, caller, body, *match.groups())
         raise NotFound(f"no such API endpoint: {method} {path[:80]}")
@@ -189,6 +191,7 @@ def _operator(caller: Caller, what: str, hint: str | None = None) -> None:
         raise AuthError(what, hint or "as root, on khd's unix socket")
 
 
+@rq.takes(*rq.PRINCIPAL, "token", "count", "p", "n", "i", "x")
 def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     # the bounds Request.check holds, so that an answer out of range states the real range
     req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, 1, MAX_NODE),
@@ -199,18 +202,21 @@ def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 201, textobj.format(a), textobj.to_json(a)
 
 
+@rq.takes(*rq.PRINCIPAL, "token", "nodes")
 def release(svc: Service, caller: Caller, body: dict[str, Any], alloc: str) -> Result:
     done = svc.release(rq.path_id(alloc, "allocation"), rq.user(body), rq.credential(body),
                        list(rq.integers(body, "nodes", MAX_NODE)), tokens.from_body(body))
     return 200, f"released {' '.join(map(str, done))}\n", {"released": done}
 
 
+@rq.takes(*rq.PRINCIPAL)
 def reset(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
     number = rq.path_id(node, "node")
     svc.reset(number, rq.user(body), rq.credential(body))
     return 200, f"node {number} is at the U-Boot prompt\n", {"reset": number}
 
 
+@rq.takes(*rq.PRINCIPAL)
 def domain_rm(svc: Service, caller: Caller, body: dict[str, Any], netid: str) -> Result:
     n = rq.path_id(netid, "domain")
     svc.remove_domain(n, rq.user(body), rq.credential(body))
@@ -224,6 +230,7 @@ def _join_body(body: dict[str, Any]) -> int:
     return rq.integer(body, "netid", 0, 0, MAX_NETID)
 
 
+@rq.takes(*rq.PRINCIPAL, "netid")
 def domain_join(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
     """Plug a running node's next free interface into a domain (kh.service.membership)."""
     change = svc.join(rq.path_id(node, "node"), _join_body(body), rq.user(body),
@@ -231,12 +238,14 @@ def domain_join(svc: Service, caller: Caller, body: dict[str, Any], node: str) -
     return 200, change.text(), change.to_json()
 
 
+@rq.takes(*rq.PRINCIPAL, "netid")
 def domain_leave(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
     change = svc.leave(rq.path_id(node, "node"), _join_body(body), rq.user(body),
                        rq.credential(body))
     return 200, change.text(), change.to_json()
 
 
+@rq.takes(*rq.PRINCIPAL, "key", "allocation")
 def key_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     key = rq.text(body, "key", 16 * 1024)
     alloc = body.get("allocation")
@@ -245,12 +254,14 @@ def key_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 201, f"key {kid} added\n", {"id": kid}
 
 
+@rq.takes(*rq.PRINCIPAL)
 def key_remove(svc: Service, caller: Caller, body: dict[str, Any], key_id: str) -> Result:
     kid = rq.path_id(key_id, "key")
     svc.remove_key(rq.user(body), rq.credential(body), kid)
     return 200, f"key {kid} removed\n", {"removed": kid}
 
 
+@rq.takes(*rq.PRINCIPAL)
 def key_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     keys = svc.list_keys(rq.user(body), rq.credential(body))
     text = "".join(f"{k['id']:>4} {k['allocation'] or 'all'!s:>5} {k['key']} {k['comment']}\n"
@@ -288,6 +299,7 @@ def _netids(netids: list[int | None]) -> str:
     return ",".join("-" if n is None else str(n) for n in netids)
 
 
+@rq.takes()
 def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """Everything, with QEMU PIDs: the operator's alone."""
     _operator(caller, "`kh ps` over TCP needs a principal's credential", "POST /v1/ps")
@@ -296,6 +308,7 @@ def ps(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, ps_table(data) + publish.table(data["publishes"]), data
 
 
+@rq.takes(*rq.PRINCIPAL)
 def ps_of(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """One principal's own allocations, nodes and domains, in ps's shape."""
     user = rq.user(body)
@@ -304,6 +317,7 @@ def ps_of(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, ps_table(data) + publish.table(data["publishes"]), data
 
 
+@rq.takes()
 def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     _operator(caller, "listing principals is the operator's")
     data = svc.principals()
@@ -314,6 +328,7 @@ def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, "\n".join(lines) + "\n", data
 
 
+@rq.takes()
 def principal_rm(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
     _operator(caller, "removing a principal is the operator's")
     gone = svc.remove_principal(check_user(name))
@@ -325,6 +340,7 @@ def principal_rm(svc: Service, caller: Caller, body: dict[str, Any], name: str) 
     return 200, text, gone
 
 
+@rq.takes()
 def hw(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     d = Hardware(svc.cfg).describe()
     text = "\n".join(f"{k}: {v}" if not isinstance(v, (list, dict)) else
@@ -333,6 +349,7 @@ def hw(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, text + "\n", d
 
 
+@rq.takes()
 def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     st = svc.pool.status()
     counts = [f"{st.free} free", f"{st.allocated} allocated"]
@@ -354,6 +371,7 @@ def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
                        "repairs": svc.repairs, "outside": outside}
 
 
+@rq.takes()
 def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """The published images a node may fetch (the disk server loads kernels and appliances):
     regular files only, never a link; one ``NAME SIZE SHA256`` line each (kh.service.pins)."""
@@ -370,6 +388,7 @@ def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, "".join(f"{d['image']} {d['size']} {d['sha256']}\n" for d in data), data
 
 
+@rq.takes()
 def image(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
     p = svc.cfg.images / name
     try:

@@ -18,6 +18,7 @@ import errno
 import http
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -100,6 +101,11 @@ def peer_caller(sock: socket.socket) -> Caller:
 
 
 # -- waitress's parts, bounded --------------------------------------------------------------------
+# A Host field's value (RFC 9110 §7.2): an IP literal or a registered name, an optional port.
+_FIELD_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]{0,5})?",
+                         re.ASCII)
+
+
 class _Parser(HTTPRequestParser):  # type: ignore[misc]
     """One request being received: knows when it began; refuses, before any body is read,
     a Transfer-Encoding (khd takes only a Content-Length), a bad Content-Length, and HTTP
@@ -126,6 +132,26 @@ class _Parser(HTTPRequestParser):  # type: ignore[misc]
         if self.version not in ("1.0", "1.1"):
             raise ParsingError(f"HTTP version {self.version or 'missing'} is not served "
                                "(khd speaks HTTP/1.0 and 1.1)")
+        self._host()
+
+    def _host(self) -> None:
+        """The request's one Host (RFC 9112 §3.2): an absolute-form target's (``http://HOST/
+        path``, which replaces any Host header, §3.2.2), else the Host header, required in
+        HTTP/1.1; given twice (waitress joins them with a comma) or not ``host[:port]``, 400.
+        The application checks, over TCP, that it names khd (request.check_host)."""
+        target = self.request_uri
+        if not target.startswith("/"):
+            if self.proxy_scheme.lower() != "http" or not self.proxy_netloc or \
+                    "@" in self.proxy_netloc:
+                raise ParsingError(f"request target {target[:60]!r} is neither a path nor "
+                                   "http://HOST/path")
+            self.headers["HOST"] = self.proxy_netloc
+        host = self.headers.get("HOST")
+        if host is None:
+            if self.version == "1.1":
+                raise ParsingError("HTTP/1.1 request without Host (RFC 9112 §3.2)")
+        elif "," in host or not _FIELD_HOST.fullmatch(host):
+            raise ParsingError(f"bad Host {host[:60]!r} (one host[:port])")
 
 
 class _ErrorTask(ErrorTask):  # type: ignore[misc]

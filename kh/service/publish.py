@@ -263,12 +263,14 @@ def _port(body: dict[str, Any], key: str, lo: int, required: bool) -> int:
     return rq.integer(body, key, 0, lo, 65535)
 
 
+@rq.takes(*rq.PRINCIPAL, "port", "host_port")
 def route_add(svc: Service, caller: Caller, body: dict[str, Any], node: str) -> Result:
     p = add(svc, rq.user(body), rq.credential(body), rq.path_id(node, "node"),
             _port(body, "port", 1, True), _port(body, "host_port", MIN_HOST_PORT, False))
     return 201, p.text() + "\n", p.to_json(0)
 
 
+@rq.takes(*rq.PRINCIPAL)
 def route_remove(svc: Service, caller: Caller, body: dict[str, Any], host_port: str) -> Result:
     p = remove(svc, rq.user(body), rq.credential(body), rq.path_id(host_port, "published port"))
     return 200, f"unpublished {p.text()}\n", p.to_json()

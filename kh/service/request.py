@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kh.admission import check_credential
 from kh.errors import UsageError
@@ -59,14 +60,36 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# A media type's parameter (RFC 9110 §5.6.6): token=token or token="quoted".
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM = re.compile(rf'\s*({_TOKEN})=("[^"\\]*"|{_TOKEN})\s*', re.ASCII)
+
+
+def check_media(content_type: str | None) -> None:
+    """``application/json``, with no parameter but ``charset=utf-8`` (RFC 8259 §8.1: JSON is
+    UTF-8; a body declared in another charset would be read as something it is not).
+    Unsupported (415) otherwise."""
+    media, _, params = (content_type or "").partition(";")
+    media = media.strip().lower()
+    hint = "send Content-Type: application/json"
+    if media != "application/json":
+        raise Unsupported(f"request bodies must be JSON, not {media[:60] or 'untyped'!r}", hint)
+    for param in params.split(";") if params.strip() else ():
+        m = _PARAM.fullmatch(param)
+        name, value = (m[1].lower(), m[2].strip('"').lower()) if m else ("", "")
+        if name != "charset":
+            raise Unsupported(f"media type parameter {param.strip()[:40]!r} is not taken", hint)
+        if value != "utf-8":
+            raise Unsupported(f"request bodies are UTF-8, not {value[:40]!r}", hint)
+
+
 def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
-    """The JSON object a request carries (an empty body is an empty object)."""
+    """The JSON object a request carries (an empty body is an empty object). Its type must be
+    ``application/json`` (check_media: Unsupported, 415); UsageError (400) when it is not
+    UTF-8 or not one JSON object."""
     if not raw:
         return {}
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise Unsupported(f"request bodies must be JSON, not {media or 'untyped'!r}",
-                          "send Content-Type: application/json")
+    check_media(content_type)
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
@@ -76,6 +99,30 @@ def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError("request body must be a JSON object")
     return data
+
+
+R = TypeVar("R", bound=Callable[..., Any])
+# Each route's parameters (its JSON body's fields, or a GET's query parameters), by route
+# function: kh.service.api refuses a request naming any other before the route runs.
+FIELDS: dict[Callable[..., Any], frozenset[str]] = {}
+PRINCIPAL = ("user", "credential")  # a principal's request: its name and credential
+
+
+def takes(*names: str) -> Callable[[R], R]:
+    """Declare the parameters a route reads (a decorator): any other in a request is a 400
+    naming it (check_fields), so that a misspelt or unsupported one is never ignored."""
+    def mark(fn: R) -> R:
+        FIELDS[fn] = frozenset(names)
+        return fn
+    return mark
+
+
+def check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    """UsageError naming the first (in sorted order) of ``body``'s keys not in ``allowed``."""
+    extra = sorted(k for k in body if k not in allowed)
+    if extra:
+        raise UsageError(f"unknown parameter {_show(extra[0])}",
+                         f"this request takes {', '.join(sorted(allowed)) or 'none'}")
 
 
 def path_id(text: str, what: str) -> int:
@@ -103,10 +150,7 @@ def integers(body: dict[str, Any], key: str, hi: int = MAX_ID) -> tuple[int, ...
     if v is None or v == "":
         return ()
     if isinstance(v, str):
-        parts = [x.strip() for x in v.split(",") if x.strip()]
-        if not all(_DIGITS.fullmatch(x) for x in parts):
-            raise UsageError(f"bad `{key}` list {v[:40]!r}", "write 3,4")
-        v = [int(x) for x in parts]
+        v = number_list(v, f"`{key}` list")
     if not isinstance(v, list) or len(v) > 256:
         raise UsageError(f"`{key}` must be a list of integers")
     for x in v:
@@ -114,6 +158,18 @@ def integers(body: dict[str, Any], key: str, hi: int = MAX_ID) -> tuple[int, ...
             raise UsageError(f"`{key}` must be a list of integers from 0 to {hi}, "
                              f"got {_show(x)}")
     return tuple(v)
+
+
+def number_list(text: str, what: str) -> list[int]:
+    """``"3,4"`` → [3, 4]: numbers of ASCII digits (up to 10 each) separated by single commas,
+    spaces around them allowed; ``""`` → []. An empty item (``",,"``, ``"3,"``) is a
+    UsageError naming ``what``, never skipped: kh's clients and khd read one list alike."""
+    if not text.strip():
+        return []
+    parts = [x.strip() for x in text.split(",")]
+    if not all(_DIGITS.fullmatch(x) for x in parts):
+        raise UsageError(f"bad {what} {text[:40]!r}", "numbers separated by commas: 3,4")
+    return [int(x) for x in parts]
 
 
 def flag(body: dict[str, Any], key: str) -> bool:
@@ -166,6 +222,16 @@ def check_host(host: str | None) -> None:
     if host is not None and not _HOST.fullmatch(host.strip()):
         raise Misdirected(f"khd does not answer for host {host.strip()[:60]!r}",
                           "address khd by IP (127.0.0.1, or the fabric's address)")
+
+
+def request_path(target: str) -> str:
+    """The path of a request's target as sent (not percent-decoded: ``%33`` is not an id).
+    Origin-form ``/p?q`` gives ``/p`` (``//x/p`` too is a path, never a host); absolute-form
+    ``http://HOST/p?q`` gives ``/p``, its HOST having replaced the Host header
+    (kh.service.httpd, RFC 9112 §3.2.2), so check_host checks it."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0].split("#", 1)[0]
+    return urllib.parse.urlsplit(target).path
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,7 @@ def describe(t: TokenRow) -> str:
     return f"{t.id:>4} {t.state():<8} {doms:<12} {budget:>5}  {_when(t.expires)}"
 
 
+@rq.takes(*rq.PRINCIPAL, "allocate_on", "max_nodes", "expires_in")
 def route_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     netids = rq.integers(body, "allocate_on", MAX_NETID)
     max_nodes = None if body.get("max_nodes") is None else \
@@ -330,6 +331,7 @@ def route_add(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 201, text, {**row.to_json(), "token": secret}
 
 
+@rq.takes(*rq.PRINCIPAL)
 def route_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     user = rq.user(body)
     svc.authenticate(user, rq.credential(body))
@@ -338,6 +340,7 @@ def route_list(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, head + "".join(describe(t) + "\n" for t in rows), [t.to_json() for t in rows]
 
 
+@rq.takes(*rq.PRINCIPAL)
 def route_remove(svc: Service, caller: Caller, body: dict[str, Any], token_id: str) -> Result:
     tid = rq.path_id(token_id, "token")
     revoke(svc, rq.user(body), rq.credential(body), tid)

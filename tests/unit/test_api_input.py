@@ -348,7 +348,7 @@ def test_khd_still_answers_after_the_fuzzer(khd):
 @pytest.mark.parametrize("host,code", [
     (b"Host: evil.example:7480\r\n", 421),         # a name that could rebind to 127.0.0.1
     (b"Host: localhost.evil.example\r\n", 421),
-    (b"Host: 127.0.0.1\r\nHost: evil.example\r\n", 421),
+    (b"Host: 127.0.0.1\r\nHost: evil.example\r\n", 400),  # two Hosts: RFC 9112 §3.2
     (b"Host: 127.0.0.1:7480\r\n", 200),
     (b"Host: localhost\r\n", 200),
     (b"Host: [::1]:7480\r\n", 200),
@@ -370,7 +370,7 @@ def test_tcp_answers_only_for_its_addresses(svc, host, code):
             while chunk := s.recv(65536):
                 data += chunk
         assert int(data.split(b" ", 2)[1]) == code, data
-        if code == 421:
+        if code != 200:
             assert one_line(data).startswith("kh: ")
     finally:
         server.shutdown()

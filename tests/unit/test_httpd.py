@@ -199,7 +199,7 @@ def test_oversized_request_line_and_headers_are_431(extra):
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 65537\r\n\r\n", 413),
     (b"GET / HTTP/2.0\r\n\r\n", 400),
     (b"get / HTTP/1.1\r\n\r\n", 400),
 ])
@@ -219,7 +219,8 @@ def test_bad_framing_is_refused_before_the_body_in_one_line(request_bytes, code)
 def test_a_body_of_exactly_the_limit_is_read():
     with server() as addr, connect(addr) as s:
         n = httpd.MAX_BODY
-        answer = ask(s, b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % n + b"x" * n)
+        answer = ask(s, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % n
+                     + b"x" * n)
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 
