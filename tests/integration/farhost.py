@@ -5,10 +5,12 @@
 running in a mount namespace of its own where a private ``/root`` holds the test's key in
 ``authorized_keys`` (the host's ``/root`` is never touched) and ``/run/libvirt`` is its kh
 libvirtd's socket directory (so ``qemu+ssh://root@hostb/system`` reaches that daemon, as the
-system daemon of a real host). kh's libvirtd there (kh.hw.libvirtd) runs in b's fabric
-namespace ``<prefix>-fabric``. The ssh client reaches the sshd through its ``ProxyCommand``: a
-byte relay run inside b's namespace, so no address outside a namespace is used. Commands run
-on b over that ssh (``FarHost.ssh``), e.g. this repo's ``kh fabric ...`` (``FarHost.kh``).
+system daemon of a real host); ``/run/netns`` stays the machine's (network namespace names
+are this machine's: kh on b uses a prefix of its own). kh's libvirtd there (kh.hw.libvirtd)
+runs in b's fabric namespace ``<prefix>-fabric``. The ssh client reaches the sshd through its
+``ProxyCommand``: a byte relay run inside b's namespace, so no address outside a namespace is
+used. Commands run on b over that ssh (``FarHost.ssh``), e.g. this repo's ``kh fabric ...``
+(``FarHost.kh``).
 
 With a ``Wire`` (tests/unit/twohost.py), b's NIC on it (``eth1`` in b's host namespace) becomes
 its underlay the way an operator makes one: `kh fabric underlay eth1 ADDRESS/24` run there over
@@ -126,7 +128,7 @@ def _sshd(tmp: Path, netns_name: str, daemon: libvirtd.Libvirtd, log: Path
     (root / ".ssh").mkdir(parents=True, mode=0o700)
     (root / ".ssh" / "authorized_keys").write_bytes((tmp / "key.pub").read_bytes())
     (root / ".ssh" / "authorized_keys").chmod(0o600)
-    argv = [*nsutil.enter_argv(netns_name), "unshare", "--mount", "--propagation", "private",
+    argv = [*nsutil.enter_argv(netns_name), "unshare", "--mount", "--propagation", "unchanged",
             "--", sys.executable, "-m", "tests.integration.farhost", "sshd", str(root),
             str(daemon.socket.parent), "--",
             "dropbear", "-F", "-E", "-s", "-r", str(tmp / "hostkey"), "-W", str(4 << 20),
@@ -218,8 +220,14 @@ def main(args: list[str]) -> None:
     assert sep == "--" and program, args
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "--bind", root, "/root"], check=True)
-    subprocess.run(["mount", "--bind", run_dir, "/run/libvirt"], check=True)
+    for source, target in ((root, "/root"), (run_dir, "/run/libvirt")):
+        # the mount holding the target stops propagating (to this namespace's peers: the
+        # machine's), so the bind stays here; /run/netns stays shared, so kh's namespaces made
+        # over ssh are the machine's, as khd's and the test's are
+        holder = subprocess.run(["findmnt", "-n", "-o", "TARGET", "-T", target], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", "--make-private", holder], check=True)
+        subprocess.run(["mount", "--bind", source, target], check=True)
     os.execvp(program[0], program)
 
 
