@@ -36,7 +36,10 @@ from kh.errors import KhError, UsageError
 from kh.service.access import ChannelAccess, Grant, Ram, Reach, Revoked
 
 log = logging.getLogger("kh.sshd")
-USER_RE = re.compile(r"con([0-9]{1,9})(?:\.([0-9]{1,9}))?", re.ASCII)
+# One spelling per channel: ids and node numbers start at 1 and have no leading zero (con016
+# is nobody, not another name for con16).
+NUMBER = r"[1-9][0-9]{0,8}"
+USER_RE = re.compile(rf"con({NUMBER})(?:\.({NUMBER}))?", re.ASCII)
 # `load ADDR`: ASCII hex only (int() would also take "-1", "0x_1" and other scripts' digits)
 ADDR_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}", re.ASCII)
 QUIET = 1.0  # after the client's EOF, wait for this much silence before closing
@@ -47,7 +50,8 @@ IDENT = f"SSH-2.0-paramiko_{paramiko.__version__}"
 
 
 def parse_user(username: str) -> tuple[int, int | None] | None:
-    """``con<ID>`` → (ID, None), ``con<ID>.<N>`` → (ID, N), anything else None."""
+    """``con<ID>`` → (ID, None), ``con<ID>.<N>`` → (ID, N), anything else None (numbers in
+    ASCII digits, without a leading zero)."""
     m = USER_RE.fullmatch(username)
     if not m:
         return None

@@ -47,7 +47,9 @@ def as_principal(user: str, cred: str | None, path: str, as_json: bool = False,
 
 
 def alloc_id(text: str) -> int:
-    m = re.fullmatch(r"(?:con)?(\d+)(?:@\S+)?", text)
+    """An allocation's number, or its channel ``con<ID>[@host]``, spelt as the channel takes
+    it (kh.cc.sshd: ASCII digits, no leading zero). UsageError otherwise."""
+    m = re.fullmatch(r"(?:con)?([1-9][0-9]{0,8})(?:@\S+)?", text, re.ASCII)
     if not m:
         raise UsageError(f"bad allocation {text!r}", "give its number or con<ID>@host")
     return int(m[1])
@@ -210,9 +212,10 @@ def register(main: click.Group) -> None:
     @click.argument("pubkey", type=click.Path(exists=True, dir_okay=False))
     @handle_errors
     def key_add(user: str, cred: str | None, allocation: str | None, pubkey: str) -> None:
-        """Register the OpenSSH public key in PUBKEY (a .pub file)."""
-        with open(pubkey, encoding="utf-8") as f:
-            line = f.read()
+        """Register the OpenSSH public key in PUBKEY (a .pub file). It is checked here: a
+        private key is refused and never sent."""
+        from kh.cli.pubkey import read_public_key
+        line = read_public_key(pubkey)  # before the credential is read or khd asked
         as_principal(user, cred, "/v1/keys", key=line,
                      allocation=alloc_id(allocation) if allocation else None)
 
