@@ -214,12 +214,10 @@ def _up(lab: Lab, path: Path, say: Say, dry_run: bool, only: str | None,
         say(f"lab {lab.name}: nothing to do: it runs as {path} says")
         return 0
     preflight(lab, p, images, st)
-    creds = {pr.name: str(pr.credential) for pr in lab.principals}
     if st is None:
-        st = LabState(lab.name, str(path.resolve()), service(), credentials=creds)
+        st = LabState(lab.name, str(path.resolve()), service(), credentials=lab.credentials({}))
     else:
-        st = replace(st, file=str(path.resolve()),
-                     credentials={**st.credentials, **creds})
+        st = replace(st, file=str(path.resolve()), credentials=lab.credentials(st.credentials))
     state_mod.save(st)
     with Runner(st, lab, say) as r:
         r.settle_pending()

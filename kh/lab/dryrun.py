@@ -26,12 +26,8 @@ from kh.lab.plan import (
 from kh.lab.state import LabState
 
 
-def _cred(lab: Lab | None, st: LabState | None, principal: str) -> str:
-    path = ""
-    if lab is not None and any(p.name == principal for p in lab.principals):
-        path = str(lab.principal(principal).credential)
-    elif st is not None:
-        path = st.credentials.get(principal, "")
+def _cred(lab: Lab, st: LabState | None, principal: str) -> str:
+    path = lab.credentials(st.credentials if st is not None else {}).get(principal, "")
     try:
         rel = os.path.relpath(path)
         path = rel if not rel.startswith("../..") else path
@@ -76,11 +72,7 @@ def _step(s: Step, lab: Lab, st: LabState | None, images: Path, facts: template.
     if isinstance(s, Khget):
         var = _var(s.group, made, st)
         made.setdefault(s.group, []).append(var)
-        opts = (["-x"] if s.external else []) + (["-i"] if s.public else [])
-        if s.joins:
-            opts += ["-n", ",".join(netid_text(d, st) for d in s.joins)]
-        if s.creates:
-            opts += ["-p", str(len(s.creates))]
+        opts = s.options(lambda d: netid_text(d, st))
         line = f"{var}=$(khget -c {c} {' '.join(opts)}{' ' if opts else ''}{s.principal} {s.count})"
         eth = (1 if s.external else 0) + (1 if s.public else 0) + len(s.joins)
         return [line] + [f"{d}=$(echo \"${var}\" | sed -n 's/^network \\([0-9]*\\) : "

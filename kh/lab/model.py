@@ -151,6 +151,11 @@ class Lab:
     def domain(self, name: str) -> PrivateDomain:
         return next(d for d in self.domains if d.name == name)
 
+    def credentials(self, remembered: Mapping[str, str]) -> dict[str, str]:
+        """Each principal's credential file by name: the file's, else the one ``remembered``
+        (a lab state's, for principals the file no longer names)."""
+        return {**remembered, **{p.name: str(p.credential) for p in self.principals}}
+
     @property
     def nodes(self) -> int:
         return sum(g.count for g in self.groups)

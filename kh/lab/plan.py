@@ -19,6 +19,7 @@ Private domains the file no longer names are removed once no group of the lab us
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kh.lab.model import PUBLIC, Group, Lab
@@ -28,69 +29,74 @@ from kh.model import PUBLIC as PUBLIC_ID
 
 
 @dataclass(frozen=True)
-class Khget:
-    """``G=$(khget -c CRED OPTS PRINCIPAL COUNT)``: ``joins`` existing private domains (-n),
-    ``creates`` new ones (-p), in this order after external/public."""
+class GroupStep:
+    """A step on one of the lab's groups (its name), as the principal that holds it; the
+    steps' own fields follow these two."""
 
     group: str
     principal: str
+
+
+@dataclass(frozen=True)
+class Khget(GroupStep):
+    """``G=$(khget -c CRED OPTS PRINCIPAL COUNT)``: ``joins`` existing private domains (-n),
+    ``creates`` new ones (-p), in this order after external/public."""
+
     count: int
     external: bool
     public: bool
     joins: tuple[str, ...]
     creates: tuple[str, ...]
 
+    def options(self, netid: Callable[[str], str]) -> list[str]:
+        """khget's options before PRINCIPAL COUNT: -x, -i, -n with the joined domains' ids
+        (``netid`` gives one from its name), -p with how many domains it makes."""
+        opts = (["-x"] if self.external else []) + (["-i"] if self.public else [])
+        if self.joins:
+            opts += ["-n", ",".join(netid(d) for d in self.joins)]
+        if self.creates:
+            opts += ["-p", str(len(self.creates))]
+        return opts
+
 
 @dataclass(frozen=True)
-class AddToken:
-    group: str
-    principal: str
+class AddToken(GroupStep):
     domain: str
     max_nodes: int
 
 
 @dataclass(frozen=True)
-class Reset:
+class Reset(GroupStep):
     """``kh reset`` of each of the group's nodes (back to U-Boot, to be booted again)."""
 
-    group: str
-    principal: str
     nodes: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class Boot:
+class Boot(GroupStep):
     """Listing 1 on each of the group's allocations not booted yet, then every ready line."""
 
-    group: str
-    principal: str
     appliance: str
     kernel: str
 
 
 @dataclass(frozen=True)
-class Act:
+class Act(GroupStep):
     """The group's actions on each node booted by this run."""
 
-    group: str
-    principal: str
     actions: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Release:
+class Release(GroupStep):
     """``kh release ID [NODES]`` (``nodes`` empty: the whole allocation)."""
 
-    group: str
-    principal: str
     allocation: int
     nodes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
-class RmToken:
-    group: str
-    principal: str
+class RmToken(GroupStep):
     token_id: int
 
 

@@ -184,11 +184,7 @@ class Runner:
         assert self.lab is not None
         g = self.lab.group(s.group)
         sc = self.sc(s.principal)
-        opts = (["-x"] if s.external else []) + (["-i"] if s.public else [])
-        if s.joins:
-            opts += ["-n", ",".join(str(self.st.domains[d]) for d in s.joins)]
-        if s.creates:
-            opts += ["-p", str(len(s.creates))]
+        opts = s.options(lambda d: str(self.st.domains[d]))
         with self.pending(s.principal, s.group, g.timeout) as before:
             a = sc.khget(*opts, count=s.count)
             rec = self.group_rec(g)
