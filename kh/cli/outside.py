@@ -66,6 +66,12 @@ def register(main: click.Group) -> None:
         Without HOSTPORT a free port is picked; the line printed names it. Lasts until `kh
         unpublish`, or until the node is released or reset (`kh ps` lists it). Any local
         user can connect to it."""
+        from kh.service.publish import MIN_HOST_PORT
+        if not 1 <= port <= 65535:  # named as typed here, not as the API's fields
+            raise UsageError(f"PORT must be from 1 to 65535, got {port}")
+        if host_port is not None and not MIN_HOST_PORT <= host_port <= 65535:
+            raise UsageError(f"HOSTPORT must be from {MIN_HOST_PORT} to 65535, got {host_port}",
+                             "leave it out for a free port")
         as_principal(user, cred, f"/v1/nodes/{node}/publish", as_json=as_json, port=port,
                      host_port=host_port)
 

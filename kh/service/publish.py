@@ -114,6 +114,13 @@ def _purge(store: Store, reset: int | None = None) -> list[tuple[Published, str]
     return gone
 
 
+def khd_ports(svc: Service) -> frozenset[int]:
+    """khd's own ports on 127.0.0.1, which no publish may take: the API's, the control
+    channel's and the live page's (when on). A restarted khd opens the publishes (restore)
+    before it listens on these, so a publish on one would keep khd from its own port."""
+    return frozenset(p for p in (svc.cfg.api_port, svc.cfg.ssh_port, svc.cfg.page_port) if p)
+
+
 def _open(svc: Service, p: Published, host_port: int) -> int:
     """Forward 127.0.0.1:``host_port`` (0: a free one) to ``p``'s node; the port. Before each
     connection the forwarder asks again: the publish is still in the state, for the same
@@ -158,7 +165,7 @@ def add(svc: Service, user: str, credential: str | None, node: int, port: int,
         if total >= MAX_PUBLISHES:
             raise AllocationError(f"khd forwards {total} published ports, the most it "
                                   "will", "try again once some are gone")
-        if host_port in (svc.cfg.api_port, svc.cfg.ssh_port):
+        if host_port in khd_ports(svc):
             raise AllocationError(f"port {host_port} on 127.0.0.1 is khd's own",
                                   "pick another, or leave it out for a free one")
         want = Published(host_port, node, row.uid, port, user)
@@ -220,7 +227,7 @@ def restore(svc: Service) -> list[str]:
         held = _rows(db)
     for p in held:
         try:
-            if p.host_port in (svc.cfg.api_port, svc.cfg.ssh_port):  # khd's, since its restart
+            if p.host_port in khd_ports(svc):  # khd's, since its restart
                 raise AllocationError(f"port {p.host_port} is khd's own now")
             _open(svc, p, p.host_port)
         except AllocationError as e:
