@@ -11,15 +11,14 @@ Prints numbers; asserts nothing. `python -m benchmarks.billing`.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchmarks.metering import PRINCIPALS, synthesize
+from benchmarks.metering import PRINCIPALS, synthesized
 from kh.metering import billing, prices, rating
 from kh.metering.clock import local_midnight
-from kh.metering.usage import US, gaps, usage_records
+from kh.metering.usage import gaps, usage_records
 from kh.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,14 +37,8 @@ def one_bill(st: Store, who: str, plist: prices.PriceList, start: datetime, end:
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="kh-bench-bill-"))
-    path = tmp / "state.db"
-    now = int(time.time() // 60 * 60 * US)
-    try:
-        t0 = time.perf_counter()
-        synthesize(path, now)
-        print(f"30 days x 64 nodes synthesized in {time.perf_counter() - t0:.1f} s")
-        st = Store(path)
+    with synthesized("kh-bench-bill-") as (st, _, _, seconds):
+        print(f"30 days x 64 nodes synthesized in {seconds:.1f} s")
         lists = {"default": prices.load(billing.DEFAULT),
                  "time of day": prices.load(ROOT / "examples" / "prices-time-of-day.toml")}
         for name, plist in lists.items():
@@ -63,11 +56,6 @@ def main() -> None:
                 one_bill(st, f"p{p}", plist, start, end)
             print(f"  all {PRINCIPALS} principals' bills one after another: "
                   f"{time.perf_counter() - t0:.3f} s")
-        st.close()
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
 
 
 if __name__ == "__main__":

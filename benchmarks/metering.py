@@ -17,12 +17,15 @@ Prints numbers; asserts nothing. `python -m benchmarks.metering [--samples N] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -187,6 +190,28 @@ def synthesize(path: Path, now: int) -> None:
     st.close()
 
 
+@contextlib.contextmanager
+def synthesized(prefix: str) -> Iterator[tuple[Store, Path, int, float]]:
+    """A new state in a temporary directory (named by ``prefix``) holding synthesize's 30
+    days up to ``now`` (the last whole minute, us since the epoch): the open store, its path,
+    ``now`` and the seconds the synthesis took. The store is closed and the directory removed
+    afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    path = tmp / "state.db"
+    now = int(time.time() // 60 * 60 * US)
+    try:
+        t0 = time.perf_counter()
+        synthesize(path, now)
+        seconds = time.perf_counter() - t0
+        st = Store(path)
+        try:
+            yield st, path, now, seconds
+        finally:
+            st.close()
+    finally:
+        shutil.rmtree(tmp)
+
+
 def size(path: Path) -> float:
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -202,15 +227,9 @@ def timed(what: str, fn) -> object:  # type: ignore[no-untyped-def]
 
 
 def store_bench() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="kh-bench-usage-"))
-    path = tmp / "state.db"
-    now = int(time.time() // 60 * 60 * US)
-    try:
-        t0 = time.perf_counter()
-        synthesize(path, now)
-        st = Store(path)
+    with synthesized("kh-bench-usage-") as (st, path, now, seconds):
         rows = st._rows("SELECT COUNT(*) FROM meter_usage")[0][0]
-        print(f"30 days x {NODES} nodes synthesized in {time.perf_counter() - t0:.1f} s: "
+        print(f"30 days x {NODES} nodes synthesized in {seconds:.1f} s: "
               f"{rows} usage rows (+ as many traffic rows), {size(path):.1f} MiB")
         merged = timed("compaction: the day older than a day (10 s -> 1 min), the 8th day's "
                        "samples dropped", lambda: mstore.compact(st, now))
@@ -234,11 +253,6 @@ def store_bench() -> None:
         recs = timed("records rating reads: one principal, per minute",
                      lambda: usage_records(st, since, until, "p3", step=60, by="principal"))
         print(f"  ({len(recs)} records)")  # type: ignore[arg-type]
-        st.close()
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
 
 
 def main() -> None:
