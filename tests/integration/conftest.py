@@ -117,13 +117,30 @@ def running_khd(request: pytest.FixtureRequest, state: Path, kh_paths, *, keep_a
         control.clean(cfg)
 
 
-@pytest.fixture(scope="module")
-def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
-        outside: str) -> Iterator[ServiceConfig]:
-    with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
-                     keep_as="khd-logs", nodes=NODES, prefix=f"kt{os.getpid() % 10000}",
-                     uplink_netns=outside) as cfg:
-        yield cfg
+def uplinked_khd(keep_as: str, prefix: str, **settings: Any):  # type: ignore[no-untyped-def]
+    """A module's ``khd`` fixture (``khd = uplinked_khd(...)`` in the module): a khd of its own
+    (running_khd, logs kept as ``keep_as``) whose external domain is the session's outside
+    world, its prefix ``prefix`` and the test process's id, ``settings`` on top (nodes ...)."""
+
+    @pytest.fixture(scope="module", name="khd")
+    def fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                kh_paths: Paths, outside: str) -> Iterator[ServiceConfig]:
+        """A khd of the module's own; its external domain is the session's outside world."""
+        with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
+                         keep_as=keep_as, prefix=f"{prefix}{os.getpid() % 10000}",
+                         uplink_netns=outside, **settings) as cfg:
+            yield cfg
+
+    return fixture
+
+
+khd = uplinked_khd("khd-logs", "kt", nodes=NODES)
+
+
+def keep_dir(src: Path, dest: Path) -> None:
+    """Copy a test's working directory (lab states, reports, console logs) to ``dest`` under
+    tests/artifacts, which CI keeps: its credential files (``*cred``) left out."""
+    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*cred"))
 
 
 def env(cfg: ServiceConfig) -> dict[str, str]:

@@ -25,10 +25,11 @@ from tests.integration.conftest import (
     allocate,
     credfile,
     env,
+    keep_dir,
     kh,
     ps,
     release,
-    running_khd,
+    uplinked_khd,
     wait_free,
 )
 
@@ -38,13 +39,7 @@ NODES = 14  # the intranet's 12 at its peak, a bystander's, one spare
 RUN_TIMEOUT = 3600  # seconds for one whole run on a loaded 2-core host (not a speed claim)
 
 
-@pytest.fixture(scope="module")
-def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
-        outside: str) -> Iterator[ServiceConfig]:
-    with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
-                     keep_as="intranet-khd-logs", nodes=NODES, node_quota=NODES,
-                     prefix=f"ki{os.getpid() % 10000}", uplink_netns=outside) as cfg:
-        yield cfg
+khd = uplinked_khd("intranet-khd-logs", "ki", nodes=NODES, node_quota=NODES)
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def workdir(request: pytest.FixtureRequest, tmp_path: Path, khd: ServiceConfig
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         keep = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.nodeid)
         shutil.rmtree(keep, ignore_errors=True)
-        shutil.copytree(d, keep, ignore=shutil.ignore_patterns("*cred"), dirs_exist_ok=True)
+        keep_dir(d, keep)
         print(f"\nintranet report and console logs kept in {keep}")
 
 

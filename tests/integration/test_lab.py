@@ -20,7 +20,7 @@ import pytest
 
 from kh.hw import uboot
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import env, kh, ps, running_khd, wait_free
+from tests.integration.conftest import env, keep_dir, kh, ps, uplinked_khd, wait_free
 
 pytestmark = [pytest.mark.guest, pytest.mark.scenario]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -28,13 +28,7 @@ NODES = 8  # the intranet: 6 nodes and DS's 2 disks
 TIMEOUT = 1800  # seconds for one kh up on a loaded 2-core host (not a speed claim)
 
 
-@pytest.fixture(scope="module")
-def khd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kh_paths,
-        outside: str) -> Iterator[ServiceConfig]:
-    with running_khd(request, tmp_path_factory.mktemp("khd") / "state", kh_paths,
-                     keep_as="lab-khd-logs", nodes=NODES, node_quota=NODES,
-                     prefix=f"kl{os.getpid() % 10000}", uplink_netns=outside) as cfg:
-        yield cfg
+khd = uplinked_khd("lab-khd-logs", "kl", nodes=NODES, node_quota=NODES)
 
 
 def lab_env(cfg: ServiceConfig, labs: Path) -> dict[str, str]:
@@ -78,8 +72,7 @@ def labs(tmp_path: Path, artifacts: Path, khd: ServiceConfig) -> Iterator[Path]:
     yield d
     for f in d.glob("*.json"):
         khlab(khd, d, "down", f.stem)
-    shutil.copytree(d, artifacts / "labs", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("*cred"))
+    keep_dir(d, artifacts / "labs")
 
 
 def test_webfarm_grows_by_the_difference_checks_and_goes(khd, labs, tmp_path):
