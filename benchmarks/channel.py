@@ -16,6 +16,7 @@ from pathlib import Path
 from pyroute2 import netns
 
 from benchmarks.common import CRED, REPO, free_port, khget, nodes_of, release_all
+from kh import textobj
 from kh.cc.client import ChannelClient
 from kh.service import control
 from kh.service.config import ServiceConfig
@@ -54,7 +55,7 @@ def main() -> None:
                 print(f"loadkernel 5 MB + loadramdisk 10 MB into {count:>2} nodes: "
                       f"{time.monotonic() - t0:.2f} s")
                 if count == args.nodes:
-                    ch = ChannelClient(f"con{nodes.split('@')[0][3:]}", "127.0.0.1",
+                    ch = ChannelClient(f"con{textobj.parse(nodes).id}", "127.0.0.1",
                                        cfg.ssh_port, password=CRED)
                     times = []
                     for _ in range(5):

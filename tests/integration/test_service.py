@@ -44,9 +44,8 @@ def test_khget_text_object_and_boot_into_private_domain(khd, artifacts):
     alloc, nodes, lines = allocate(khd, "-c", credfile("alicecred"), "alice", "2")
     assert lines[1] == "protocol: uboot"
     assert lines[2] == "network 3 : eth0" or lines[2].startswith("network ")
-    netid = int(lines[2].split()[1])
-    infos = [ln.split() for ln in lines if ln.startswith("nodeinfo:")]
-    assert [int(i[1]) for i in infos] == nodes and len(nodes) == 2
+    netid = textobj.parse("\n".join(lines) + "\n").domains[0].netid
+    assert len(nodes) == 2
     a, _b = (shell(khd, n, artifacts) for n in nodes)
     out, _ = a.run("ip -4 -o addr show eth0")
     assert f"10.{netid}.0.{nodes[0]}/16" in out

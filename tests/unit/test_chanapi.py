@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
+from kh import textobj
 from kh.service import api, httpd, tokens
 from kh.service.access import ServiceAccess
 from kh.service.chanapi import MAX_COMMAND
@@ -71,7 +72,7 @@ def test_a_token_allocates_over_the_channel_as_over_http(svc, world, srv):
         lines = out.splitlines()
         assert lines[0].startswith("con") and lines[1] == "protocol: uboot", out
         assert "network Internal : eth0" in out and "network 3 : eth1" in out, out
-        alloc = int(lines[0][3:].split("@")[0])
+        alloc = textobj.parse(out).id
         assert svc.store.allocation(alloc).token == tok["id"]
         # out of its scope, over its budget: the API's reasons, one line each
         for asked, code, says in (("khget -n 4", 3, "domain 4"), ("khget -x -n 3", 3, "domain 0"),
@@ -109,7 +110,7 @@ def test_an_aoe_address_over_the_channel(svc, world, srv):
     try:
         status, out, err = run(c, "khget -n 3 2")
         assert status == 0, err
-        nodes = [int(n) for n in out.split("nodes: ")[1].split()]
+        nodes = [n.number for n in textobj.parse(out).nodes]
         assert run(c, f"aoe-address -a 0,2 {nodes[0]} 3") == (0, "e1.1\n", "")
         assert run(c, f"aoe-address -s 1 {nodes[1]} 3") == (0, "e1.0\n", "")
         status, _, err = run(c, f"aoe-address {nodes[0]} 4")

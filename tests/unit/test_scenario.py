@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kh import scenario_consoles
+from kh import scenario_consoles, textobj
 from kh.errors import Stopped
 from kh.scenario import Principal, Scenario, ScenarioError
 
@@ -67,7 +67,7 @@ class FakeService:
         elif module == "khdo" and args[-2:] == ("write", "run kboot"):
             assert stdin is not None
             for chunk in self.on_kboot:
-                self.chans[stdin.split("@")[0]].say(chunk)
+                self.chans[f"con{textobj.parse(stdin).id}"].say(chunk)
         elif module == "main" and args[0] == "ps":
             out = json.dumps({"allocations": [{"id": a} for a in sorted(self.held)]})
         elif module == "main" and args[0] == "release":
