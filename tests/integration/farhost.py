@@ -19,7 +19,8 @@ is made here in-process (a libvirt host with no domains across hosts).
 
 Needs root, libvirtd, dropbear, ssh; a chroot needs / to be a mount point (tools/check-fresh
 makes it one). ``python -m tests.integration.farhost sshd ROOT RUN -- DROPBEAR...`` is the
-sshd's entry inside its new mount namespace (the mounts, then dropbear).
+sshd's entry inside its new mount namespace (the mounts, then dropbear); ``... hide FILE --
+PROGRAM...`` a daemon's that must not see FILE (``daemon_without_ppc``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import NetNS, netns
@@ -45,6 +47,7 @@ from tests.integration.conftest import skip_without_private_mounts
 
 REPO = Path(__file__).resolve().parents[2]
 KH = str(Path(sys.executable).parent / "kh")  # this repo's kh (.venv/bin/kh), on both hosts
+MNT_NS = os.readlink("/proc/self/ns/mnt")  # the test's: farhost's entries never mount in it
 SSH_PORT = 2222  # inside b's own network namespace
 NIC = "eth1"  # b's NIC on the underlay, before kh takes it
 # The ssh client's ProxyCommand: a byte relay to b's sshd, run inside b's namespace.
@@ -129,28 +132,31 @@ def _sshd(tmp: Path, netns_name: str, daemon: libvirtd.Libvirtd, log: Path
     (root / ".ssh" / "authorized_keys").write_bytes((tmp / "key.pub").read_bytes())
     (root / ".ssh" / "authorized_keys").chmod(0o600)
     argv = [*nsutil.enter_argv(netns_name), "unshare", "--mount", "--propagation", "unchanged",
-            "--", sys.executable, "-m", "tests.integration.farhost", "sshd", str(root),
+            "--", sys.executable, "-m", "tests.integration.farhost", "sshd", MNT_NS, str(root),
             str(daemon.socket.parent), "--",
             "dropbear", "-F", "-E", "-s", "-r", str(tmp / "hostkey"), "-W", str(4 << 20),
             "-p", f"127.0.0.1:{SSH_PORT}", "-P", str(tmp / "sshd.pid")]
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
 
 
-def _client(tmp: Path, netns_name: str) -> tuple[str, tuple[str, ...]]:
-    """The qemu+ssh URI and the runner: ssh through a wrapper whose ProxyCommand relays
-    inside b's namespace; the test's key; b's host key not checked (made by the test)."""
+def ssh_client(tmp: Path, netns_name: str, port: int = SSH_PORT, host: str = "hostb"
+               ) -> tuple[str, tuple[str, ...]]:
+    """The qemu+ssh URI of ``host`` and the runner: ssh through a wrapper whose ProxyCommand
+    relays to ``port`` inside ``netns_name``; the key ``tmp``/key; host keys not checked
+    (made by the test). Another ``port`` is a host that does not answer."""
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "relay.py").write_text(RELAY)
     proxy = shlex.join([*nsutil.enter_argv(netns_name), sys.executable,
-                        str(tmp / "relay.py"), "127.0.0.1", str(SSH_PORT)])
-    wrapper = tmp / "ssh"
+                        str(tmp / "relay.py"), "127.0.0.1", str(port)])
+    wrapper = tmp / f"ssh-{port}"
     wrapper.write_text("#!/bin/sh\nexec ssh -o " + shlex.quote(f"ProxyCommand={proxy}")
                        + " -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
                        " -o LogLevel=ERROR \"$@\"\n")
     wrapper.chmod(0o700)
     key = tmp / "key"
-    uri = (f"qemu+ssh://root@hostb/system?command={wrapper}&keyfile={key}"
+    uri = (f"qemu+ssh://root@{host}/system?command={wrapper}&keyfile={key}"
            "&no_verify=1&no_tty=1")
-    runner = (str(wrapper), "-T", "-o", "BatchMode=yes", "-i", str(key), "root@hostb", "--")
+    runner = (str(wrapper), "-T", "-o", "BatchMode=yes", "-i", str(key), f"root@{host}", "--")
     return uri, runner
 
 
@@ -184,7 +190,7 @@ def far_host(tmp: Path, images: Path, prefix: str, wire: object = None,
         with contextlib.closing(NetNS(host_ns)) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
         sshd = _sshd(tmp, host_ns, daemon, cfg.logs / "sshd.log")
-        uri, runner = _client(tmp, host_ns)
+        uri, runner = ssh_client(tmp, host_ns)
         _wait_ssh(runner, sshd, cfg.logs / "sshd.log")
         far = FarHost(name, cfg, host_ns, daemon, uri, runner,
                       address.split("/")[0] if wire is not None else None, sshd.pid)
@@ -213,11 +219,92 @@ def far_host(tmp: Path, images: Path, prefix: str, wire: object = None,
             netns.remove(host_ns)
 
 
+def khd_underlay(cfg: ServiceConfig, wire: Any, address: str = "172.31.254.1/24") -> None:
+    """khd's (host a's) underlay: a NIC on ``wire`` (a tests.unit.twohost.Wire), taken into
+    khd's fabric by `kh fabric underlay`, run in the wire's namespace (where that NIC is: the
+    machine's own namespace is never used)."""
+    wire.cable(wire.name, "ula")
+    run(*nsutil.enter_argv(wire.name), KH, "fabric", "underlay", "--prefix", cfg.prefix,
+        "--host", "local", "ula", address)
+
+
+def khctl(cfg: ServiceConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kh ARGS` against khd ``cfg`` (its state directory, prefix, ports)."""
+    e = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
+         "KH_API_PORT": str(cfg.api_port), "KH_SSH_PORT": str(cfg.ssh_port)}
+    return subprocess.run([KH, *args], env=e, capture_output=True, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def added_far_host(cfg: ServiceConfig, wire: Any, tmp: Path, prefix: str, capacity: int
+                   ) -> Iterator[FarHost]:
+    """Host b on ``wire`` (far_host), khd ``cfg``'s underlay on it too, and b added to that
+    khd with `kh host add hostb URI --capacity CAPACITY --prefix PREFIX --kh KH`; removed
+    again afterwards (`kh host rm`, if still there; an allocation left there keeps it)."""
+    khd_underlay(cfg, wire)
+    with far_host(tmp, cfg.images, prefix, wire=wire) as far:
+        r = khctl(cfg, "host", "add", far.name, far.uri, "--capacity", str(capacity),
+                  "--prefix", far.prefix, "--kh", KH)
+        assert r.returncode == 0, r.stderr
+        try:
+            yield far
+        finally:
+            khctl(cfg, "host", "rm", far.name)
+
+
+@contextlib.contextmanager
+def daemon_without_ppc(tmp: Path, netns_name: str) -> Iterator[libvirtd.Libvirtd]:
+    """A kh libvirtd (in ``netns_name``) whose machine has no qemu-system-ppc: /dev/null is
+    bound over it in the daemon's mount namespace, so its capabilities offer no ppc guest (a
+    host without it). Stopped afterwards."""
+    d = libvirtd.Libvirtd(tmp / "libvirt", netns_name, None)
+    emulator = "/usr/bin/qemu-system-ppc"
+    argv = libvirtd.argv(d)
+    # right after unshare's own "--" (nsenter's comes before it): in the new mount namespace,
+    # never in the machine's
+    inner = argv.index("--", argv.index("unshare")) + 1
+    assert argv[inner - 4:inner] == ["--mount", "--propagation", "private", "--"], argv
+    argv[inner:inner] = [sys.executable, "-m", "tests.integration.farhost", "hide", MNT_NS,
+                         emulator, "--"]
+    libvirtd.prepare(d)
+    tmp.mkdir(parents=True, exist_ok=True)
+    log = open(tmp / "libvirtd.log", "ab")
+    p = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + libvirtd.START_WAIT
+        while not libvirtd.answers(d):
+            assert p.poll() is None, (tmp / "libvirtd.log").read_text()[-500:]
+            assert time.monotonic() < deadline, "the daemon without ppc did not answer"
+            time.sleep(0.05)
+        import libvirt
+        conn = libvirt.open(d.uri)
+        try:
+            assert "<arch name='ppc'>" not in conn.getCapabilities()
+        finally:
+            conn.close()
+        yield d
+    finally:
+        libvirtd.stop(d, "none")
+        p.wait(10)
+        log.close()
+
+
 def main(args: list[str]) -> None:
-    """In b's sshd's new mount namespace: ROOT over /root, RUN over /run/libvirt, then exec
-    the program after ``--``."""
-    root, run_dir, sep, *program = args
-    assert sep == "--" and program, args
+    """Entries inside a new mount namespace, each ending in exec of the program after
+    ``--``: ``sshd OUTER ROOT RUN`` (b's sshd: ROOT over /root, RUN over /run/libvirt), ``hide
+    OUTER FILE`` (/dev/null over FILE); each refuses to run in mount namespace OUTER (the
+    test's)."""
+    what, outer, *args = args
+    # never the caller's mounts: only in a mount namespace of its own (unshare --mount)
+    if os.readlink("/proc/self/ns/mnt") == outer:
+        raise SystemExit("farhost: refusing to mount in the caller's mount namespace")
+    sep = args.index("--")
+    program = args[sep + 1:]
+    assert program, args
+    if what == "hide":
+        subprocess.run(["mount", "--bind", "/dev/null", args[0]], check=True)
+        os.execvp(program[0], program)
+    root, run_dir = args[:sep]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
     for source, target in ((root, "/root"), (run_dir, "/run/libvirt")):
@@ -231,5 +318,5 @@ def main(args: list[str]) -> None:
     os.execvp(program[0], program)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["sshd"]:
-    main(sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] in (["sshd"], ["hide"]):
+    main(sys.argv[1:])
