@@ -70,8 +70,9 @@ def test_aoeroot_server_boots_from_a_disk_node_and_serves_a_worker(khd, artifact
     r, rep = run_script(khd, artifacts, "aoeroot")
     assert r.returncode == 0, r.stderr[-3000:]
     assert rep["ok"] and rep["approach"] == "aoeroot", rep
-    # read-write ext3 on the AoE disk e1.0
-    assert rep["root_mount"].startswith("root: /dev/etherd/e1.0 ext3 rw"), rep
+    # read-write on the AoE disk e1.0: ext3's layout, mounted by the ext4 driver (which alone
+    # knows the multi-mount protection that keeps a second server off it)
+    assert rep["root_mount"].startswith("root: /dev/etherd/e1.0 ext4 rw"), rep
     assert rep["python"].startswith("python 3.11") and " linux ppc" in rep["python"], rep
     assert rep["page"].startswith(f"hello from node{rep['server']}:") and \
         rep["token"] in rep["page"], rep
@@ -111,5 +112,33 @@ def test_aoeroot_refuses_a_root_disk_two_nodes_answer(khd, artifacts):
                                                 r"(52:54:[0-9a-f:]{11}, ){1}52:54:[0-9a-f:]{11}; "
                                                 r"not booted"):
             sc.boot(srv, "aoeroot", keys="kh.aoeroot=1.0 kh.aoeif=eth0", timeout=180)
+    drop_domains(khd, sc)
+    nothing_held(khd)
+
+
+def test_a_root_disk_is_mounted_by_one_server_at_a_time(khd, artifacts):
+    """AoE has no arbiter: a second server booting a root disk another has mounted would write
+    it behind the first one's back. The rootdisk turns on ext4's multi-mount protection, so the
+    second one's mount is refused, naming why; once the first is gone (released: its node
+    killed with the disk mounted), a new server boots from the disk again."""
+    wait_free(khd, 3)
+    with scenario(khd, principal(USER, CRED), artifacts, "aoeroot-one-writer") as sc:
+        rd = sc.khget("-i", "-p", "1")
+        disknet = rd.netid(1)
+        sc.boot(rd, "rootdisk", keys="kh.aoe=1.0 kh.aoeif=eth1", timeout=600)
+        keys = "kh.aoeroot=1.0 kh.aoeif=eth0"
+        first = sc.khget("-n", str(disknet))
+        ready = sc.boot(first, "aoeroot", keys=keys, timeout=300)
+        assert "root=e1.0" in ready[first.nodes[0]], ready
+        second = sc.khget("-n", str(disknet))
+        with pytest.raises(ScenarioError, match=rf"aoeroot node{second.nodes[0]}: AoE disk e1\.0 "
+                                                r"is mounted by another node( \([^)]*\))?: one "
+                                                r"writer per disk"):
+            sc.boot(second, "aoeroot", keys=keys, timeout=300)
+        sc.release(second)
+        sc.release(first)  # its node dies with the disk mounted: the disk is free again
+        third = sc.khget("-n", str(disknet))
+        ready = sc.boot(third, "aoeroot", keys=keys, timeout=300)
+        assert "root=e1.0" in ready[third.nodes[0]], ready
     drop_domains(khd, sc)
     nothing_held(khd)
