@@ -5,6 +5,7 @@ addresses kh suggests for them. No I/O here, so every rule is unit-tested direct
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from kh.errors import KhError, UsageError
@@ -28,8 +29,12 @@ class Request:
     existing: tuple[int, ...] = ()  # -n a,b
     public: bool = False  # -i
     external: bool = False  # -x
+    host: str | None = None  # --host: every node on this host (kh.service.placement)
 
     def check(self) -> None:
+        if self.host is not None and not re.fullmatch(r"[a-z][a-z0-9-]{0,15}", self.host):
+            raise UsageError(f"host name {self.host[:40]!r} is malformed",
+                             "kh host list shows the hosts")
         if self.count < 1:
             raise UsageError(f"node count must be at least 1, got {self.count}")
         if self.count > MAX_NODE:

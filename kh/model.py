@@ -50,6 +50,7 @@ class NodeInfo:
     number: int
     uid: int
     address: str
+    host: str = "local"  # the host it runs on (kh.service.hosts; "local": khd's own)
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from typing import Any
 
 from kh.errors import KhError
 from kh.model import Domain, DomainKind, NodeState
+from kh.store_hosts import LOCAL, HostRow, HostRows
 from kh.store_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from kh.store_tokens import TokenRow, TokenRows
 
-__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "AllocRow", "NodeRow", "Store", "TokenRow"]
+__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "AllocRow", "HostRow", "NodeRow", "Store",
+           "TokenRow"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class NodeRow:
     attempts: int = 0  # failed starts in a row
     retry_at: float | None = None  # when a failed start is tried again; None: not at all
     resetting: bool = False  # a reset is under way (finished by the next khd if this one dies)
+    host: str = LOCAL  # the host it runs on (kh.store_hosts; "local": khd's own)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class AllocRow:
     token: int | None = None  # the token it was made with (kh.service.tokens), if any
 
 
-class Store(TokenRows):
+class Store(TokenRows, HostRows):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -213,17 +216,17 @@ class Store(TokenRows):
     def put_node(self, n: NodeRow) -> None:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO nodes (number, uid, state, pid, alloc, workdir, "
-                       "started, reason, attempts, retry_at, resetting) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "started, reason, attempts, retry_at, resetting, host) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (n.number, n.uid, n.state.value, n.pid, n.alloc, n.workdir, n.started,
-                        n.reason, n.attempts, n.retry_at, int(n.resetting)))
+                        n.reason, n.attempts, n.retry_at, int(n.resetting), n.host))
 
     def _nodes(self, where: str = "", args: tuple[object, ...] = ()) -> list[NodeRow]:
         rows = self._rows("SELECT number, uid, state, pid, alloc, workdir, started, reason, "
-                          f"attempts, retry_at, resetting FROM nodes {where} ORDER BY number",
+                          f"attempts, retry_at, resetting, host FROM nodes {where} ORDER BY number",
                           args)
         return [NodeRow(r[0], r[1], NodeState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                        bool(r[10])) for r in rows]
+                        bool(r[10]), r[11]) for r in rows]
 
     def nodes(self, *states: NodeState) -> list[NodeRow]:
         """Every node, or those in one of ``states``, by number."""

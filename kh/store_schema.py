@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
@@ -96,5 +96,17 @@ INSERT INTO meter_hours SELECT principal, t / 3600000000 * 3600000000, node, all
 INSERT INTO meter_net_hours SELECT principal, t / 3600000000 * 3600000000, node, slot, alloc,
     netid, SUM(tx_bytes), SUM(rx_bytes), SUM(tx_packets), SUM(rx_packets) FROM meter_net
     GROUP BY 1, 2, 3, 4, 5, 6;
+""",
+    # Hosts (kh.store_hosts, kh.service.hosts): libvirt hosts khd runs nodes on besides its
+    # own (the implicit "local"), in the order they were added (seq: placement fills them in
+    # that order); its underlay (address, interface there, MTU); each node's host. runner is
+    # a JSON list of words (an argv prefix).
+    8: """
+CREATE TABLE hosts (
+    name TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, uri TEXT NOT NULL,
+    capacity INTEGER NOT NULL, underlay TEXT NOT NULL, underlay_if TEXT NOT NULL,
+    mtu INTEGER NOT NULL, prefix TEXT NOT NULL, kh TEXT NOT NULL, runner TEXT NOT NULL,
+    added REAL NOT NULL);
+ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT 'local';
 """,
 }

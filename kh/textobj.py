@@ -9,8 +9,11 @@ network 7 : eth2
 nodeinfo: 3 3 10.255.1.3
 nodes: 3
 ```
-khget prints it; khdo reads it on stdin; both sides use this module. An interface its nodes
-freed while running (`kh domain leave`) has no line: the eth numbers skip it.
+A node on another host than khd's own (kh host add) has that host's name after its address,
+``nodeinfo: 4 4 10.255.1.4 hostb`` (``-`` for an address it lacks); a node on khd's own host
+has none, so a text object of one host reads as it always did. khget prints it; khdo reads
+it on stdin; both sides use this module. An interface its nodes freed while running
+(`kh domain leave`) has no line: the eth numbers skip it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from kh.model import EXTERNAL, PUBLIC, AllocationInfo, Domain, DomainKind, NodeI
 
 CHANNEL_RE = re.compile(r"^con(\d+)@(\S+)$")
 NETWORK_RE = re.compile(r"^network (\S+) : eth(\d+)$")
-NODEINFO_RE = re.compile(r"^nodeinfo: (\d+) (\d+) (\S+)$")
+NODEINFO_RE = re.compile(r"^nodeinfo: (\d+) (\d+) (\S+)(?: ([a-z][a-z0-9-]{0,15}))?$")
+LOCAL = "local"
 
 
 def format(a: AllocationInfo) -> str:
     lines = [a.channel, f"protocol: {a.protocol}"]
     lines += [f"network {d.label} : eth{i}" for i, d in enumerate(a.domains) if d is not None]
-    lines += [f"nodeinfo: {n.number} {n.uid} {n.address}" for n in a.nodes]
+    lines += [f"nodeinfo: {n.number} {n.uid} {n.address}" if n.host == LOCAL else
+              f"nodeinfo: {n.number} {n.uid} {n.address or '-'} {n.host}" for n in a.nodes]
     lines.append("nodes: " + " ".join(str(n.number) for n in a.nodes))
     return "\n".join(lines) + "\n"
 
@@ -40,7 +45,8 @@ def to_json(a: AllocationInfo) -> dict[str, Any]:
             "networks": [{"netid": d.netid, "name": d.label, "kind": d.kind.value,
                           "interface": f"eth{i}"} for i, d in enumerate(a.domains)
                          if d is not None],
-            "nodes": [{"node": n.number, "uid": n.uid, "address": n.address} for n in a.nodes]}
+            "nodes": [{"node": n.number, "uid": n.uid, "address": n.address, "host": n.host}
+                      for n in a.nodes]}
 
 
 def _domain(label: str) -> Domain:
@@ -78,7 +84,11 @@ def parse(text: str) -> AllocationInfo:
             domains += [None] * (int(mm[2]) - len(domains))  # interfaces left free
             domains.append(_domain(mm[1]))
         elif mm := NODEINFO_RE.match(line):
-            nodes.append(NodeInfo(int(mm[1]), int(mm[2]), mm[3]))
+            if mm[4] is None:
+                nodes.append(NodeInfo(int(mm[1]), int(mm[2]), mm[3]))
+            else:
+                nodes.append(NodeInfo(int(mm[1]), int(mm[2]), "" if mm[3] == "-" else mm[3],
+                                      mm[4]))
         elif line.startswith("nodes:"):
             try:
                 listed = [int(x) for x in line.split(":", 1)[1].split()]

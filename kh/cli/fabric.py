@@ -120,6 +120,15 @@ def register(main: click.Group) -> None:
         if not found:
             click.echo("no domain is stretched from this host")
 
+    @fabric.command("underlays")
+    @prefix_opt
+    @handle_errors
+    def underlays_cmd(prefix: str) -> None:
+        """This host's underlay interfaces in kh's fabric (up, with an IPv4 address), as JSON:
+        [{"ifname", "address", "mtu"}] (khd's `kh host add` reads another host's with it)."""
+        from kh.hw.underlay import underlays
+        click.echo(json.dumps([u.as_json() for u in underlays(_cfg(prefix))]))
+
     @fabric.command("wire")
     @prefix_opt
     @click.option("--host", "host", default="this host", help="This host's kh name.")

@@ -22,17 +22,21 @@ def _netids(text: str | None) -> list[int]:
 @click.option("-n", "netids", help="Existing private domains, e.g. 3,4.")
 @click.option("-i", "public", is_flag=True, help="Add the nodes to the public domain (D1).")
 @click.option("-x", "external", is_flag=True, help="Add the nodes to the external domain (D0).")
+@click.option("--host", "host", metavar="NAME",
+              help="Every node on host NAME (kh host list; 'local': khd's own).")
 @click.option("--json", "as_json", is_flag=True, help="The same object as JSON.")
 @click.option("--debug", is_flag=True, help="Tracebacks on errors.")
 @click.argument("user")
 @click.argument("count", type=int, default=1)
 @handle_errors
 def main(cred: str | None, new_private: int, netids: str | None, public: bool, external: bool,
-         as_json: bool, debug: bool, user: str, count: int) -> None:
+         host: str | None, as_json: bool, debug: bool, user: str, count: int) -> None:
     """Allocate COUNT nodes (default 1) for principal USER."""
     setup_logging(debug)
     body = {"user": user, "credential": credential.resolve(cred), "count": count,
             "p": new_private, "n": _netids(netids), "i": public, "x": external}
+    if host is not None:
+        body["host"] = host
     click.echo(client().call("POST", "/v1/allocations", body, as_json=as_json), nl=False)
 
 

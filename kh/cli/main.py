@@ -15,6 +15,7 @@ from kh.appliance import spec as appliance_spec
 from kh.cli.bill import register as register_bill_commands
 from kh.cli.common import entry, handle_errors, setup_logging, stop_on_signals
 from kh.cli.fabric import register as register_fabric_commands
+from kh.cli.host import register as register_host_commands
 from kh.cli.lab import register as register_lab_commands
 from kh.cli.outside import register as register_outside_commands
 from kh.cli.service import register as register_service_commands
@@ -181,6 +182,7 @@ register_bill_commands(main)
 register_usage_commands(main)
 register_outside_commands(main)
 register_fabric_commands(main)
+register_host_commands(main)
 register_lab_commands(main)
 register_topo_commands(main)
 

@@ -73,11 +73,14 @@ def register(main: click.Group) -> None:
     @click.option("--page-port", type=int, help=SETTINGS_HELP["page_port"])
     @click.option("--backend", type=click.Choice(["qemu", "libvirt"]),
                   help=SETTINGS_HELP["backend"])
+    @click.option("--placement", type=click.Choice(["fill", "spread"]),
+                  help=SETTINGS_HELP["placement"])
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
     def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
                       no_outside: bool, domain_quota: int | None, node_quota: int | None,
-                      backend: str | None, page_port: int | None, no_wait: bool) -> None:
+                      backend: str | None, page_port: int | None, placement: str | None,
+                      no_wait: bool) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
         pool can start, or when stopped (Ctrl-C, SIGTERM, SIGHUP). With khd already running,
@@ -85,7 +88,7 @@ def register(main: click.Group) -> None:
         asked = {"nodes": nodes, "api_port": port, "uplink_netns": uplink_netns,
                  "outside": False if no_outside else None,
                  "domain_quota": domain_quota, "node_quota": node_quota, "backend": backend,
-                 "page_port": page_port}
+                 "page_port": page_port, "placement": placement}
         cfg = from_env(**asked)  # every setting checked before anything else
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control

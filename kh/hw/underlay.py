@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
+import socket
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kh.hw import netns as nsutil
-from kh.hw.stretch import IFNAME, StretchError, Underlay, kernel_says
+from kh.hw import stretch
+from kh.hw.stretch import IFNAME, Peer, StretchError, Underlay, kernel_says
 from kh.hw.tags import FabricConfig
 
 
@@ -58,3 +62,47 @@ def move_underlay(cfg: FabricConfig, dev: str, interface: str) -> Underlay:
             ns.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ns.link("set", index=idx, state="up")
     return Underlay(name, str(iface.ip))
+
+
+@dataclass(frozen=True)
+class Found:
+    """An underlay interface in kh's fabric namespace: ``<prefix>ulN``, up, with an IPv4
+    ``address`` (no prefix length) and its ``mtu`` (bytes)."""
+
+    ifname: str
+    address: str
+    mtu: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"ifname": self.ifname, "address": self.address, "mtu": self.mtu}
+
+
+def underlays(cfg: FabricConfig) -> list[Found]:
+    """This host's underlay interfaces in kh's fabric namespace, by name: each ``<prefix>ulN``
+    that is up, with each of its IPv4 addresses (`kh fabric underlay` made them). Empty when
+    there is no fabric or no underlay."""
+    if not nsutil.exists(cfg.netns):
+        return []
+    pattern = re.compile(re.escape(cfg.underlay(0)[:-1]) + r"\d{1,3}")
+    out = []
+    with contextlib.closing(NetNS(cfg.netns)) as ns:
+        for link in ns.get_links():
+            name = str(link.get_attr("IFLA_IFNAME"))
+            if not pattern.fullmatch(name) or not link["flags"] & 1:  # IFF_UP
+                continue
+            for a in ns.get_addr(index=link["index"], family=socket.AF_INET):
+                out.append(Found(name, str(a.get_attr("IFA_ADDRESS")),
+                                 int(link.get_attr("IFLA_MTU"))))
+    return sorted(out, key=lambda f: (f.ifname, ipaddress.IPv4Address(f.address)))
+
+
+def check_reaches(cfg: FabricConfig, local: Underlay, peer: Peer, host: str) -> int:
+    """``peer`` (another host's underlay address) is routed through this host's underlay
+    ``local`` and answers ARP there (what a stretch to it needs; nothing is made). This
+    underlay's MTU. StretchError naming ``host`` (this host's kh name) and what is wrong."""
+    stretch.check(local, 0, [peer], host)
+    with contextlib.closing(NetNS(cfg.netns)) as ns:
+        index, mtu = stretch._underlay_link(ns, cfg, local, host)
+        hop = stretch._check_route(ns, peer, index, local, host)
+    stretch._check_alive(cfg, local, [peer], [hop], host)
+    return mtu

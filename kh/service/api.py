@@ -33,12 +33,13 @@ from kh.metering import billing
 from kh.metering import routes as usage_routes
 from kh.metering import top as top_routes
 from kh.model import PUBLIC
-from kh.service import aoe, httpd, publish, tokens
+from kh.service import aoe, hosts, httpd, publish, tokens
 from kh.service import request as rq
 from kh.service.aoe import ROUTES as AOE_ROUTES
 from kh.service.core import NotFound, Service
 from kh.service.hardware import Hardware
 from kh.service.pins import SUMS
+from kh.service.placement import UnknownHost
 from kh.service.request import Caller
 
 log = logging.getLogger("kh.api")
@@ -58,7 +59,8 @@ class NoSecretHere(AuthError):
 
 # The most specific first: TooLarge and Unsupported are UsageErrors, Throttled an AuthError.
 STATUS = {MethodNotAllowed: 405, rq.TooLarge: 413, rq.Unsupported: 415, rq.Misdirected: 421,
-          UsageError: 400, Throttled: 429, AuthError: 403, NotFound: 404, AllocationError: 409}
+          UsageError: 400, Throttled: 429, AuthError: 403, NotFound: 404, UnknownHost: 404,
+          AllocationError: 409}
 METHODS = ("GET", "POST")
 Result = tuple[int, "str | Path", Any]
 
@@ -191,13 +193,14 @@ def _operator(caller: Caller, what: str, hint: str | None = None) -> None:
         raise AuthError(what, hint or "as root, on khd's unix socket")
 
 
-@rq.takes(*rq.PRINCIPAL, "token", "count", "p", "n", "i", "x")
+@rq.takes(*rq.PRINCIPAL, "token", "count", "p", "n", "i", "x", "host")
 def allocate(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     # the bounds Request.check holds, so that an answer out of range states the real range
     req = Request(user=rq.user(body), count=rq.integer(body, "count", 1, 1, MAX_NODE),
                   new_private=rq.integer(body, "p", 0, 0, NIC_SLOTS),
                   existing=rq.integers(body, "n", MAX_NETID),
-                  public=rq.flag(body, "i"), external=rq.flag(body, "x"))
+                  public=rq.flag(body, "i"), external=rq.flag(body, "x"),
+                  host=None if body.get("host") is None else rq.text(body, "host", 64))
     a = svc.khget(req, rq.credential(body), tokens.from_body(body))
     return 201, textobj.format(a), textobj.to_json(a)
 
@@ -423,6 +426,7 @@ ROUTES: list[tuple[str, str, Callable[..., Result]]] = [
     ("GET", r"/v1/status", status),
     ("GET", r"/v1/images", images),
     ("GET", r"/v1/images/([A-Za-z0-9_+-][A-Za-z0-9._+-]*)", image),
+    *hosts.ROUTES,  # kh host add|list|rm, the operator's (kh.service.hosts)
     *AOE_ROUTES,  # disk nodes' AoE addresses, unique per domain (kh.service.aoe)
     *publish.ROUTES,  # node ports on the host's loopback (kh.service.publish)
     *usage_routes.ROUTES,  # what principals used (kh.metering)

@@ -33,6 +33,7 @@ MAX_NODES = 1024
 MIN_MEM_MIB, MAX_MEM_MIB = 256, 2048  # the board's least; a 32-bit e500v2 node maps 2 GiB
 MAX_PREFIX = 8  # the longest tap name, <prefix><node>s<slot>, must fit IFNAMSIZ (15 chars)
 BACKENDS = ("qemu", "libvirt")  # kh.hw.backend's two
+PLACEMENTS = ("fill", "spread")  # kh.service.placement's policies
 PREFIX_RE = re.compile(rf"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}")
 
 
@@ -85,6 +86,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
             "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
             "namespace; docs/libvirt.md)", what="backend {}"),
+    Setting("placement", "KH_PLACEMENT", "--placement", "where khget's nodes go when khd has "
+            "several hosts (kh host add): fill (default: this host first, then the hosts in "
+            "the order added) or spread (round robin over the hosts with free nodes)",
+            what="placement {}"),
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
             f"principal may hold (default 16, 1 to {MAX_NETID - FIRST_PRIVATE + 1})",
             1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
@@ -117,6 +122,8 @@ def check(field: str, value: object, label: str | None = None) -> None:
                          "it starts every interface name kh makes")
     if field == "backend" and value not in BACKENDS:
         raise UsageError(f"{name} must be {' or '.join(BACKENDS)}, not {value!r}")
+    if field == "placement" and value not in PLACEMENTS:
+        raise UsageError(f"{name} must be {' or '.join(PLACEMENTS)}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class ServiceConfig:
     outside: bool = True  # without uplink_netns: kh's own outside world, <prefix>-outside
     qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
     backend: str = "qemu"  # kh.hw.backend: qemu (direct) or libvirt (KH_BACKEND)
+    placement: str = "fill"  # kh.service.placement: fill or spread (KH_PLACEMENT)
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
     node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
     page_port: int = 0  # the live page on 127.0.0.1 (kh.page; KH_PAGE_PORT); 0: none

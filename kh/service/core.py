@@ -28,13 +28,11 @@ from kh.allocation import (
     Request,
     boot_keys,
     check_node_quota,
-    choose_nodes,
     host_address,
     node_address,
     plan_domains,
 )
 from kh.errors import KhError
-from kh.hw.fabric import Fabric
 from kh.metering.sampler import HostSource, Meter
 from kh.model import (
     EXTERNAL,
@@ -46,11 +44,14 @@ from kh.model import (
     NodeInfo,
     NodeState,
 )
-from kh.service import membership, recovery, tokens, views
+from kh.service import membership, placement, recovery, tokens, views
 from kh.service.backends import make_backend
 from kh.service.config import ServiceConfig
 from kh.service.forward import Forwarder
 from kh.service.hardware import Hardware
+from kh.service.hostfabric import HostFabric
+from kh.service.hosts import Hosts, allocated_map
+from kh.service.multibackend import MultiBackend
 from kh.service.pins import channel_boot_key
 from kh.service.pool import Pool, shortage
 from kh.service.request import current_caller
@@ -79,12 +80,17 @@ class Service:
         self.cfg = cfg
         self.store = Store(cfg.db)
         membership.ensure_schema(self.store)
-        self.fabric = Fabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port))
-        self.nodes = make_backend(cfg, self.fabric)  # kh.hw.backend: qemu or libvirt
+        # kh's fabric, reaching other hosts' taps and stretching domains across them
+        self.fabric = HostFabric(cfg.fabric, ports=(cfg.api_port, cfg.ssh_port),
+                                 host_of=self.host_of)
+        # kh.hw.backend: this host's (qemu or libvirt), and each added host's (kh.service.hosts)
+        self.nodes = MultiBackend(make_backend(cfg, self.fabric), self.host_of)
+        self.nodes.stopped.append(self.fabric.forget)
+        self.hosts = Hosts(self)
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)  # notified when a node's reset ends
         self._resetting: set[int] = set()  # nodes being reset (under the lock)
-        self.pool = Pool(cfg, self.store, self.nodes, self.lock)
+        self.pool = Pool(cfg, self.store, self.nodes, self.lock, sizes=self.hosts.sizes)
         self.repairs: list[str] = []
         self.limiter = admission.Limiter()  # refused credentials, per source and principal
         # `kh publish`'s ports (kh.service.publish), relayed from the outside world
@@ -100,11 +106,13 @@ class Service:
         repaired), and start filling the pool in the background."""
         self.cfg.run.mkdir(parents=True, exist_ok=True)
         self.fabric.ensure()
+        self.hosts.connect_all()
         with self.lock:
             self.repairs = recovery.recover(self.store, self.cfg, self.nodes) + self.pool.adopt()
         self.sync_fabric()
         with self.lock:
             self.repairs += membership.reconcile(self)
+            self.repairs += self.fabric.load(allocated_map(self))
         self.repairs += recovery.resume_resets(self)
         if self.cfg.outside_netns is not None:
             self.forwards.start()
@@ -209,17 +217,23 @@ class Service:
             plan = plan_domains(req, owned, FIRST_PRIVATE, quota=self.cfg.domain_quota)
             check_node_quota(req.user, self.store.held_nodes(req.user), req.count,
                              self.cfg.node_quota)
-            free = [r.number for r in self.store.nodes(NodeState.FREE)
-                    if r.number in self.nodes.running]
-            if req.count > len(free):
-                raise shortage(req.count, len(free), self.pool.status())
-            chosen = choose_nodes(free, req.count)
+            free: dict[str, list[int]] = {}
+            for r in self.store.nodes(NodeState.FREE):
+                if r.number in self.nodes.running:
+                    free.setdefault(r.host, []).append(r.number)
+            have = sum(len(v) for v in free.values())
+            if req.host is None and req.count > have:
+                raise shortage(req.count, have, self.pool.status())
+            chosen = placement.place(free, self.fabric.order(), req.count, self.cfg.placement,
+                                     req.host)  # kh.service.placement
             self.store.nodes_configuring(chosen)
             made: list[int] = []
             try:
                 for d in plan.create:
                     made.append(d.netid)
                     self.fabric.ensure_domain(d.netid)
+                # domains the nodes' hosts share stretched first: each boots with their MTU
+                self.fabric.plan({n: [d.netid for d in plan.order] for n in chosen})
                 with ThreadPoolExecutor(max_workers=8) as ex:
                     list(ex.map(lambda n: self._configure(n, plan.order), chosen))
                 alloc = self.store.commit_allocation(
@@ -257,14 +271,19 @@ class Service:
                 log.warning("the bridge of domain %d stays until khd's next start: %s",
                             netid, e)
 
+    def host_of(self, number: int) -> str:
+        """Node ``number``'s host (kh.store_hosts; ``local`` for a node the state lacks)."""
+        row = self.store.node(number)
+        return row.host if row is not None else "local"
+
     def _configure(self, number: int, domains: tuple[Domain, ...]) -> None:
-        for slot in range(NIC_SLOTS):
-            self.fabric.attach(number, slot, domains[slot].netid if slot < len(domains)
-                               else None)
+        netids = [d.netid for d in domains][:NIC_SLOTS]
+        self.fabric.wire(number, netids)  # on the node's host (kh.service.hostfabric)
         self.nodes.set_links(number, len(domains))
         host = host_address(PUBLIC).ip
         keys = boot_keys(domains, number, f"{host}:{self.cfg.api_port}",
-                         channel_boot_key(f"{host}:{self.cfg.ssh_port}", self.cfg.host_key))
+                         channel_boot_key(f"{host}:{self.cfg.ssh_port}", self.cfg.host_key),
+                         mtu=self.fabric.mtu(netids))
         self.nodes.uboot(number, f"setenv khargs '{keys}'")
 
     def info(self, alloc: int) -> AllocationInfo:
@@ -280,7 +299,8 @@ class Service:
         for r in self.store.nodes_of(alloc):
             first = [n for n in membership.node_map(self.store, r.number, row) if n is not None]
             nodes.append(NodeInfo(r.number, r.uid,
-                                  str(node_address(first[0], r.number).ip) if first else ""))
+                                  str(node_address(first[0], r.number).ip) if first else "",
+                                  r.host))
         return AllocationInfo(alloc, self.cfg.server, order, tuple(nodes))
 
     # -- management --------------------------------------------------------------------------

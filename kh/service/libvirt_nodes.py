@@ -68,10 +68,14 @@ class LibvirtNodes:
     name = "libvirt"
 
     def __init__(self, cfg: ServiceConfig, fabric: Fabric, uri: str | None = None,
-                 host: str = "local") -> None:
+                 host: str = "local", taps: Callable[[int], object] | None = None) -> None:
+        """``taps(number)``: makes the node's taps, unplugged, where its host's QEMUs find
+        them (default: in ``fabric``; another host's through `kh fabric wire` there,
+        kh.service.hosts); a KhError from it fails the start."""
         self.cfg = cfg
         self.fabric = fabric
         self.host = host
+        self.taps = taps or (lambda n: fresh_taps(fabric, n))
         daemon = None
         if uri is None:  # kh's own daemon, in the fabric namespace (started on first use)
             # QEMUs as root (sandboxed, in kh's namespace): libvirt 9.0 makes each guest's
@@ -120,7 +124,10 @@ class LibvirtNodes:
     def start(self, number: int, timeout: float = 30.0,
               on_spawn: Callable[[int], None] = lambda pid: None) -> LibvirtNode:
         spec = domain_spec(self.cfg, number)
-        fresh_taps(self.fabric, number)
+        try:
+            self.taps(number)
+        except KhError as e:
+            raise StartFailed(number, str(e)) from e
         with self._lock:
             if self._closing:
                 raise StartAborted(f"node {number}: khd is stopping")

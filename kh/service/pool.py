@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from kh.model import NodeState
 from kh.service.config import ServiceConfig
 from kh.service.nodes import death_reason as death_reason  # its tests read it here
 from kh.service.nodes import node_tag
+from kh.service.placement import pool_starts
 from kh.store import NodeRow, Store
 
 log = logging.getLogger("kh.pool")
@@ -214,17 +216,21 @@ class Pool:
     """Fills the pool, retries failed nodes with backoff, notices nodes that die."""
 
     def __init__(self, cfg: ServiceConfig, store: Store, nodes: Backend,
-                 lock: threading.RLock) -> None:
+                 lock: threading.RLock,
+                 sizes: Callable[[], dict[str, int]] | None = None) -> None:
+        """``sizes``: each host's share of the pool (kh.service.hosts: ``local`` the
+        service's ``nodes``, each added host its capacity); None: ``local`` only."""
         self.cfg = cfg
         self.store = store
         self.nodes = nodes
         self.lock = lock
+        self.sizes = sizes or (lambda: {"local": cfg.nodes})
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def status(self) -> PoolStatus:
-        return summarize(self.store.nodes(), self.cfg.nodes)
+        return summarize(self.store.nodes(), sum(self.sizes().values()))
 
     def adopt(self) -> list[str]:
         """After a khd (re)start: take over the nodes the state names; return the repairs."""
@@ -292,13 +298,20 @@ class Pool:
     def _fill(self) -> None:
         now = time.time()
         with self.lock:
-            new, retries = plan_starts(self.store.nodes(), self.cfg.nodes, now)
-            for n in new:
+            rows = self.store.nodes()
+            sizes = self.sizes()
+            _, retries = plan_starts(rows, sum(sizes.values()), now)
+            retries = [r.number for r in rows if r.number in retries and r.host in sizes]
+            new = pool_starts([(r.number, r.host, not (r.state == NodeState.FAILED and
+                                                       r.alloc is not None)) for r in rows],
+                              sizes)
+            for n, host in new:
                 self.store.put_node(NodeRow(n, self.store.new_uid(), NodeState.STARTING, None,
-                                            None, str(self.cfg.node_dir(n)), now, None))
+                                            None, str(self.cfg.node_dir(n)), now, None,
+                                            host=host))
             for n in retries:
                 self.store.node_starting(n)
-        numbers = sorted(new + retries)
+        numbers = sorted([n for n, _ in new] + retries)
         if numbers and not self._stop.is_set():
             with ThreadPoolExecutor(max_workers=START_WORKERS) as ex:
                 list(ex.map(self._start_node, numbers))
