@@ -92,6 +92,31 @@ def serving_tcp(svc: Service) -> Iterator[tuple[str, int]]:
 Address = Path | tuple[str, int]
 
 
+def service_fixture(**settings: Any):  # type: ignore[no-untyped-def]
+    """A module's ``svc`` fixture (``svc = service_fixture(...)``): make_service with
+    ``settings`` (nodes, quotas ...), its store closed afterwards."""
+
+    @pytest.fixture(name="svc")
+    def fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+        svc = make_service(tmp_path, monkeypatch, **settings)
+        yield svc
+        svc.store.close()
+
+    return fixture
+
+
+def api_fixture(name: str = "khd", tcp: bool = False):  # type: ignore[no-untyped-def]
+    """A module's fixture ``name`` (``khd = api_fixture()``): the ``svc`` fixture's API served
+    on its unix socket (the operator), or with ``tcp`` on 127.0.0.1 (principals); its address."""
+
+    @pytest.fixture(name=name)
+    def fixture(svc: Service) -> Iterator[Address]:
+        with (serving_tcp(svc) if tcp else serving(svc, svc.cfg.socket)) as address:
+            yield address
+
+    return fixture
+
+
 def exchange(sock: Address, request: bytes, *, close_write: bool = True,
              timeout: float = 20.0) -> tuple[int, bytes]:
     """Send raw bytes to the unix socket ``sock`` (or a TCP address), read the answer:

@@ -12,20 +12,16 @@ import pytest
 
 from kh.service import membership
 from kh.service.aoe import MAX_SLOT, lowest_free
-from tests.unit.fake_khd import make_service, post, refill, serving, text_of
+from tests.unit.fake_khd import (
+    api_fixture,
+    post,
+    refill,
+    service_fixture,
+    text_of,
+)
 
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch, nodes=6)
-    yield s
-    s.store.close()
-
-
-@pytest.fixture
-def khd(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
+svc = service_fixture(nodes=6)
+khd = api_fixture()
 
 
 def call(sock, path: str, user: str, cred: str | None = None, **kw: Any) -> tuple[int, Any]:

@@ -15,7 +15,7 @@ from kh import admission
 from kh.admission import Limiter
 from kh.service import httpd
 from kh.service.request import Caller
-from tests.unit.fake_khd import get, make_service, post, serving, serving_tcp, text_of
+from tests.unit.fake_khd import api_fixture, get, make_service, post, text_of
 from tests.unit.test_admission_limits import Clock, count_hashes
 
 
@@ -35,16 +35,8 @@ def svc(tmp_path, monkeypatch):
     s.store.close()
 
 
-@pytest.fixture
-def unix(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
-
-
-@pytest.fixture
-def tcp(svc):
-    with serving_tcp(svc) as addr:
-        yield addr
+unix = api_fixture("unix")
+tcp = api_fixture("tcp", tcp=True)
 
 
 @pytest.fixture

@@ -15,22 +15,12 @@ from kh import textobj
 from kh.service import api, httpd, tokens
 from kh.service.access import ServiceAccess
 from kh.service.chanapi import MAX_COMMAND
-from tests.unit.fake_khd import get, make_service, serving_tcp
+from tests.unit.fake_khd import api_fixture, get, service_fixture
 from tests.unit.sshd_fakes import Running, connect, serve, wait_until
 from tests.unit.test_tokens import call, make_token
 
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch, nodes=8)
-    yield s
-    s.store.close()
-
-
-@pytest.fixture
-def khd(svc):
-    with serving_tcp(svc) as addr:
-        yield addr
+svc = service_fixture(nodes=8)
+khd = api_fixture(tcp=True)
 
 
 @pytest.fixture

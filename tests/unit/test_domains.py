@@ -6,28 +6,23 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from kh.model import Domain, DomainKind
 from kh.store import Store
-from tests.unit.fake_khd import make_service, post, refill, serving, text_of
+from tests.unit.fake_khd import (
+    api_fixture,
+    post,
+    refill,
+    service_fixture,
+    text_of,
+)
 
 
 def body(**kw: object) -> bytes:
     return json.dumps(kw).encode()
 
 
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch, domain_quota=3)
-    yield s
-    s.store.close()
-
-
-@pytest.fixture
-def khd(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
+svc = service_fixture(domain_quota=3)
+khd = api_fixture()
 
 
 def khget(sock, user: str, **kw: object) -> dict:

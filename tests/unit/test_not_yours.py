@@ -9,22 +9,10 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
+from tests.unit.fake_khd import api_fixture, post, service_fixture, text_of
 
-from tests.unit.fake_khd import make_service, post, serving, text_of
-
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch)
-    yield s
-    s.store.close()
-
-
-@pytest.fixture
-def khd(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
+svc = service_fixture()
+khd = api_fixture()
 
 
 def call(sock, path: str, user: str, **kw: object) -> tuple[int, str]:

@@ -18,7 +18,7 @@ import pytest
 from kh.service import publish
 from kh.service.core import Service
 from kh.service.forward import Forwarder
-from tests.unit.fake_khd import get, make_service, post, serving, text_of
+from tests.unit.fake_khd import api_fixture, get, make_service, post, serving, text_of
 
 
 class Echo:
@@ -69,10 +69,7 @@ def svc(tmp_path, monkeypatch, echo):
     s.store.close()
 
 
-@pytest.fixture
-def khd(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
+khd = api_fixture()
 
 
 def call(sock, path: str, user: str, **kw: Any) -> tuple[int, Any]:

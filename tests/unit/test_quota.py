@@ -9,14 +9,9 @@ import pytest
 from kh.allocation import AllocationError, Request, check_node_quota
 from kh.errors import UsageError
 from kh.service import config
-from tests.unit.fake_khd import make_service, refill
+from tests.unit.fake_khd import refill, service_fixture
 
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch, nodes=6, node_quota=3)
-    yield s
-    s.store.close()
+svc = service_fixture(nodes=6, node_quota=3)
 
 
 def khget(svc, user: str, count: int, **kw: object):  # type: ignore[no-untyped-def]

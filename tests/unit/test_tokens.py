@@ -14,20 +14,15 @@ import pytest
 
 from kh.service import tokens
 from kh.service.access import Grant, ServiceAccess
-from tests.unit.fake_khd import make_service, post, serving_tcp, text_of
+from tests.unit.fake_khd import (
+    api_fixture,
+    post,
+    service_fixture,
+    text_of,
+)
 
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    s = make_service(tmp_path, monkeypatch, nodes=8)
-    yield s
-    s.store.close()
-
-
-@pytest.fixture
-def khd(svc):
-    with serving_tcp(svc) as addr:
-        yield addr
+svc = service_fixture(nodes=8)
+khd = api_fixture(tcp=True)
 
 
 def call(addr, path: str, **body: object) -> tuple[int, str]:

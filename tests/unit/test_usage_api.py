@@ -15,7 +15,7 @@ import pytest
 from kh.errors import UsageError
 from kh.metering.report import time_range
 from kh.service import tokens
-from tests.unit.fake_khd import get, make_service, post, serving, serving_tcp, text_of
+from tests.unit.fake_khd import api_fixture, get, make_service, post, serving_tcp, text_of
 from tests.unit.test_metering import FakeSource
 
 # the samples are taken in the future (``used``): every report asks until a day from now
@@ -34,10 +34,7 @@ def svc(tmp_path, monkeypatch):
     s.store.close()
 
 
-@pytest.fixture
-def khd(svc):
-    with serving(svc, svc.cfg.socket) as sock:
-        yield sock
+khd = api_fixture()
 
 
 def khget(sock, user: str, **kw: object) -> dict:
