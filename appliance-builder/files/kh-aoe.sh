@@ -80,6 +80,7 @@ kh_aoe_one_writer() {
 # refused, and KH_WHY names the node the disk's MMP block names; any other failure too gives
 # status 1 and KH_WHY.
 kh_aoe_mount() {
+	local seen who
 	seen=$(dmesg 2>/dev/null | grep -c 'already active on another node')
 	mount -t ext4 -o rw "/dev/etherd/$1" "$2" 2>/tmp/mount.err && return 0
 	if [ "$(dmesg 2>/dev/null | grep -c 'already active on another node')" -gt "$seen" ]; then

@@ -18,6 +18,7 @@ kh_mount_basics() {
 
 # kh_valid_cidr A.B.C.D/P: true when it is a well-formed IPv4 address with prefix.
 kh_valid_cidr() {
+	local addr prefix
 	case "$1" in
 	*/*) ;;
 	*) return 1 ;;
@@ -32,6 +33,7 @@ kh_valid_cidr() {
 }
 
 kh_valid_ip() {
+	local octet
 	echo "$1" | grep -Eq '^[0-9]{1,3}(\.[0-9]{1,3}){3}$' || return 1
 	for octet in $(echo "$1" | tr . ' '); do
 		[ "$octet" -le 255 ] || return 1
@@ -57,6 +59,7 @@ KH_CHANNEL_HOME=${KH_CHANNEL_HOME:-/etc/kh/channel}
 # channel's host key against ("HOST TYPE BASE64": dropbear matches the host without the port
 # and compares the whole key); fails, writing nothing, for anything malformed.
 kh_pin_channel() {
+	local pin b64
 	case "$1" in *#*:*) ;; *) return 1 ;; esac
 	kh_valid_hostport "${1%%#*}" || return 1
 	pin=${1#*#}
@@ -77,6 +80,7 @@ kh_pin_channel() {
 # (GET /v1/images: "NAME SIZE SHA256" lines); otherwise DEST is left alone and one line says
 # why (on stdout; status 1).
 kh_fetch_image() {
+	local want got
 	want=$(wget -q -T 60 -O - "http://$1/v1/images" | awk -v n="$2" '$1 == n {print $3}')
 	if ! echo "$want" | grep -Eq '^[0-9a-f]{64}$'; then
 		echo "the service at $1 lists no sha256 for image $2; not fetched"
@@ -100,6 +104,7 @@ kh_fetch_image() {
 # kh_read_keys: sets KH_<KEY> variables from kh.* words of /proc/cmdline, refusing
 # malformed values by name (the appliance still comes up, with that key ignored).
 kh_read_keys() {
+	local word key value
 	KH_IFACES=""
 	for word in $(cat "${KH_CMDLINE:-/proc/cmdline}"); do
 		case "$word" in
@@ -170,6 +175,7 @@ kh_read_keys() {
 
 # kh_configure_net: lo up; every ethN the kernel found comes up, with its kh.ethN address.
 kh_configure_net() {
+	local path dev mtu conf
 	ip link set lo up
 	for path in "${KH_SYS_NET:-/sys/class/net}"/eth*; do
 		[ -e "$path" ] || continue
@@ -202,6 +208,7 @@ kh_configure_net() {
 # One `ip` for all of them, read by the shell: every process costs a node ~30 ms of emulated
 # CPU, and three per interface (ip, awk, head) made this 0.4 s of an apache node's boot.
 kh_addrs() {
+	local all out path dev a name cidr
 	all=$(ip -4 -o addr show 2>/dev/null)
 	out=""
 	for path in "${KH_SYS_NET:-/sys/class/net}"/eth*; do
@@ -252,6 +259,7 @@ kh_fail() {
 
 # kh_configured: the ethN that got an address, in order.
 kh_configured() {
+	local out path dev conf
 	out=""
 	for path in /sys/class/net/eth*; do
 		[ -e "$path" ] || continue
@@ -276,6 +284,7 @@ kh_valid_count() {
 
 # kh_mib SIZE: SIZE (like 64M, 1G or 65536K) in MiB; fails on anything else.
 kh_mib() {
+	local n
 	case "$1" in
 	*[!0-9KMGkmg]* | '' | [KMGkmg]*) return 1 ;;
 	*[Kk]) n=${1%?}; kh_valid_count "$n" && echo $((n / 1024)) ;;
@@ -288,6 +297,7 @@ kh_mib() {
 # kh_private_iface: the first ethN (in eth order) whose address is in a private domain, i.e.
 # neither 10.0/16 (external) nor 10.1/16 (public); fails when there is none. ($KH_SYSNET: tests)
 kh_private_iface() {
+	local path i
 	for path in "${KH_SYSNET:-/sys/class/net}"/eth*; do
 		[ -e "$path" ] || continue
 		i=${path##*/}
@@ -301,6 +311,7 @@ kh_private_iface() {
 
 # kh_net_of ethN: "10.3.0.0/16" for an interface with 10.3.0.7/16 (the subnet it serves).
 kh_net_of() {
+	local a
 	a=$(ip -4 -o addr show dev "$1" | awk '{print $4}' | head -n 1)
 	[ -n "$a" ] || return 1
 	ipcalc -n -p "$a" | sed -n 's/^NETWORK=//p; s/^PREFIX=//p' | paste -sd/ -

@@ -6,6 +6,7 @@
 # kernel command line splits words at spaces) of a type dropbear takes; nothing else, so the
 # value can never carry authorized_keys options or a second line.
 kh_root_valid_sshkey() {
+	local b64
 	case "${1%%:*}" in
 	ssh-ed25519 | ssh-rsa | ecdsa-sha2-nistp256 | ecdsa-sha2-nistp384 | ecdsa-sha2-nistp521) ;;
 	*) return 1 ;;
@@ -46,6 +47,7 @@ SCRIPT
 # kh_root_switch ROOT INIT: /dev, /proc and /sys move into ROOT, and INIT runs there as PID 1
 # (the initramfs is emptied by switch_root). Does not return.
 kh_root_switch() {
+	local m
 	for m in dev proc sys; do
 		mount --move "/$m" "$1/$m" 2>/dev/null
 	done
