@@ -144,7 +144,9 @@ def test_vblade_disk_is_seen_written_and_read_back(khd, artifacts):
                            {disk: "kh.aoe=3.7 kh.disksize=16M"})[disk]
         assert "aoe=e3.7" in ready_line(d)
         r = boot_appliance(khd, text, "worker", {reader: cons[reader]})[reader]
-        ok(r, "aoe-discover; sleep 1")
+        # the disk answers a moment after discovery: aoe-stat until it lists it (10 s at most)
+        ok(r, "aoe-discover; for i in $(seq 50); do aoe-stat | grep -q '^ *e3\\.7 ' && break; "
+              "sleep 0.2; done")
         stat = ok(r, "aoe-stat")
         assert re.search(r"e3\.7\s+0\.016GB\s+eth0 .* up", stat), stat
         ok(r, "dd if=/dev/urandom of=/tmp/blob bs=1k count=512 2>/dev/null")
