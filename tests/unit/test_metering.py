@@ -40,6 +40,14 @@ class FakeSource:
     def taps(self) -> dict[str, tuple[int, int, int, int, int]]:
         return dict(self.tap_of)
 
+    def set(self, node: int, gen: str, cpu_us: int,
+            tap: tuple[int, int, int, int, int] | None = None) -> None:
+        """Node ``node``'s QEMU generation and CPU time (us) and, with ``tap``, its slot-0 tap's
+        counters (ifindex, rx bytes, tx bytes, rx packets, tx packets), as the host counts them."""
+        self.cpu_of[node] = (gen, cpu_us)
+        if tap is not None:
+            self.tap_of[f"t{node}s0"] = tap
+
 
 @pytest.fixture
 def st(tmp_path):
@@ -65,6 +73,13 @@ def meter(st: Store, src: FakeSource) -> Meter:
     return Meter(st, src, mem_mib=256, tap_name=lambda n, s: f"t{n}s{s}")
 
 
+def alice_metered(st: Store) -> tuple[FakeSource, Meter]:
+    """alice holding node 1 (private domain 3), metered from a FakeSource with no counters yet."""
+    src = FakeSource()
+    allocate(st, "alice", 1)
+    return src, meter(st, src)
+
+
 def totals(st: Store, user: str | None = None) -> dict[tuple[Quantity, DomainKind | None], Decimal]:
     return total(usage_records(st, EPOCH, END, user))
 
@@ -72,13 +87,12 @@ def totals(st: Store, user: str | None = None) -> dict[tuple[Quantity, DomainKin
 def test_an_interval_is_charged_to_who_held_the_node(st):
     src = FakeSource()
     allocate(st, "alice", 1)
-    src.cpu_of[1] = ("g1", 5_000_000)
-    src.tap_of["t1s0"] = (40, 100, 200, 1, 2)
+    src.set(1, "g1", 5_000_000, tap=(40, 100, 200, 1, 2))
     m = meter(st, src)
     m.take(now=T0)  # the allocation's baseline: nothing before it is charged
     assert totals(st) == {}
-    src.cpu_of[1] = ("g1", 7_500_000)
-    src.tap_of["t1s0"] = (40, 1100, 500, 11, 5)  # the tap received 1000 B: the node sent them
+    # the tap received 1000 B: the node sent them
+    src.set(1, "g1", 7_500_000, tap=(40, 1100, 500, 11, 5))
     m.loaded(1, 4096)
     m.take(now=T0 + 10)
     got = totals(st, "alice")
@@ -96,17 +110,13 @@ def test_an_interval_is_charged_to_who_held_the_node(st):
 
 
 def test_a_counter_that_drops_is_a_gap_never_negative(st):
-    src = FakeSource()
-    allocate(st, "alice", 1)
-    m = meter(st, src)
-    src.cpu_of[1] = ("g1", 9_000_000)
-    src.tap_of["t1s0"] = (40, 5000, 0, 50, 0)
+    src, m = alice_metered(st)
+    src.set(1, "g1", 9_000_000, tap=(40, 5000, 0, 50, 0))
     m.take(now=T0)
     src.cpu_of[1] = ("g1", 1_000_000)  # the same process, a counter lower than before
     src.tap_of["t1s0"] = (40, 10, 0, 1, 0)
     m.take(now=T0 + 10)
-    src.cpu_of[1] = ("g1", 3_000_000)
-    src.tap_of["t1s0"] = (40, 110, 0, 2, 0)
+    src.set(1, "g1", 3_000_000, tap=(40, 110, 0, 2, 0))
     m.take(now=T0 + 20)
     got = totals(st)
     assert got[(Quantity.CPU_SECONDS, None)] == 2  # only from the new baseline on
@@ -118,18 +128,13 @@ def test_a_counter_that_drops_is_a_gap_never_negative(st):
 
 
 def test_a_new_qemu_or_a_recreated_tap_starts_a_generation(st):
-    src = FakeSource()
-    allocate(st, "alice", 1)
-    m = meter(st, src)
-    src.cpu_of[1] = ("g1", 4_000_000)
-    src.tap_of["t1s0"] = (40, 1000, 0, 10, 0)
+    src, m = alice_metered(st)
+    src.set(1, "g1", 4_000_000, tap=(40, 1000, 0, 10, 0))
     m.take(now=T0)
     # a new QEMU whose counter is already above the old one's, and a new tap likewise
-    src.cpu_of[1] = ("g2", 6_000_000)
-    src.tap_of["t1s0"] = (41, 3000, 0, 30, 0)
+    src.set(1, "g2", 6_000_000, tap=(41, 3000, 0, 30, 0))
     m.take(now=T0 + 10)
-    src.cpu_of[1] = ("g2", 6_500_000)
-    src.tap_of["t1s0"] = (41, 3500, 0, 31, 0)
+    src.set(1, "g2", 6_500_000, tap=(41, 3500, 0, 31, 0))
     m.take(now=T0 + 20)
     got = totals(st)
     assert got[(Quantity.CPU_SECONDS, None)] == Decimal("0.5")  # never 6 - 4, never 6
@@ -141,9 +146,7 @@ def test_a_new_qemu_or_a_recreated_tap_starts_a_generation(st):
 
 
 def test_a_reset_and_a_repeated_sample_count_nothing_twice(st):
-    src = FakeSource()
-    allocate(st, "alice", 1)
-    m = meter(st, src)
+    src, m = alice_metered(st)
     src.cpu_of[1] = ("g1", 0)
     m.take(now=T0)
     src.cpu_of[1] = ("g1", 1_000_000)
@@ -160,12 +163,10 @@ def test_a_reset_and_a_repeated_sample_count_nothing_twice(st):
 def test_a_khd_restart_between_two_samples_loses_nothing(st):
     src = FakeSource()
     allocate(st, "alice", 1)
-    src.cpu_of[1] = ("g1", 0)
-    src.tap_of["t1s0"] = (40, 0, 0, 0, 0)
+    src.set(1, "g1", 0, tap=(40, 0, 0, 0, 0))
     meter(st, src).take(now=T0)
     # khd killed: a new Meter (a new khd) on the same state, 40 s later, the QEMU ran on
-    src.cpu_of[1] = ("g1", 8_000_000)
-    src.tap_of["t1s0"] = (40, 7000, 0, 7, 0)
+    src.set(1, "g1", 8_000_000, tap=(40, 7000, 0, 7, 0))
     meter(st, src).take(now=T0 + 40)
     got = totals(st)
     assert got[(Quantity.CPU_SECONDS, None)] == 8
@@ -217,8 +218,7 @@ def test_a_domain_change_charges_traffic_to_the_domain_it_crossed(st):
     src = FakeSource()
     allocate(st, "alice", 1, (3,))
     m = meter(st, src)
-    src.cpu_of[1] = ("g1", 0)
-    src.tap_of["t1s0"] = (40, 0, 0, 0, 0)
+    src.set(1, "g1", 0, tap=(40, 0, 0, 0, 0))
     m.take(now=T0)
     src.tap_of["t1s0"] = (40, 100, 0, 1, 0)
     membership.put_map(st, 1, (1,))  # slot 0 moved to the public domain
@@ -243,8 +243,7 @@ def test_compaction_keeps_totals_exact(st):
         for n in (1, 2):
             cpu[n] += rng.randrange(0, 3_000_000)
             rx[n] += rng.randrange(0, 5000)
-            src.cpu_of[n] = ("g", cpu[n])
-            src.tap_of[f"t{n}s0"] = (40 + n, rx[n], 0, rx[n] // 100, 0)
+            src.set(n, "g", cpu[n], tap=(40 + n, rx[n], 0, rx[n] // 100, 0))
         m.take(now=t)
         t += 20 + rng.random()  # irregular sampling
     before = {u: totals(st, u) for u in ("alice", "bob")}
@@ -321,8 +320,7 @@ def test_hourly_sums_give_what_the_samples_give(st):
         cpu += rng.randrange(0, 2_000_000)
         rx += rng.randrange(0, 3000)
         for n in (1, 2):
-            src.cpu_of[n] = ("g", cpu)
-            src.tap_of[f"t{n}s0"] = (40 + n, rx, 0, rx // 100, 0)
+            src.set(n, "g", cpu, tap=(40 + n, rx, 0, rx // 100, 0))
         m.take(now=t)
         t += 40 + rng.random()
     lo0, hi0 = 1_789_999_200 * US_, int(t * US_)
