@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,18 @@ def credfile(secret: str) -> str:
 def release(cfg: ServiceConfig, user: str, cred: str, alloc: int) -> None:
     r = kh(cfg, "release", "-u", user, "-c", credfile(cred), str(alloc))
     assert r.returncode == 0, r.stderr
+
+
+def kill_khd(cfg: ServiceConfig, timeout: float = 10) -> None:
+    """SIGKILL khd, as a crash would (its QEMUs run on), and wait until it is gone; asserts
+    that it ran and went within ``timeout`` seconds."""
+    pid = control.pid_of(cfg)
+    assert pid, "khd is not running"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while control.pid_of(cfg) == pid:
+        assert time.monotonic() < deadline, f"khd {pid} still there {timeout} s after SIGKILL"
+        time.sleep(0.1)
 
 
 def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:

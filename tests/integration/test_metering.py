@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from decimal import Decimal
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from kh import textobj
 from kh.service import control
 from tests.integration import meter
-from tests.integration.conftest import allocate, credfile, kh, running_khd, shell
+from tests.integration.conftest import allocate, credfile, kh, kill_khd, running_khd, shell
 
 pytestmark = pytest.mark.guest
 
@@ -102,12 +101,7 @@ def test_usage_is_metered_per_principal_and_survives_a_khd_kill(khd, artifacts):
     assert [row[1] for row in rows] == [str(made)], out
 
     # khd killed and started again: its nodes ran on, and so did their counters
-    pid = control.pid_of(khd)
-    assert pid
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while control.pid_of(khd) == pid and time.monotonic() < deadline:
-        time.sleep(0.1)
+    kill_khd(khd)
     time.sleep(4)  # khd stays down a while: its first sample after the start charges it
     control.start(khd)
     meter.wait_samples(khd, 1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -31,6 +30,7 @@ from tests.integration.conftest import (
     free_port,
     kh,
     khget,
+    kill_khd,
     ps,
     release,
     shell,
@@ -272,12 +272,7 @@ def test_khd_sigkill_and_restart_keeps_allocations_and_consoles(khd, artifacts):
     wait_free(khd, 1)
     alloc, (node,), _ = allocate(khd, "-c", credfile("k1"), "kate")
     before = ps(khd)
-    pid = control.pid_of(khd)
-    assert pid
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while control.pid_of(khd) == pid and time.monotonic() < deadline:
-        time.sleep(0.1)
+    kill_khd(khd)
     control.start(khd)
     after = ps(khd)
     assert after["allocations"] == before["allocations"]
