@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterator
 
 from pyroute2 import NetNS
 
-from tests.unit.tapdev import BROADCAST, ETH_ARP, ETH_IP, ETH_IP6, Tap, arp, eth, mac_bytes
+from tests.unit.tapdev import (
+    BROADCAST,
+    ETH_ARP,
+    ETH_IP,
+    ETH_IP6,
+    Tap,
+    arp,
+    checksum,
+    eth,
+    mac_bytes,
+)
 
 ETH_PROBE = 0x88B5  # IEEE local experimental: the tests' own marker frames
 
@@ -63,15 +73,6 @@ def wait_bridged(sender: Tap, receiver: Tap, src: str, tries: int = 50) -> None:
             collect(receiver, 0.2)  # the probes still on their way
             return
     raise AssertionError(f"no frame from {sender.name} reached {receiver.name}")
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def arp_request(src_mac: str, src_ip: str, target: str) -> bytes:

@@ -115,7 +115,8 @@ def arp(op: int, sha: str, spa: str, tha: str, tpa: str) -> bytes:
             + mac_bytes(tha) + ip(tpa).packed)
 
 
-def _csum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``, as IPv4, TCP, UDP and ICMP put it."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -129,7 +130,7 @@ def ipv4_udp(src: str, dst: str, payload: bytes, sport: int = 40000, dport: int 
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
     return hdr + udp
 
 
@@ -140,7 +141,7 @@ def ipv6_ns(src: str, target: str, lladdr: str) -> bytes:
     body = struct.pack("!BBHI", 135, 0, 0, 0) + t.packed + b"\x01\x01" + mac_bytes(lladdr)
     pseudo = (ipaddress.IPv6Address(src).packed + dst + struct.pack("!I", len(body))
               + b"\0\0\0\x3a")
-    body = body[:2] + struct.pack("!H", _csum(pseudo + body)) + body[4:]
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
     return (struct.pack("!IHBB", 0x60000000, len(body), 58, 255)
             + ipaddress.IPv6Address(src).packed + dst + body)
 
