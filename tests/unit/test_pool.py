@@ -206,36 +206,20 @@ def test_a_qemu_the_state_does_not_know_is_stopped_at_adopt(tmp_path):
     import os
     import subprocess
     import threading
-    import time
     import types
 
     from kh.service.config import ServiceConfig
     from kh.service.nodes import NodeManager
     from kh.store import Store
+    from tests.unit.test_procid import alive, sleeper
 
     prefix = f"ko{os.getpid() % 10000}"
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, prefix=prefix)
-    started = []
-
-    def tagged_sleep(name: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([f"{name},process={name}", "60"], executable="sleep",
-                             start_new_session=True)
-        started.append(p)
-        while not open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(name.encode()):
-            time.sleep(0.005)  # exec shows the new command line a moment after fork
-        return p
-
-    def alive(p: subprocess.Popen[bytes]) -> bool:
-        try:
-            p.wait(0.5)
-        except subprocess.TimeoutExpired:
-            return True
-        return False
-
+    started: list[subprocess.Popen[bytes]] = []
     try:
-        orphan = tagged_sleep(f"{prefix}-node2")
-        known = tagged_sleep(f"{prefix}-node3")
-        stranger = tagged_sleep(f"{prefix}x-node2")
+        orphan = sleeper(started, f"{prefix}-node2")
+        known = sleeper(started, f"{prefix}-node3")
+        stranger = sleeper(started, f"{prefix}x-node2")
         nodes = NodeManager(cfg, None)  # type: ignore[arg-type]  # no fabric needed here
         nodes.running[3] = types.SimpleNamespace(pid=known.pid)  # type: ignore[assignment]
         store = Store(cfg.db)
