@@ -177,6 +177,14 @@ def synthesize(path: Path, now: int) -> None:
                 node_rows.append((user, t, n, alloc, step * US, cpu, 256, 0))
                 net_rows.append((user, t, n, 0, alloc, netid, b, b // 2, b // 1000, b // 2000))
     with st.tx() as db:
+        # the principals and their allocations (node n's is n): usage is a principal's by its
+        # allocations (kh.metering.query.who), not by its name alone
+        start = (now - 30 * DAY * US) / US
+        db.executemany("INSERT INTO principals (name, salt, hash, created) VALUES "
+                       "(?, x'00', x'00', ?)", [(u, start) for u in users])
+        db.executemany("INSERT INTO allocations (id, principal, created) VALUES (?, ?, ?)",
+                       [(n, users[(n - 1) // (NODES // PRINCIPALS)], start)
+                        for n in range(1, NODES + 1)])
         db.executemany("INSERT OR IGNORE INTO meter_principals VALUES (?)",
                        [(u,) for u in users])
         db.executemany("INSERT INTO meter_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", node_rows)

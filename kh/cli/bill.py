@@ -32,16 +32,22 @@ def register(main: click.Group) -> None:
     @click.option("--prices", "prices_file", metavar="FILE", type=click.Path(path_type=Path),
                   help="Rate with this price list (TOML) instead of the service's.")
     @click.option("-c", "--credential", "cred", metavar="FILE", help=credential.HELP)
+    @click.option("--removed", is_flag=True, help="The operator's: the removed principals "
+                  "named USER (not the one of that name now).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @handle_errors
     def bill(user: str, period: str | None, prices_file: Path | None, cred: str | None,
-             as_json: bool) -> None:
+             removed: bool, as_json: bool) -> None:
         """USER's bill: its metered usage rated with a price list (the service's, or
         --prices FILE's, checked here first). With a credential (-c, $KH_CREDENTIAL) as the
         principal, else as the operator (root), who may bill anyone. Changes nothing."""
         admission.check_user(user)
-        secret = credential.resolve(cred)
+        if removed and cred is not None:
+            raise UsageError("--removed is the operator's", "kh bill USER --removed, as root")
+        secret = None if removed else credential.resolve(cred)
         body: dict[str, Any] = {"user": user}
+        if removed:
+            body["removed"] = True
         if period:
             body["period"] = period
         if prices_file is not None:
@@ -50,7 +56,8 @@ def register(main: click.Group) -> None:
             body["prices"] = data.decode("utf-8")
         if secret is None and prices_file is None:
             query = urllib.parse.urlencode({"principal": user, **(
-                {"period": period} if period else {})})
+                {"period": period} if period else {}), **({"removed": "true"} if removed
+                                                          else {})})
             click.echo(client().call("GET", f"/v1/bill?{query}", as_json=as_json), nl=False)
             return
         if secret is not None:

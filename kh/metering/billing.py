@@ -21,6 +21,7 @@ from kh.errors import KhError, UsageError
 from kh.metering import prices as pricing
 from kh.metering import rating, routes
 from kh.metering import store as mstore
+from kh.metering.query import REMOVED
 from kh.metering.usage import gaps, usage_records
 from kh.service import request as rq
 
@@ -66,20 +67,24 @@ def this_month(zone: Any, now: datetime | None = None) -> str:
 
 
 def bill(svc: Service, principal: str, period_text: str | None,
-         plist: pricing.PriceList, floor: datetime | None = None) -> rating.Bill:
-    """``principal``'s bill for the period (default: this month), of the samples taken from
-    ``floor`` on (the principal's registration, when the principal asks: a removed principal
-    of the same name's usage is the operator's, kh.metering.routes). NotFound-like UsageError
-    is the caller's business; this reads the meter's tables only."""
+         plist: pricing.PriceList, floor: datetime | None = None, removed: bool = False
+         ) -> rating.Bill:
+    """The bill for the period (default: this month) of principal ``principal`` (the one of
+    that name now), or with ``removed`` of the removed principals of that name (the bill's
+    principal reads "NAME (removed)"; kh.metering.query.who), of the samples taken from
+    ``floor`` on (the principal's registration, when the principal asks). NotFound-like
+    UsageError is the caller's business; this reads the meter's tables only."""
     text = period_text or this_month(plist.zone)
     start, end = rating.period(text, plist)
     step = rating.step_for(plist, start, end)
+    label = principal + REMOVED if removed else principal
     lo = start if floor is None else max(start, floor)
     if lo >= end:  # registered after the period
-        return rating.rate([], plist, principal, text, start, end, [])
-    records = usage_records(svc.store, lo, end, principal, step=step, by="principal")
-    return rating.rate(records, plist, principal, text, start, end,
-                       gaps(svc.store, lo, end, principal))
+        return rating.rate([], plist, label, text, start, end, [])
+    records = usage_records(svc.store, lo, end, principal, step=step, by="principal",
+                            removed=removed)
+    return rating.rate(records, plist, label, text, start, end,
+                       gaps(svc.store, lo, end, principal, removed))
 
 
 def _prices(svc: Service, body: dict[str, Any]) -> pricing.PriceList:
@@ -109,9 +114,11 @@ def _known(svc: Service, name: str) -> None:
         raise NotFound(f"no principal {name}", "kh principal list shows them")
 
 
-@rq.takes("principal", "period")
+@rq.takes("principal", "period", "removed")
 def route_get(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
-    """GET /v1/bill?principal=NAME&period=2026-11: the operator's, for anyone."""
+    """GET /v1/bill?principal=NAME&period=2026-11[&removed=true]: the operator's, for anyone
+    (the principal of that name now; the removed ones of that name with ``removed``, or when
+    there is none now)."""
     if not caller.operator:
         raise AuthError("a bill over TCP needs the principal's credential",
                         "POST /v1/bill with user and credential")
@@ -120,24 +127,28 @@ def route_get(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
         raise UsageError("`principal` is required", "GET /v1/bill?principal=NAME")
     check_user(name)
     _known(svc, name)
-    return _answer(bill(svc, name, _period(body), _prices(svc, {})))
+    return _answer(bill(svc, name, _period(body), _prices(svc, {}),
+                        removed=routes.removed(svc, body, name)))
 
 
-@rq.takes(*rq.PRINCIPAL, "period", "prices")
+@rq.takes(*rq.PRINCIPAL, "period", "prices", "removed")
 def route_post(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     """POST /v1/bill {user, credential, period, prices}: a principal's own bill (the operator
-    needs no credential), rated with the price list sent, else the service's."""
+    needs no credential, and may ask for ``removed`` as in GET), rated with the price list
+    sent, else the service's."""
     user = rq.user(body)
     cred = rq.credential(body)
     if cred is None and caller.operator:
         check_user(user)
         _known(svc, user)
-        floor = None
+        floor, removed = None, routes.removed(svc, body, user)
     else:
+        if body.get("removed") is not None:
+            raise UsageError("`removed` is the operator's", "a principal's bill is its own")
         svc.authenticate(user, cred)
-        floor = routes.registered(svc, user)
+        floor, removed = routes.registered(svc, user), False
     plist = _prices(svc, body)  # after the credential: a stranger learns nothing by it
-    return _answer(bill(svc, user, _period(body), plist, floor))
+    return _answer(bill(svc, user, _period(body), plist, floor, removed))
 
 
 def _answer(b: rating.Bill) -> Result:

@@ -62,42 +62,59 @@ def segments(lo: int, hi: int, h: int, hourly: bool) -> list[tuple[str, int, int
     return [s for s in out if s[1] < s[2]]
 
 
+# A principal is a name and the allocations made under it: a principal removed (its
+# allocations forgotten; their ids are never given again) and another registered with its name
+# are two. A row whose allocation is not its principal's now is a removed namesake's.
+CURRENT = ("EXISTS (SELECT 1 FROM allocations a WHERE a.id = x.alloc "
+           "AND a.principal = x.principal)")
+REMOVED = " (removed)"  # the label of a removed principal's rows, after its name
+LABEL = f"CASE WHEN {CURRENT} THEN x.principal ELSE x.principal || '{REMOVED}' END"
+
+
+def who(principal: str | None, removed: bool) -> tuple[str, list[object]]:
+    """The WHERE clause (over a meter table aliased ``x``) and its arguments selecting
+    ``principal``'s rows: those of the principal of that name now, or with ``removed`` those
+    of the removed principals of that name; None: every principal's."""
+    if principal is None:
+        return "x.principal IN (SELECT name FROM meter_principals)", []
+    return f"x.principal = ? AND {'NOT ' if removed else ''}{CURRENT}", [principal]
+
+
 def _union(kind: str, pieces: list[tuple[str, int, int]], principal: str | None,
-           token: int | None) -> tuple[str, list[object]]:
+           token: int | None, removed: bool = False) -> tuple[str, list[object]]:
     """One SELECT of (principal, t, width, node, alloc[, slot, netid], amounts...) over the
     pieces: samples with their own time and width 0, hourly sums at the hour's start, width
-    one hour."""
+    one hour. A removed principal's rows carry its name and REMOVED (see who)."""
     raw, t, cols, hours, keys = _SOURCES[kind]
     names = _USAGE if kind == "usage" else _NET
-    who = "principal IN (SELECT name FROM meter_principals)" if principal is None else \
-        "principal = ?"
+    where, by = who(principal, removed)
     tok = " AND alloc IN (SELECT id FROM allocations WHERE token = ?)" if token else ""
     parts: list[str] = []
     args: list[object] = []
     for src, a, b in pieces:
         if src == "raw":
-            parts.append(f"SELECT principal, {t} AS t, 0 AS w, {keys}, {cols} FROM {raw} "
-                         f"WHERE {who} AND {t} >= ? AND {t} < ?{tok}")
+            parts.append(f"SELECT {LABEL} AS principal, {t} AS t, 0 AS w, {keys}, {cols} "
+                         f"FROM {raw} x WHERE {where} AND {t} >= ? AND {t} < ?{tok}")
         else:
-            parts.append(f"SELECT principal, hour AS t, {HOUR_US} AS w, {keys}, "
-                         f"{', '.join(names)} FROM {hours} WHERE {who} AND hour >= ? AND "
+            parts.append(f"SELECT {LABEL} AS principal, hour AS t, {HOUR_US} AS w, {keys}, "
+                         f"{', '.join(names)} FROM {hours} x WHERE {where} AND hour >= ? AND "
                          f"hour < ?{tok}")
-        args += ([] if principal is None else [principal]) + [a, b] + \
-            ([token] if token else [])
+        args += by + [a, b] + ([token] if token else [])
     return " UNION ALL ".join(parts), args
 
 
 def grouped(store: Store, kind: str, lo: int, hi: int, principal: str | None,
-            keys: tuple[str, ...], *, step: int | None = None, token: int | None = None
-            ) -> list[tuple[Any, ...]]:
+            keys: tuple[str, ...], *, step: int | None = None, token: int | None = None,
+            removed: bool = False) -> list[tuple[Any, ...]]:
     """Sums of table ``kind`` ("usage" or "net") over [lo, hi), grouped by principal and
     ``keys`` (SQL over the union's columns: t, w, node, alloc, slot, netid), and by bucket of
     ``step`` us when given (then the first two columns after the principal are the bucket and
-    its width). Rows: principal, [bucket, width,] *keys, then the amounts."""
+    its width). Rows: principal, [bucket, width,] *keys, then the amounts. ``principal`` and
+    ``removed`` select as who does."""
     pieces = segments(lo, hi, horizon(store), step is None or step % HOUR_US == 0)
     if not pieces:
         return []
-    union, args = _union(kind, pieces, principal, token)
+    union, args = _union(kind, pieces, principal, token, removed)
     names = _USAGE if kind == "usage" else _NET
     lead = [f"(t / {step}) * {step}", f"MAX(w, {step})"] if step is not None else []
     cols = ", ".join(["principal", *lead, *keys])
@@ -108,14 +125,15 @@ def grouped(store: Store, kind: str, lo: int, hi: int, principal: str | None,
 
 
 def records(store: Store, lo: int, hi: int, principal: str | None, step: int,
-            by: Grain) -> list[UsageRecord]:
+            by: Grain, removed: bool = False) -> list[UsageRecord]:
     """See kh.metering.usage.usage_records (times and step in us). A record read from hourly
     sums (before the horizon, or with a step finer than an hour) spans its hour."""
     keys = _GRAIN[by]
     out: list[UsageRecord] = []
     for kind in ("usage", "net"):
         extra = ("netid",) if kind == "net" else ()
-        for row in grouped(store, kind, lo, hi, principal, keys + extra, step=step):
+        for row in grouped(store, kind, lo, hi, principal, keys + extra, step=step,
+                           removed=removed):
             who, b, w = row[0], row[1], row[2]
             alloc = row[3] if keys else None
             node = row[4] if len(keys) > 1 else None
@@ -138,20 +156,23 @@ _BY_KEYS = {"principal": (), "node": ("alloc", "node"), "allocation": ("alloc",)
 
 
 def sums(store: Store, lo: int, hi: int, principal: str | None, by: str,
-         token: int | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+         token: int | None = None, removed: bool = False
+         ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Integer sums over the samples taken in [lo, hi) us (of the allocations made with
     ``token``, if one), per principal and ``by`` (principal, node, allocation, hour, domain):
     (usage rows: principal, *keys, node_us, cpu_us, mem_mib_us, load_bytes; net rows:
     principal, *keys, kind, netid (None unless by domain), tx_bytes, rx_bytes, tx_packets,
     rx_packets). For ``domain``, usage rows are per principal and net rows per domain."""
     keys = _BY_KEYS[by]
-    usage = grouped(store, "usage", lo, hi, principal, keys, token=token)
+    usage = grouped(store, "usage", lo, hi, principal, keys, token=token, removed=removed)
     if by == "domain":
         net = [(r[0], kind_of(r[1]).value, r[1], *r[2:])
-               for r in grouped(store, "net", lo, hi, principal, ("netid",), token=token)]
+               for r in grouped(store, "net", lo, hi, principal, ("netid",), token=token,
+                                removed=removed)]
     else:
         got: dict[tuple[Any, ...], list[int]] = {}
-        for r in grouped(store, "net", lo, hi, principal, (*keys, "netid"), token=token):
+        for r in grouped(store, "net", lo, hi, principal, (*keys, "netid"), token=token,
+                         removed=removed):
             key = (*r[:1 + len(keys)], kind_of(r[1 + len(keys)]).value, None)
             acc = got.setdefault(key, [0, 0, 0, 0])
             for i, v in enumerate(r[2 + len(keys):]):

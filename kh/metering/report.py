@@ -84,7 +84,8 @@ def _sec(us: int) -> str:
 
 
 def report(st: Store, since: datetime, until: datetime, principal: str | None, by: str,
-           token: int | None = None, floor: datetime | None = None) -> dict[str, Any]:
+           token: int | None = None, floor: datetime | None = None, removed: bool = False
+           ) -> dict[str, Any]:
     """The usage of ``principal`` (None: everyone; ``token``: only the allocations made with
     that token) in [since, until) by ``by``, as JSON data:
     {"since", "until" (ISO), "by", "principal", "rows": [...], "gaps": [...]}. A row: the
@@ -92,12 +93,15 @@ def report(st: Store, since: datetime, until: datetime, principal: str | None, b
     kind), node_seconds, cpu_seconds, mem_mib_seconds (decimal strings), load_bytes, and
     ``net``: {kind: {tx_bytes, rx_bytes, tx_packets, rx_packets}}. With ``floor``, the range
     starts there at the earliest (a principal sees nothing from before it was registered:
-    another principal of that name, since removed, used it)."""
+    another principal of that name, since removed, used it). ``principal`` is the one of that
+    name now, or with ``removed`` the removed ones of that name (kh.metering.query.who: a
+    removed principal's rows read "NAME (removed)")."""
     lo, hi = check_range(since, until)
     if floor is not None and floor > since:  # nothing before ``floor`` is shown
         since = min(floor, until)
         lo = min(to_us(since), hi)
-    usage, net = query.sums(st, lo, hi, principal, by, token) if lo < hi else ([], [])
+    usage, net = query.sums(st, lo, hi, principal, by, token, removed) if lo < hi else \
+        ([], [])
     keys = {"principal": (), "node": ("allocation", "node"), "allocation": ("allocation",),
             "hour": ("hour",), "domain": ()}[by]
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -127,12 +131,14 @@ def report(st: Store, since: datetime, until: datetime, principal: str | None, b
         else:
             row(tuple(x[:n]))["net"][x[n]] = counts
     out: dict[str, Any] = {"since": since.isoformat(), "until": until.isoformat(), "by": by,
-                           "principal": principal, "rows": list(rows.values())}
+                           "principal": principal + query.REMOVED if principal and removed
+                           else principal, "rows": list(rows.values())}
     if by == "domain":
         out["traffic"] = traffic
     out["gaps"] = [{"principal": g.principal, "allocation": g.allocation, "node": g.node,
                     "start": g.start.isoformat(), "end": g.end.isoformat(), "what": g.what}
-                   for g in (mstore.gaps(st, lo, hi, principal, token) if lo < hi else [])]
+                   for g in (mstore.gaps(st, lo, hi, principal, token, removed)
+                             if lo < hi else [])]
     return out
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kh.admission import AuthError, check_user
+from kh.errors import UsageError
 from kh.metering import report
 from kh.metering import store as mstore
 from kh.service import request as rq
@@ -30,10 +31,11 @@ Result = tuple[int, str, Any]
 
 
 def _answer(svc: Service, body: dict[str, Any], principal: str | None,
-            token: int | None = None, floor: datetime | None = None) -> Result:
+            token: int | None = None, floor: datetime | None = None,
+            removed: bool = False) -> Result:
     since, until = report.time_range(body.get("since"), body.get("until"))
     by = report.check_by(body.get("by"))
-    data = report.report(svc.store, since, until, principal, by, token, floor)
+    data = report.report(svc.store, since, until, principal, by, token, floor, removed)
     return 200, report.text(data), data
 
 
@@ -44,18 +46,36 @@ def registered(svc: Service, user: str) -> datetime | None:
     return datetime.fromtimestamp(rows[0][0], UTC) if rows else None
 
 
-@rq.takes("principal", "since", "until", "by")
+def removed(svc: Service, body: dict[str, Any], name: str) -> bool:
+    """Whether the operator asks for the removed principals of name ``name`` (``removed``:
+    true/false, or 1/0 in a query string), as it must when there is none of that name now."""
+    v = body.get("removed")
+    if v in (None, "", False, "0", "false"):
+        asked = False
+    elif v in (True, "1", "true"):
+        asked = True
+    else:
+        raise UsageError(f"`removed` must be true or false, not {str(v)[:20]!r}")
+    return asked or svc.store.principal(name) is None
+
+
+@rq.takes("principal", "since", "until", "by", "removed")
 def usage_all(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
-    """GET /v1/usage: the operator's."""
+    """GET /v1/usage: the operator's: everyone's (a removed principal's rows labelled "NAME
+    (removed)"), or one principal's (the one of that name now; the removed ones with
+    ``removed``, or when there is none now)."""
     if not caller.operator:
         raise AuthError("everyone's usage is the operator's",
                         "as root, on khd's unix socket; a principal asks POST /v1/usage")
     name = body.get("principal") or None
-    if name is not None:
-        check_user(name)
-        if not mstore.known(svc.store, name):
-            raise NotFound(f"no principal {name}", "kh principal list shows them")
-    return _answer(svc, body, name)
+    if name is None:
+        if body.get("removed") is not None:
+            raise UsageError("`removed` goes with `principal`")
+        return _answer(svc, body, None)
+    check_user(name)
+    if not mstore.known(svc.store, name):
+        raise NotFound(f"no principal {name}", "kh principal list shows them")
+    return _answer(svc, body, name, removed=removed(svc, body, name))
 
 
 @rq.takes(*rq.PRINCIPAL, "token", "since", "until", "by")

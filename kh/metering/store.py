@@ -77,18 +77,19 @@ def kind_of(netid: int) -> DomainKind:
         if netid == PUBLIC else DomainKind.PRIVATE
 
 
-def gaps(store: Store, lo: int, hi: int, principal: str | None, token: int | None = None
-         ) -> list[Gap]:
-    """See kh.metering.usage.gaps (times in us; ``token`` as for sums)."""
-    where = "t > ? AND t0 < ?"
-    args: tuple[object, ...] = (lo, hi)
-    if principal is not None:
-        where, args = where + " AND principal = ?", (*args, principal)
+def gaps(store: Store, lo: int, hi: int, principal: str | None, token: int | None = None,
+         removed: bool = False) -> list[Gap]:
+    """See kh.metering.usage.gaps (times in us; ``token`` as for sums; ``principal`` and
+    ``removed`` as kh.metering.query.who selects, a removed principal's labelled so)."""
+    from kh.metering.query import LABEL, who
+    sel, by = who(principal, removed) if principal is not None else ("1", [])
+    where = f"t > ? AND t0 < ? AND {sel}"
+    args: tuple[object, ...] = (lo, hi, *by)
     if token is not None:
         where += " AND alloc IN (SELECT id FROM allocations WHERE token = ?)"
         args = (*args, token)
     return [Gap(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]), r[5]) for r in store._rows(
-        f"SELECT principal, alloc, node, t0, t, what FROM meter_gaps WHERE {where} "
+        f"SELECT {LABEL}, alloc, node, t0, t, what FROM meter_gaps x WHERE {where} "
         "ORDER BY t0, node", args)]
 
 

@@ -129,26 +129,28 @@ def check_range(since: datetime, until: datetime) -> tuple[int, int]:
 
 def usage_records(store: Store, since: datetime, until: datetime,
                   principal: str | None = None, *, step: int = 3600,
-                  by: Grain = "node") -> list[UsageRecord]:
+                  by: Grain = "node", removed: bool = False) -> list[UsageRecord]:
     """The usage of ``principal`` (None: every principal) whose samples were taken in
     [since, until), summed per ``step`` seconds (1 <= step; buckets aligned to the epoch, so
     60 gives whole UTC minutes) and per ``by``; records with a zero amount are left out.
-    Ordered by start, principal, allocation, node, quantity, netid. UsageError if the range
-    is reversed or a datetime is naive, or step < 1. Reads only."""
+    Ordered by start, principal, allocation, node, quantity, netid. ``principal`` is the one
+    of that name now; with ``removed``, the removed principals of that name (their records'
+    principal reads "NAME (removed)", as in every principal's). UsageError if the range is
+    reversed or a datetime is naive, or step < 1. Reads only."""
     from kh.metering import query  # the tables' layout lives there
     lo, hi = check_range(since, until)
     if step < 1:
         raise UsageError(f"step {step} s is not a positive number of seconds")
-    return query.records(store, lo, hi, principal, step * US, by)
+    return query.records(store, lo, hi, principal, step * US, by, removed)
 
 
 def gaps(store: Store, since: datetime, until: datetime,
-         principal: str | None = None) -> list[Gap]:
+         principal: str | None = None, removed: bool = False) -> list[Gap]:
     """The gaps (see Gap) that overlap [since, until), of ``principal`` (None: everyone's),
     by start. UsageError as usage_records."""
     from kh.metering import store as mstore
     lo, hi = check_range(since, until)
-    return mstore.gaps(store, lo, hi, principal)
+    return mstore.gaps(store, lo, hi, principal, removed=removed)
 
 
 def total(records: Iterable[UsageRecord]) -> dict[tuple[Quantity, DomainKind | None], Decimal]:

@@ -259,6 +259,6 @@ def test_a_new_principal_of_a_removed_ones_name_sees_none_of_its_usage(svc, khd)
     assert status == 201, text_of(resp)
     status, text = own(khd, "alice", "another-alice")
     assert status == 200 and json.loads(text)["rows"] == [], text
-    # the operator still has the first alice's, to bill
-    status, resp = get(khd, f"/v1/usage?principal=alice&until={UNTIL_Q}&format=json")
+    # the operator still has the first alice's, to bill, asked for as removed
+    status, resp = get(khd, f"/v1/usage?principal=alice&removed=1&until={UNTIL_Q}&format=json")
     assert json.loads(text_of(resp))["rows"][0]["cpu_seconds"] == "4"
