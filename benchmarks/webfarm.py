@@ -39,7 +39,7 @@ from typing import Any
 from benchmarks.common import CRED, REPO, free_port, release, wait_free
 from kh.client import Client
 from kh.service import control
-from kh.service.config import ServiceConfig
+from kh.service.config import KH_QEMU, ServiceConfig
 from kh.settings import paths
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -211,18 +211,24 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="the numbers as JSON")
     ap.add_argument("--kernel", type=Path, default=None,
                     help="boot this uImage instead of images/out's (a kernel being tried)")
+    ap.add_argument("--qemu", default=None,
+                    help="the nodes' QEMU program (default: khd's, kh's own build in "
+                         "images/out when there; /usr/bin/qemu-system-ppc is Debian's)")
     args = ap.parse_args()
     counts = [int(x) for x in args.counts.split(",")]
     size = max(counts)
     tmp = tempfile.mkdtemp(prefix="kh-bench-webfarm-")
     images = Path(tmp) / "images"  # a copy: images/out may be rebuilt while this runs
     images.mkdir()
-    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg"):
-        shutil.copy2(paths().out / name, images / name)
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg",
+                 KH_QEMU):
+        if name != KH_QEMU or (paths().out / name).exists():
+            shutil.copy2(paths().out / name, images / name)
     if args.kernel is not None:
         shutil.copy2(args.kernel, images / "uImage")
     cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=images, nodes=size,
                         node_quota=size, api_port=free_port(), ssh_port=free_port(),
+                        qemu=args.qemu,
                         prefix=f"kw{os.getpid() % 10000}")  # with its own outside world
     env = {**os.environ, "KH_STATE_DIR": str(cfg.state_dir), "KH_PREFIX": cfg.prefix,
            "KH_API_PORT": str(cfg.api_port), "KH_SSH_PORT": str(cfg.ssh_port),
@@ -232,7 +238,8 @@ def main() -> None:
         t0 = time.monotonic()
         control.start(cfg)
         warm = time.monotonic() - t0
-        print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores", file=sys.stderr)
+        print(f"khd with {size} warm nodes in {warm:.1f} s; {CORES} cores; nodes' QEMU "
+              f"{cfg.node_qemu}", file=sys.stderr)
         for count in counts:
             try:
                 rows.append(one_count(cfg, env, count, args.idle, args.settle))

@@ -25,7 +25,7 @@ from pathlib import Path
 from kh.appliance import builder as appliance_builder
 from kh.appliance import spec as appliance_spec
 from kh.errors import ImageError
-from kh.images import apt, builders, packages, recipe, rootfs
+from kh.images import apt, builders, packages, qemubuild, recipe, rootfs
 from kh.settings import Paths
 
 log = logging.getLogger("kh.images")
@@ -53,12 +53,15 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-BUILD = {**builders.BUILD, "package": packages.build_package, "root": rootfs.build_root}
+BUILD = {**builders.BUILD, "package": packages.build_package, "root": rootfs.build_root,
+         "qemu": qemubuild.build_qemu}
 
 
 def _facts(r: recipe.Recipe, paths: Paths) -> list[str]:
     if r.builder == "package":
         return packages.facts(r, paths.cache)
+    if r.builder == "qemu":
+        return qemubuild.facts(r)
     return rootfs.facts(r) if r.builder == "root" else builders.facts(r)
 
 
@@ -108,6 +111,8 @@ def _builder_code(r: recipe.Recipe) -> bytes:
         code += inspect.getsource(packages).encode()
     if r.builder == "root":
         code += inspect.getsource(rootfs).encode()
+    if r.builder == "qemu":
+        code += inspect.getsource(qemubuild).encode()
     return code
 
 
@@ -214,11 +219,14 @@ def sha256(path: Path) -> str:
 
 
 def _publish_file(src: Path, dest: Path) -> None:
-    if dest.exists() and dest.stat().st_size == src.stat().st_size and sha256(dest) == sha256(src):
+    """Copy ``src`` to ``dest`` (contents and mode: kh's QEMU is a program) unless the same."""
+    if (dest.exists() and dest.stat().st_size == src.stat().st_size
+            and dest.stat().st_mode == src.stat().st_mode and sha256(dest) == sha256(src)):
         return
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
         shutil.copyfile(src, tmp)
+        shutil.copymode(src, tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ BUILDERS: dict[str, tuple[set[str], set[str]]] = {
     "root": ({"runtime"}, {"packages", "debs", "overlay"}),
     "package": ({"source"}, {"style", "configure", "make", "install", "pre", "post", "env",
                              "keep", "drop", "subdir", "patches", "suite"}),
+    "qemu": ({"source", "fragment", "configure"}, {"patches", "artifact"}),
 }
 COMMON = {"name", "builder", "description", "depends"}
 

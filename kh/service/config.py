@@ -26,6 +26,9 @@ from kh.hw.tags import FabricConfig
 from kh.model import FIRST_PRIVATE
 from kh.settings import paths
 
+# kh's QEMU for its nodes, published with the images; Debian's program has the same name.
+KH_QEMU = "qemu-system-ppc"
+
 # Node numbers go into each node's MACs (16 bits) and addresses (10.d.(n>>8).(n&255), at most
 # allocation.MAX_NODE), and a node that dies allocated is replaced under a number past the
 # size; 1024 leaves room for that, and 1024 nodes of 256 MiB already ask for 256 GiB.
@@ -81,7 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outside", None, "--no-outside", "no outside world at all: nothing on the host "
             "reaches the external domain (default: kh makes and owns <prefix>-outside unless "
             "--uplink-netns names one)", what="an outside world {}"),
-    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default qemu-system-ppc)",
+    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default kh's own build, "
+            "qemu-system-ppc among the images, else Debian's qemu-system-ppc)",
             what="QEMU {}"),
     Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
             "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
@@ -224,6 +228,19 @@ class ServiceConfig:
     def libvirt_dir(self) -> Path:
         """kh's own libvirtd's directories (the libvirt backend: kh.hw.libvirtd)."""
         return self.state_dir / "libvirt"
+
+    @property
+    def node_qemu(self) -> str:
+        """The QEMU program the direct backend's nodes run: ``qemu`` (KH_QEMU) when set; else
+        kh's own build published with the images (``images/qemu-system-ppc``, made by
+        images/recipes/qemu.toml: a ppce500 node's devices only, less memory per node,
+        docs/density.md) when it is there; else Debian's ``qemu-system-ppc`` on PATH."""
+        if self.qemu:
+            return self.qemu
+        own = self.images / KH_QEMU
+        if own.is_file() and os.access(own, os.X_OK):
+            return str(own)
+        return KH_QEMU
 
     @property
     def images_needed(self) -> tuple[Path, ...]:

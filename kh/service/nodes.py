@@ -81,7 +81,7 @@ def node_spec(cfg: ServiceConfig, number: int) -> board.NodeSpec:
     return board.NodeSpec(
         name=node_tag(cfg, number), bios=cfg.images / "u-boot.elf", console=d / "qemu-con.sock",
         qmp=d / "qmp.sock", shared_ram=True, board=b, mem_mib=cfg.mem_mib,
-        wait_for_console=False, nics=nics, qemu=cfg.qemu, sandbox=True, run_as=node_user(),
+        wait_for_console=False, nics=nics, qemu=cfg.node_qemu, sandbox=True, run_as=node_user(),
         code_cache_mib=CODE_CACHE_MIB, free_page_reporting=True)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from kh import deps
 from kh.errors import ImageError, KhError
-from kh.hw import board
 from kh.hw import netns as nsutil
 from kh.service import density, procid
 from kh.service.config import ServiceConfig
@@ -34,7 +33,7 @@ def check_images(cfg: ServiceConfig) -> None:
 
 
 def qemu_program(cfg: ServiceConfig) -> str:
-    return cfg.qemu or board.BOARDS["ppce500"].qemu
+    return cfg.node_qemu
 
 
 def check_programs(cfg: ServiceConfig) -> None:
