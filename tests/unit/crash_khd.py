@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,19 +80,30 @@ def is_node(cfg: ServiceConfig, number: int, pid: int | None) -> bool:
     return bool(pid) and procid.identify(pid or 0, node_tag(cfg, number)) is not None
 
 
-def kill_all(cfg: ServiceConfig) -> None:
-    """End every stand-in QEMU of this test (by its tag), whoever started it."""
+def tagged(cfg: ServiceConfig) -> Iterator[tuple[int, str]]:
+    """(PID, node tag) of every process with an argument that starts with a node tag of
+    ``cfg``'s prefix (``<prefix>-node<N>``, up to a comma): the stand-in QEMUs, whoever started
+    them."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(a.startswith(f"{cfg.prefix}-node".encode()) for a in args):
-                try:
-                    os.killpg(int(entry), signal.SIGKILL)
-                except OSError:
-                    pass
+            for a in args:
+                tag = a.split(b",")[0].decode(errors="replace")
+                if tag.startswith(f"{cfg.prefix}-node"):
+                    yield int(entry), tag
+                    break
+
+
+def kill_all(cfg: ServiceConfig) -> None:
+    """End every stand-in QEMU of this test (by its tag), whoever started it."""
+    for pid, _ in tagged(cfg):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class Host:

@@ -28,6 +28,7 @@ from tests.unit.crash_khd import (
     kill_all,
     save_config,
     service,
+    tagged,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,18 +98,10 @@ def restart(cfg: ServiceConfig) -> tuple[Service, Host]:
 def live_qemus(cfg: ServiceConfig) -> dict[int, int]:
     """node number -> PID of every stand-in QEMU still running."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for a in args:
-                tag = a.split(b",")[0].decode(errors="replace")
-                if tag.startswith(f"{cfg.prefix}-node"):
-                    number = int(tag.rsplit("node", 1)[1])
-                    if is_node(cfg, number, int(entry)):
-                        out[number] = int(entry)
+    for pid, tag in tagged(cfg):
+        number = int(tag.rsplit("node", 1)[1])
+        if is_node(cfg, number, pid):
+            out[number] = pid
     return out
 
 
