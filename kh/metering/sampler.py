@@ -11,7 +11,11 @@ start and stop), the meter reads, for each node that is allocated now or was at 
   ifindex) is a new generation;
 
 and compares them with the node's last sample (kh.metering.store.Last, kept in the state, so a
-khd restart compares across the time it was down). The interval since then is charged to the
+khd restart compares across the time it was down). An interval's length is measured on the
+monotonic clock (a wall-clock step, NTP's or the operator's, neither loses an interval nor adds
+one's jump to it); the wall clock only labels samples, each node's labels kept increasing (a
+sample after a step back is labelled its last one's plus the time elapsed). Across a khd
+restart only the wall clock is there to compare. The interval since then is charged to the
 allocation that held the node at that last sample: its length (node seconds), memory reserved x
 length, the CPU and traffic increases where the generation is the same and no counter dropped,
 and the bytes loaded over the control channel meanwhile. Where a generation changed, or a
@@ -185,14 +189,17 @@ class Meter:
 
     def __init__(self, st: Store, source: Source, *, mem_mib: int,
                  tap_name: Callable[[int, int], str], interval: float = DEFAULT_INTERVAL,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 mono: Callable[[], float] = time.monotonic) -> None:
         self.store = st
         self.source = source
         self.mem_mib = mem_mib
         self.tap_name = tap_name
         self.interval = interval
-        self.clock = clock
+        self.clock = clock  # labels samples (s since the epoch)
+        self.mono = mono  # measures intervals (s)
         self._last: dict[int, Last] = mstore.lasts(st)
+        self._mono: dict[int, int] = {}  # node -> its last sample's monotonic time (us), if ours
         self._loads: dict[int, int] = {}
         self._loads_lock = threading.Lock()
         self._requests: queue.Queue[tuple[frozenset[int] | None, threading.Event] | None] = \
@@ -279,8 +286,10 @@ class Meter:
     # -- one sample ------------------------------------------------------------------------
     def take(self, numbers: frozenset[int] | None = None, now: float | None = None) -> None:
         """One sample of nodes ``numbers`` (None: every node held now or at its last sample),
-        at ``now`` (default the clock), written in one transaction."""
+        at ``now`` (s; default: the wall clock labels it and the monotonic clock measures its
+        intervals; a ``now`` given is both), written in one transaction."""
         t = int((self.clock() if now is None else now) * US)
+        m = int((self.mono() if now is None else now) * US)
         hold = holders(self.store)
         kinds = {d.netid: d.kind for d in self.store.domains()}
         want = set(hold) | {n for n, x in self._last.items() if x.alloc is not None}
@@ -301,28 +310,37 @@ class Meter:
             h = hold.get(n) if cpu is not None else None
             nics = self._nics(n, h, kinds, taps)
             prev = self._last.get(n)
-            if prev is not None and prev.alloc is not None and prev.principal is not None \
-                    and t > prev.t:
-                self._charge(prev, t, cpu, nics, loads.get(n, 0), usage, net, gaps)
+            label = t
+            if prev is not None:
+                since = self._mono.get(n)  # None: the last sample is a previous khd's
+                elapsed = t - prev.t if since is None else m - since
+                label = max(t, prev.t + elapsed)  # after the last one's, whatever the clock did
+                if prev.alloc is not None and prev.principal is not None and elapsed > 0:
+                    self._charge(prev, label, elapsed, cpu, nics, loads.get(n, 0), usage, net,
+                                 gaps)
             if h is not None and cpu is not None:
-                new.append(Last(n, t, cpu[0], h.alloc, h.principal, cpu[1], self.mem_mib,
+                new.append(Last(n, label, cpu[0], h.alloc, h.principal, cpu[1], self.mem_mib,
                                 nics))
             else:
                 gone.append(n)
         mstore.write(self.store, usage, net, gaps, new, gone)
         for x in new:
             self._last[x.node] = x
+            self._mono[x.node] = m
         for n in gone:
             self._last.pop(n, None)
+            self._mono.pop(n, None)
 
     def _nics(self, n: int, h: Holder | None, kinds: Mapping[int, DomainKind],
               taps: Mapping[str, TapCounters]) -> tuple[Nic, ...]:
         return nics_of(n, h, kinds, taps, self.tap_name)
 
     @staticmethod
-    def _charge(prev: Last, t: int, cpu: tuple[str, int] | None, nics: tuple[Nic, ...],
-                load: int, usage: list[Usage], net: list[NetUsage], gaps: list[GapRow]) -> None:
-        """What node ``prev.node`` used in (prev.t, t], charged to ``prev``'s holder."""
+    def _charge(prev: Last, t: int, dt: int, cpu: tuple[str, int] | None,
+                nics: tuple[Nic, ...], load: int, usage: list[Usage], net: list[NetUsage],
+                gaps: list[GapRow]) -> None:
+        """What node ``prev.node`` used in the ``dt`` us (the monotonic clock's) up to the
+        sample labelled ``t`` (after prev.t), charged to ``prev``'s holder."""
         assert prev.alloc is not None and prev.principal is not None
         n, t0, who = prev.node, prev.t, prev.principal
         if cpu is None:  # gone without a sample of its end: nothing is known
@@ -335,7 +353,6 @@ class Meter:
             used = 0
             gaps.append((t0, t, n, prev.alloc, who, "cpu: " + (
                 "counter dropped" if gen == prev.gen else "new generation")))
-        dt = t - t0
         usage.append(Usage(who, t, n, prev.alloc, dt, used, prev.mem_mib, load))
         now = {x.slot: x for x in nics}
         for p in prev.nics:

@@ -290,7 +290,7 @@ def test_the_thread_samples_on_request_and_at_stop(st):
     src.cpu_of[1] = ("g1", 0)
     clock = [T0]
     m = Meter(st, src, mem_mib=256, tap_name=lambda n, s: f"t{n}s{s}", interval=3600,
-              clock=lambda: clock[0])
+              clock=lambda: clock[0], mono=lambda: clock[0])  # one fake clock for both
     m.start()
     try:
         deadline = time.monotonic() + 10
