@@ -370,8 +370,12 @@ def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     text += ("outside world: none (khd runs with --no-outside)\n" if outside is None else
              f"outside world: network namespace {out.uplink_netns} "
              f"({'kh' if out.own_outside else 'the operator'}'s; `kh outside CMD` runs there)\n")
+    port = svc.cfg.page_port  # the live page (kh.page), on 127.0.0.1 when on
+    page = {"url": f"http://127.0.0.1:{port}/", "port": port} if port else None
+    text += (f"live page: {page['url']} (`kh page` gives a login link)\n" if page else
+             "live page: off (khd runs without --page-port)\n")
     return 200, text, {"running": True, "nodes": st.size, **st.to_json(),
-                       "repairs": svc.repairs, "outside": outside}
+                       "repairs": svc.repairs, "outside": outside, "page": page}
 
 
 @rq.takes()

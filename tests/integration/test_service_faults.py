@@ -82,7 +82,7 @@ def test_a_failing_pool_says_why_in_ps_status_and_khget(failing):
         f"khd running: {NODES} nodes, 0 free, 0 allocated, {NODES} failed to start",
         *(f"node {n}: start failed 5 times, given up: {ROM}" for n in range(1, NODES + 1)),
         f"outside world: network namespace {cfg.prefix}-outside (kh's; `kh outside CMD` runs "
-        "there)"]
+        "there)", "live page: off (khd runs without --page-port)"]
 
     r = khget(cfg, "-c", credfile("acred"), "alice", "2")
     assert r.returncode == 1
