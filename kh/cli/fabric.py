@@ -129,6 +129,26 @@ def register(main: click.Group) -> None:
         from kh.hw.underlay import underlays
         click.echo(json.dumps([u.as_json() for u in underlays(_cfg(prefix))]))
 
+    @fabric.command("libvirtd")
+    @prefix_opt
+    @handle_errors
+    def libvirtd_cmd(prefix: str) -> None:
+        """Start kh's own libvirtd in this host's fabric namespace (its directories under the
+        state dir's libvirt/: KH_STATE_DIR, kh --state-dir), unless it runs: the daemon whose
+        QEMUs use the taps khd makes here for its nodes (kh host add on khd's host). Prints
+        its socket, for the URI: qemu+ssh://root@HOST/system?socket=SOCKET."""
+        from kh.hw import libvirtd
+        from kh.service.config import default_state_dir
+        cfg = _cfg(prefix)
+        if not nsutil.exists(cfg.netns):
+            raise KhError(f"kh's fabric {cfg.netns} does not exist here",
+                          "kh fabric underlay DEV A.B.C.D/LEN makes it with its underlay")
+        state = default_state_dir()
+        d = libvirtd.Libvirtd(state / "libvirt", cfg.netns, None)
+        (state / "logs").mkdir(parents=True, exist_ok=True)
+        libvirtd.start(d, state / "logs" / "libvirtd.log")
+        click.echo(str(d.socket))
+
     @fabric.command("wire")
     @prefix_opt
     @click.option("--host", "host", default="this host", help="This host's kh name.")

@@ -57,16 +57,18 @@ class Hosts:
 
     # -- life cycle -----------------------------------------------------------------------
     def connect_all(self) -> None:
-        """At khd's start, before the pool adopts: every recorded host's backend and fabric
-        (libvirt connects on first use; a host that does not answer fails its nodes)."""
+        """At khd's start, before the pool adopts: every recorded host's backend and fabric,
+        connected now. A host that does not answer is left out (``down: WHY`` in the list):
+        its nodes are not found again (allocated ones fail, the others are dropped) and the
+        pool starts none there until it is removed and added again, or khd restarts."""
         for row in self.svc.store.hosts():
             try:
-                self._connect(row)
+                self._connect(row, check=True)
             except KhError as e:
-                self.faults[row.name] = str(e)
-                log.error("host %s: %s", row.name, e)
+                self.faults[row.name] = e.message
+                log.error("host %s is down: %s", row.name, e)
 
-    def _connect(self, row: HostRow) -> None:
+    def _connect(self, row: HostRow, check: bool = False) -> None:
         from kh.service.libvirt_nodes import LibvirtNodes  # only with added hosts
         rf = span.RemoteFabric(row.runner, row.prefix, row.name, row.kh)
         side = span.remote(row.runner, row.prefix, Underlay(row.underlay_if, row.underlay),
@@ -74,6 +76,12 @@ class Hosts:
         nodes = LibvirtNodes(dataclasses.replace(self.svc.cfg, prefix=row.prefix),
                              self.svc.fabric, uri=row.uri, host=row.name,
                              taps=lambda n: rf.wire(n, [None] * NIC_SLOTS))
+        if check:
+            try:
+                nodes.link.conn  # noqa: B018 (connects: KhError naming the host)
+            except KhError:
+                nodes.detach_all()
+                raise
         self.svc.fabric.add_host(row.name, Far(rf, side, row.mtu))
         self.svc.nodes.add(row.name, nodes)
 

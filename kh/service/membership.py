@@ -294,8 +294,9 @@ def reconcile(svc: Service) -> list[str]:
         padded = list(own) + [None] * (NIC_SLOTS - len(own))
         for slot, netid in enumerate(padded):
             was: int | str | None
-            try:
-                was = tap_master(svc, row.number, slot)
+            try:  # another host's tap is not read from here: set all the same, unreported
+                was = tap_master(svc, row.number, slot) if svc.host_of(row.number) == "local" \
+                    else netid
             except Exception as e:  # then it is set all the same
                 log.warning("node %d eth%d: cannot read its bridge: %s", row.number, slot, e)
                 was = "unknown"

@@ -81,10 +81,15 @@ class MultiBackend:
 
     def kill_recorded(self, number: int, pid: int | None) -> bool:
         try:
-            b = self.backend(number)
-        except KhError:
+            return self.backend(number).kill_recorded(number, pid)
+        except KhError as e:  # its host does not answer: nothing to stop from here
+            log.warning("node %d: cannot stop what its start left: %s", number, e)
             return False
-        return b.kill_recorded(number, pid)
+
+    def pid_is_local(self, number: int) -> bool:
+        """Whether node ``number``'s recorded ``pid`` is a process of this host (metering
+        reads /proc for it): a node of the local ``qemu`` backend."""
+        return self.local.name == "qemu" and number in self.local.running
 
     def stop_orphans(self) -> list[str]:
         done = self.local.stop_orphans()
@@ -101,9 +106,10 @@ class MultiBackend:
         if owner is None:
             try:
                 owner = self.backend(number)
-            except KhError:
-                owner = self.local
-        owner.stop(number)
+            except KhError:  # its host is not connected: nothing of it runs here
+                owner = None
+        if owner is not None:
+            owner.stop(number)
         for tell in self.stopped:
             try:
                 tell(number)

@@ -422,3 +422,28 @@ def test_khds_start_stretches_what_the_state_says(fabrics):
     faults = f.load({1: {0: 3, 1: 5}, 7: {0: 3}, 8: {0: 5, 1: 6}})
     assert faults == [] and f.stretched == {3: ("local", "b"), 5: ("local", "b")}
     assert sorted(far.domains) == [3, 5] and 6 not in here.domains
+
+
+def test_a_host_down_at_khds_start_is_listed_down_and_fails_only_its_nodes(svc):
+    pytest.importorskip("libvirt")
+    dead = HostRow("b", "qemu+unix:///system?socket=/nonexistent/kh-test-sock", 2, "192.0.2.2",
+                   "kbul0", 1500, "kb", "kh", ())
+    svc.store.add_host(dead)
+    svc.store.put_node(NodeRow(9, svc.store.new_uid(), NodeState.FREE, 1, None, "/w",
+                               time.time(), None, host="b"))
+    svc.hosts.connect_all()  # before: no check, so the pool's adopt raised at khd's start
+    listed = {h["name"]: h for h in svc.hosts.list()}
+    assert listed["b"]["state"].startswith("down: ") and "b" in listed["b"]["state"]
+    assert "b" not in svc.nodes.remote and "b" not in svc.hosts.sizes()
+    assert svc.nodes.reattach(9, 1) is None and svc.nodes.kill_recorded(9, 1) is False
+    svc.nodes.stop(9)  # nothing of it runs here: nothing local is touched
+
+
+def test_a_host_that_stops_answering_fails_only_a_cleanup_not_khd():
+    class Dead(FakeBackend):
+        def kill_recorded(self, number: int, pid: int | None) -> bool:
+            raise KhError("lost libvirt host b")
+
+    m = MultiBackend(FakeBackend(), lambda n: "b")  # type: ignore[arg-type]
+    m.add("b", Dead())  # type: ignore[arg-type]
+    assert m.kill_recorded(9, 1) is False
