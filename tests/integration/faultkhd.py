@@ -18,14 +18,10 @@ ROM = ('qemu-system-ppc: -device virtio-net-pci,netdev=d0,mac=52:54:00:00:01:00:
 NODES = 3
 
 
-def snapshot(prefix: str, parent: Path) -> dict[str, list[str]]:
-    """What kh could leave behind on the host: network namespaces, links of the host's own
-    namespace, processes whose command line carries the prefix, files under the state dir's
-    parent."""
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    me = os.getpid()
-    pids = []
+def prefix_pids(prefix: str) -> list[str]:
+    """``PID COMMAND-LINE`` of every process but this one whose command line carries ``prefix``
+    anywhere (more than a node tag: helpers too)."""
+    me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != me:
             try:
@@ -34,7 +30,16 @@ def snapshot(prefix: str, parent: Path) -> dict[str, list[str]]:
                 continue
             if prefix.encode() in cmd:
                 words = cmd.replace(b"\0", b" ").decode(errors="replace")
-                pids.append(f"{entry} {words}")
+                found.append(f"{entry} {words}")
+    return found
+
+
+def snapshot(prefix: str, parent: Path) -> dict[str, list[str]]:
+    """What kh could leave behind on the host: network namespaces, links of the host's own
+    namespace, processes whose command line carries the prefix, files under the state dir's
+    parent."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
     return {
         # kh names all it makes after the prefix; others' namespaces and links (tests running
         # beside this one) are not this test's business
@@ -43,7 +48,7 @@ def snapshot(prefix: str, parent: Path) -> dict[str, list[str]]:
         "links": sorted(name for name in (line.split(":")[1].strip()
                                           for line in links.stdout.splitlines())
                         if prefix in name),
-        "pids": sorted(pids),
+        "pids": sorted(prefix_pids(prefix)),
         "files": sorted(str(p.relative_to(parent)) for p in parent.rglob("*")),
     }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,24 +20,10 @@ from kh.service.config import ServiceConfig
 from kh.service.nodes import recorded
 from kh.store import Store
 from tests.integration.conftest import free_port, kh
+from tests.integration.faultkhd import prefix_pids
 
 pytestmark = pytest.mark.guest
 NODES = 6  # more than the pool starts at once (START_WORKERS): some wait their turn
-
-
-def prefix_pids(prefix: str) -> list[str]:
-    """Processes whose command line carries ``prefix`` at all (more than the node tag)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if prefix.encode() in cmd:
-                words = cmd.replace(b"\0", b" ")[:200].decode(errors="replace")
-                found.append(f"{entry} {words}")
-    return found
 
 
 def test_stopping_khd_mid_boot_leaves_only_recorded_nodes_and_clean_leaves_none(kh_paths,
