@@ -8,7 +8,8 @@ khd of its own sized for the largest COUNT (nodes and node quota), and per COUNT
 - idle CPU: each booted node's QEMU (and khd) over ``--idle`` seconds, ``--settle`` seconds after
   the last page (what each node did meanwhile is reported too), in % of one host core;
 - memory per node: RssAnon (QEMU itself, its code cache), RssShmem (guest RAM), RssFile (QEMU's
-  binary and libraries, shared by all nodes) and PSS;
+  binary and libraries, shared by all nodes) and PSS; the same for the pool's other nodes, at
+  their U-Boot prompt;
 - khd's CPU time during the script, and how busy the host's cores were (anyone's work: the
   host is shared, and a figure taken while others ran is slower than the farm alone);
 - efficiency: wall / (COUNT x one node's boot CPU-seconds / cores): 1.0 is the physical limit
@@ -140,7 +141,9 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
         khd_idle = 100 * (cpu_seconds(khd) - khd_before) / idle_span if khd else 0.0
         rss = sum(rss_mib(p) for p in farm_pids)
         mem = [memory_kib(p) for p in farm_pids]
-        rss_all = sum(rss_mib(p) for p in qemu_pids(cfg).values())
+        all_pids = qemu_pids(cfg).values()
+        rss_all = sum(rss_mib(p) for p in all_pids)
+        warm = [memory_kib(p) for p in all_pids if p not in farm_pids]  # at the U-Boot prompt
     finally:
         release(cfg, alloc)
     return {"count": count, "pages": int(summary[1]), "wall_s": float(summary[3]),
@@ -149,6 +152,9 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
             "farm_pss_mib": round(sum(m["Pss"] for m in mem) / 1024, 1),
             "node_mib": {k: round(statistics.median(m[k] for m in mem) / 1024, 1)
                          for k in ("RssAnon", "RssShmem", "RssFile", "Pss")},
+            "prompt_node_mib": ({k: round(statistics.median(m[k] for m in warm) / 1024, 1)
+                                 for k in ("RssAnon", "RssShmem", "RssFile", "Pss")}
+                                if warm else None),
             "boot_cpu_s": [round(x, 2) for x in boot_cpu], "khd_cpu_s": round(khd_cpu, 2),
             "khd_idle_cpu_pct": round(khd_idle, 2), "settle_s": settle,
             "settle_cpu_s": [round(x, 2) for x in settle_cpu],
@@ -198,6 +204,12 @@ def table(rows: list[dict[str, Any]]) -> str:
                        f"farm PSS {r['farm_pss_mib']:.0f}; khd while the farm idles "
                        f"{r['khd_idle_cpu_pct']:.1f} % of a core; a node's CPU in the "
                        f"{r['settle_s']:g} s before: {statistics.median(r['settle_cpu_s']):.2f} s")
+            w = r.get("prompt_node_mib")
+            if w:
+                out.append(f"COUNT {r['count']}: a node at the U-Boot prompt (the pool's others): "
+                           f"RSS {w['RssAnon'] + w['RssShmem'] + w['RssFile']:.0f} = anon "
+                           f"{w['RssAnon']:.0f} + guest RAM {w['RssShmem']:.0f} + files "
+                           f"{w['RssFile']:.0f}; PSS {w['Pss']:.0f}")
     return "\n".join(out)
 
 

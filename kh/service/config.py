@@ -243,6 +243,12 @@ class ServiceConfig:
         return KH_QEMU
 
     @property
+    def runs_khs_qemu(self) -> bool:
+        """The nodes run kh's own QEMU: the direct backend, no KH_QEMU, kh's build there (the
+        libvirt backend runs Debian's)."""
+        return self.backend == "qemu" and self.qemu is None and self.node_qemu != KH_QEMU
+
+    @property
     def images_needed(self) -> tuple[Path, ...]:
         """The published images every node is started from."""
         return (self.images / "u-boot.elf", self.images / "uImage",

@@ -15,14 +15,18 @@ from kh.errors import KhError
 
 # Measured with benchmarks/webfarm.py on a 2-core host (issue 13): per node's QEMU, PSS (its
 # share of QEMU's binary and libraries, which the host holds once, plus all else it holds).
-IDLE_BOOTED_MIB = 66  # an idle booted apache node (64-66 MiB; RSS 86-88 MiB)
+# khd's nodes run kh's own QEMU (images/recipes/qemu.toml); Debian's full build holds more.
+IDLE_BOOTED_MIB = 39  # an idle booted apache node, kh's QEMU (38-39 MiB; RSS 46-47 MiB)
+DEBIAN_IDLE_BOOTED_MIB = 66  # the same with Debian's qemu-system-ppc (64-66; RSS 86-88)
 PROMPT_MIB = 22  # a node at the U-Boot prompt, kept warm (RSS 44 MiB)
 IDLE_CPU_PCT = 0.1  # an idle booted apache node, % of one host core (0.05-0.1)
 BOOT_CPU_S = 4.0  # CPU-seconds one apache node takes from khget to its page (3.5-4.4)
 # What khd counts a node as when it checks that the host holds N: an idle booted node and some
-# room. A node whose guest fills its RAM holds up to its cgroup's limit (kh.hw.cgroup), which
-# kh does not reserve: that is overcommitment the operator chooses by running such guests.
-NODE_BUDGET_MIB = 80
+# room (with Debian's QEMU: its own figure and room). A node whose guest fills its RAM holds up
+# to its cgroup's limit (kh.hw.cgroup), which kh does not reserve: that is overcommitment the
+# operator chooses by running such guests.
+NODE_BUDGET_MIB = 56
+DEBIAN_NODE_BUDGET_MIB = 80
 # Memory left to the host itself: khd, its shells and sshd sessions, page cache.
 HOST_RESERVE_MIB = 1024
 
@@ -45,22 +49,29 @@ def host_memory(meminfo: Path = Path("/proc/meminfo")) -> HostMemory:
         raise KhError(f"cannot read the host's memory from {meminfo} ({e})") from None
 
 
-def holds(mem: HostMemory) -> int:
-    """Booted idle nodes the available memory holds, the host's reserve kept."""
-    return max(0, (mem.available_mib - HOST_RESERVE_MIB) // NODE_BUDGET_MIB)
+def budget_mib(khs_qemu: bool) -> int:
+    """MiB khd counts per node: kh's own QEMU, or Debian's (or another, KH_QEMU)."""
+    return NODE_BUDGET_MIB if khs_qemu else DEBIAN_NODE_BUDGET_MIB
 
 
-def check(nodes: int, running: int, mem: HostMemory) -> None:
+def holds(mem: HostMemory, budget: int = NODE_BUDGET_MIB) -> int:
+    """Booted idle nodes of ``budget`` MiB the available memory holds, the host's reserve
+    kept."""
+    return max(0, (mem.available_mib - HOST_RESERVE_MIB) // budget)
+
+
+def check(nodes: int, running: int, mem: HostMemory, budget: int = NODE_BUDGET_MIB) -> None:
     """Refuse ``nodes`` when the ones not yet ``running`` (this khd's QEMUs that run already
-    hold their memory) would not fit in the available memory as booted idle nodes. Raises
-    KhError naming the memory needed and available and the largest N that fits."""
+    hold their memory) would not fit in the available memory as booted idle nodes of
+    ``budget`` MiB. Raises KhError naming the memory needed and available and the largest N
+    that fits."""
     new = max(0, nodes - running)
-    need = new * NODE_BUDGET_MIB
+    need = new * budget
     room = mem.available_mib - HOST_RESERVE_MIB
     if need <= room:
         return
-    most = running + holds(mem)
-    raise KhError(f"{nodes} nodes need about {need} MiB more memory ({NODE_BUDGET_MIB} MiB "
+    most = running + holds(mem, budget)
+    raise KhError(f"{nodes} nodes need about {need} MiB more memory ({budget} MiB "
                   f"each, a booted idle node as measured, for {new} new ones), and the host "
                   f"has {mem.available_mib} MiB available, of which kh leaves "
                   f"{HOST_RESERVE_MIB} MiB to the host",
@@ -68,16 +79,21 @@ def check(nodes: int, running: int, mem: HostMemory) -> None:
                   "free memory on the host first")
 
 
-def describe(mem: HostMemory, cores: int | None = None) -> dict[str, str]:
-    """`kh hw`'s density: the measured costs, and what this host holds by them."""
+def describe(mem: HostMemory, cores: int | None = None, khs_qemu: bool = True
+             ) -> dict[str, str]:
+    """`kh hw`'s density: the measured costs, and what this host holds by them, for the nodes'
+    QEMU (kh's own, or Debian's)."""
     cores = cores or os.cpu_count() or 1
+    budget = budget_mib(khs_qemu)
+    idle = (f"{IDLE_BOOTED_MIB} MiB with kh's QEMU" if khs_qemu else
+            f"{DEBIAN_IDLE_BOOTED_MIB} MiB with Debian's QEMU (kh's: {IDLE_BOOTED_MIB})")
     return {
-        "idle booted node": f"{IDLE_CPU_PCT:g} % of a host core, {IDLE_BOOTED_MIB} MiB "
+        "idle booted node": f"{IDLE_CPU_PCT:g} % of a host core, {idle} "
                             "(apache appliance, measured: docs/density.md)",
         "node at the U-Boot prompt": f"{PROMPT_MIB} MiB",
         "boot": f"{BOOT_CPU_S:g} CPU-seconds per node from khget to its page: "
                 f"{cores} cores boot about {int(60 * cores / BOOT_CPU_S)} nodes a minute",
         "this host": f"{cores} cores, {mem.total_mib} MiB, {mem.available_mib} MiB "
-                     f"available: about {holds(mem)} more booted idle nodes by memory "
-                     f"({NODE_BUDGET_MIB} MiB each, {HOST_RESERVE_MIB} MiB left to the host), "
+                     f"available: about {holds(mem, budget)} more booted idle nodes by memory "
+                     f"({budget} MiB each, {HOST_RESERVE_MIB} MiB left to the host), "
                      f"{int(100 / IDLE_CPU_PCT) * cores} by idle CPU"}

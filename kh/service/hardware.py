@@ -30,4 +30,9 @@ class Hardware:
                               "ramdisk": f"${{ramfsaddr}}=0xa000000 ({self.cfg.appliance})"},
                 "boot": "run kboot (kernel arguments from ${khargs})",
                 "nodes": self.cfg.nodes,
-                "density": density.describe(density.host_memory())}
+                "qemu": ("kh's own qemu-system-ppc 7.2 (Debian's source, a ppce500 node's devices "
+                         "only; docs/density.md)" if self.cfg.runs_khs_qemu
+                         else "Debian's qemu-system-ppc" if self.cfg.qemu is None
+                         else "the operator's (KH_QEMU)"),
+                "density": density.describe(density.host_memory(),
+                                            khs_qemu=self.cfg.runs_khs_qemu)}

@@ -64,9 +64,11 @@ def check_uplink(cfg: ServiceConfig) -> None:
 
 
 def check_memory(cfg: ServiceConfig) -> None:
-    """The host's memory holds ``cfg.nodes`` booted idle nodes (kh.service.density); the QEMUs
-    of this prefix that run already (nodes outlive khd) hold theirs."""
-    density.check(cfg.nodes, len(procid.tagged(cfg.prefix)), density.host_memory())
+    """The host's memory holds ``cfg.nodes`` booted idle nodes of the nodes' QEMU
+    (kh.service.density); the QEMUs of this prefix that run already (nodes outlive khd) hold
+    theirs."""
+    density.check(cfg.nodes, len(procid.tagged(cfg.prefix)), density.host_memory(),
+                  density.budget_mib(cfg.runs_khs_qemu))
 
 
 def check(cfg: ServiceConfig) -> None:
