@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kh.hosts")
 CHECK_TIMEOUT = 60.0  # s for `kh fabric underlays` on the far host
+REMOVE_WAIT = 60.0  # s `kh host rm` waits for the starts under way there to end
 
 
 class HostRefused(AllocationError):
@@ -220,8 +221,8 @@ class Hosts:
                                   f"{'s' if len(held) > 1 else ''} "
                                   f"({' '.join(map(str, held))})", "release them first")
             backend = self.svc.nodes.remote.get(name)
-            if backend is not None:
-                backend.abort_starts()
+            if backend is not None:  # no start there from now on; those under way end
+                backend.abort_starts(wait=REMOVE_WAIT)
             numbers = [r.number for r in self.svc.store.nodes() if r.host == name]
             far = self.svc.fabric.far.get(name)
             for n in numbers:
@@ -234,6 +235,11 @@ class Hosts:
             gone = self.svc.store.remove_host(name)
             b = self.svc.nodes.remove(name)
             if b is not None:
+                try:  # kh's domains there that no node row holds (a start cut short)
+                    for line in b.stop_orphans():
+                        log.warning("host %s: %s", name, line)
+                except KhError as e:
+                    log.warning("host %s: cannot look for kh's domains left there: %s", name, e)
                 b.detach_all()
             self.svc.fabric.remove_host(name)
             self.faults.pop(name, None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -225,9 +226,13 @@ class LibvirtNodes:
 
     def abort_starts(self, wait: float | None = None) -> None:
         """Refuse new starts; a start under way ends at its next step (its domain destroyed
-        by the start itself, which raises StartAborted)."""
+        by the start itself, which raises StartAborted). With ``wait``, until those starts
+        have ended (at most ``wait`` s)."""
         with self._lock:
             self._closing = True
+        deadline = time.monotonic() + (wait or 0.0)
+        while self._starting and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     # -- the running node -----------------------------------------------------------------
     def uboot(self, number: int, line: str, timeout: float = 10.0) -> str:

@@ -447,3 +447,43 @@ def test_a_host_that_stops_answering_fails_only_a_cleanup_not_khd():
     m = MultiBackend(FakeBackend(), lambda n: "b")  # type: ignore[arg-type]
     m.add("b", Dead())  # type: ignore[arg-type]
     assert m.kill_recorded(9, 1) is False
+
+
+def test_removing_an_idle_host_stops_its_nodes_and_leaves_nothing_of_kh_there(svc):
+    calls: list[tuple] = []
+
+    class Remote(FakeBackend):
+        def abort_starts(self, wait: float | None = None) -> None:
+            calls.append(("abort", wait))
+
+        def stop(self, number: int) -> None:
+            calls.append(("stop", number))
+            self.running.pop(number, None)
+
+        def stop_orphans(self) -> list[str]:  # a domain a start cut short left there
+            calls.append(("orphans",))
+            return ["destroyed libvirt domain kb-node11 on b: the state did not know it"]
+
+        def detach_all(self) -> None:
+            calls.append(("detach",))
+
+    class Taps(FarFabric):
+        def unwire(self, node: int, slots: int) -> None:
+            calls.append(("unwire", node, slots))
+
+    svc.store.add_host(row("b"))
+    for n in (9, 10):
+        svc.store.put_node(NodeRow(n, svc.store.new_uid(), NodeState.FREE, 1, None, "/w",
+                                   time.time(), None, host="b"))
+    remote = Remote()
+    remote.running[9] = "n9"
+    svc.nodes.add("b", remote)  # type: ignore[arg-type]
+    far = Far(Taps(), FakeSide("b", "192.0.2.2").side, 1500)  # type: ignore[arg-type]
+    svc.fabric.add_host("b", far)
+    assert svc.hosts.sizes() == {"local": 3, "b": 2}
+    assert svc.hosts.remove("b") == {"removed": "b", "nodes": [9, 10]}
+    assert calls == [("abort", 60.0), ("stop", 9), ("unwire", 9, 4), ("stop", 10),
+                     ("unwire", 10, 4), ("orphans",), ("detach",)]
+    assert svc.store.host("b") is None and svc.store.node(9) is None
+    assert "b" not in svc.nodes.remote and "b" not in svc.fabric.far
+    assert [h["name"] for h in svc.hosts.list()] == ["local"]
