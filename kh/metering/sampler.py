@@ -102,9 +102,7 @@ class HostSource:
         if node is None:
             return None
         pid = node.pid
-        # else pid is not a process of this host (libvirt's domain ID; a node of another host)
-        mine = getattr(self.nodes, "pid_is_local", None)  # kh.service.multibackend
-        local = mine(number) if mine is not None else self.nodes.name == "qemu"
+        local = self.nodes.name == "qemu"  # else pid is not a process of this host
         stat = proc_stat(pid) if local else None
         start = stat[0] if stat is not None else ""
         try:
