@@ -102,7 +102,9 @@ class HostSource:
         if node is None:
             return None
         pid = node.pid
-        local = self.nodes.name == "qemu"  # else pid is not a process of this host
+        # else pid is not a process of this host (libvirt's domain ID; a node of another host)
+        mine = getattr(self.nodes, "pid_is_local", None)  # kh.service.multibackend
+        local = mine(number) if mine is not None else self.nodes.name == "qemu"
         stat = proc_stat(pid) if local else None
         start = stat[0] if stat is not None else ""
         try:
@@ -287,9 +289,10 @@ class Meter:
     def take(self, numbers: frozenset[int] | None = None, now: float | None = None) -> None:
         """One sample of nodes ``numbers`` (None: every node held now or at its last sample),
         at ``now`` (s; default: the wall clock labels it and the monotonic clock measures its
-        intervals; a ``now`` given is both), written in one transaction."""
+        intervals; a ``now`` given, a test's, is a wall-clock time that does both), written in
+        one transaction."""
         t = int((self.clock() if now is None else now) * US)
-        m = int((self.mono() if now is None else now) * US)
+        m = int(self.mono() * US) if now is None else None
         hold = holders(self.store)
         kinds = {d.netid: d.kind for d in self.store.domains()}
         want = set(hold) | {n for n, x in self._last.items() if x.alloc is not None}
@@ -313,7 +316,7 @@ class Meter:
             label = t
             if prev is not None:
                 since = self._mono.get(n)  # None: the last sample is a previous khd's
-                elapsed = t - prev.t if since is None else m - since
+                elapsed = t - prev.t if since is None or m is None else m - since
                 label = max(t, prev.t + elapsed)  # after the last one's, whatever the clock did
                 if prev.alloc is not None and prev.principal is not None and elapsed > 0:
                     self._charge(prev, label, elapsed, cpu, nics, loads.get(n, 0), usage, net,
@@ -326,7 +329,10 @@ class Meter:
         mstore.write(self.store, usage, net, gaps, new, gone)
         for x in new:
             self._last[x.node] = x
-            self._mono[x.node] = m
+            if m is None:
+                self._mono.pop(x.node, None)
+            else:
+                self._mono[x.node] = m
         for n in gone:
             self._last.pop(n, None)
             self._mono.pop(n, None)
