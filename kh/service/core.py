@@ -472,27 +472,6 @@ class Service:
         return self.store.principals()
 
     def remove_principal(self, name: str) -> dict[str, Any]:
-        """The operator removes a principal: its allocations are released (nodes back to the
-        pool as fresh QEMUs), its private domains (bridges), keys and itself removed; marked
-        first, then every row in one transaction. Returns {"removed": name, "allocations":
-        [ids], "nodes": [numbers], "domains": [netids], "keys": count}; NotFound if none."""
-        admission.check_user(name)
-        with self.lock:
-            while True:
-                if self.store.principal(name) is None:
-                    raise NotFound(f"no principal {name}", "kh principal list shows them")
-                numbers = [n.number for a in self.store.allocations() if a.principal == name
-                           for n in self.store.nodes_of(a.id)]
-                if self._await_resets(numbers):
-                    break
-            self.store.principal_removing(name, numbers)
-            self.meter.sample(numbers)
-            for n in numbers:
-                self.nodes.stop(n)
-            gone = self.store.forget_principal(name)
-            self.publish_sync()
-        self._drop_bridges(gone["domains"])
-        self.pool.wake()
-        log.info("principal %s removed: %s", name, gone)
-        return {"removed": name, "allocations": gone["allocations"], "nodes": gone["nodes"],
-                "domains": gone["domains"], "keys": len(gone["keys"])}
+        """The operator removes a principal (kh.service.principals.remove)."""
+        from kh.service import principals  # it builds on this module
+        return principals.remove(self, name)
