@@ -278,9 +278,12 @@ def ps_table(data: dict[str, Any]) -> str:
              "NOTE"]
     for n in data["nodes"]:
         doms = "-" if n.get("netids") is None else _netids(n["netids"]) or "none"
+        where = n.get("host", "local")  # a node of another host (kh host add) says so
+        note = n["note"] if where == "local" else "; ".join(
+            x for x in (f"on host {where}", n["note"]) if x)
         lines.append(f"{n['node']:>5} {n['uid']:>5} {n['state']:<10} "
                      f"{n['allocation'] or '-'!s:>5} {n['pid'] or '-'!s:>8} {doms:<11} "
-                     f"{n['note']}")
+                     f"{note}")
     lines.append("")
     lines.append(f"{'ALLOC':>5} {'PRINCIPAL':<12} {'DOMAINS':<16} NODES")
     for a in data["allocations"]:

@@ -459,13 +459,14 @@ class Service:
     # -- views and principals -------------------------------------------------------------------
     def ps(self) -> dict[str, Any]:
         """The operator's view: every allocation, node (with its QEMU's PID) and domain."""
-        return views.operator(self.store, self.cfg, self.repairs)
+        return views.operator(self.store, self.cfg, self.repairs,
+                              sum(self.hosts.sizes().values()))
 
     def ps_of(self, user: str, credential: str | None) -> dict[str, Any]:
         """A principal's view, in ps's shape: its own allocations, nodes and domains and the
         shared domains, the pool's counts and its quotas; nothing of another principal's."""
         self.authenticate(user, credential)
-        return views.principal(self.store, self.cfg, user)
+        return views.principal(self.store, self.cfg, user, sum(self.hosts.sizes().values()))
 
     def principals(self) -> list[dict[str, Any]]:
         """The operator's list: name, created, live allocations, nodes, domains, keys."""

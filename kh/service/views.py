@@ -24,11 +24,14 @@ def _node(store: Store, allocs: dict[int, AllocRow], n: NodeRow, now: float, *, 
     return {"node": n.number, "uid": n.uid, "state": n.state.value,
             "pid": n.pid if pid else None, "allocation": n.alloc, "reason": n.reason,
             "attempts": n.attempts, "retry_at": n.retry_at, "note": note(n, now),
-            "netids": None if a is None else list(membership.node_map(store, n.number, a))}
+            "netids": None if a is None else list(membership.node_map(store, n.number, a)),
+            "host": n.host}
 
 
-def operator(store: Store, cfg: ServiceConfig, repairs: list[str]) -> dict[str, Any]:
-    """Every allocation, node (with its QEMU's PID) and domain, the pool, khd's repairs."""
+def operator(store: Store, cfg: ServiceConfig, repairs: list[str], size: int | None = None
+             ) -> dict[str, Any]:
+    """Every allocation, node (with its QEMU's PID and its host) and domain, the pool (of
+    ``size`` nodes on all hosts; default the service's ``nodes``), khd's repairs."""
     nodes = store.nodes()
     now = time.time()
     allocs = {a.id: a for a in store.allocations()}
@@ -40,12 +43,13 @@ def operator(store: Store, cfg: ServiceConfig, repairs: list[str]) -> dict[str, 
         "nodes": [_node(store, allocs, n, now, pid=True) for n in nodes],
         "domains": [{"netid": d.netid, "kind": d.kind.value, "owner": d.owner}
                     for d in store.domains()],
-        "pool": summarize(nodes, cfg.nodes).to_json(),
+        "pool": summarize(nodes, cfg.nodes if size is None else size).to_json(),
         "repairs": repairs,
     }
 
 
-def principal(store: Store, cfg: ServiceConfig, user: str) -> dict[str, Any]:
+def principal(store: Store, cfg: ServiceConfig, user: str, size: int | None = None
+              ) -> dict[str, Any]:
     """``user``'s live allocations and their nodes (with states, without PIDs), its private
     domains and the shared ones, the pool's counts (no node of another principal is named),
     and its quotas: {"nodes": [held, quota], "domains": [held, quota]}."""
@@ -55,7 +59,7 @@ def principal(store: Store, cfg: ServiceConfig, user: str) -> dict[str, Any]:
     ids = {a.id for a in allocs}
     mine = [n for n in nodes if n.alloc in ids]
     domains = [d for d in store.domains() if d.kind != DomainKind.PRIVATE or d.owner == user]
-    pool = summarize(nodes, cfg.nodes).to_json()
+    pool = summarize(nodes, cfg.nodes if size is None else size).to_json()
     # the pool's own failures name pool nodes only; a node that died in another principal's
     # allocation is counted in "lost", never named
     return {

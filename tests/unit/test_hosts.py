@@ -487,3 +487,17 @@ def test_removing_an_idle_host_stops_its_nodes_and_leaves_nothing_of_kh_there(sv
     assert svc.store.host("b") is None and svc.store.node(9) is None
     assert "b" not in svc.nodes.remote and "b" not in svc.fabric.far
     assert [h["name"] for h in svc.hosts.list()] == ["local"]
+
+
+def test_ps_names_a_nodes_other_host_and_counts_every_hosts_pool(svc):
+    svc.store.add_host(row("b"))
+    svc.store.put_node(NodeRow(9, svc.store.new_uid(), NodeState.FREE, 1, None, "/w",
+                               time.time(), None, host="b"))
+    svc.nodes.add("b", FakeBackend())  # type: ignore[arg-type]
+    data = svc.ps()
+    assert {n["node"]: n["host"] for n in data["nodes"]} == {1: "local", 2: "local",
+                                                              3: "local", 9: "b"}
+    assert data["pool"]["size"] == 5  # local's 3 and b's capacity of 2
+    table = api.ps_table(data).splitlines()
+    assert table[4].split()[0] == "9" and table[4].endswith("on host b")
+    assert not table[1].endswith("on host local")
