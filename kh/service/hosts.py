@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kh.hosts")
 CHECK_TIMEOUT = 60.0  # s for `kh fabric underlays` on the far host
 REMOVE_WAIT = 60.0  # s `kh host rm` waits for the starts under way there to end
+MAX_HOSTS = 32  # added hosts (a stretched domain's peers are bounded too: stretch.MAX_PEERS)
 
 
 class HostRefused(AllocationError):
@@ -101,6 +102,9 @@ class Hosts:
         assert spec.prefix is not None and spec.runner is not None
         if self.svc.store.host(spec.name) is not None:
             raise HostRefused(f"host {spec.name} is already added", "kh host list shows it")
+        if len(self.svc.store.hosts()) >= MAX_HOSTS:
+            raise HostRefused(f"host {spec.name}: khd has {MAX_HOSTS} hosts already, the most "
+                              "it takes", "kh host rm one first")
         try:
             far = self._far_underlay(spec)
             local, _ = self.svc.fabric.local_underlay()
@@ -111,6 +115,8 @@ class Hosts:
             raise
         except KhError as e:
             raise _refused(spec.name, e) from None
+        except OSError as e:  # what the kernel said while checking (the underlay, ARP)
+            raise HostRefused(f"host {spec.name}: {e.strerror or e}") from None
         row = HostRow(spec.name, spec.uri, capacity, far["address"], far["ifname"],
                       int(far["mtu"]), spec.prefix, spec.kh, spec.runner)
         with self.svc.lock:

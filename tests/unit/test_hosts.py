@@ -501,3 +501,12 @@ def test_ps_names_a_nodes_other_host_and_counts_every_hosts_pool(svc):
     table = api.ps_table(data).splitlines()
     assert table[4].split()[0] == "9" and table[4].endswith("on host b")
     assert not table[1].endswith("on host local")
+
+
+def test_khd_takes_a_bounded_number_of_hosts(svc, monkeypatch):
+    from kh.service import hosts as hosts_mod
+    monkeypatch.setattr(hosts_mod, "MAX_HOSTS", 2)
+    svc.store.add_host(row("b"))
+    svc.store.add_host(row("c"))
+    status, data = served(svc, "POST", "/v1/hosts", OPERATOR, {"name": "d", "uri": URI})
+    assert (status, data["error"]) == (409, "host d: khd has 2 hosts already, the most it takes")
