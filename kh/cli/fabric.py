@@ -138,15 +138,19 @@ def register(main: click.Group) -> None:
         QEMUs use the taps khd makes here for its nodes (kh host add on khd's host). Prints
         its socket, for the URI: qemu+ssh://root@HOST/system?socket=SOCKET."""
         from kh.hw import libvirtd
-        from kh.service.config import default_state_dir
+        from kh.service import statedir
+        from kh.service.config import ServiceConfig, default_state_dir
+        from kh.settings import paths
         cfg = _cfg(prefix)
         if not nsutil.exists(cfg.netns):
             raise KhError(f"kh's fabric {cfg.netns} does not exist here",
                           "kh fabric underlay DEV A.B.C.D/LEN makes it with its underlay")
-        state = default_state_dir()
-        d = libvirtd.Libvirtd(state / "libvirt", cfg.netns, None)
-        (state / "logs").mkdir(parents=True, exist_ok=True)
-        libvirtd.start(d, state / "logs" / "libvirtd.log")
+        # the state directory as khd's would be (marked: `kh clean` there removes it all)
+        here = ServiceConfig(state_dir=default_state_dir(), images=paths().out, prefix=prefix,
+                             outside=False)
+        statedir.prepare(here)
+        d = libvirtd.Libvirtd(here.libvirt_dir, cfg.netns, None)
+        libvirtd.start(d, here.logs / "libvirtd.log")
         click.echo(str(d.socket))
 
     @fabric.command("wire")

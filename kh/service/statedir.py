@@ -67,9 +67,9 @@ def is_kh_file(cfg: ServiceConfig, p: Path) -> bool:
             and not p.is_symlink())
     if p.parent == cfg.logs:
         # khd.log.1 ... and node<N>.log.1 ... are the logs' rotated parts (kh.service.daemon,
-        # kh.hw.console.ConsoleLog)
-        return re.fullmatch(r"(khd|node[0-9]+)\.log(\.[0-9]+)?|node[0-9]+\.qemu\.log",
-                            p.name) is not None
+        # kh.hw.console.ConsoleLog); libvirtd.log is kh's own libvirtd's (kh.hw.libvirtd)
+        return re.fullmatch(r"(khd|node[0-9]+)\.log(\.[0-9]+)?|node[0-9]+\.qemu\.log"
+                            r"|libvirtd\.log", p.name) is not None
     return False
 
 

@@ -510,3 +510,11 @@ def test_khd_takes_a_bounded_number_of_hosts(svc, monkeypatch):
     svc.store.add_host(row("c"))
     status, data = served(svc, "POST", "/v1/hosts", OPERATOR, {"name": "d", "uri": URI})
     assert (status, data["error"]) == (409, "host d: khd has 2 hosts already, the most it takes")
+
+
+def test_kh_clean_takes_kh_libvirtds_log_too(tmp_path):
+    from kh.service import statedir
+    from kh.service.config import ServiceConfig
+    cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path)
+    assert statedir.is_kh_file(cfg, cfg.logs / "libvirtd.log")  # before: kept for good
+    assert not statedir.is_kh_file(cfg, cfg.logs / "libvirtd.log.x")
