@@ -66,8 +66,9 @@ class ServiceSource:
     def view(self, principal: str | None) -> dict[str, Any]:
         from kh.service import publish, views
         svc = self.svc
-        data = (views.operator(svc.store, svc.cfg, svc.repairs) if principal is None
-                else views.principal(svc.store, svc.cfg, principal))
+        size = sum(svc.hosts.sizes().values())  # every host's share (kh.service.hosts)
+        data = (views.operator(svc.store, svc.cfg, svc.repairs, size) if principal is None
+                else views.principal(svc.store, svc.cfg, principal, size))
         data["publishes"] = publish.listing(svc, principal)
         return data
 

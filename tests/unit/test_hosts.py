@@ -518,3 +518,10 @@ def test_kh_clean_takes_kh_libvirtds_log_too(tmp_path):
     cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path)
     assert statedir.is_kh_file(cfg, cfg.logs / "libvirtd.log")  # before: kept for good
     assert not statedir.is_kh_file(cfg, cfg.logs / "libvirtd.log.x")
+
+
+def test_the_live_page_counts_every_hosts_pool(svc):
+    from kh.page.content import ServiceSource
+    svc.store.add_host(row("b"))
+    svc.nodes.add("b", FakeBackend())  # type: ignore[arg-type]
+    assert ServiceSource(svc).view(None)["pool"]["size"] == 5  # before: 3, local's alone
