@@ -13,8 +13,10 @@ kh.hw.stretch.remote_argv, so ssh's joining them with spaces changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +31,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kh.span")
 REMOTE_TIMEOUT = 60.0  # s for one `kh fabric` command on another host
+# `kh fabric` commands run on one host at once: each is an ssh connection, and an sshd drops
+# unauthenticated ones past a few per source (dropbear: 5; OpenSSH's MaxStartups: from 10).
+MAX_REMOTE = 4
+
+
+def host_gate() -> threading.BoundedSemaphore:
+    """One host's bound on its concurrent `kh fabric` commands (share it between that host's
+    ``remote`` side and its ``RemoteFabric``)."""
+    return threading.BoundedSemaphore(MAX_REMOTE)
 
 
 @dataclass(frozen=True)
@@ -66,14 +77,19 @@ def _remote_error(host: str, e: KhError) -> StretchError:
 
 
 def remote(runner: Sequence[str], prefix: str, underlay: Underlay, host: str,
-           kh: str = "kh") -> Side:
-    """Another host's side, made by `kh fabric` there through ``runner`` (its argv prefix).
-    A refusal there is a StretchError with that host's line; `kh fabric stretch` says what it
-    made new, so a failed span undoes exactly that."""
+           kh: str = "kh", gate: threading.BoundedSemaphore | None = None) -> Side:
+    """Another host's side, made by `kh fabric` there through ``runner`` (its argv prefix;
+    at most ``gate``'s count at once, host_gate). A refusal there is a StretchError with that
+    host's line; `kh fabric stretch` says what it made new, so a failed span undoes exactly
+    that."""
+    bound = gate or contextlib.nullcontext()
+
     def ensure(netid: int, peers: Sequence[Peer]) -> Made:
         argv = [*runner, *stretch.remote_argv(prefix, underlay, netid, peers, host, kh)]
         try:
-            out = proc.run(argv, timeout=REMOTE_TIMEOUT, what=f"kh fabric stretch on {host}")
+            with bound:
+                out = proc.run(argv, timeout=REMOTE_TIMEOUT,
+                               what=f"kh fabric stretch on {host}")
             made = json.loads(out.stdout)["made"]
             return Made(bool(made["device"]), bool(made["bridge"]))
         except KhError as e:
@@ -86,7 +102,9 @@ def remote(runner: Sequence[str], prefix: str, underlay: Underlay, host: str,
         argv = [*runner, kh, "fabric", "unstretch", "--prefix", prefix,
                 *(["--bridge"] if bridge else []), str(netid)]
         try:
-            return proc.run(argv, timeout=REMOTE_TIMEOUT, what=f"kh fabric unstretch on {host}")
+            with bound:
+                return proc.run(argv, timeout=REMOTE_TIMEOUT,
+                                what=f"kh fabric unstretch on {host}")
         except KhError as e:
             raise _remote_error(host, e) from None
 
@@ -134,14 +152,17 @@ class RemoteFabric:
     the nodes khd runs there (through libvirt), which libvirt's ``managed='no'`` interfaces need
     made in that host's fabric namespace. One command per node. KhError with that host's line."""
 
-    def __init__(self, runner: Sequence[str], prefix: str, host: str, kh: str = "kh") -> None:
+    def __init__(self, runner: Sequence[str], prefix: str, host: str, kh: str = "kh",
+                 gate: threading.BoundedSemaphore | None = None) -> None:
         self.runner, self.prefix, self.host, self.kh = tuple(runner), prefix, host, kh
+        self.gate = gate  # at most its count of commands there at once (host_gate)
 
     def _run(self, *words: str) -> str:
         argv = [*self.runner, self.kh, "fabric", *words]
         try:
-            return proc.run(argv, timeout=REMOTE_TIMEOUT,
-                            what=f"kh fabric {words[0]} on {self.host}").stdout
+            with self.gate or contextlib.nullcontext():
+                return proc.run(argv, timeout=REMOTE_TIMEOUT,
+                                what=f"kh fabric {words[0]} on {self.host}").stdout
         except KhError as e:
             raise _remote_error(self.host, e) from None
 

@@ -72,9 +72,10 @@ class Hosts:
 
     def _connect(self, row: HostRow, check: bool = False) -> None:
         from kh.service.libvirt_nodes import LibvirtNodes  # only with added hosts
-        rf = span.RemoteFabric(row.runner, row.prefix, row.name, row.kh)
+        gate = span.host_gate()  # its sshd takes a few connections at once
+        rf = span.RemoteFabric(row.runner, row.prefix, row.name, row.kh, gate)
         side = span.remote(row.runner, row.prefix, Underlay(row.underlay_if, row.underlay),
-                           row.name, row.kh)
+                           row.name, row.kh, gate)
         nodes = LibvirtNodes(dataclasses.replace(self.svc.cfg, prefix=row.prefix),
                              self.svc.fabric, uri=row.uri, host=row.name,
                              taps=lambda n: rf.wire(n, [None] * NIC_SLOTS))

@@ -525,3 +525,31 @@ def test_the_live_page_counts_every_hosts_pool(svc):
     svc.store.add_host(row("b"))
     svc.nodes.add("b", FakeBackend())  # type: ignore[arg-type]
     assert ServiceSource(svc).view(None)["pool"]["size"] == 5  # before: 3, local's alone
+
+
+def test_a_hosts_kh_fabric_commands_run_a_few_at_a_time(monkeypatch):
+    """khget of 16 nodes on one host wires them side by side; an sshd drops unauthenticated
+    connections past a few per source (dropbear: 5), so khd runs at most MAX_REMOTE there."""
+    import threading
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+    now, most = [0], [0]
+    lock = threading.Lock()
+
+    def run(argv, timeout, what):  # type: ignore[no-untyped-def]
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return types.SimpleNamespace(stdout='{"taps": [], "made": {"device": 1, "bridge": 0}}')
+
+    monkeypatch.setattr(span.proc, "run", run)
+    gate = span.host_gate()
+    rf = span.RemoteFabric(["ssh", "h", "--"], "kb", "b", gate=gate)
+    side = span.remote(["ssh", "h", "--"], "kb", Underlay("kbul0", "192.0.2.2"), "b", gate=gate)
+    peer = [span.Peer("local", "192.0.2.1")]
+    with ThreadPoolExecutor(12) as ex:
+        list(ex.map(lambda n: rf.wire(n, [3]) if n % 2 else side.ensure(3, peer), range(24)))
+    assert most[0] == span.MAX_REMOTE == 4
