@@ -39,6 +39,8 @@ class MultiBackend:
         self.stopped: list[Callable[[int], None]] = []  # told of every node stopped
 
     def __getattr__(self, name: str) -> Any:
+        if name == "local":  # not set yet (a half-made object): no recursion
+            raise AttributeError(name)
         return getattr(self.local, name)
 
     # -- hosts ----------------------------------------------------------------------------
