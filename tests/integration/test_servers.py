@@ -105,7 +105,8 @@ def test_aoeroot_refuses_a_root_disk_two_nodes_answer(khd, artifacts):
                                             second: "kh.aoe=1.1 kh.disksize=16M"})
         # the second node serves e1.0 as well, by hand: two MACs answer it now
         sc.check(disks, second, "setsid vblade 1 0 eth0 /disk/ram.img >/tmp/v.log 2>&1 & "
-                                "sleep 2; grep -c sectors /tmp/v.log")
+                                "for i in $(seq 50); do grep -q sectors /tmp/v.log && break; "
+                                "sleep 0.2; done; grep -c sectors /tmp/v.log")
         srv = sc.khget("-n", str(disks.netid(0)))
         with pytest.raises(ScenarioError, match=rf"aoeroot node{srv.nodes[0]}: AoE address "
                                                 r"e1\.0 is answered by 2 disks, MACs "
