@@ -121,6 +121,13 @@ class Hosts:
         row = HostRow(spec.name, spec.uri, capacity, far["address"], far["ifname"],
                       int(far["mtu"]), spec.prefix, spec.kh, spec.runner)
         with self.svc.lock:
+            for other in self.svc.store.hosts():  # one host under two names would share
+                same = ("underlay " + row.underlay if other.underlay == row.underlay else
+                        "URI and prefix" if (other.uri, other.prefix) == (row.uri, row.prefix)
+                        else None)  # kh's domains and tunnels there
+                if same:
+                    raise HostRefused(f"host {row.name} is host {other.name} again (the same "
+                                      f"{same})", "kh host list shows it")
             try:
                 row = self.svc.store.add_host(row)
             except KhError as e:

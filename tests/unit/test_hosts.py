@@ -553,3 +553,28 @@ def test_a_hosts_kh_fabric_commands_run_a_few_at_a_time(monkeypatch):
     with ThreadPoolExecutor(12) as ex:
         list(ex.map(lambda n: rf.wire(n, [3]) if n % 2 else side.ensure(3, peer), range(24)))
     assert most[0] == span.MAX_REMOTE == 4
+
+
+def test_a_host_is_added_once_not_twice_under_two_names(svc, tmp_path, monkeypatch):
+    from kh.hw import underlay
+    fake = tmp_path / "farkh"
+    fake.write_text("#!/bin/sh\necho '[{\"ifname\": \"kbul0\", \"address\": \"192.0.2.2\", "
+                    "\"mtu\": 1500}]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(svc.fabric, "local_underlay",
+                        lambda: (Underlay("kuul0", "192.0.2.1"), 1500))
+    monkeypatch.setattr(underlay, "check_reaches", lambda *a: 1500)
+    monkeypatch.setattr(svc.hosts, "_probe", lambda spec: spec.capacity or 2)
+    connected: list[str] = []
+    monkeypatch.setattr(svc.hosts, "_connect", lambda row, check=False: connected.append(row.name))
+    status, data = served(svc, "POST", "/v1/hosts", OPERATOR,
+                          {"name": "b", "uri": "qemu:///system", "kh": str(fake), "prefix": "kb"})
+    assert status == 201, data
+    assert (data["name"], data["capacity"], data["underlay"], data["underlay_interface"],
+            data["runner"]) == ("b", 2, "192.0.2.2", "kbul0", [])
+    for body in ({"uri": "qemu:///system", "prefix": "kb"},  # same URI and prefix
+                 {"uri": "qemu+unix:///system?socket=/x", "prefix": "kc"}):  # same underlay
+        status, data = served(svc, "POST", "/v1/hosts", OPERATOR,
+                              {"name": "c", "kh": str(fake), **body})
+        assert status == 409 and data["error"].startswith("host c is host b again"), data
+    assert [h.name for h in svc.store.hosts()] == ["b"] and connected == ["b"]
