@@ -55,6 +55,7 @@ bench: setup
 	$(PY) -m benchmarks.intranet
 	$(PY) -m benchmarks.metering
 	$(PY) -m benchmarks.libvirt
+	$(PY) -m benchmarks.twohost
 
 clean-images:
 	rm -rf images/out

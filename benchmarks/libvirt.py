@@ -67,9 +67,10 @@ def env(cfg: ServiceConfig) -> dict[str, str]:
             "KH_CREDENTIAL": CRED}
 
 
-def bulk_load(cfg: ServiceConfig, count: int) -> float:
-    """MB/s of kernel + ramdisk written into ``count`` nodes (bytes per node x nodes / time)."""
-    text = khget(cfg, count)
+def bulk_load(cfg: ServiceConfig, count: int, *opts: str) -> float:
+    """MB/s of kernel + ramdisk written into ``count`` nodes (bytes per node x nodes / time);
+    ``opts`` for khget (``--host NAME``: the nodes of that host)."""
+    text = khget(cfg, count, *opts)
     alloc = alloc_of(text)
     files = [cfg.images / "uImage", cfg.images / f"{cfg.appliance}.cpio.gz.uimg"]
     size = sum(f.stat().st_size for f in files)
@@ -101,11 +102,13 @@ def round_trip(cfg: ServiceConfig, node: int, times: int = 20) -> float:
     return statistics.median(took)
 
 
-def volume_upload(cfg: ServiceConfig, node: int, mib: int = 16) -> float:
-    """MB/s of one upload of ``mib`` MiB into a free node's RAM volume, from this process."""
+def volume_upload(cfg: ServiceConfig, node: int, mib: int = 16, uri: str | None = None
+                  ) -> float:
+    """MB/s of one upload of ``mib`` MiB into a free node's RAM volume, from this process
+    (``uri``: the libvirt host's, default kh's own daemon of ``cfg``)."""
     from kh.service.libvirt_nodes import LibvirtNodes  # only for the libvirt backend
 
-    nodes = LibvirtNodes(cfg, None)  # type: ignore[arg-type]  # no fabric needed for RAM
+    nodes = LibvirtNodes(cfg, None, uri=uri)  # type: ignore[arg-type]  # no fabric for RAM
     try:
         dom = nodes.conn.lookupByName(f"{cfg.prefix}-node{node}")
         ram = nodes.open_ram_of(dom)

@@ -51,6 +51,23 @@ def fetches(node: boot.BootedNode, addr: str, gets: int) -> float:
     return (b - a) * 1000 / gets
 
 
+def alternate(node: boot.BootedNode, targets: dict[str, str], rounds: int, pings: int,
+              gets: int) -> dict[str, list[tuple[float, float]]]:
+    """From ``node``, ``rounds`` rounds over ``targets`` (name -> address), every other round
+    in reverse order: ``pings`` pings and ``gets`` page fetches each, each result printed;
+    per target the (ping avg ms, ms a page) of each round."""
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
+    for i in range(rounds):
+        order = list(targets.items())
+        for name, addr in (order if i % 2 == 0 else order[::-1]):
+            mn, avg, mx, loss = ping(node, addr, pings)
+            per_get = fetches(node, addr, gets)
+            res[name].append((avg, per_get))
+            print(f"  {name:12s} ping min/avg/max {mn:.2f}/{avg:.2f}/{mx:.2f} ms "
+                  f"({loss}); HTTP GET {per_get:.1f} ms a page ({gets} pages)", flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pings", type=int, default=50)
@@ -73,15 +90,7 @@ def main() -> None:
                 ping(n1, addr, 3)
             print(f"node 1 (host a) to node 2 (host a) and node 3 (host b), domain {D}, MTU "
                   f"1450; {args.rounds} rounds, alternating")
-            res: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
-            for i in range(args.rounds):
-                order = list(targets.items())
-                for name, addr in (order if i % 2 == 0 else order[::-1]):
-                    mn, avg, mx, loss = ping(n1, addr, args.pings)
-                    per_get = fetches(n1, addr, args.gets)
-                    res[name].append((avg, per_get))
-                    print(f"  {name:12s} ping min/avg/max {mn:.2f}/{avg:.2f}/{mx:.2f} ms "
-                          f"({loss}); HTTP GET {per_get:.1f} ms a page ({args.gets} pages)")
+            res = alternate(n1, targets, args.rounds, args.pings, args.gets)
             same, across = (sorted(res[k]) for k in targets)
             p_same = sum(x for x, _ in same) / len(same)
             p_across = sum(x for x, _ in across) / len(across)
