@@ -21,7 +21,7 @@ def register(main: click.Group) -> None:
                   "first `kh fabric underlays` reports there).")
     @click.option("--prefix", help="kh's prefix there (default: khd's own).")
     @click.option("--kh", "kh_cmd", default="kh", show_default=True,
-                  help="The kh command there.")
+                  help="The kh command there: one path (the far shell reads it unquoted).")
     @click.option("--runner", metavar="'WORDS'", help="What runs a command there (default: "
                   "ssh as the qemu+ssh URI reaches it; nothing for a qemu:// URI).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

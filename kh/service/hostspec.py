@@ -5,6 +5,7 @@ UsageError naming the value."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 import urllib.parse
@@ -15,6 +16,13 @@ from kh.service.config import PREFIX_RE
 from kh.store_hosts import LOCAL
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
+# A qemu+ssh URI's host and user become words of ssh's command line: a DNS name or IPv4 address
+# (an IPv6 one in brackets), a POSIX user name; never an option (a leading '-': ProxyCommand=...)
+# nor anything a shell reads.
+HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+# `--kh`: one path; ssh joins the words into a line for the far shell, so it needs no quoting.
+KH_RE = re.compile(r"[A-Za-z0-9_./+][A-Za-z0-9_./+-]{0,511}")
 SCHEMES = ("qemu", "qemu+ssh", "qemu+unix")
 MAX_URI = 1024
 MAX_WORDS, MAX_WORD = 32, 512
@@ -76,7 +84,25 @@ def parse_uri(uri: object) -> urllib.parse.SplitResult:
         raise UsageError(f"host URI {uri[:60]!r}: its port is malformed") from None
     if u.scheme == "qemu+ssh" and not u.hostname:
         raise UsageError(f"host URI {uri[:60]!r} names no host")
+    if u.hostname and not _host_ok(u.hostname, u.netloc):
+        raise UsageError(f"host URI {uri[:60]!r}: host {u.hostname[:40]!r} is not a host name "
+                         "or address", "a DNS name (ASCII), A.B.C.D or [IPv6]")
+    if u.username is not None and not USER_RE.fullmatch(u.username):
+        raise UsageError(f"host URI {uri[:60]!r}: user {u.username[:40]!r} is malformed",
+                         "a user name: letters, digits, '_', '.', '-', not first")
     return u
+
+
+def _host_ok(host: str, netloc: str) -> bool:
+    if HOST_RE.fullmatch(host):
+        return True
+    if f"[{host}]" in netloc:  # an IPv6 literal
+        try:
+            ipaddress.IPv6Address(host)
+            return True
+        except ValueError:
+            return False
+    return False
 
 
 def runner_from_uri(uri: str) -> tuple[str, ...]:
@@ -118,7 +144,7 @@ def runner_words(text: object) -> tuple[str, ...]:
 def check(spec: HostSpec, own_prefix: str) -> HostSpec:
     """``spec`` with its defaults filled (prefix, runner); UsageError for anything malformed."""
     check_name(spec.name)
-    parse_uri(spec.uri)
+    u = parse_uri(spec.uri)
     if spec.capacity is not None and (not isinstance(spec.capacity, int) or isinstance(
             spec.capacity, bool) or not 1 <= spec.capacity <= MAX_CAPACITY):
         raise UsageError(f"capacity {str(spec.capacity)[:20]} is not 1 to {MAX_CAPACITY} nodes")
@@ -134,6 +160,13 @@ def check(spec: HostSpec, own_prefix: str) -> HostSpec:
     if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise UsageError(f"prefix {str(prefix)[:20]!r} is malformed", "[a-z][a-z0-9]{0,7}")
     kh = _word(spec.kh, "--kh")
+    if not KH_RE.fullmatch(kh):
+        raise UsageError(f"--kh {kh[:40]!r} is not one path", "letters, digits and _ . / + -, "
+                         "not '-' first (the far host's shell reads it unquoted)")
+    if spec.runner is None and u.scheme != "qemu+ssh" and u.hostname:
+        raise UsageError(f"host URI {spec.uri[:60]!r} names another machine ({u.hostname[:40]}) "
+                         "and kh reaches it only through ssh",
+                         "use qemu+ssh://, or give --runner 'WORDS' that run a command there")
     runner = runner_from_uri(spec.uri) if spec.runner is None else runner_words(spec.runner)
     return HostSpec(spec.name, spec.uri, spec.capacity, spec.underlay, prefix, kh, runner)
 
