@@ -24,8 +24,19 @@ from kh.allocation import node_address
 from kh.hw import libvirtd
 from kh.hw import netns as nsutil
 from kh.hw.antispoof import nic_mac
+from kh.service import control
 from kh.service.config import ServiceConfig
-from tests.integration.conftest import credfile, env, kh, khget, ps, release, running_khd, shell
+from tests.integration.conftest import (
+    credfile,
+    env,
+    kh,
+    khget,
+    kill_khd,
+    ps,
+    release,
+    running_khd,
+    shell,
+)
 from tests.integration.farhost import (
     KH,
     FarHost,
@@ -182,6 +193,32 @@ def test_remote_libvirtd_stopped_and_started_again(two, artifacts):
         assert hosts(cfg)["hostb"]["state"] == "up", hosts(cfg)
     finally:
         free(cfg, "alice", alice)
+        wait_hosts_free(cfg)
+
+
+def test_khd_killed_and_started_again_readopts_both_hosts(two, artifacts):
+    """khd SIGKILLed with a node of alice's on each host, in one domain (the second joined
+    to the first's with -n, pinned to hostb), and started again: the same allocations, host
+    b up with its node in use, the stretch made again: the node on b (MTU 1450) and the one
+    here boot and ping each other. (From HOSTS' check of its restart path.)"""
+    cfg, _ = two
+    a = get(cfg, "alice", 1, "-p", "1", "--host", "local")
+    netid = next(d.netid for d in a.domains if d is not None)
+    b = get(cfg, "alice", 1, "-n", str(netid), "--host", "hostb")
+    try:
+        before = ps(cfg)["allocations"]
+        kill_khd(cfg)
+        control.start(cfg)
+        assert ps(cfg)["allocations"] == before
+        h = hosts(cfg)
+        assert h["hostb"]["state"] == "up" and h["hostb"]["used"] == 1, h
+        here, far = a.nodes[0], b.nodes[0]
+        n1, n2 = booted(cfg, [here.number, far.number], artifacts)
+        assert n2.run("cat /sys/class/net/eth0/mtu") == ("1450\n", 0)
+        out, status = n1.run(f"ping -c 2 -W 5 {node_address(netid, far.number).ip}")
+        assert status == 0 and "2 packets received" in out, out
+    finally:
+        free(cfg, "alice", a, b)
         wait_hosts_free(cfg)
 
 
