@@ -11,9 +11,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import selectors
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,12 +194,16 @@ def replace(argv: Argv) -> None:
 def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
         input: bytes | None = None, check: bool = True, capture: bool = True,
         on_line: Callable[[str], None] | None = None, log_file: Path | None = None,
-        timeout: float | None = None, what: str | None = None) -> subprocess.CompletedProcess[str]:
+        timeout: float | None = None, what: str | None = None,
+        limit: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion and return its output.
 
     With ``on_line`` every output line (stdout and stderr merged) is handed over as it comes,
     which is how long builds drive their progress display. With ``log_file`` the output is kept
-    there as well. A failure raises ``ProcessError`` carrying the output's tail.
+    there as well. A failure raises ``ProcessError`` carrying the output's tail. ``limit``
+    (bytes; captured output without ``on_line``/``log_file``): a program printing more, on
+    stdout and stderr together, is stopped and a ProcessError names it (what another host
+    answers is read this way, so it cannot fill kh's memory).
     """
     log.debug("run: %s%s", _fmt(argv), f"  (in {cwd})" if cwd else "")
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -235,7 +241,10 @@ def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = 
                     logf.close()
             proc.wait(timeout=timeout)
         else:
-            out, err = proc.communicate(input=input, timeout=timeout)
+            if limit is not None and capture:
+                out, err = _bounded(proc, input, timeout, limit, what or str(argv[0]))
+            else:
+                out, err = proc.communicate(input=input, timeout=timeout)
             if out is not None:
                 chunks.append(out.decode("utf-8", "replace"))
             if err is not None:
@@ -255,3 +264,51 @@ def run(argv: Argv, *, cwd: Path | None = None, env: Mapping[str, str] | None = 
                            returncode=proc.returncode, output_tail="".join(tail))
     return subprocess.CompletedProcess([str(a) for a in argv], proc.returncode,
                                        stdout_text, stderr_text)
+
+
+def _bounded(proc: subprocess.Popen[bytes], input: bytes | None, timeout: float | None,
+             limit: int, what: str) -> tuple[bytes, bytes]:
+    """``proc.communicate`` that holds at most ``limit`` bytes of output (stdout and stderr
+    together): past it the program is stopped (the caller reaps it) and ProcessError raised;
+    subprocess.TimeoutExpired after ``timeout`` s, as communicate."""
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    got: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+    total = 0
+    pending = memoryview(input or b"")
+    with selectors.DefaultSelector() as sel:
+        for fd in got:
+            sel.register(fd, selectors.EVENT_READ)
+        if proc.stdin is not None:
+            if pending:
+                os.set_blocking(proc.stdin.fileno(), False)
+                sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+            else:
+                proc.stdin.close()
+        while sel.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+            for key, _ in sel.select(left):
+                if key.fd in got:
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        sel.unregister(key.fd)
+                        continue
+                    total += len(data)
+                    if total > limit:
+                        raise ProcessError(f"{what} printed more than {limit} bytes",
+                                           "is that the program kh expects there?")
+                    got[key.fd].append(data)
+                else:
+                    assert proc.stdin is not None
+                    try:
+                        pending = pending[os.write(key.fd, pending[:65536]):]
+                    except BrokenPipeError:
+                        pending = memoryview(b"")
+                    if not pending:
+                        sel.unregister(key.fd)
+                        proc.stdin.close()
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    proc.wait(timeout=left)
+    return (b"".join(got[proc.stdout.fileno()]), b"".join(got[proc.stderr.fileno()]))

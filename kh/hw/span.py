@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kh.span")
 REMOTE_TIMEOUT = 60.0  # s for one `kh fabric` command on another host
+REMOTE_OUTPUT = 1 << 20  # bytes one `kh fabric` command there may print (its JSON is small)
+MAX_LINE = 200  # characters of another host's error line kh passes on
 # `kh fabric` commands run on one host at once: each is an ssh connection, and an sshd drops
 # unauthenticated ones past a few per source (dropbear: 5; OpenSSH's MaxStartups: from 10).
 MAX_REMOTE = 4
@@ -70,10 +72,17 @@ def _remote_error(host: str, e: KhError) -> StretchError:
     tail = getattr(e, "output_tail", "") or ""
     said = [ln[4:] for ln in tail.splitlines() if ln.startswith("kh: ")]
     if said:
-        return StretchError(said[-1])
+        return StretchError(printable(said[-1]))
     last = tail.strip().splitlines()[-1:] or [str(e)]
-    return StretchError(f"host {host}: `kh fabric` did not answer: {last[0][:200]}",
+    return StretchError(f"host {host}: `kh fabric` did not answer: {printable(last[0])}",
                         "is kh installed there, and the host reachable?")
+
+
+def printable(text: str) -> str:
+    """Another host's line as kh passes it on: control characters (terminal escapes) dropped,
+    at most MAX_LINE characters."""
+    clean = "".join(c for c in text if c.isprintable())
+    return clean if len(clean) <= MAX_LINE else clean[:MAX_LINE] + "..."
 
 
 def remote(runner: Sequence[str], prefix: str, underlay: Underlay, host: str,
@@ -88,7 +97,7 @@ def remote(runner: Sequence[str], prefix: str, underlay: Underlay, host: str,
         argv = [*runner, *stretch.remote_argv(prefix, underlay, netid, peers, host, kh)]
         try:
             with bound:
-                out = proc.run(argv, timeout=REMOTE_TIMEOUT,
+                out = proc.run(argv, timeout=REMOTE_TIMEOUT, limit=REMOTE_OUTPUT,
                                what=f"kh fabric stretch on {host}")
             made = json.loads(out.stdout)["made"]
             return Made(bool(made["device"]), bool(made["bridge"]))
@@ -103,7 +112,7 @@ def remote(runner: Sequence[str], prefix: str, underlay: Underlay, host: str,
                 *(["--bridge"] if bridge else []), str(netid)]
         try:
             with bound:
-                return proc.run(argv, timeout=REMOTE_TIMEOUT,
+                return proc.run(argv, timeout=REMOTE_TIMEOUT, limit=REMOTE_OUTPUT,
                                 what=f"kh fabric unstretch on {host}")
         except KhError as e:
             raise _remote_error(host, e) from None
@@ -161,7 +170,7 @@ class RemoteFabric:
         argv = [*self.runner, self.kh, "fabric", *words]
         try:
             with self.gate or contextlib.nullcontext():
-                return proc.run(argv, timeout=REMOTE_TIMEOUT,
+                return proc.run(argv, timeout=REMOTE_TIMEOUT, limit=REMOTE_OUTPUT,
                                 what=f"kh fabric {words[0]} on {self.host}").stdout
         except KhError as e:
             raise _remote_error(self.host, e) from None
@@ -171,7 +180,16 @@ class RemoteFabric:
         names."""
         out = self._run("wire", "--prefix", self.prefix, "--host", self.host, str(int(node)),
                         *("-" if n is None else str(int(n)) for n in netids))
-        return [str(t) for t in json.loads(out)["taps"]]
+        try:
+            taps = json.loads(out)["taps"]
+            ok = isinstance(taps, list) and len(taps) == len(netids) and all(
+                isinstance(t, str) and stretch.IFNAME.fullmatch(t) for t in taps)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise StretchError(f"host {self.host}: `kh fabric wire` answered something else",
+                               "is the same kh installed there?")
+        return list(taps)
 
     def unwire(self, node: int, slots: int) -> None:
         """Remove node ``node``'s taps there."""

@@ -38,11 +38,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("kh.hosts")
 CHECK_TIMEOUT = 60.0  # s for `kh fabric underlays` on the far host
 REMOVE_WAIT = 60.0  # s `kh host rm` waits for the starts under way there to end
+MAX_UNDERLAYS, MAX_MTU = 64, 65535  # what a far `kh fabric underlays` may answer (IPv4's MTUs)
 MAX_HOSTS = 32  # added hosts (a stretched domain's peers are bounded too: stretch.MAX_PEERS)
 
 
 class HostRefused(AllocationError):
     """A host cannot be added (or removed) as asked: 409, one line naming the host."""
+
+
+def _underlay_entry(f: object, host: str) -> bool:
+    """One entry of a far `kh fabric underlays` is what kh there prints: an interface name, an
+    IPv4 underlay address, an MTU a stretched domain can use (the far host may be anything)."""
+    from kh.hw.stretch import IFNAME, StretchError, _address
+    if not (isinstance(f, dict) and isinstance(f.get("ifname"), str) and
+            IFNAME.fullmatch(f["ifname"]) and isinstance(f.get("address"), str) and
+            type(f.get("mtu")) is int and 68 <= f["mtu"] <= MAX_MTU):
+        return False
+    try:
+        _address(f["address"], "underlay address", host)
+    except StretchError:
+        return False
+    return True
 
 
 def _refused(name: str, e: KhError) -> HostRefused:
@@ -141,12 +157,11 @@ class Hosts:
         assert spec.runner is not None and spec.prefix is not None
         argv = [*spec.runner, spec.kh, "fabric", "underlays", "--prefix", spec.prefix]
         try:
-            out = proc.run(argv, timeout=CHECK_TIMEOUT, what=f"kh fabric underlays on {spec.name}")
+            out = proc.run(argv, timeout=CHECK_TIMEOUT, what=f"kh fabric underlays on {spec.name}",
+                           limit=span.REMOTE_OUTPUT)
             found = json.loads(out.stdout)
-            ok = isinstance(found, list) and all(
-                isinstance(f, dict) and isinstance(f.get("address"), str) and
-                isinstance(f.get("ifname"), str) and isinstance(f.get("mtu"), int)
-                for f in found)
+            ok = isinstance(found, list) and len(found) <= MAX_UNDERLAYS and all(
+                _underlay_entry(f, spec.name) for f in found)
         except KhError as e:
             raise span._remote_error(spec.name, e) from None
         except ValueError:
@@ -157,13 +172,17 @@ class Hosts:
         if not found:
             raise HostRefused(f"host {spec.name}: kh's fabric there has no underlay",
                               f"kh fabric underlay DEV A.B.C.D/LEN --prefix {spec.prefix} there")
-        if spec.underlay is None:
-            return dict(found[0])
-        match = [f for f in found if f["address"] == spec.underlay]
+        match = found[:1] if spec.underlay is None else [
+            f for f in found if f["address"] == spec.underlay]
         if not match:
             raise HostRefused(f"host {spec.name}: no underlay there holds {spec.underlay}",
                               "it has " + ", ".join(f"{f['ifname']} {f['address']}"
                                                     for f in found))
+        from kh.hw.stretch import StretchError, guest_mtu
+        try:  # a domain stretched to it must leave its nodes IPv6's 1280 bytes
+            guest_mtu(match[0]["mtu"], spec.name, match[0]["ifname"])
+        except StretchError as e:
+            raise HostRefused(e.message, e.hint) from None
         return dict(match[0])
 
     def _probe(self, spec: HostSpec) -> int:

@@ -536,14 +536,15 @@ def test_a_hosts_kh_fabric_commands_run_a_few_at_a_time(monkeypatch):
     now, most = [0], [0]
     lock = threading.Lock()
 
-    def run(argv, timeout, what):  # type: ignore[no-untyped-def]
+    def run(argv, timeout, what, limit=None):  # type: ignore[no-untyped-def]
         with lock:
             now[0] += 1
             most[0] = max(most[0], now[0])
         time.sleep(0.05)
         with lock:
             now[0] -= 1
-        return types.SimpleNamespace(stdout='{"taps": [], "made": {"device": 1, "bridge": 0}}')
+        return types.SimpleNamespace(
+            stdout='{"taps": ["kb1s0"], "made": {"device": 1, "bridge": 0}}')
 
     monkeypatch.setattr(span.proc, "run", run)
     gate = span.host_gate()
