@@ -132,6 +132,8 @@ class App:
         body = self._body(environ) if method == "POST" else self._query(environ)
         for m, rx, fn in ROUTES:
             if m == method and (match := re.fullmatch(rx, path)):
+                if fn in rq.OPERATOR_ONLY and not caller.operator:  # before its fields
+                    _operator(caller, rq.OPERATOR_ONLY[fn])
                 if "token" in body and fn not in TOKEN_ROUTES:  # kh.service.tokens: scope
                     raise tokens.out_of_scope(f"{method} {path[:80]}")
                 if fn in rq.FIELDS:  # each route's parameters, no other (rq.takes)
@@ -323,6 +325,7 @@ def ps_of(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, ps_table(data) + publish.table(data["publishes"]), data
 
 
+@rq.operator_only("listing principals is the operator's")
 @rq.takes()
 def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     _operator(caller, "listing principals is the operator's")
@@ -334,6 +337,7 @@ def principals(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
     return 200, "\n".join(lines) + "\n", data
 
 
+@rq.operator_only("removing a principal is the operator's")
 @rq.takes()
 def principal_rm(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
     _operator(caller, "removing a principal is the operator's")

@@ -315,6 +315,7 @@ def _words(v: object) -> tuple[str, ...]:
     return hostspec.runner_words(v)
 
 
+@rq.operator_only("adding a host is the operator's")
 @rq.takes("name", "uri", "capacity", "underlay", "prefix", "kh", "runner")
 def route_add(svc: Service, caller: Any, body: dict[str, Any]) -> tuple[int, str, Any]:
     _operator(caller, "adding a host is the operator's")
@@ -332,6 +333,7 @@ def route_add(svc: Service, caller: Any, body: dict[str, Any]) -> tuple[int, str
                  f"(underlay {h['underlay']})\n"), h
 
 
+@rq.operator_only("listing hosts is the operator's")
 @rq.takes()
 def route_list(svc: Service, caller: Any, body: dict[str, Any]) -> tuple[int, str, Any]:
     _operator(caller, "listing hosts is the operator's")
@@ -339,6 +341,7 @@ def route_list(svc: Service, caller: Any, body: dict[str, Any]) -> tuple[int, st
     return 200, table(data), data
 
 
+@rq.operator_only("removing a host is the operator's")
 @rq.takes()
 def route_remove(svc: Service, caller: Any, body: dict[str, Any], name: str
                  ) -> tuple[int, str, Any]:

@@ -117,6 +117,19 @@ def takes(*names: str) -> Callable[[R], R]:
     return mark
 
 
+OPERATOR_ONLY: dict[Callable[..., Any], str] = {}
+
+
+def operator_only(what: str) -> Callable[[R], R]:
+    """Mark a route the operator's alone (a decorator): anyone else is refused (403, ``what``)
+    before its parameters are read, whatever the request holds (a principal's credential
+    too)."""
+    def mark(fn: R) -> R:
+        OPERATOR_ONLY[fn] = what
+        return fn
+    return mark
+
+
 def check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
     """UsageError naming the first (in sorted order) of ``body``'s keys not in ``allowed``."""
     extra = sorted(k for k in body if k not in allowed)
