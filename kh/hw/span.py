@@ -73,7 +73,7 @@ def _remote_error(host: str, e: KhError) -> StretchError:
     said = [ln[4:] for ln in tail.splitlines() if ln.startswith("kh: ")]
     if said:
         return StretchError(printable(said[-1]))
-    last = tail.strip().splitlines()[-1:] or [str(e)]
+    last = tail.strip().splitlines()[-1:] or [e.message]
     return StretchError(f"host {host}: `kh fabric` did not answer: {printable(last[0])}",
                         "is kh installed there, and the host reachable?")
 

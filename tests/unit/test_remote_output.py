@@ -121,3 +121,10 @@ def test_a_far_wire_answer_of_another_shape_is_one_line_naming_the_host(monkeypa
     _answer(monkeypatch, answer)
     with pytest.raises(StretchError, match="host b: "):
         span.RemoteFabric(["true"], "kh", "b").wire(7, [3, None])
+
+
+def test_a_far_host_that_did_not_answer_gives_one_hint():
+    e = ProcessError("kh fabric underlays on hostc printed more than 1048576 bytes",
+                     "is that the program kh expects there?")
+    line = span._remote_error("hostc", e)
+    assert line.message.count("(") == 0 and line.hint, line
