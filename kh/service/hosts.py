@@ -77,14 +77,19 @@ class Hosts:
     def connect_all(self) -> None:
         """At khd's start, before the pool adopts: every recorded host's backend and fabric,
         connected now. A host that does not answer is left out (``down: WHY`` in the list):
-        its nodes are not found again (allocated ones fail, the others are dropped) and the
-        pool starts none there until it is removed and added again, or khd restarts."""
+        its nodes are not found again (allocated ones fail, "host NAME is down: WHY", the
+        others are dropped) and the pool starts none there until it is removed and added
+        again, or khd restarts."""
         for row in self.svc.store.hosts():
             try:
                 self._connect(row, check=True)
             except KhError as e:
                 self.faults[row.name] = e.message
                 log.error("host %s is down: %s", row.name, e)
+                why = e.message.removeprefix(f"host {row.name}: ")
+                for r in self.svc.store.nodes(NodeState.ALLOCATED):  # their principals read it
+                    if r.host == row.name:
+                        self.svc.store.node_failed(r.number, f"host {row.name} is down: {why}")
 
     def _connect(self, row: HostRow, check: bool = False) -> None:
         from kh.service.libvirt_nodes import LibvirtNodes  # only with added hosts
