@@ -60,8 +60,9 @@ def register(main: click.Group) -> None:
     def fabric() -> None:
         """This host's side of communication domains that span hosts (VXLAN)."""
 
-    prefix_opt = click.option("--prefix", default="kh", show_default=True,
-                              help="The kh installation's tag (its fabric is PREFIX-fabric).")
+    prefix_opt = click.option("--prefix", default="kh", show_default=True, envvar="KH_PREFIX",
+                              help="The kh installation's tag (its fabric is PREFIX-fabric; "
+                              "default $KH_PREFIX, as every kh command).")
 
     @fabric.command("stretch")
     @prefix_opt
