@@ -152,6 +152,8 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
             "farm_pss_mib": round(sum(m["Pss"] for m in mem) / 1024, 1),
             "node_mib": {k: round(statistics.median(m[k] for m in mem) / 1024, 1)
                          for k in ("RssAnon", "RssShmem", "RssFile", "Pss")},
+            "node_rss_max_mib": round(max(m["RssAnon"] + m["RssShmem"] + m["RssFile"]
+                                          for m in mem) / 1024, 1),
             "prompt_node_mib": ({k: round(statistics.median(m[k] for m in warm) / 1024, 1)
                                  for k in ("RssAnon", "RssShmem", "RssFile", "Pss")}
                                 if warm else None),
@@ -203,7 +205,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                        f"{n['RssFile']:.0f} (shared by all QEMUs); PSS {n['Pss']:.0f}; "
                        f"farm PSS {r['farm_pss_mib']:.0f}; khd while the farm idles "
                        f"{r['khd_idle_cpu_pct']:.1f} % of a core; a node's CPU in the "
-                       f"{r['settle_s']:g} s before: {statistics.median(r['settle_cpu_s']):.2f} s")
+                       f"{r['settle_s']:g} s before: {statistics.median(r['settle_cpu_s']):.2f} s; "
+                       f"the largest node's RSS {r['node_rss_max_mib']:.0f}")
             w = r.get("prompt_node_mib")
             if w:
                 out.append(f"COUNT {r['count']}: a node at the U-Boot prompt (the pool's others): "
