@@ -124,9 +124,7 @@ class Hosts:
         assert spec.prefix is not None and spec.runner is not None
         if self.svc.store.host(spec.name) is not None:
             raise HostRefused(f"host {spec.name} is already added", "kh host list shows it")
-        if len(self.svc.store.hosts()) >= MAX_HOSTS:
-            raise HostRefused(f"host {spec.name}: khd has {MAX_HOSTS} hosts already, the most "
-                              "it takes", "kh host rm one first")
+        self._bounded(spec.name)  # here (no ssh for nothing), and again as it is recorded
         try:
             far = self._far_underlay(spec)
             local, _ = self.svc.fabric.local_underlay()
@@ -142,6 +140,7 @@ class Hosts:
         row = HostRow(spec.name, spec.uri, capacity, far["address"], far["ifname"],
                       int(far["mtu"]), spec.prefix, spec.kh, spec.runner)
         with self.svc.lock:
+            self._bounded(row.name)  # adds side by side all passed the first check
             for other in self.svc.store.hosts():  # one host under two names would share
                 same = ("underlay " + row.underlay if other.underlay == row.underlay else
                         "URI and prefix" if (other.uri, other.prefix) == (row.uri, row.prefix)
@@ -157,6 +156,11 @@ class Hosts:
         self.svc.pool.wake()
         log.info("host %s added: %s, %d nodes", row.name, row.uri, row.capacity)
         return self._entry(row.name, row.to_json())
+
+    def _bounded(self, name: str) -> None:
+        if len(self.svc.store.hosts()) >= MAX_HOSTS:
+            raise HostRefused(f"host {name}: khd has {MAX_HOSTS} hosts already, the most it "
+                              "takes", "kh host rm one first")
 
     def _far_underlay(self, spec: HostSpec) -> dict[str, Any]:
         assert spec.runner is not None and spec.prefix is not None
