@@ -84,9 +84,9 @@ class Hosts:
             try:
                 self._connect(row, check=True)
             except KhError as e:
-                self.faults[row.name] = e.message
+                why = e.message.removeprefix(f"host {row.name}: ")  # the list names it
+                self.faults[row.name] = why
                 log.error("host %s is down: %s", row.name, e)
-                why = e.message.removeprefix(f"host {row.name}: ")
                 for r in self.svc.store.nodes(NodeState.ALLOCATED):  # their principals read it
                     if r.host == row.name:
                         self.svc.store.node_failed(r.number, f"host {row.name} is down: {why}")

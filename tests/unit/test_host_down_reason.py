@@ -37,3 +37,12 @@ def test_an_allocated_node_of_a_host_down_at_khds_start_fails_naming_the_host(sv
     row = svc.store.node(9)
     assert row is not None and row.state == NodeState.FAILED
     assert row.reason is not None and row.reason.startswith("host b is down: "), row.reason
+
+
+def test_a_down_hosts_state_names_it_once(svc):
+    pytest.importorskip("libvirt")
+    svc.store.add_host(HostRow("b", "qemu+unix:///system?socket=/nonexistent/kh-test-sock", 2,
+                               "192.0.2.2", "kbul0", 1500, "kb", "kh", ()))
+    svc.hosts.connect_all()
+    state = {h["name"]: h["state"] for h in svc.hosts.list()}["b"]
+    assert state.startswith("down: ") and "host b" not in state, state
