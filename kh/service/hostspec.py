@@ -16,10 +16,10 @@ from kh.service.config import PREFIX_RE
 from kh.store_hosts import LOCAL
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
-# A qemu+ssh URI's host and user become words of ssh's command line: a DNS name or IPv4 address
-# (an IPv6 one in brackets), a POSIX user name; never an option (a leading '-': ProxyCommand=...)
-# nor anything a shell reads.
-HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# A qemu+ssh URI's host and user become words of ssh's command line: a DNS name, an ssh_config
+# alias or IPv4 address (an IPv6 one in brackets), a POSIX user name; never an option (a
+# leading '-': ProxyCommand=...) nor anything a shell reads.
+HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9_])?")
 USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 # `--kh`: one path; ssh joins the words into a line for the far shell, so it needs no quoting.
 KH_RE = re.compile(r"[A-Za-z0-9_./+][A-Za-z0-9_./+-]{0,511}")

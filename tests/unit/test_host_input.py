@@ -34,6 +34,7 @@ def test_the_uris_host_and_user_are_names_never_options_or_shell(uri):
     ("qemu+ssh://root@192.0.2.7:2200/system", "192.0.2.7"),
     ("qemu+ssh://root@[2001:db8::7]/system", "2001:db8::7"),
     ("qemu+ssh://kh_op.1@h-2/system", "h-2"),
+    ("qemu+ssh://root@kh_b/system", "kh_b"),  # an ssh_config alias
 ])
 def test_well_formed_hosts_and_users_still_make_the_runner(uri, host):
     runner = hostspec.runner_from_uri(uri)
