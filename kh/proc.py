@@ -309,6 +309,9 @@ def _bounded(proc: subprocess.Popen[bytes], input: bytes | None, timeout: float 
                     if not pending:
                         sel.unregister(key.fd)
                         proc.stdin.close()
+    out, err = b"".join(got[proc.stdout.fileno()]), b"".join(got[proc.stderr.fileno()])
+    proc.stdout.close()
+    proc.stderr.close()
     left = None if deadline is None else max(0.0, deadline - time.monotonic())
     proc.wait(timeout=left)
-    return (b"".join(got[proc.stdout.fileno()]), b"".join(got[proc.stderr.fileno()]))
+    return out, err
