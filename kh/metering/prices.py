@@ -60,6 +60,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 MAX_BYTES = 32 * 1024  # a price list: a file, or a body sent to khd (whose bodies are 64 KiB)
+MAX_NESTING = 32  # arrays and inline tables within each other (tomlines.nesting); a list needs 2
 MAX_ENTRIES = 256
 MAX_WINDOWS = 32  # per entry
 MAX_TIERS = 32
@@ -96,6 +97,9 @@ def parse(data: bytes, source: str) -> PriceList:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise PriceError(f"{source}: not UTF-8 text") from None
+    if tomlines.nesting(text) > MAX_NESTING:
+        raise PriceError(f"{source}: nested too deeply (arrays or inline tables within each "
+                         f"other, more than {MAX_NESTING} levels; a price list needs two)")
     try:
         raw = tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as e:

@@ -44,3 +44,32 @@ def numbered(lines: list[str]) -> Iterator[tuple[int, str]]:
             continue
         if not multiline:
             yield n, line
+
+
+def nesting(text: str) -> int:
+    """The deepest nesting of arrays and inline tables (``[``/``{``) in TOML ``text``, outside
+    strings and comments, counted without recursion; table headers count 1. Why: tomllib
+    recurses once per level, so what it does with deep nesting depends on the interpreter's
+    recursion limit at the time (which tests and libraries change), not on the text."""
+    depth = deepest = i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":  # a comment, to the end of its line
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if c in "\"'":
+            quote = text[i:i + 3] if text[i:i + 3] in ('"""', "'''") else c
+            i += len(quote)
+            while i < n and not text.startswith(quote, i):
+                i += 2 if c == '"' and text[i] == "\\" else 1  # a basic string's escape
+            i += len(quote)
+            continue
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return deepest

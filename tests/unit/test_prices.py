@@ -4,6 +4,7 @@ non-zero and asks khd nothing."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from kh.cli import bill as bill_cli
 from kh.cli.main import main
-from kh.metering import billing, prices
+from kh.metering import billing, prices, tomlines
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = 'currency = "EUR"\nvalid_from = 2026-01-01\n'  # lines 1-2
@@ -119,6 +120,28 @@ def test_a_deeply_nested_price_list_is_one_error_not_a_crash(nest):
     assert len(text) <= prices.MAX_BYTES
     with pytest.raises(prices.PriceError, match=r"^t\.toml: nested too deeply"):
         prices.parse(text, "t.toml")
+
+
+@pytest.mark.parametrize("limit", [200, 100_000])
+def test_nesting_is_refused_whatever_the_recursion_limit(limit):
+    # what tomllib does with 5000 levels depended on sys.getrecursionlimit() (hypothesis and
+    # pytest change it): with a high one it parsed them, with a low one anything could fail
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        text = (HEAD + "a = " + "[" * 5000 + "]" * 5000 + "\n").encode()
+        with pytest.raises(prices.PriceError, match=r"^t\.toml: nested too deeply"):
+            prices.parse(text, "t.toml")
+    finally:
+        sys.setrecursionlimit(old)
+
+
+@pytest.mark.parametrize("text, depth", [
+    ("a = 1", 0), ("[t]\na = [1, [2]]", 2), ("a = '[[[['", 0), ('a = "\\"[[["', 0),
+    ('a = """[[\n[["""\nb = [ ]', 1), ("# [[[[\na = {b = [1]}", 2), ("a = ']]]' \nb = [[1]]", 2),
+])
+def test_nesting_counts_brackets_outside_strings_and_comments(text, depth):
+    assert tomlines.nesting(text) == depth
 
 
 def test_kh_bill_with_a_bad_price_file_says_so_in_one_line_and_asks_khd_nothing(
