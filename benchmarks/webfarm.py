@@ -40,7 +40,7 @@ from typing import Any
 from benchmarks.common import CRED, REPO, free_port, release, wait_free
 from kh.client import Client
 from kh.service import control
-from kh.service.config import KH_QEMU, ServiceConfig
+from kh.service.config import ServiceConfig
 from kh.settings import paths
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -227,18 +227,16 @@ def main() -> None:
     ap.add_argument("--kernel", type=Path, default=None,
                     help="boot this uImage instead of images/out's (a kernel being tried)")
     ap.add_argument("--qemu", default=None,
-                    help="the nodes' QEMU program (default: khd's, kh's own build in "
-                         "images/out when there; /usr/bin/qemu-system-ppc is Debian's)")
+                    help="the nodes' QEMU program (default: khd's, Debian's qemu-system-ppc; "
+                         "kh's own build: images/out/qemu-system-ppc)")
     args = ap.parse_args()
     counts = [int(x) for x in args.counts.split(",")]
     size = max(counts)
     tmp = tempfile.mkdtemp(prefix="kh-bench-webfarm-")
     images = Path(tmp) / "images"  # a copy: images/out may be rebuilt while this runs
     images.mkdir()
-    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg",
-                 KH_QEMU):
-        if name != KH_QEMU or (paths().out / name).exists():
-            shutil.copy2(paths().out / name, images / name)
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg"):
+        shutil.copy2(paths().out / name, images / name)
     if args.kernel is not None:
         shutil.copy2(args.kernel, images / "uImage")
     cfg = ServiceConfig(state_dir=Path(tmp) / "state", images=images, nodes=size,

@@ -84,8 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outside", None, "--no-outside", "no outside world at all: nothing on the host "
             "reaches the external domain (default: kh makes and owns <prefix>-outside unless "
             "--uplink-netns names one)", what="an outside world {}"),
-    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default kh's own build, "
-            "qemu-system-ppc among the images, else Debian's qemu-system-ppc)",
+    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default Debian's "
+            "qemu-system-ppc; kh's own build, less memory per node: "
+            "<images>/qemu-system-ppc)",
             what="QEMU {}"),
     Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
             "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
@@ -231,22 +232,23 @@ class ServiceConfig:
 
     @property
     def node_qemu(self) -> str:
-        """The QEMU program the direct backend's nodes run: ``qemu`` (KH_QEMU) when set; else
-        kh's own build published with the images (``images/qemu-system-ppc``, made by
-        images/recipes/qemu.toml: a ppce500 node's devices only, less memory per node,
-        docs/density.md) when it is there; else Debian's ``qemu-system-ppc`` on PATH."""
-        if self.qemu:
-            return self.qemu
-        own = self.images / KH_QEMU
-        if own.is_file() and os.access(own, os.X_OK):
-            return str(own)
-        return KH_QEMU
+        """The QEMU program the direct backend's nodes run: ``qemu`` (KH_QEMU) when set, else
+        Debian's ``qemu-system-ppc`` on PATH. kh's own build (``khs_qemu``) is the operator's
+        choice (KH_QEMU=<images>/qemu-system-ppc): less memory per idle node, more boot CPU
+        in a mass boot (docs/density.md#khs-own-qemu)."""
+        return self.qemu or KH_QEMU
+
+    @property
+    def khs_qemu(self) -> Path:
+        """kh's own QEMU, published with the images (images/recipes/qemu.toml)."""
+        return self.images / KH_QEMU
 
     @property
     def runs_khs_qemu(self) -> bool:
-        """The nodes run kh's own QEMU: the direct backend, no KH_QEMU, kh's build there (the
-        libvirt backend runs Debian's)."""
-        return self.backend == "qemu" and self.qemu is None and self.node_qemu != KH_QEMU
+        """The nodes run kh's own QEMU: the direct backend (the libvirt backend runs Debian's)
+        with KH_QEMU naming the build among the images."""
+        return (self.backend == "qemu" and self.qemu is not None
+                and os.path.realpath(self.qemu) == os.path.realpath(self.khs_qemu))
 
     @property
     def images_needed(self) -> tuple[Path, ...]:

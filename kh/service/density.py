@@ -16,9 +16,10 @@ from kh.errors import KhError
 # Measured with benchmarks/webfarm.py on a 2-core host (issue 13): per node's QEMU, PSS (its
 # share of QEMU's binary and libraries, which the host holds once, plus all else it holds).
 # khd's nodes run kh's own QEMU (images/recipes/qemu.toml); Debian's full build holds more.
-IDLE_BOOTED_MIB = 39  # an idle booted apache node, kh's QEMU (38-39 MiB; RSS 46-47 MiB)
-DEBIAN_IDLE_BOOTED_MIB = 66  # the same with Debian's qemu-system-ppc (64-66; RSS 86-88)
-PROMPT_MIB = 22  # a node at the U-Boot prompt, kept warm (RSS 44 MiB)
+IDLE_BOOTED_MIB = 38  # an idle booted apache node, kh's QEMU (37-38 MiB; RSS 46-50 MiB)
+DEBIAN_IDLE_BOOTED_MIB = 66  # the same with Debian's qemu-system-ppc (64-67; RSS 86-90)
+PROMPT_MIB = 16  # a node at the U-Boot prompt, kept warm, kh's QEMU (RSS 25)
+DEBIAN_PROMPT_MIB = 22  # the same with Debian's (RSS 44)
 IDLE_CPU_PCT = 0.1  # an idle booted apache node, % of one host core (0.05-0.1)
 BOOT_CPU_S = 4.0  # CPU-seconds one apache node takes from khget to its page (3.5-4.4)
 # What khd counts a node as when it checks that the host holds N: an idle booted node and some
@@ -90,7 +91,7 @@ def describe(mem: HostMemory, cores: int | None = None, khs_qemu: bool = True
     return {
         "idle booted node": f"{IDLE_CPU_PCT:g} % of a host core, {idle} "
                             "(apache appliance, measured: docs/density.md)",
-        "node at the U-Boot prompt": f"{PROMPT_MIB} MiB",
+        "node at the U-Boot prompt": f"{PROMPT_MIB if khs_qemu else DEBIAN_PROMPT_MIB} MiB",
         "boot": f"{BOOT_CPU_S:g} CPU-seconds per node from khget to its page: "
                 f"{cores} cores boot about {int(60 * cores / BOOT_CPU_S)} nodes a minute",
         "this host": f"{cores} cores, {mem.total_mib} MiB, {mem.available_mib} MiB "

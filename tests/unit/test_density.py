@@ -61,13 +61,12 @@ def test_preflight_counts_this_prefixs_running_qemus(tmp_path, monkeypatch):
         (n, running, mem.available_mib, budget)))
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,
                                                 prefix="kz", nodes=12))
-    own = tmp_path / config.KH_QEMU  # kh's QEMU built: its nodes hold less
-    own.write_bytes(b"")
-    own.chmod(0o755)
+    own = str(tmp_path / config.KH_QEMU)  # KH_QEMU naming kh's QEMU: its nodes hold less
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,
-                                                prefix="kz", nodes=12))
+                                                prefix="kz", nodes=12, qemu=own))
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,
-                                                prefix="kz", nodes=12, backend="libvirt"))
+                                                prefix="kz", nodes=12, backend="libvirt",
+                                                qemu=own))
     assert seen == [(12, 3, 5000, density.DEBIAN_NODE_BUDGET_MIB),
                     (12, 3, 5000, density.NODE_BUDGET_MIB),
                     (12, 3, 5000, density.DEBIAN_NODE_BUDGET_MIB)]

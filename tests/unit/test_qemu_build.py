@@ -48,14 +48,14 @@ def test_publish_keeps_a_programs_mode(tmp_path):
     assert dest.stat().st_mode & 0o777 == 0o755
 
 
-def test_nodes_run_khs_qemu_when_built(tmp_path):
+def test_khs_qemu_is_the_operators_choice(tmp_path):
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path)
-    assert cfg.node_qemu == KH_QEMU  # not built: Debian's, from PATH
-    own = tmp_path / KH_QEMU
-    own.write_bytes(b"")
-    own.chmod(0o644)
-    assert cfg.node_qemu == KH_QEMU  # not a program
-    own.chmod(0o755)
-    assert cfg.node_qemu == str(own)
+    assert cfg.node_qemu == KH_QEMU and not cfg.runs_khs_qemu  # default: Debian's, on PATH
+    own = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path,
+                        qemu=str(tmp_path / KH_QEMU))
+    assert own.node_qemu == str(tmp_path / KH_QEMU) and own.runs_khs_qemu
+    libvirt = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, backend="libvirt",
+                            qemu=str(tmp_path / KH_QEMU))
+    assert not libvirt.runs_khs_qemu  # its nodes run the libvirt host's QEMU
     other = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, qemu="/x/qemu")
-    assert other.node_qemu == "/x/qemu"  # KH_QEMU wins
+    assert other.node_qemu == "/x/qemu" and not other.runs_khs_qemu
