@@ -307,6 +307,9 @@ def main(args: list[str]) -> None:
     root, run_dir = args[:sep]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
+    # a checkout under /root (CI's clean root has it at /root/kh) would be hidden by the
+    # private /root, and with it the kh b runs: held open here, bound back in below
+    keep = os.open(REPO, os.O_PATH) if REPO.is_relative_to("/root") else None
     for source, target in ((root, "/root"), (run_dir, "/run/libvirt")):
         # the mount holding the target stops propagating (to this namespace's peers: the
         # machine's), so the bind stays here; /run/netns stays shared, so kh's namespaces made
@@ -315,6 +318,12 @@ def main(args: list[str]) -> None:
                                 capture_output=True, text=True).stdout.strip()
         subprocess.run(["mount", "--make-private", holder], check=True)
         subprocess.run(["mount", "--bind", source, target], check=True)
+    if keep is not None:
+        REPO.mkdir(parents=True, exist_ok=True)  # in the private /root, the test's directory
+        subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{keep}",
+                        str(REPO)], check=True,
+                       pass_fds=(keep,))
+        os.close(keep)
     os.execvp(program[0], program)
 
 
