@@ -154,6 +154,9 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
                          for k in ("RssAnon", "RssShmem", "RssFile", "Pss")},
             "node_rss_max_mib": round(max(m["RssAnon"] + m["RssShmem"] + m["RssFile"]
                                           for m in mem) / 1024, 1),
+            # the largest node's own figures: what it holds more than the median, and whether
+            # it was still busy (an idle node's QEMU gives its code cache back)
+            "largest_node": largest_node(mem, idle_pct, settle_cpu),
             "prompt_node_mib": ({k: round(statistics.median(m[k] for m in warm) / 1024, 1)
                                  for k in ("RssAnon", "RssShmem", "RssFile", "Pss")}
                                 if warm else None),
@@ -162,6 +165,16 @@ def one_count(cfg: ServiceConfig, env: dict[str, str], count: int, idle: float,
             "settle_cpu_s": [round(x, 2) for x in settle_cpu],
             "host_busy_pct": round(100 * busy / (span * CORES), 1),
             "idle_cpu_pct": [round(x, 2) for x in idle_pct]}
+
+
+def largest_node(mem: list[dict[str, int]], idle_pct: list[float],
+                 settle_cpu: list[float]) -> dict[str, float]:
+    """The farm node with the largest RSS: its anon / guest RAM / files MiB, its idle % of a
+    core and its CPU-seconds while settling."""
+    i = max(range(len(mem)), key=lambda k: mem[k]["RssAnon"] + mem[k]["RssShmem"]
+            + mem[k]["RssFile"])
+    return {**{k: round(mem[i][k] / 1024, 1) for k in ("RssAnon", "RssShmem", "RssFile")},
+            "idle_cpu_pct": idle_pct[i], "settle_cpu_s": round(settle_cpu[i], 2)}
 
 
 class Failed(Exception):
@@ -207,6 +220,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                        f"{r['khd_idle_cpu_pct']:.1f} % of a core; a node's CPU in the "
                        f"{r['settle_s']:g} s before: {statistics.median(r['settle_cpu_s']):.2f} s; "
                        f"the largest node's RSS {r['node_rss_max_mib']:.0f}")
+            g = r["largest_node"]
+            out.append(f"COUNT {r['count']}: the largest node: anon {g['RssAnon']:.0f} + guest "
+                       f"RAM {g['RssShmem']:.0f} + files {g['RssFile']:.0f}; idle "
+                       f"{g['idle_cpu_pct']:.2f} % of a core, {g['settle_cpu_s']:.2f} CPU-s "
+                       f"while settling")
             w = r.get("prompt_node_mib")
             if w:
                 out.append(f"COUNT {r['count']}: a node at the U-Boot prompt (the pool's others): "
@@ -227,15 +245,16 @@ def main() -> None:
     ap.add_argument("--kernel", type=Path, default=None,
                     help="boot this uImage instead of images/out's (a kernel being tried)")
     ap.add_argument("--qemu", default=None,
-                    help="the nodes' QEMU program (default: khd's, Debian's qemu-system-ppc; "
-                         "kh's own build: images/out/qemu-system-ppc)")
+                    help="the nodes' QEMU program (default: khd's, kh's own build among the "
+                         "images; Debian's: qemu-system-ppc)")
     args = ap.parse_args()
     counts = [int(x) for x in args.counts.split(",")]
     size = max(counts)
     tmp = tempfile.mkdtemp(prefix="kh-bench-webfarm-")
     images = Path(tmp) / "images"  # a copy: images/out may be rebuilt while this runs
     images.mkdir()
-    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg"):
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "apache.cpio.gz.uimg",
+                 "qemu-system-ppc"):  # kh's QEMU, khd's default for its nodes
         shutil.copy2(paths().out / name, images / name)
     if args.kernel is not None:
         shutil.copy2(args.kernel, images / "uImage")

@@ -26,8 +26,8 @@ from kh.hw.tags import FabricConfig
 from kh.model import FIRST_PRIVATE
 from kh.settings import paths
 
-# kh's QEMU for its nodes, published with the images; Debian's program has the same name.
-KH_QEMU = "qemu-system-ppc"
+# kh's QEMU for its nodes is published with the images under the name of Debian's program.
+QEMU_PROGRAM = "qemu-system-ppc"
 
 # Node numbers go into each node's MACs (16 bits) and addresses (10.d.(n>>8).(n&255), at most
 # allocation.MAX_NODE), and a node that dies allocated is replaced under a number past the
@@ -84,9 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outside", None, "--no-outside", "no outside world at all: nothing on the host "
             "reaches the external domain (default: kh makes and owns <prefix>-outside unless "
             "--uplink-netns names one)", what="an outside world {}"),
-    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default Debian's "
-            "qemu-system-ppc; kh's own build, less memory per node: "
-            "<images>/qemu-system-ppc)",
+    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default kh's own build "
+            "among the images, <images>/qemu-system-ppc: half the memory per node; Debian's: "
+            "KH_QEMU=qemu-system-ppc)",
             what="QEMU {}"),
     Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
             "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
@@ -144,7 +144,7 @@ class ServiceConfig:
     prefix: str = "kh"
     uplink_netns: str | None = None  # the operator's outside world: kh never removes it
     outside: bool = True  # without uplink_netns: kh's own outside world, <prefix>-outside
-    qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: the board's
+    qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: kh's own (khs_qemu)
     backend: str = "qemu"  # kh.hw.backend: qemu (direct) or libvirt (KH_BACKEND)
     placement: str = "fill"  # kh.service.placement: fill or spread (KH_PLACEMENT)
     domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
@@ -233,28 +233,30 @@ class ServiceConfig:
     @property
     def node_qemu(self) -> str:
         """The QEMU program the direct backend's nodes run: ``qemu`` (KH_QEMU) when set, else
-        Debian's ``qemu-system-ppc`` on PATH. kh's own build (``khs_qemu``) is the operator's
-        choice (KH_QEMU=<images>/qemu-system-ppc): less memory per idle node, more boot CPU
-        in a mass boot (docs/density.md#khs-own-qemu)."""
-        return self.qemu or KH_QEMU
+        kh's own build among the images (``khs_qemu``: half the memory per idle node, the same
+        boot CPU; docs/density.md#khs-own-qemu). KH_QEMU=qemu-system-ppc is Debian's, on
+        PATH."""
+        return self.qemu or str(self.khs_qemu)
 
     @property
     def khs_qemu(self) -> Path:
         """kh's own QEMU, published with the images (images/recipes/qemu.toml)."""
-        return self.images / KH_QEMU
+        return self.images / QEMU_PROGRAM
 
     @property
     def runs_khs_qemu(self) -> bool:
         """The nodes run kh's own QEMU: the direct backend (the libvirt backend runs Debian's)
-        with KH_QEMU naming the build among the images."""
-        return (self.backend == "qemu" and self.qemu is not None
-                and os.path.realpath(self.qemu) == os.path.realpath(self.khs_qemu))
+        with KH_QEMU unset or naming the build among the images."""
+        return (self.backend == "qemu"
+                and os.path.realpath(self.node_qemu) == os.path.realpath(self.khs_qemu))
 
     @property
     def images_needed(self) -> tuple[Path, ...]:
-        """The published images every node is started from."""
+        """The published images every node is started from, and kh's own QEMU when the nodes
+        run it."""
+        own = (self.khs_qemu,) if self.runs_khs_qemu else ()
         return (self.images / "u-boot.elf", self.images / "uImage",
-                self.images / f"{self.appliance}.cpio.gz.uimg")
+                self.images / f"{self.appliance}.cpio.gz.uimg", *own)
 
 
 def default_state_dir() -> Path:

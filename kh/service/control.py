@@ -22,7 +22,6 @@ from kh.client import Client, Disconnected, NotRunning
 from kh.errors import KhError
 from kh.hw import cgroup, libvirtd
 from kh.hw import netns as nsutil
-from kh.hw.board import BOARDS
 from kh.hw.fabric import Fabric
 from kh.service import config, preflight, procid, statedir
 from kh.service.config import ServiceConfig
@@ -119,8 +118,8 @@ def mismatch(running: ServiceConfig, asked: ServiceConfig, given: set[str]) -> s
     """`khd already running with 8 nodes, not 4`, when a setting asked for differs."""
     def value(cfg: ServiceConfig, field: str) -> object:
         v = getattr(cfg, field)
-        if field == "qemu" and v is None:  # unset is the board's own program: the same thing
-            v = BOARDS["ppce500"].qemu
+        if field == "qemu":  # unset is kh's own build: the same thing as naming it
+            v = cfg.node_qemu
         if isinstance(v, bool):
             v = "on" if v else "off"
         return Path(os.path.abspath(v)) if isinstance(v, Path) else v  # khd's are absolute

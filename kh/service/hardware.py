@@ -32,7 +32,8 @@ class Hardware:
                 "nodes": self.cfg.nodes,
                 "qemu": ("kh's own qemu-system-ppc 7.2 (Debian's source, a ppce500 node's devices "
                          "only; docs/density.md)" if self.cfg.runs_khs_qemu
-                         else "Debian's qemu-system-ppc" if self.cfg.qemu is None
+                         else "Debian's qemu-system-ppc" if self.cfg.qemu == "qemu-system-ppc"
+                         else "the libvirt host's" if self.cfg.backend != "qemu"
                          else "the operator's (KH_QEMU)"),
                 "density": density.describe(density.host_memory(),
                                             khs_qemu=self.cfg.runs_khs_qemu)}

@@ -37,7 +37,9 @@ def qemu_program(cfg: ServiceConfig) -> str:
 
 
 def check_programs(cfg: ServiceConfig) -> None:
-    programs = [qemu_program(cfg), "nsenter", "nft"]  # nft: the fabric's firewall
+    # kh's own QEMU is one of the images (check_images); another is a program on PATH
+    qemu = [] if cfg.runs_khs_qemu else [qemu_program(cfg)]
+    programs = [*qemu, "nsenter", "nft"]  # nft: the fabric's firewall
     for program in programs:
         if shutil.which(program) is None:
             raise KhError(f"{program} is not installed (not on PATH)",

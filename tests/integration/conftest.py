@@ -48,7 +48,7 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def kh_paths() -> Paths:
     p = paths()
-    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg"):
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "qemu-system-ppc"):
         if not (p.out / name).exists():
             pytest.skip(f"images/out/{name} is missing: run `make images` (make test does)")
     return p

@@ -60,8 +60,8 @@ def test_preflight_counts_this_prefixs_running_qemus(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.density, "check", lambda n, running, mem, budget: seen.append(
         (n, running, mem.available_mib, budget)))
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,
-                                                prefix="kz", nodes=12))
-    own = str(tmp_path / config.KH_QEMU)  # KH_QEMU naming kh's QEMU: its nodes hold less
+                                                prefix="kz", nodes=12, qemu="qemu-system-ppc"))
+    own = str(tmp_path / config.QEMU_PROGRAM)  # KH_QEMU naming kh's QEMU: its nodes hold less
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,
                                                 prefix="kz", nodes=12, qemu=own))
     preflight.check_memory(config.ServiceConfig(state_dir=tmp_path, images=tmp_path,

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from kh.images import build, qemubuild, recipe
-from kh.service.config import KH_QEMU, ServiceConfig
+from kh.service.config import QEMU_PROGRAM as KH_QEMU
+from kh.service.config import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,9 +49,13 @@ def test_publish_keeps_a_programs_mode(tmp_path):
     assert dest.stat().st_mode & 0o777 == 0o755
 
 
-def test_khs_qemu_is_the_operators_choice(tmp_path):
+def test_khs_qemu_is_the_default(tmp_path):
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path)
-    assert cfg.node_qemu == KH_QEMU and not cfg.runs_khs_qemu  # default: Debian's, on PATH
+    assert cfg.node_qemu == str(tmp_path / KH_QEMU) and cfg.runs_khs_qemu  # default: kh's own
+    assert tmp_path / KH_QEMU in cfg.images_needed  # preflight: `kh images build` when missing
+    debian = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, qemu=KH_QEMU)
+    assert debian.node_qemu == KH_QEMU and not debian.runs_khs_qemu  # Debian's, on PATH
+    assert tmp_path / KH_QEMU not in debian.images_needed
     own = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path,
                         qemu=str(tmp_path / KH_QEMU))
     assert own.node_qemu == str(tmp_path / KH_QEMU) and own.runs_khs_qemu

@@ -130,9 +130,13 @@ def test_khd_running_with_other_settings_is_refused(running_khd):
     other_port = config.from_env(images=cfg.images, nodes=8, api_port=cfg.api_port + 1)
     with pytest.raises(KhError, match=f"with API port {cfg.api_port}, not {cfg.api_port + 1}"):
         control.start(other_port, given={"nodes", "api_port"})
-    # the default QEMU asked for by name is what the running khd (KH_QEMU unset) uses
-    default_qemu = config.from_env(images=cfg.images, qemu="qemu-system-ppc")
+    # the default QEMU (kh's own) asked for by name is what the running khd (KH_QEMU unset)
+    # uses; Debian's is another
+    default_qemu = config.from_env(images=cfg.images, qemu=str(cfg.images / "qemu-system-ppc"))
     assert control.start(default_qemu, given={"qemu"}).already
+    with pytest.raises(KhError, match=r"with QEMU .*qemu-system-ppc, not qemu-system-ppc"):
+        control.start(config.from_env(images=cfg.images, qemu="qemu-system-ppc"),
+                      given={"qemu"})
     # the same settings, or none asked for: it runs, and that is success
     assert control.start(config.from_env(images=cfg.images, nodes=8),
                          given={"nodes"}).already

@@ -41,7 +41,7 @@ def test_qemu_setting_comes_from_the_environment_and_reaches_the_argv(tmp_path, 
     assert board.qemu_argv(node_spec(cfg, 1))[0] == "/x/fake-qemu"
     monkeypatch.delenv("KH_QEMU")
     cfg = config.from_env(state_dir=tmp_path, images=tmp_path)
-    assert board.qemu_argv(node_spec(cfg, 1))[0] == "qemu-system-ppc"
+    assert board.qemu_argv(node_spec(cfg, 1))[0] == str(tmp_path / "qemu-system-ppc")  # kh's
 
 
 def test_every_path_of_khd_under_the_state_dir_is_one_clean_removes(tmp_path):
@@ -114,7 +114,10 @@ def test_missing_program_names_its_package(tmp_path, monkeypatch):
     for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg"):
         (img / name).write_bytes(b"x")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    cfg = ServiceConfig(state_dir=tmp_path / "state", images=img)
+    own = ServiceConfig(state_dir=tmp_path / "state", images=img)  # kh's QEMU: an image
+    with pytest.raises(KhError, match=r"qemu-system-ppc is missing \(build the images"):
+        preflight.check_images(own)
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=img, qemu="qemu-system-ppc")
     with pytest.raises(KhError) as e:
         preflight.check_programs(cfg)
     assert str(e.value).startswith("qemu-system-ppc is not installed (not on PATH) (it comes "
