@@ -385,13 +385,32 @@ def status(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
                        "repairs": svc.repairs, "outside": outside, "page": page}
 
 
+# What a principal may fetch from the images directory (docs/api.yaml): the node images (U-Boot,
+# the kernel, each appliance: kh.appliance.spec.NAME_RE before .cpio.gz.uimg) and the full root
+# file servers unpack (kh.rootimage). Nothing else there is published: kh's own QEMU, the build
+# records, the root's tree, whatever the operator leaves there.
+PUBLISHED = re.compile(r"u-boot\.elf|uImage|root\.tar\.gz|[a-z][a-z0-9-]{0,30}\.cpio\.gz\.uimg")
+
+
+def _published(images: Path, name: str) -> Path | None:
+    """``images/name`` when ``name`` is a published image's name and that is a regular file
+    (never through a link: the final open is O_NOFOLLOW too); None otherwise."""
+    if not PUBLISHED.fullmatch(name):
+        return None
+    p = images / name
+    try:
+        return p if stat.S_ISREG(p.lstat().st_mode) else None
+    except OSError:
+        return None
+
+
 @rq.takes()
 def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
-    """The published images a node may fetch (the disk server loads kernels and appliances):
-    regular files only, never a link; one ``NAME SIZE SHA256`` line each (kh.service.pins)."""
-    files = sorted(p for p in svc.cfg.images.iterdir()
-                   if not p.name.startswith(".") and p.suffix != ".json"
-                   and stat.S_ISREG(p.lstat().st_mode))
+    """The published images a node may fetch (the disk server loads kernels and appliances;
+    PUBLISHED names them): regular files only, never a link; one ``NAME SIZE SHA256`` line
+    each (kh.service.pins)."""
+    files = sorted(p for p in (_published(svc.cfg.images, n)
+                               for n in os.listdir(svc.cfg.images)) if p is not None)
     data = []
     for p in files:
         try:  # each with its sha256, which a node checks its download against
@@ -404,13 +423,10 @@ def images(svc: Service, caller: Caller, body: dict[str, Any]) -> Result:
 
 @rq.takes()
 def image(svc: Service, caller: Caller, body: dict[str, Any], name: str) -> Result:
-    p = svc.cfg.images / name
-    try:
-        regular = stat.S_ISREG(p.lstat().st_mode)
-    except OSError:
-        regular = False
-    if name.startswith(".") or p.suffix == ".json" or not regular:
-        raise NotFound(f"no image {name!r}", "GET /v1/images lists them")
+    """One published image (PUBLISHED), as the open file; 404 for any other name."""
+    p = _published(svc.cfg.images, name)
+    if p is None:
+        raise NotFound(f"no image {name[:80]!r}", "GET /v1/images lists them")
     return 200, p, None
 
 
