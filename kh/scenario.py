@@ -39,11 +39,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kh import boot, proc, textobj
+from kh import proc, textobj
 from kh.cli import credential
 from kh.errors import KhError, Stopped
 from kh.hw import uboot
 from kh.hw.console import Console
+from kh.hw.nodeshell import BootedNode
 from kh.model import AllocationInfo
 from kh.scenario_consoles import Shells, Watch
 from kh.settings import paths
@@ -216,9 +217,9 @@ class Scenario:
 
     def run(self, alloc: Allocation, node: int, command: str, timeout: float = 120.0
             ) -> tuple[str, int]:
-        """A shell command on a booted node (kh.boot.BootedNode.run over con<ID>.<N>):
+        """A shell command on a booted node (kh.hw.nodeshell.BootedNode.run over con<ID>.<N>):
         its output and exit status."""
-        return boot.BootedNode(self._shell(alloc, node), "").run(command, timeout)
+        return BootedNode(self._shell(alloc, node), "").run(command, timeout)
 
     def check(self, alloc: Allocation, node: int, command: str, timeout: float = 120.0) -> str:
         """``run``, raising ScenarioError unless the command exits 0."""

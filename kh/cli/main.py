@@ -23,6 +23,7 @@ from kh.cli.token import register as register_token_commands
 from kh.cli.topo import register as register_topo_commands
 from kh.cli.usage import register as register_usage_commands
 from kh.errors import UsageError
+from kh.hw import framing
 from kh.hw.board import parse_mem
 from kh.images import build as image_build
 from kh.settings import paths
@@ -156,7 +157,7 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
     """
     if sh is not None and argv:
         raise UsageError("give either --sh 'CMD' or -- ARGV..., not both")
-    command = sh if sh is not None else boot_mod.argv_command(argv) if argv else None
+    command = sh if sh is not None else framing.argv_command(argv) if argv else None
     p = paths()
     cfg = boot_mod.default_config(p, appliance=appliance, kernel=kernel, ramdisk=ramdisk,
                                   bios=bios, mem_mib=parse_mem(mem), khargs=append,
@@ -168,7 +169,7 @@ def boot(appliance: str, kernel: Path | None, ramdisk: Path | None, bios: Path |
         if command is not None:
             sys.exit(node.run_streaming(command, _write_out, timeout=None))
         click.echo("kh: attached to the node's console; Ctrl-] leaves", err=True)
-        node.interact()
+        boot_mod.attach(node.console)
 
 
 def _write_out(data: bytes) -> None:

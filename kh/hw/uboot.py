@@ -1,4 +1,4 @@
-"""kh's U-Boot over a node's serial console: the prompt, a command, `run kboot`, `mrw`.
+"""kh's U-Boot over a node's serial console: the prompt, a command, khargs, `run kboot`, `mrw`.
 
 Used by `kh boot` and by khd's node manager.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from kh.errors import BootError, UsageError
-from kh.hw.console import Console
+from kh.hw.console import Console, ConsoleMatch
 
 # The longest command line U-Boot takes whole: CONFIG_SYS_CBSIZE=1024 in the u-boot.config kh
 # builds, less its terminating NUL. Measured here: a longer line is cut (at 1024 characters)
@@ -62,6 +62,22 @@ KBOOT_OUTCOME = re.compile(
     rb"|ERROR: )[^\r\n]*)\r?\n")
 MRW_OUTCOME = re.compile(rb"^mrw: (?:(?P<ok>\d+ bytes at 0x[0-9a-fA-F]+)"
                          rb"|error: (?P<error>[^\r\n]*))(?=\r?\n)", re.MULTILINE)
+
+
+def wait_prompt(console: Console, timeout: float, *, stage: str = "U-Boot prompt",
+                start: int | None = None) -> ConsoleMatch:
+    """Wait ``timeout`` seconds at most for U-Boot's prompt after offset ``start`` (default:
+    the last match's end). Raises KhTimeout naming ``stage``, or BootError if the console
+    closes first."""
+    return console.expect(UBOOT_PROMPT, timeout, stage=stage, start=start)
+
+
+def set_khargs(console: Console, khargs: str) -> None:
+    """At the U-Boot prompt, make ``khargs`` (the appliance's boot keys) U-Boot's ``khargs``.
+    Raises UsageError for a single quote, which would end the quoted value."""
+    if "'" in khargs:
+        raise UsageError("kernel arguments must not contain a single quote")
+    uboot_command(console, f"setenv khargs '{khargs}'")
 
 
 def uboot_command(console: Console, line: str, timeout: float = 10.0) -> str:

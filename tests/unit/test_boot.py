@@ -18,6 +18,7 @@ import pytest
 from kh import boot
 from kh.cli.common import stop_on_signals
 from kh.errors import Stopped, UsageError
+from kh.hw import framing, nodeshell
 from kh.hw.console import Console
 
 # --- how `kh boot` and BootedNode.run type a command at the node's shell -------------------
@@ -42,18 +43,18 @@ SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
     ([""], "''"),
 ])
 def test_argv_command_quotes_for_a_posix_shell(argv, line):
-    assert boot.argv_command(argv) == line
+    assert framing.argv_command(argv) == line
 
 
 def test_empty_argv_refused():
     with pytest.raises(UsageError, match="no command"):
-        boot.argv_command([])
+        framing.argv_command([])
 
 
 def host_shell(shell: str, command: str, tok: str = TOK) -> tuple[str, int, str]:
     """Type ``command``'s lines into a host shell reading its stdin, as the node's does; a
     line typed after them shows they were not swallowed. Returns output, status, the rest."""
-    lines = boot.typed_lines(command, tok)
+    lines = framing.typed_lines(command, tok)
     r = subprocess.run([shell], input="\n".join(lines).encode() + b"\necho typed-after\n",
                        capture_output=True, timeout=30,
                        env={"PATH": os.environ["PATH"], "HOME": "/home-of-the-shell"})
@@ -67,7 +68,7 @@ def host_shell(shell: str, command: str, tok: str = TOK) -> tuple[str, int, str]
 @pytest.mark.parametrize("args", [ODD_ARGS, ["x" * 3000 + "'\n%\\" * 300, "y"], []],
                          ids=["odd", "long", "none"])
 def test_argv_arrives_exactly(shell, args):
-    out, status, rest = host_shell(shell, boot.argv_command([*SHOW_ARGV, *args]))
+    out, status, rest = host_shell(shell, framing.argv_command([*SHOW_ARGV, *args]))
     assert (json.loads(out), status, rest) == (args, 0, "typed-after\n")
 
 
@@ -77,7 +78,7 @@ def test_argv_arrives_exactly(shell, args):
     (["sh", "-c", "kill -9 $$"], 137), (["cat"], 0),  # cat reads /dev/null, not the next line
 ])
 def test_argv_status_comes_back(shell, argv, status):
-    assert host_shell(shell, boot.argv_command(argv)) == ("", status, "typed-after\n")
+    assert host_shell(shell, framing.argv_command(argv)) == ("", status, "typed-after\n")
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -100,17 +101,17 @@ def test_sh_command_line_runs_in_a_subshell(shell, command, out, status):
 
 
 def test_typed_lines_are_short_printable_ascii():
-    for command in (boot.argv_command(["echo", *ODD_ARGS]), "\t" * 5000, "é" * 4000):
-        lines = boot.typed_lines(command, TOK)
-        assert len(lines) > 1 or len(command) < boot.LINE_MAX
+    for command in (framing.argv_command(["echo", *ODD_ARGS]), "\t" * 5000, "é" * 4000):
+        lines = framing.typed_lines(command, TOK)
+        assert len(lines) > 1 or len(command) < framing.LINE_MAX
         for line in lines:
-            assert len(line) + 1 <= boot.LINE_MAX
+            assert len(line) + 1 <= framing.LINE_MAX
             assert all(0x20 <= ord(c) < 0x7F for c in line), line
 
 
 def test_nul_refused():
     with pytest.raises(UsageError, match="NUL"):
-        boot.typed_lines("echo a\0b", TOK)
+        framing.typed_lines("echo a\0b", TOK)
 
 
 @pytest.fixture(params=SHELLS)
@@ -148,7 +149,7 @@ def tty_node(request, tmp_path):
     con = Console(path, name=f"host-{shell}")
     con.connect(5)
     try:
-        yield boot.BootedNode(con, f"host-{shell}")
+        yield nodeshell.BootedNode(con, f"host-{shell}")
     finally:
         con.close()
         os.kill(pid, signal.SIGKILL)
@@ -161,9 +162,9 @@ def test_run_through_a_terminal(tty_node):
     shell_pid, status = tty_node.run("echo $$")
     assert status == 0 and shell_pid.strip().isdigit()
     assert tty_node.run("exit 7") == ("", 7)
-    assert tty_node.run(boot.argv_command(["sh", "-c", "exit 7"])) == ("", 7)
+    assert tty_node.run(framing.argv_command(["sh", "-c", "exit 7"])) == ("", 7)
     assert tty_node.run("cat") == ("", 0)
-    assert tty_node.run(boot.argv_command(["printf", "%s|", "a  b", "$HOME", "it's"])) == \
+    assert tty_node.run(framing.argv_command(["printf", "%s|", "a  b", "$HOME", "it's"])) == \
         ("a  b|$HOME|it's|", 0)
     assert tty_node.run("echo $$") == (shell_pid, 0)  # still the same console shell
 
@@ -171,7 +172,7 @@ def test_run_through_a_terminal(tty_node):
 def test_long_command_through_a_terminal(tty_node):
     # Far past a canonical-mode tty's 4095 bytes and busybox's 1022-character line editor.
     args = ["x" * 5000, "it's\t%s\\", "ü" * 1000]
-    out, status = tty_node.run(boot.argv_command(["printf", "%s\\n", *args]))
+    out, status = tty_node.run(framing.argv_command(["printf", "%s\\n", *args]))
     assert (out, status) == ("".join(a + "\n" for a in args), 0)
     assert tty_node.run("echo after") == ("after\n", 0)
 
@@ -238,25 +239,25 @@ END = TOK.encode() + b"_E0\r\n"
 def test_no_part_of_the_end_marker_is_ever_handed_on(out):
     text = out + END
     for n in range(len(text)):  # the whole marker is the end, found before anything is cut
-        cut = boot.held_back(text[:n], TOK)
+        cut = framing.held_back(text[:n], TOK)
         assert out.startswith(text[:cut]), (n, text[:cut])
-    assert boot.held_back(out + b"more", TOK) == len(out) + 4  # only a marker's start waits
+    assert framing.held_back(out + b"more", TOK) == len(out) + 4  # only a marker's start waits
 
 
 def test_a_finished_line_is_handed_on_whole():
     """A line's newline never waits for the command's next byte (readers go by lines)."""
-    assert boot.held_back(b"one\r\n", TOK) == len(b"one\r\n")
-    assert boot.held_back(b"one\r\n" + TOK.encode()[:5], TOK) == len(b"one\r\n")
+    assert framing.held_back(b"one\r\n", TOK) == len(b"one\r\n")
+    assert framing.held_back(b"one\r\n" + TOK.encode()[:5], TOK) == len(b"one\r\n")
 
 
 def test_a_line_end_cut_between_its_cr_and_lf_is_not_handed_on_half():
     """The console's \r\n may arrive in two reads: the \r waits for its \n, so the output
     (\r\n made \n per piece) never carries a stray \r (a sha256sum line once failed to
     match the intranet's ^...$ check that way)."""
-    assert boot.held_back(b"one\r", TOK) == len(b"one")
+    assert framing.held_back(b"one\r", TOK) == len(b"one")
     text = b"a f1\r\nb f2\r\n" + END
     for n in range(len(text)):
-        cut = boot.held_back(text[:n], TOK)
+        cut = framing.held_back(text[:n], TOK)
         rest = text[cut:]
         got = text[:cut].replace(b"\r\n", b"\n") + rest[:rest.index(END)].replace(b"\r\n", b"\n")
         assert got == b"a f1\nb f2\n", (n, got)
@@ -267,7 +268,7 @@ def test_a_line_end_cut_between_its_cr_and_lf_is_not_handed_on_half():
     (b"U-Boot 2023.01 (Jan", 4), (b"U", 4), (b"rebuilt", 11), (b"Kernel", 4), (b"half", 8),
 ])
 def test_an_unfinished_kernel_line_is_not_output(tail, cut):
-    assert boot.held_back(b"ok\r\n" + tail, TOK) == cut
+    assert framing.held_back(b"ok\r\n" + tail, TOK) == cut
 
 
 @pytest.mark.parametrize("line,message", [
@@ -283,7 +284,7 @@ def test_an_unfinished_kernel_line_is_not_output(tail, cut):
 def test_the_node_leaving_linux_ends_the_command(tty_node, line, message):
     # The node's shell stands in for its kernel: the line arrives, the command never ends.
     parts: list[bytes] = []
-    with pytest.raises(boot.NodeLeft, match=re.escape(message)) as e:
+    with pytest.raises(nodeshell.NodeLeft, match=re.escape(message)) as e:
         tty_node.run_streaming(f"echo before; printf '%s\\n' '{line}'; sleep 600", parts.append,
                                timeout=60)
     assert e.value.exit_code == 125
@@ -292,7 +293,7 @@ def test_the_node_leaving_linux_ends_the_command(tty_node, line, message):
 
 def test_the_console_closing_ends_the_command(tty_node):
     # $$ in the subshell is the console's shell itself: the "node" goes away under the command.
-    with pytest.raises(boot.NodeLeft, match="the node stopped while running the command: "
+    with pytest.raises(nodeshell.NodeLeft, match="the node stopped while running the command: "
                                             "its console closed"):
         tty_node.run("kill -9 $$; sleep 600", timeout=60)
 

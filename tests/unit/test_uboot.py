@@ -1,9 +1,13 @@
 """Reading kh's U-Boot on a node's console: what ends a `run kboot`."""
 
+import socket
+import threading
+
 import pytest
 
 from kh.errors import UsageError
 from kh.hw import uboot
+from kh.hw.console import Console
 
 
 @pytest.mark.parametrize("line,group,text", [
@@ -68,3 +72,38 @@ def test_bytes_that_are_not_utf8_count_and_go_as_given():
     assert uboot.console_lines("\udcff" * uboot.LINE_MAX) == ["\udcff" * uboot.LINE_MAX]
     with pytest.raises(UsageError, match="1024 bytes"):
         uboot.console_lines("\udcff" * (uboot.LINE_MAX + 1))
+
+
+def test_khargs_with_a_single_quote_are_refused_before_anything_is_typed():
+    class NoConsole:  # nothing may be written
+        def mark(self):
+            raise AssertionError("written")
+
+        def write(self, data):
+            raise AssertionError("written")
+
+    with pytest.raises(UsageError, match="single quote"):
+        uboot.set_khargs(NoConsole(), "kh.x='1'")  # type: ignore
+
+
+def test_khargs_are_set_quoted_and_the_prompt_awaited(tmp_path):
+    a, b = socket.socketpair()
+    with Console(tmp_path / "none", name="fake") as con:
+        con.adopt(a)
+        b.sendall(b"=> ")
+        uboot.wait_prompt(con, 5)
+        uboot_side = []
+
+        def answer():
+            got = b""
+            while not got.endswith(b"\n"):
+                got += b.recv(4096)
+            uboot_side.append(got)
+            b.sendall(got.replace(b"\n", b"\r\n") + b"=> ")
+
+        t = threading.Thread(target=answer)
+        t.start()
+        uboot.set_khargs(con, "kh.node=3 kh.a=b c")
+        t.join(5)
+    b.close()
+    assert uboot_side == [b"setenv khargs 'kh.node=3 kh.a=b c'\n"]
