@@ -9,6 +9,10 @@ outcome in one transaction; a khd killed in between leaves a mark that the next 
 (kh.service.recovery): a khget is undone and its nodes scrapped, a release or a removal
 finished, a reset done again. So a crash leaves the old state or the new one, never half, and
 no principal's configuration survives into the pool.
+
+Parts of it are modules of their own, each one job: a request's admission (kh.service.admit),
+resets (kh.service.resets), domain membership (kh.service.membership), tokens, publishing,
+a principal's removal, the views.
 """
 
 from __future__ import annotations
@@ -16,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from kh import admission
@@ -44,7 +46,8 @@ from kh.model import (
     NodeInfo,
     NodeState,
 )
-from kh.service import membership, placement, recovery, tokens, views
+from kh.service import admit, membership, placement, recovery, resets, tokens, views
+from kh.service.admit import Admitted
 from kh.service.backends import make_backend
 from kh.service.config import ServiceConfig
 from kh.service.forward import Forwarder
@@ -54,7 +57,6 @@ from kh.service.hosts import Hosts, allocated_map
 from kh.service.multibackend import MultiBackend
 from kh.service.pins import channel_boot_key
 from kh.service.pool import Pool, shortage
-from kh.service.request import current_caller
 from kh.store import Store
 
 log = logging.getLogger("kh.service")
@@ -63,16 +65,6 @@ __all__ = ["Admitted", "Hardware", "NotFound", "Service"]
 
 class NotFound(KhError):
     exit_code = 4
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """A principal whose credential was checked: its stored (salt, hash) as seen then (None:
-    a new principal), and for a new one the salted hash to store once the request succeeds."""
-
-    user: str
-    seen: tuple[bytes, bytes] | None
-    pending: tuple[bytes, bytes] | None
 
 
 class Service:
@@ -151,56 +143,15 @@ class Service:
     # -- admission -----------------------------------------------------------------------------
     def authenticate(self, user: str, credential: str | None, *, register: bool = False,
                      source: str | None = None) -> Admitted:
-        """Check a principal's credential, without khd's lock (scrypt takes ~15 ms). An
-        unknown principal and a wrong credential get the same answer after the same work.
-        With ``register`` an unknown principal is new: its salted hash comes back, to be stored
-        once the request has succeeded (a refused request leaves no trace).
+        """Check a principal's credential, without khd's lock, rate-limited
+        (kh.service.admit.authenticate)."""
+        return admit.authenticate(self, user, credential, register=register, source=source)
 
-        Refused checks are rate-limited per ``source`` and per principal (admission.Limiter):
-        past the limit, admission.Throttled (HTTP 429) comes before any hash is computed.
-        ``source`` defaults to the API caller's (request.current_caller; the operator on the
-        unix socket is not limited: it can read the state anyway); None outside a request
-        (the ssh channel, until it passes its peer) limits by principal only."""
-        admission.check_user(user)
-        if credential is not None:
-            admission.check_credential(credential)
-        caller = current_caller()
-        if source is None and caller is not None:
-            source = caller.source
-        limited = not (caller is not None and caller.operator and source == caller.source)
-        known = self.store.principal(user)
-        if known is None and register:
-            if credential is None:
-                raise admission.missing(user)
-            if limited and source is not None:  # the operator registers as many as it likes
-                self.limiter.registering(source)
-            return Admitted(user, None, admission.hash_credential(credential))
-        if limited and credential is not None:
-            self.limiter.check(user, source)
-        try:
-            admission.verify(credential, known, user)
-        except admission.AuthError:
-            if limited and credential is not None:
-                self.limiter.failed(user, source)
-            raise
-        if limited:
-            self.limiter.succeeded(user, source)
-        return Admitted(user, known, None)
-
-    @contextlib.contextmanager
     def admitted(self, user: str, credential: str | None, *, register: bool = False,
-                 source: str | None = None) -> Iterator[Admitted]:
-        """Authenticate outside the lock, then hold khd's lock for the request while the
-        principal is still as it was checked (a concurrent first use may have registered
-        it in between: then the check is made again)."""
-        for _ in range(3):
-            adm = self.authenticate(user, credential, register=register, source=source)
-            with self.lock:
-                if self.store.principal(user) != adm.seen:
-                    continue
-                yield adm
-                return
-        raise admission.refused(user)
+                 source: str | None = None) -> contextlib.AbstractContextManager[Admitted]:
+        """Authenticate, then hold khd's lock for the request while the principal is as
+        checked (kh.service.admit.admitted)."""
+        return admit.admitted(self, user, credential, register=register, source=source)
 
     # -- khget -------------------------------------------------------------------------------
     def khget(self, req: Request, credential: str | None, token: str | None = None
@@ -312,13 +263,9 @@ class Service:
             raise NotFound(f"principal {user} has no active allocation {alloc}")
 
     def _await_resets(self, numbers: list[int]) -> bool:
-        """Under the lock: True at once when no node of ``numbers`` is being reset; else wait,
-        giving the lock up meanwhile, until a reset ends, and answer False: what the caller
-        checked may have changed, so it checks again."""
-        if not self._resetting.intersection(numbers):
-            return True
-        self.idle.wait(30.0)
-        return False
+        """Under the lock: wait while a node of ``numbers`` is being reset
+        (kh.service.resets.await_resets; False: check again)."""
+        return resets.await_resets(self, numbers)
 
     def release(self, alloc: int, user: str, credential: str | None,
                 nodes: list[int] | None = None, token: str | None = None) -> list[int]:
@@ -344,58 +291,13 @@ class Service:
         return numbers
 
     def reset(self, number: int, user: str, credential: str | None) -> None:
-        """Back to the U-Boot prompt with the allocation's khargs. The node is marked as being
-        reset under khd's lock; the reset runs outside it (a slow node stalls no one else),
-        and release waits for the mark to go: a per-node lock. A failed reset leaves the node
-        `failed` with the reason (AllocationError)."""
-        with self.admitted(user, credential):
-            while True:
-                row = self.store.node(number)
-                owner = None if row is None or row.alloc is None else \
-                    self.store.allocation(row.alloc)
-                if row is None or row.alloc is None or row.state not in (
-                        NodeState.ALLOCATED, NodeState.FAILED) or owner is None or \
-                        owner.principal != user:  # another's node: as if not allocated
-                    raise NotFound(f"principal {user} has no allocated node {number}")
-                self._own_allocation(row.alloc, user)
-                if self._await_resets([number]):
-                    break
-            if row.state != NodeState.ALLOCATED or number not in self.nodes.running:
-                raise NotFound(f"node {number} is not running ({row.state.value})")
-            alloc = self.store.allocation(row.alloc)
-            assert alloc is not None  # checked by _own_allocation, under the lock
-            domains = membership.reset_domains(self, number, alloc)
-            self.publish_sync(reset=number)  # the node boots afresh: its ports go
-            self._resetting.add(number)
-            self.store.node_resetting(number, True)
-        self.meter.sample([number])
-        try:
-            self._do_reset(number, domains)
-        finally:
-            self.meter.sample([number])
+        """Back to the U-Boot prompt with the allocation's khargs (kh.service.resets.reset);
+        a failed reset leaves the node `failed` with the reason (AllocationError)."""
+        resets.reset(self, number, user, credential)
 
     def _do_reset(self, number: int, domains: tuple[Domain, ...]) -> None:
-        """The reset proper, for a node marked as being reset; clears the mark."""
-        try:
-            self.nodes.reset(number)
-            self._configure(number, domains)
-        except Exception as e:
-            why = e.message if isinstance(e, KhError) else f"{type(e).__name__}: {e}"
-            with self.lock:
-                row = self.store.node(number)
-                if row is not None and row.state == NodeState.ALLOCATED:
-                    # its U-Boot is in no known state: never handed out again
-                    self.nodes.stop(number)
-                    self.store.node_failed(number, f"reset failed: {why}")
-                self._resetting.discard(number)
-                self.idle.notify_all()
-            self.pool.wake()
-            raise AllocationError(f"node {number} did not come back from its reset: {why}",
-                                  "it is marked failed; release it and khget another") from e
-        with self.lock:
-            self.store.node_resetting(number, False)
-            self._resetting.discard(number)
-            self.idle.notify_all()
+        """The reset proper, for a node marked as being reset (kh.service.resets.do_reset)."""
+        resets.do_reset(self, number, domains)
 
     def remove_domain(self, netid: int, user: str, credential: str | None) -> None:
         """Remove a private domain of the principal's, wholly or not at all: the state first

@@ -47,7 +47,8 @@ from kh.service.request import Caller, current_caller
 from kh.store import AllocRow, Store, TokenRow
 
 if TYPE_CHECKING:
-    from kh.service.core import Admitted, Service
+    from kh.service.admit import Admitted
+    from kh.service.core import Service
 
 log = logging.getLogger("kh.tokens")
 PREFIX = "kht_"
@@ -171,7 +172,7 @@ def admit_khget(svc: Service, req: Request, credential: str | None, token: str |
         with svc.admitted(req.user, credential, register=True) as adm:
             yield adm, None
         return
-    from kh.service.core import Admitted
+    from kh.service.admit import Admitted
     if credential is not None:
         raise UsageError("give a credential or a token, not both")
     with admitted(svc, req.user, token) as tok:
