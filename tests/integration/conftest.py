@@ -234,6 +234,28 @@ def kill_khd(cfg: ServiceConfig, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
+def khd_log_mark(cfg: ServiceConfig) -> int:
+    """Where khd.log ends now (bytes), for wait_khd_log to read only what comes after."""
+    try:
+        return cfg.khd_log.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def wait_khd_log(cfg: ServiceConfig, pattern: str, since: int, timeout: float = 60) -> str:
+    """Until a line matching ``pattern`` (a regex) is in khd.log after byte ``since``
+    (khd_log_mark); returns that line. Asserts it came within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(cfg.khd_log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        if m := re.search(f"^.*(?:{pattern}).*$", text, re.M):
+            return m.group(0)
+        assert time.monotonic() < deadline, f"no {pattern!r} in khd.log within {timeout} s"
+        time.sleep(0.2)
+
+
 def wait_free(cfg: ServiceConfig, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while sum(n["state"] == "free" for n in ps(cfg)["nodes"]) < count:

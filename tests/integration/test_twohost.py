@@ -30,12 +30,14 @@ from tests.integration.conftest import (
     credfile,
     env,
     kh,
+    khd_log_mark,
     khget,
     kill_khd,
     ps,
     release,
     running_khd,
     shell,
+    wait_khd_log,
 )
 from tests.integration.farhost import (
     KH,
@@ -179,13 +181,18 @@ def test_remote_libvirtd_stopped_and_started_again(two, artifacts):
         (node,) = booted(cfg, [number], artifacts)
         pid = far.libvirtd_pid()
         assert pid is not None
+        mark = khd_log_mark(cfg)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while libvirtd.running_pid(far.daemon) is not None:
             assert time.monotonic() < deadline, "b's libvirtd did not stop"
             time.sleep(0.1)
-        time.sleep(2)  # khd has seen the connection go and retries it
+        # khd has seen the connection go and retries it (up to HOST_GRACE, 30 s) ...
+        wait_khd_log(cfg, "libvirt host hostb: connection closed", mark, timeout=60)
+        mark = khd_log_mark(cfg)
         far.start_libvirtd()
+        # ... and reattaches when b's daemon is back
+        wait_khd_log(cfg, "libvirt host hostb: reconnected", mark, timeout=60)
         out, status = node.run("echo after-restart", timeout=60)
         assert status == 0 and out == "after-restart\n", out
         state = {n["node"]: n["state"] for n in ps(cfg)["nodes"]}
