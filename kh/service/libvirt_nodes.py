@@ -48,7 +48,7 @@ from kh.hw.virtstream import (
 from kh.service.config import ServiceConfig
 from kh.service.libvirt_host import LibvirtHost, LibvirtNode
 from kh.service.mux import Mux
-from kh.service.nodes import default_loads, mac, node_tag
+from kh.service.qemunode import default_loads, mac, node_tag
 
 log = logging.getLogger("kh.libvirt")
 EMULATOR = "/usr/bin/qemu-system-ppc"  # on the libvirt host (Debian's qemu-system-ppc)

@@ -29,9 +29,9 @@ from kh.errors import KhError
 from kh.hw.backend import Backend, StartAborted, StartFailed
 from kh.model import NodeState
 from kh.service.config import ServiceConfig
-from kh.service.nodes import death_reason as death_reason  # its tests read it here
-from kh.service.nodes import node_tag
 from kh.service.placement import pool_starts
+from kh.service.qemunode import death_reason as death_reason  # its tests read it here
+from kh.service.qemunode import node_tag
 from kh.store import NodeRow, Store
 
 log = logging.getLogger("kh.pool")

@@ -18,7 +18,7 @@ from kh.hw import board, cgroup, memload, uboot
 from kh.hw.console import Console
 from kh.service import control
 from kh.service.config import ServiceConfig
-from kh.service.nodes import CODE_CACHE_MIB, NODE_USER
+from kh.service.qemunode import CODE_CACHE_MIB, NODE_USER
 from tests.integration.conftest import allocate, credfile, free_port, kh, ps, release, shell
 
 pytestmark = pytest.mark.guest

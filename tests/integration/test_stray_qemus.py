@@ -17,7 +17,7 @@ import pytest
 from kh.model import NodeState
 from kh.service import control, procid
 from kh.service.config import ServiceConfig
-from kh.service.nodes import recorded
+from kh.service.qemunode import recorded
 from kh.store import Store
 from tests.integration.conftest import free_port, kh
 from tests.integration.faultkhd import prefix_pids

@@ -33,7 +33,7 @@ from kh.model import NodeState
 from kh.service import procid
 from kh.service.config import ServiceConfig
 from kh.service.core import Service
-from kh.service.nodes import IDENT_FILE, node_tag
+from kh.service.qemunode import IDENT_FILE, node_tag
 from kh.store import NodeRow
 
 CRASHED = 77

@@ -8,7 +8,7 @@ import json
 from kh.hw import antispoof
 from kh.hw.antispoof import Plug, elements, link_local, moves, nic_mac, plug_of, rules
 from kh.hw.tags import FabricConfig
-from kh.service.nodes import mac
+from kh.service.qemunode import mac
 
 CFG = FabricConfig(prefix="ku")
 

@@ -147,15 +147,15 @@ def test_whole_command_line_of_a_confined_node():
 
 @pytest.mark.parametrize("user", ["kh-node", None])
 def test_khd_nodes_are_sandboxed_with_a_bounded_code_cache(tmp_path, monkeypatch, user):
-    from kh.service import nodes
+    from kh.service import qemunode
     from kh.service.config import ServiceConfig
 
-    monkeypatch.setattr(nodes, "node_user", lambda: user)
-    spec = nodes.node_spec(ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb"), 3)
+    monkeypatch.setattr(qemunode, "node_user", lambda: user)
+    spec = qemunode.node_spec(ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb"), 3)
     argv = board.qemu_argv(spec)
     assert argv[argv.index("-sandbox") + 1] == board.sandbox_args(True, user)[1]
     assert ("-runas" in argv) == (user is not None)
-    assert argv[argv.index("-accel") + 1] == f"tcg,tb-size={nodes.CODE_CACHE_MIB}"
+    assert argv[argv.index("-accel") + 1] == f"tcg,tb-size={qemunode.CODE_CACHE_MIB}"
 
 
 def test_free_page_reporting_adds_a_balloon_only_when_asked():
@@ -170,12 +170,12 @@ def test_free_page_reporting_adds_a_balloon_only_when_asked():
 def test_khd_nodes_give_free_ram_back_and_keep_a_small_code_cache(tmp_path):
     """Issue 13: a booted node's QEMU held its whole 64 MiB code cache and every page its
     guest ever touched."""
-    from kh.service import nodes
+    from kh.service import qemunode
     from kh.service.config import ServiceConfig
 
-    spec = nodes.node_spec(ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb"), 3)
+    spec = qemunode.node_spec(ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb"), 3)
     argv = board.qemu_argv(spec)
     balloon = board.balloon_args(spec.board, True)
     at = argv.index(balloon[1])
     assert argv[at - 1:at + 1] == balloon
-    assert nodes.CODE_CACHE_MIB <= 24
+    assert qemunode.CODE_CACHE_MIB <= 24

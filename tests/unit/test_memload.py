@@ -59,13 +59,13 @@ def test_khd_nodes_hold_no_copy_of_their_images(tmp_path):
     """Issue 13: QEMU's -device loader kept a copy of the kernel and the appliance for resets,
     6.2 MiB in every node's QEMU for as long as it ran; khd writes them itself."""
     from kh.hw import board
-    from kh.service import nodes
+    from kh.service import qemunode
     from kh.service.config import ServiceConfig
 
     cfg = ServiceConfig(state_dir=tmp_path, images=tmp_path, prefix="kb")
-    argv = board.qemu_argv(nodes.node_spec(cfg, 3))
+    argv = board.qemu_argv(qemunode.node_spec(cfg, 3))
     assert not [a for a in argv if a.startswith("loader,")]
     b = board.BOARDS["ppce500"]
-    assert nodes.default_loads(cfg) == (
+    assert qemunode.default_loads(cfg) == (
         board.Load(tmp_path / "uImage", b.loadaddr),
         board.Load(tmp_path / f"{cfg.appliance}.cpio.gz.uimg", b.ramfsaddr))

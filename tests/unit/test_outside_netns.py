@@ -23,7 +23,7 @@ from kh.hw.fabric import Fabric, bridge_mac
 from kh.hw.tags import FabricConfig
 from kh.model import EXTERNAL
 from kh.service.forward import Forwarder
-from kh.service.nodes import mac
+from kh.service.qemunode import mac
 from tests.unit import fwframes as fx
 from tests.unit.tapdev import ETH_ARP, ETH_IP, Tap, arp, eth
 

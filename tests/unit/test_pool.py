@@ -6,9 +6,10 @@ import re
 import pytest
 
 from kh.errors import BootError, KhTimeout
+from kh.hw.qemu import died_reason, last_words
 from kh.model import NodeState
 from kh.service import pool
-from kh.service.nodes import died_reason, last_words, start_reason
+from kh.service.qemunode import start_reason
 from kh.store import NodeRow
 
 ROM = ('qemu-system-ppc: -device virtio-net-pci,netdev=d0,mac=52:54:00:00:01:00: '

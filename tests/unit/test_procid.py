@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kh.service import nodes, procid
+from kh.service import procid, qemunode
 from kh.service.config import ServiceConfig
 from kh.service.procid import ProcId
 
@@ -103,24 +103,24 @@ def test_the_recorded_start_time_decides_before_a_kill(sleepers, tmp_path, caplo
     time recorded at spawn. Changed, the process is not killed; as recorded, it is."""
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path, prefix=PREFIX)
     cfg.node_dir(4).mkdir(parents=True)
-    record = cfg.node_dir(4) / nodes.IDENT_FILE
-    p = sleeper(sleepers, nodes.node_tag(cfg, 4))
-    ident = procid.identify(p.pid, nodes.node_tag(cfg, 4))
+    record = cfg.node_dir(4) / qemunode.IDENT_FILE
+    p = sleeper(sleepers, qemunode.node_tag(cfg, 4))
+    ident = procid.identify(p.pid, qemunode.node_tag(cfg, 4))
     assert ident is not None
     procid.save(record, ProcId(p.pid, ident.start - 7, ident.tag))
     with caplog.at_level(logging.WARNING, "kh.procid"):
-        assert nodes.recorded(cfg, 4, p.pid) is None
-        assert nodes.kill_recorded(cfg, 4, p.pid) is False
+        assert qemunode.recorded(cfg, 4, p.pid) is None
+        assert qemunode.kill_recorded(cfg, 4, p.pid) is False
     assert alive(p)
     assert "not its process any more" in caplog.text
     procid.save(record, ProcId(p.pid + 1, ident.start, ident.tag))  # another PID recorded
-    assert nodes.kill_recorded(cfg, 4, p.pid) is False
+    assert qemunode.kill_recorded(cfg, 4, p.pid) is False
     assert alive(p)
     procid.save(record, ident)
-    assert nodes.recorded(cfg, 4, p.pid) == ident
-    assert nodes.kill_recorded(cfg, 4, p.pid) is True
+    assert qemunode.recorded(cfg, 4, p.pid) == ident
+    assert qemunode.kill_recorded(cfg, 4, p.pid) is True
     assert not alive(p)
-    assert nodes.recorded(cfg, 4, p.pid) is None  # gone (reaped): nothing to signal
+    assert qemunode.recorded(cfg, 4, p.pid) is None  # gone (reaped): nothing to signal
 
 
 def test_a_zombie_is_gone(sleepers):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from kh.hw import board
 from kh.service.config import ServiceConfig
-from kh.service.nodes import mac, node_spec, node_tag
+from kh.service.qemunode import mac, node_spec, node_tag
 
 
 def cfg(tmp: Path) -> ServiceConfig:

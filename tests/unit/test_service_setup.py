@@ -18,7 +18,7 @@ from kh.hw.fabric import link_error
 from kh.model import NodeState
 from kh.service import config, preflight
 from kh.service.config import ServiceConfig
-from kh.service.nodes import node_spec
+from kh.service.qemunode import node_spec
 from kh.store import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Store
 
 

@@ -24,7 +24,7 @@ from kh.hw import netns as nsutil
 from kh.hw.fabric import bridge_mac
 from kh.hw.stretch import Peer, StretchError
 from kh.model import PUBLIC
-from kh.service.nodes import mac
+from kh.service.qemunode import mac
 from tests.unit import fwframes as fx
 from tests.unit.tapdev import BROADCAST, Tap, eth, mac_bytes
 from tests.unit.twohost import STRANGER, Host, two_hosts
