@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kh.hosts")
 CHECK_TIMEOUT = 60.0  # s for `kh fabric underlays` on the far host
-REMOVE_WAIT = 60.0  # s `kh host rm` waits for the starts under way there to end
 MAX_UNDERLAYS, MAX_MTU = 64, 65535  # what a far `kh fabric underlays` may answer (IPv4's MTUs)
 MAX_HOSTS = 32  # added hosts (a stretched domain's peers are bounded too: stretch.MAX_PEERS)
 
@@ -72,6 +71,7 @@ class Hosts:
     def __init__(self, svc: Service) -> None:
         self.svc = svc
         self.faults: dict[str, str] = {}  # host -> why it is not connected
+        self.removing: set[str] = set()  # hosts `kh host rm` is removing (under khd's lock)
 
     # -- life cycle -----------------------------------------------------------------------
     def connect_all(self) -> None:
@@ -113,7 +113,7 @@ class Hosts:
         """Each connected host's share of the pool: ``local`` the service's ``nodes``."""
         return {LOCAL: self.svc.cfg.nodes,
                 **{h.name: h.capacity for h in self.svc.store.hosts()
-                   if h.name in self.svc.nodes.remote}}
+                   if h.name in self.svc.nodes.remote and h.name not in self.removing}}
 
     # -- kh host add ----------------------------------------------------------------------
     def add(self, spec: HostSpec) -> dict[str, Any]:
@@ -228,7 +228,9 @@ class Hosts:
         count = {s: sum(1 for r in rows if r.state == s) for s in NodeState}
         failed = [r for r in rows if r.state == NodeState.FAILED]
         state = "up"
-        if name in self.faults:
+        if name in self.removing:
+            state = "removing"
+        elif name in self.faults:
             state = f"down: {self.faults[name]}"
         elif failed and not count[NodeState.FREE] and not count[NodeState.ALLOCATED]:
             state = f"failing: {failed[-1].reason or 'its nodes fail'}"
@@ -240,53 +242,18 @@ class Hosts:
 
     def list(self) -> list[dict[str, Any]]:
         """``local`` first, then the hosts in the order added: name, uri, capacity, used,
-        free, starting, failed, state (up, down: WHY, failing: WHY) and the host's record."""
+        free, starting, failed, state (up, down: WHY, failing: WHY, removing) and the host's
+        record."""
         out = [self._entry(LOCAL, {"uri": f"({self.svc.cfg.backend})",
                                    "capacity": self.svc.cfg.nodes})]
         return out + [self._entry(h.name, h.to_json()) for h in self.svc.store.hosts()]
 
     # -- kh host rm -----------------------------------------------------------------------
     def remove(self, name: str) -> dict[str, Any]:
-        """Forget host ``name``: refused (HostRefused) while one of its nodes is allocated;
-        its pool nodes stopped, their taps there removed, its connection closed, its rows
-        gone. NotFound for an unknown host. {"removed": name, "nodes": [numbers]}."""
-        from kh.service.core import NotFound
-        hostspec.check_name(name)
-        with self.svc.lock:
-            if self.svc.store.host(name) is None:
-                raise NotFound(f"no host {name}", "kh host list shows them")
-            held = [r.number for r in self.svc.store.nodes()
-                    if r.host == name and (r.alloc is not None or
-                                           r.state == NodeState.CONFIGURING)]
-            if held:
-                raise HostRefused(f"host {name} has {len(held)} allocated node"
-                                  f"{'s' if len(held) > 1 else ''} "
-                                  f"({' '.join(map(str, held))})", "release them first")
-            backend = self.svc.nodes.remote.get(name)
-            if backend is not None:  # no start there from now on; those under way end
-                backend.abort_starts(wait=REMOVE_WAIT)
-            numbers = [r.number for r in self.svc.store.nodes() if r.host == name]
-            far = self.svc.fabric.far.get(name)
-            for n in numbers:
-                try:
-                    self.svc.nodes.stop(n)
-                    if far is not None:
-                        far.fabric.unwire(n, NIC_SLOTS)
-                except KhError as e:
-                    log.warning("host %s: node %d: %s", name, n, e)
-            gone = self.svc.store.remove_host(name)
-            b = self.svc.nodes.remove(name)
-            if b is not None:
-                try:  # kh's domains there that no node row holds (a start cut short)
-                    for line in b.stop_orphans():
-                        log.warning("host %s: %s", name, line)
-                except KhError as e:
-                    log.warning("host %s: cannot look for kh's domains left there: %s", name, e)
-                b.detach_all()
-            self.svc.fabric.remove_host(name)
-            self.faults.pop(name, None)
-        log.info("host %s removed; nodes %s stopped", name, gone)
-        return {"removed": name, "nodes": gone}
+        """Forget host ``name`` (kh.service.hostrm.remove: the remote work without khd's
+        lock, each step bounded). {"removed": name, "nodes": [numbers]}."""
+        from kh.service import hostrm
+        return hostrm.remove(self, name)
 
 
 def allocated_map(svc: Service) -> dict[int, dict[int, int]]:
