@@ -25,11 +25,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import paramiko
 
 from kh.admission import source_of_peer
+from kh.cc.conns import Chan, Conn, Session, end_session
 from kh.cc.limits import Limits
 from kh.service.access import ChannelAccess, Grant, Standing
 
@@ -40,63 +40,11 @@ PROHIBITED: int = paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 SHORTAGE: int = paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
 
 
-@dataclass(eq=False)
-class Session:
-    """A channel running a command; ``ended`` says why the watcher ended it."""
-
-    channel: paramiko.Channel
-    nodes: frozenset[int]
-    ended: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass(eq=False)
-class Chan:
-    opened: float
-    channel: paramiko.Channel | None = None
-    session: Session | None = None
-
-
-@dataclass(eq=False)
-class Conn:
-    """One TCP connection, from accept to close."""
-
-    sock: socket.socket
-    source: str
-    deadline: float  # monotonic time by which the login must have succeeded
-    ident: bytes = b""  # the client's identification line, as read so far
-    ident_at: float | None = None  # when it was complete
-    ready: bool = False  # the client began its key exchange
-    slow: bool = False  # handed over without that (a client waiting for our key exchange)
-    transport: paramiko.Transport | None = None
-    grant: Grant | None = None
-    failures: int = 0
-    doomed: str | None = None  # the watcher ends it, for this reason
-    closed: bool = False
-    channels: dict[int, Chan] = field(default_factory=dict)
-
-
-def end_session(s: Session, reason: str) -> None:
-    """Tell the client why on stderr (never waiting for a client that does not read), then
-    close the channel with exit status 1."""
-    with s.lock:
-        if s.ended is not None:
-            return
-        s.ended = reason
-    ch = s.channel
-    try:
-        ch.settimeout(0.0)
-        ch.send_stderr(f"kh: {reason}; this session ends\n".encode())
-    except (OSError, EOFError, paramiko.SSHException):
-        pass
-    try:
-        ch.send_exit_status(1)
-        ch.close()
-    except (OSError, EOFError, paramiko.SSHException):
-        pass
-
-
 class Gate:
+    """The door and the watch of the module's docstring: every connection (``Conn``) from its
+    accept to its close, its login, channels and sessions. Its lobby and watcher threads start
+    here and end at ``close``."""
+
     def __init__(self, access: ChannelAccess, limits: Limits,
                  handover: Callable[[Conn], paramiko.Transport], ident: bytes) -> None:
         self.access = access

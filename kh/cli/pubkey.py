@@ -15,7 +15,7 @@ PRIVATE_MARKS = (b"PRIVATE KEY-----", b"PuTTY-User-Key-File-", b"SSH PRIVATE KEY
 
 def read_public_key(path: str | Path) -> str:
     """The OpenSSH public key line (``type base64 [comment]``) in the file at ``path``, as
-    kh.cc.sshd.parse_public_key normalises it. The file is read once (a pipe works), at most
+    kh.cc.keys.parse_public_key normalises it. The file is read once (a pipe works), at most
     MAX_FILE bytes. UsageError, naming the file but none of its content, for a private key or
     anything that is not one public key line; OSError's reason when it cannot be read."""
     try:
@@ -34,7 +34,7 @@ def read_public_key(path: str | Path) -> str:
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not text: not an OpenSSH public key",
                          "pass a .pub file's one line") from None
-    from kh.cc.sshd import parse_public_key
+    from kh.cc.keys import parse_public_key
     try:
         key, comment = parse_public_key(text)
     except UsageError as e:

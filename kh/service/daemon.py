@@ -17,7 +17,8 @@ import sys
 import threading
 
 from kh.allocation import host_address
-from kh.cc.sshd import SshServer, host_key
+from kh.cc.keys import host_key
+from kh.cc.sshd import SshServer
 from kh.errors import KhError
 from kh.hw import netns as nsutil
 from kh.model import PUBLIC

@@ -26,7 +26,7 @@ def channel_key(host_key: Path) -> str | None:
     ``known_hosts`` entry with ``:`` for its space. dropbear's dbclient, the node's ssh client,
     compares the whole key blob (a fingerprint alone cannot go into its known_hosts).
 
-    None when ``host_key`` (khd's private key file, made by kh.cc.sshd.host_key at khd's
+    None when ``host_key`` (khd's private key file, made by kh.cc.keys.host_key at khd's
     start) does not exist yet. Raises KhError for a file that is not an RSA private key."""
     try:
         key = paramiko.RSAKey.from_private_key_file(str(host_key))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kh import admission
-from kh.cc.sshd import parse_public_key
+from kh.cc.keys import parse_public_key
 from kh.service.request import MAX_BODY
 from tests.unit.fake_khd import exchange, make_service, post, serving, serving_tcp, text_of
 

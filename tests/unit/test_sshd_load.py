@@ -1,4 +1,4 @@
-"""`load ADDR` streams into the nodes' memory as the bytes arrive (kh.cc.sshd): pieces at
+"""`load ADDR` streams into the nodes' memory as the bytes arrive (kh.cc.commands): pieces at
 increasing offsets, at most one piece held, the size and CRC-32 per node at the end."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
-from kh.cc.gate import Session
-from kh.cc.sshd import PIECE, SshServer, parse_addr
+from kh.cc.commands import PIECE, parse_addr, stream
+from kh.cc.conns import Session
 from kh.hw import memload
 from kh.service.access import RamFile
 from tests.unit.sshd_fakes import FakeAccess, FakeRam, Running, connect, serve, wait_until
@@ -31,7 +31,7 @@ def chunks(total: int, seed: int) -> Iterator[bytes]:
 
 
 class StreamChan:
-    """The part of a paramiko Channel _stream uses: recv(n) from a generator."""
+    """The part of a paramiko Channel stream uses: recv(n) from a generator."""
 
     def __init__(self, source: Iterator[bytes]) -> None:
         self.source = source
@@ -54,11 +54,10 @@ def test_a_load_is_written_piece_by_piece_with_bounded_memory():
     total, addr = 64 * MIB + 12345, 0x1001
     rams = {1: FakeRam(addr + total), 2: FakeRam(addr + total)}
     chan = StreamChan(chunks(total, seed=1))
-    server = SshServer.__new__(SshServer)  # _stream needs no running server
     s = Session(chan, frozenset({1, 2}))  # type: ignore[arg-type]
     tracemalloc.start()
     try:
-        size, crc = server._stream(chan, s, addr, addr + total, dict(rams), {})  # type: ignore[arg-type]
+        size, crc = stream(chan, s, addr, addr + total, dict(rams), {})  # type: ignore[arg-type]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
