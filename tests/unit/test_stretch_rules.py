@@ -1,5 +1,6 @@
-"""Domains across hosts, the pure parts (issue 16, item 3): VNIs, MTUs, what a stretch request
-may hold, the remote command, and the rules the firewall and anti-spoofing get. No root."""
+"""Domains across hosts, the pure parts (kh.hw.stretchrules; issue 16, item 3): VNIs, MTUs,
+what a stretch request may hold, the remote command, and the rules the firewall and
+anti-spoofing get. No root."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import json
 import pytest
 
 from kh.allocation import MAX_NETID, boot_keys
-from kh.hw import antispoof, firewall, stretch
-from kh.hw.stretch import Peer, StretchError, Underlay
+from kh.hw import antispoof, firewall, stretchrules
+from kh.hw.stretchrules import Peer, StretchError, Underlay
 from kh.hw.tags import FabricConfig
 from kh.model import Domain, DomainKind
 
@@ -20,20 +21,20 @@ B = Peer("b", "192.0.2.2")
 
 
 def test_vni_is_fixed_by_the_netid_and_unique() -> None:
-    vnis = [stretch.vni(n) for n in range(MAX_NETID + 1)]
-    assert len(set(vnis)) == len(vnis) and vnis[3] == stretch.VNI_BASE + 3
+    vnis = [stretchrules.vni(n) for n in range(MAX_NETID + 1)]
+    assert len(set(vnis)) == len(vnis) and vnis[3] == stretchrules.VNI_BASE + 3
     assert all(0 < v < 1 << 24 for v in vnis)  # VXLAN's 24 bits, never 0
     for bad in (-1, MAX_NETID + 1):
         with pytest.raises(StretchError, match="does not exist"):
-            stretch.vni(bad)
+            stretchrules.vni(bad)
 
 
 def test_guest_mtu_is_the_underlays_less_50_and_never_below_1280() -> None:
-    assert stretch.guest_mtu(1500) == 1450 and stretch.guest_mtu(9000) == 8950
-    assert stretch.guest_mtu(1330) == 1280
+    assert stretchrules.guest_mtu(1500) == 1450 and stretchrules.guest_mtu(9000) == 8950
+    assert stretchrules.guest_mtu(1330) == 1280
     with pytest.raises(StretchError, match=r"^host b: underlay eth1 has MTU 1329, too small "
                                            r"for a stretched domain \(needs 1330"):
-        stretch.guest_mtu(1329, "b", "eth1")
+        stretchrules.guest_mtu(1329, "b", "eth1")
 
 
 @pytest.mark.parametrize("underlay,peers,host,what", [
@@ -51,27 +52,27 @@ def test_guest_mtu_is_the_underlays_less_50_and_never_below_1280() -> None:
 def test_a_stretch_request_is_checked_whole(underlay: Underlay, peers: list[Peer], host: str,
                                             what: str) -> None:
     with pytest.raises(StretchError) as e:
-        stretch.check(underlay, 3, peers, host)
+        stretchrules.check(underlay, 3, peers, host)
     assert what in str(e.value) and "\n" not in str(e.value)
     if host != "bad host!":
         assert str(e.value).startswith(f"host {host}: ")
 
 
 def test_peers_are_sorted_addresses() -> None:
-    assert stretch.check(UL, 3, [Peer("c", "192.0.2.10"), B], "a") == ("192.0.2.2",
+    assert stretchrules.check(UL, 3, [Peer("c", "192.0.2.10"), B], "a") == ("192.0.2.2",
                                                                        "192.0.2.10")
-    assert stretch.check(UL, 3, [], "a") == ()
+    assert stretchrules.check(UL, 3, [], "a") == ()
 
 
 def test_remote_argv_is_kh_fabric_stretch_with_checked_words() -> None:
     ub = Underlay("khbul0", "192.0.2.2", 4790)
-    argv = stretch.remote_argv("khb", ub, 7, [Peer("a", "192.0.2.1")], "b", kh="/opt/kh")
+    argv = stretchrules.remote_argv("khb", ub, 7, [Peer("a", "192.0.2.1")], "b", kh="/opt/kh")
     assert argv == ["/opt/kh", "fabric", "stretch", "--prefix", "khb", "--host", "b",
                     "--underlay", "khbul0", "--local", "192.0.2.2", "--port", "4790",
                     "--peer", "a=192.0.2.1", "7"]
     assert all(" " not in w and ";" not in w for w in argv)
     with pytest.raises(StretchError, match="prefix"):
-        stretch.remote_argv("k b", ub, 7, [], "b")
+        stretchrules.remote_argv("k b", ub, 7, [], "b")
 
 
 def test_boot_keys_carry_each_interfaces_mtu_when_asked() -> None:
@@ -81,13 +82,13 @@ def test_boot_keys_carry_each_interfaces_mtu_when_asked() -> None:
     assert "kh.mtu0=1450" in keys and "kh.mtu1=1450" in keys and "kh.mtu2=1450" not in keys
 
 
-def plan(tunnels: tuple[stretch.Tunnel, ...]) -> str:
+def plan(tunnels: tuple[stretchrules.Tunnel, ...]) -> str:
     p = firewall.Plan.of(CFG, [1, 0, 3], [7480], tunnels)
     return json.dumps(firewall.ruleset(p))
 
 
 def test_firewall_lets_vxlan_in_only_from_peers_on_the_underlay() -> None:
-    t = stretch.Tunnel("khul0", "192.0.2.1", 4789, ("192.0.2.2", "192.0.2.3"))
+    t = stretchrules.Tunnel("khul0", "192.0.2.1", 4789, ("192.0.2.2", "192.0.2.3"))
     rules = [c["add"]["rule"] for c in firewall.ruleset(firewall.Plan.of(CFG, [3], [], [t]))
              if "rule" in c.get("add", {})]
     udp_in = [r for r in rules if r["chain"] == "input" and "udp" in json.dumps(r)]
@@ -104,7 +105,7 @@ def test_firewall_lets_vxlan_in_only_from_peers_on_the_underlay() -> None:
 def test_arp_is_let_through_on_kh_underlays_even_before_a_stretch() -> None:
     """A host with no stretched domain yet answers ARP on its underlay (<prefix>ulN), so a
     peer stretching a domain to it can tell it is up; nowhere else new."""
-    for tunnels in ((), (stretch.Tunnel("khul0", "192.0.2.1", 4789, ("192.0.2.2",)),)):
+    for tunnels in ((), (stretchrules.Tunnel("khul0", "192.0.2.1", 4789, ("192.0.2.2",)),)):
         rules = [c["add"]["rule"] for c in firewall.ruleset(firewall.Plan.of(CFG, [3], [],
                                                                               tunnels))
                  if "rule" in c.get("add", {}) and c["add"]["rule"]["family"] == "arp"]
