@@ -36,6 +36,12 @@ def safe_text(text: str) -> str:
     return _CONTROL.sub(_caret, text)
 
 
+def one_line(text: str) -> str:
+    """``text`` as one line a terminal only displays (a `kh: ...` error line): safe_text, and
+    newlines as ``^J`` too."""
+    return safe_text(text).replace("\n", "^J")
+
+
 def terminal_writer(write: Callable[[str], None]) -> Callable[[bytes], None]:
     """A sink for console bytes that hands ``write`` safe text; a UTF-8 character split
     between two chunks stays whole (invalid UTF-8 becomes U+FFFD)."""

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from kh.errors import KhError, ProcessError, Stopped
+from kh.logview import one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,19 +28,21 @@ def setup_logging(debug: bool) -> None:
 
 
 def report(e: BaseException, debug: bool) -> int:
-    """Print one line for a KhError (traceback only with --debug); return the exit code."""
+    """Print one line for a KhError (traceback only with --debug); return the exit code. The
+    line is text a terminal only displays (kh.logview.one_line): an error may carry what a node
+    printed or another host answered."""
     if debug:
         traceback.print_exception(e)
     if isinstance(e, KhError):
-        click.echo(f"kh: {e}", err=True)
+        click.echo(f"kh: {one_line(str(e))}", err=True)
         if isinstance(e, ProcessError) and e.output_tail and debug:
             click.echo(e.output_tail, err=True)
         return e.exit_code
     if isinstance(e, KeyboardInterrupt):
         click.echo("kh: interrupted", err=True)
         return 130
-    click.echo(f"kh: internal error: {type(e).__name__}: {e} (run with --debug and report it)",
-               err=True)
+    click.echo(f"kh: internal error: {type(e).__name__}: {one_line(str(e))} (run with --debug "
+               "and report it)", err=True)
     return 70
 
 
@@ -117,7 +120,7 @@ def entry(command: click.Command, name: str) -> Callable[[], None]:
         try:
             rv = command.main(prog_name=name, standalone_mode=False)
         except click.UsageError as e:
-            click.echo(f"kh: {e.format_message()} (see {name} --help)", err=True)
+            click.echo(f"kh: {one_line(e.format_message())} (see {name} --help)", err=True)
             sys.exit(2)
         except click.exceptions.Abort:
             click.echo("kh: aborted", err=True)
