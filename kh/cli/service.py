@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 
 ENV_EPILOG = "\b\nEnvironment (options win over it):\n" + env_help()
-SETTINGS_HELP = {s.field: s.help[0].upper() + s.help[1:] + "." for s in SETTINGS}
 
 
 def config() -> ServiceConfig:
@@ -32,6 +31,25 @@ def client() -> Client:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setting_options(fn: F) -> F:
+    """`kh service start`'s option for each setting that has one (config.SETTINGS), in that
+    order, with its help; each passes its value under the setting's field name, None when not
+    given (a flag, such as --no-outside, passes the opposite of the setting's default)."""
+    for s in reversed(SETTINGS):
+        if s.option is None:
+            continue
+        text = s.help_text()
+        kw: dict[str, Any] = {"help": text[0].upper() + text[1:] + "."}
+        if s.kind == "bool":
+            kw.update(flag_value=not s.value, default=None)
+        elif s.choices:
+            kw["type"] = click.Choice(s.choices)
+        elif s.kind == "int":
+            kw["type"] = int
+        fn = click.option(s.option, s.field, **kw)(fn)
+    return fn
 
 
 def principal_options(fn: F) -> F:
@@ -64,31 +82,14 @@ def register(main: click.Group) -> None:
         """Run khd, the service interface, in the background."""
 
     @service.command("start", epilog=ENV_EPILOG)
-    @click.option("--nodes", type=int, help=SETTINGS_HELP["nodes"])
-    @click.option("--port", type=int, help=SETTINGS_HELP["api_port"])
-    @click.option("--uplink-netns", help=SETTINGS_HELP["uplink_netns"])
-    @click.option("--no-outside", is_flag=True, help=SETTINGS_HELP["outside"])
-    @click.option("--domain-quota", type=int, help=SETTINGS_HELP["domain_quota"])
-    @click.option("--node-quota", type=int, help=SETTINGS_HELP["node_quota"])
-    @click.option("--page-port", type=int, help=SETTINGS_HELP["page_port"])
-    @click.option("--backend", type=click.Choice(["qemu", "libvirt"]),
-                  help=SETTINGS_HELP["backend"])
-    @click.option("--placement", type=click.Choice(["fill", "spread"]),
-                  help=SETTINGS_HELP["placement"])
+    @setting_options
     @click.option("--no-wait", is_flag=True, help="Return once khd answers; the pool fills on.")
     @handle_errors
-    def service_start(nodes: int | None, port: int | None, uplink_netns: str | None,
-                      no_outside: bool, domain_quota: int | None, node_quota: int | None,
-                      backend: str | None, page_port: int | None, placement: str | None,
-                      no_wait: bool) -> None:
+    def service_start(no_wait: bool, **asked: Any) -> None:
         """Start khd and wait until its pool is ready (every node at the U-Boot prompt or
         failed for good). Fails, stopping khd and removing what it made, when no node of the
         pool can start, or when stopped (Ctrl-C, SIGTERM, SIGHUP). With khd already running,
         fails if it runs with other settings than the ones asked for."""
-        asked = {"nodes": nodes, "api_port": port, "uplink_netns": uplink_netns,
-                 "outside": False if no_outside else None,
-                 "domain_quota": domain_quota, "node_quota": node_quota, "backend": backend,
-                 "page_port": page_port, "placement": placement}
         cfg = from_env(**asked)  # every setting checked before anything else
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         from kh.service import control

@@ -5,9 +5,11 @@ back with ``add_options``/``from_options``), so the value khd runs with is exact
 and khd's command line carries its state directory and name prefix for `kh clean` to find.
 
 ``SETTINGS`` describes every setting once: its environment variable, `kh service start`'s option,
-its allowed range and its help. ``from_env`` parses and checks them all there (a bad value is a
-one-line UsageError naming the variable or option and what is allowed), and the CLI's help
-lists the environment variables from it.
+what it is, what it may be and its default in words (ServiceConfig holds only the default
+values). ``from_env`` parses and checks them all there (a bad value is a one-line UsageError
+naming the variable or option and what is allowed); `kh service start`'s options and the CLI's
+help (kh.cli.service), docs/service.md's table (tests/unit/test_settings_doc.py makes it and
+checks the docs have it) and `khd already running with ...` (control.mismatch) are made from it.
 """
 
 from __future__ import annotations
@@ -40,17 +42,27 @@ PLACEMENTS = ("fill", "spread")  # kh.service.placement's policies
 PREFIX_RE = re.compile(rf"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}")
 
 
+DEFAULT_STATE_DIR = "/var/lib/kh"
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One setting of ServiceConfig: where it comes from and what it may be."""
+    """One setting of ServiceConfig, described once: where it comes from, what it means, what it
+    may be and its default in words (the default's value is ServiceConfig's). `kh service
+    start`'s options and --help (``help_text``, ``env_help``), docs/service.md's table
+    (tests/unit/test_settings_doc.py) and `khd already running with ...` (``describe``) are
+    made from it."""
 
     field: str
     env: str | None  # KH_* variable it is read from
-    option: str | None  # `kh service start`'s option for it
-    help: str
+    option: str | None  # `kh service start`'s option for it (khd's own is --<field>)
+    help: str  # what it is, lowercase, no period
     low: int | None = None  # integers: the allowed range, inclusive
     high: int | None = None
     what: str = ""  # the value in words, "{} nodes", for `khd already running with ...`
+    choices: tuple[str, ...] = ()  # strings: the values allowed, if not any
+    allowed: str = ""  # the allowed values in words, when not low to high or the choices
+    default: str = ""  # the default in words, when not ServiceConfig's value as it prints
 
     def label(self, from_env: bool) -> str:
         if from_env and self.env:
@@ -62,56 +74,89 @@ class Setting:
             value = "on" if value else "off"
         return (self.what or self.field.replace("_", " ") + " {}").format(value)
 
+    @property
+    def kind(self) -> str:
+        """ServiceConfig's annotation of it: ``int``, ``str``, ``str | None``, ``bool``..."""
+        return str(next(f.type for f in dataclasses.fields(ServiceConfig)
+                        if f.name == self.field))
+
+    def allowed_text(self) -> str:
+        if self.choices:
+            return " or ".join(self.choices)
+        if self.allowed or self.low is None:
+            return self.allowed
+        return f"{self.low} to {self.high}"
+
+    @property
+    def value(self) -> object:
+        """ServiceConfig's default (dataclasses.MISSING: none)."""
+        return next(f.default for f in dataclasses.fields(ServiceConfig) if f.name == self.field)
+
+    def default_text(self) -> str:
+        if self.default:
+            return self.default
+        value = self.value
+        return "on" if value is True else "off" if value is False else str(value)
+
+    def help_text(self) -> str:
+        """What it is, what it may be and its default, in one line (for --help)."""
+        allowed = self.allowed_text()
+        return f"{self.help} ({allowed + '; ' if allowed else ''}default {self.default_text()})"
+
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("state_dir", "KH_STATE_DIR", None, "khd's state directory (default /var/lib/kh)"),
-    Setting("images", None, None, "the published images"),
-    Setting("nodes", "KH_NODES", "--nodes", f"nodes the machine has, kept warm (default 8, "
-            f"1 to {MAX_NODES})", 1, MAX_NODES, "{} nodes"),
+    Setting("state_dir", "KH_STATE_DIR", None, "khd's state directory, also kh's --state-dir",
+            default=DEFAULT_STATE_DIR),
+    Setting("images", None, None, "the published images: u-boot.elf, uImage, "
+            "<appliance>.cpio.gz.uimg", default="the checkout's images/out (KH_IMAGES_OUT)"),
+    Setting("nodes", "KH_NODES", "--nodes", "nodes the machine has, kept warm at the U-Boot "
+            "prompt", 1, MAX_NODES, "{} nodes"),
     Setting("mem_mib", None, None, "MiB of memory per node", MIN_MEM_MIB, MAX_MEM_MIB,
             "{} MiB per node"),
-    Setting("appliance", None, None, "the preloaded ramdisk"),
-    Setting("api_port", "KH_API_PORT", "--port", "API port on 127.0.0.1 and in the fabric "
-            "(default 7480; 1 to 65535)", 1, 65535, "API port {}"),
-    Setting("ssh_port", "KH_SSH_PORT", None, "control-channel ssh port (default 7422; 1 to 65535)",
-            1, 65535, "ssh port {}"),
-    Setting("server", None, None, "host name khget prints"),
-    Setting("prefix", "KH_PREFIX", None, f"tag of kh's host objects, one per kh instance "
-            f"(default kh; [a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}})", what="prefix {}"),
-    Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "an existing network "
-            "namespace the external domain reaches, the operator's (default: kh makes its own, "
-            "<prefix>-outside)", what="uplink namespace {}"),
+    Setting("appliance", None, None, "the ramdisk preloaded at ${ramfsaddr}"),
+    Setting("api_port", "KH_API_PORT", "--port", "API port (HTTP) on 127.0.0.1 and in the "
+            "fabric", 1, 65535, "API port {}"),
+    Setting("ssh_port", "KH_SSH_PORT", None, "control-channel ssh port (ssh con<ID>@...), on "
+            "127.0.0.1 and in the fabric", 1, 65535, "ssh port {}"),
+    Setting("server", None, None, "host name khget prints in con<ID>@<server>"),
+    Setting("prefix", "KH_PREFIX", None, "tag of kh's host objects, one per kh instance",
+            what="prefix {}", allowed=f"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}"),
+    Setting("uplink_netns", "KH_UPLINK_NETNS", "--uplink-netns", "the operator's network "
+            "namespace the external domain reaches, which kh never removes",
+            what="uplink namespace {}", allowed="an existing one, not <prefix>-outside",
+            default="kh makes its own, <prefix>-outside"),
     Setting("outside", None, "--no-outside", "no outside world at all: nothing on the host "
-            "reaches the external domain (default: kh makes and owns <prefix>-outside unless "
-            "--uplink-netns names one)", what="an outside world {}"),
-    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program (default kh's own build "
-            "among the images, <images>/qemu-system-ppc: half the memory per node; Debian's: "
-            "KH_QEMU=qemu-system-ppc)",
-            what="QEMU {}"),
-    Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu (default: "
-            "each QEMU its own child) or libvirt (domains of kh's own libvirtd in the fabric "
-            "namespace; docs/libvirt.md)", what="backend {}"),
-    Setting("placement", "KH_PLACEMENT", "--placement", "where khget's nodes go when khd has "
-            "several hosts (kh host add): fill (default: this host first, then the hosts in "
-            "the order added) or spread (round robin over the hosts with free nodes)",
-            what="placement {}"),
+            "reaches the external domain", what="an outside world {}",
+            allowed="not with --uplink-netns",
+            default="off: kh makes and owns <prefix>-outside unless --uplink-netns names one"),
+    Setting("qemu", "KH_QEMU", None, "the nodes' QEMU program", what="QEMU {}",
+            allowed="a program on PATH or a path; qemu-system-ppc is Debian's",
+            default="kh's own build among the images, <images>/qemu-system-ppc: half the "
+            "memory per node"),
     Setting("domain_quota", "KH_DOMAIN_QUOTA", "--domain-quota", "private domains one "
-            f"principal may hold (default 16, 1 to {MAX_NETID - FIRST_PRIVATE + 1})",
-            1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
+            "principal may hold", 1, MAX_NETID - FIRST_PRIVATE + 1, "domain quota {}"),
     Setting("node_quota", "KH_NODE_QUOTA", "--node-quota", "nodes one principal may hold at "
-            f"once (default 16, 1 to {MAX_NODES})", 1, MAX_NODES, "node quota {}"),
-    Setting("page_port", "KH_PAGE_PORT", "--page-port", "the live page's port on 127.0.0.1 "
-            "(default 0: no page; e.g. 7481)", 0, 65535, "page port {}"),
-    Setting("meter_interval", "KH_METER_INTERVAL", "--meter-interval", "seconds between two "
-            "metering samples of every allocated node (default 10, 1 to 3600; kh.metering)",
-            1, 3600, "metering every {} s"),
+            "once", 1, MAX_NODES, "node quota {}"),
+    Setting("page_port", "KH_PAGE_PORT", "--page-port", "the live page's port on 127.0.0.1, "
+            "e.g. 7481", 0, 65535, "page port {}", default="0: no page"),
+    Setting("backend", "KH_BACKEND", "--backend", "how khd runs its nodes: qemu runs each "
+            "QEMU as its own child, libvirt as a domain of kh's own libvirtd in the fabric "
+            "namespace, see docs/libvirt.md", what="backend {}", choices=BACKENDS),
+    Setting("placement", "KH_PLACEMENT", "--placement", "where khget's nodes go when khd has "
+            "several hosts (kh host add): fill puts them on this host first, then on the "
+            "hosts in the order added; spread goes round robin over the hosts with free nodes",
+            what="placement {}", choices=PLACEMENTS),
+    Setting("meter_interval", "KH_METER_INTERVAL", None, "seconds between two metering "
+            "samples of every allocated node, kh.metering", 1, 3600, "metering every {} s"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
 
 def env_help() -> str:
     """The environment variables the service honours, for --help (one per line)."""
-    return "\n".join(f"  {s.env:<16} {s.help}" for s in SETTINGS if s.env)
+    named = [s for s in SETTINGS if s.env]
+    width = max(len(s.env or "") for s in named)
+    return "\n".join(f"  {s.env:<{width}} {s.help_text()}" for s in named)
 
 
 def check(field: str, value: object, label: str | None = None) -> None:
@@ -125,32 +170,33 @@ def check(field: str, value: object, label: str | None = None) -> None:
         raise UsageError(f"{name} must be a lowercase letter then up to {MAX_PREFIX - 1} "
                          f"lowercase letters or digits, not {value!r}",
                          "it starts every interface name kh makes")
-    if field == "backend" and value not in BACKENDS:
-        raise UsageError(f"{name} must be {' or '.join(BACKENDS)}, not {value!r}")
-    if field == "placement" and value not in PLACEMENTS:
-        raise UsageError(f"{name} must be {' or '.join(PLACEMENTS)}, not {value!r}")
+    if s.choices and value not in s.choices:
+        raise UsageError(f"{name} must be {' or '.join(s.choices)}, not {value!r}")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """khd's settings: each field's meaning, allowed values, variable and option are its
+    SETTINGS entry's (docs/service.md#settings is made from them)."""
+
     state_dir: Path
-    images: Path  # images/out: u-boot.elf, uImage, <appliance>.cpio.gz.uimg
-    nodes: int = 8  # size of the machine: nodes kept started (warm) at the U-Boot prompt
+    images: Path
+    nodes: int = 8
     mem_mib: int = 256
-    appliance: str = "shell"  # the preloaded ramdisk at ${ramfsaddr}
-    api_port: int = 7480  # HTTP on 127.0.0.1 and, inside the fabric, on the public domain
-    ssh_port: int = 7422  # the control channel (ssh con<ID>@...), same two places
-    server: str = "127.0.0.1"  # host name khget prints in con<ID>@<server>
+    appliance: str = "shell"
+    api_port: int = 7480
+    ssh_port: int = 7422
+    server: str = "127.0.0.1"
     prefix: str = "kh"
-    uplink_netns: str | None = None  # the operator's outside world: kh never removes it
-    outside: bool = True  # without uplink_netns: kh's own outside world, <prefix>-outside
-    qemu: str | None = None  # the nodes' QEMU program (KH_QEMU); None: kh's own (khs_qemu)
-    backend: str = "qemu"  # kh.hw.backend: qemu (direct) or libvirt (KH_BACKEND)
-    placement: str = "fill"  # kh.service.placement: fill or spread (KH_PLACEMENT)
-    domain_quota: int = 16  # private domains one principal may hold (KH_DOMAIN_QUOTA)
-    node_quota: int = 16  # nodes one principal may hold at once (KH_NODE_QUOTA)
-    page_port: int = 0  # the live page on 127.0.0.1 (kh.page; KH_PAGE_PORT); 0: none
-    meter_interval: int = 10  # s between metering samples (KH_METER_INTERVAL)
+    uplink_netns: str | None = None
+    outside: bool = True
+    qemu: str | None = None  # None: kh's own (khs_qemu)
+    backend: str = "qemu"
+    placement: str = "fill"
+    domain_quota: int = 16
+    node_quota: int = 16
+    page_port: int = 0
+    meter_interval: int = 10
 
     def __post_init__(self) -> None:
         for s in SETTINGS:
@@ -260,11 +306,11 @@ class ServiceConfig:
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("KH_STATE_DIR", "/var/lib/kh"))
+    return Path(os.environ.get("KH_STATE_DIR", DEFAULT_STATE_DIR))
 
 
 def _from_env(s: Setting, text: str) -> object:
-    kind = str(next(f.type for f in dataclasses.fields(ServiceConfig) if f.name == s.field))
+    kind = s.kind
     if kind == "int":
         if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
             raise UsageError(f"{s.env} must be a whole number from {s.low} to {s.high}, "
