@@ -128,6 +128,20 @@ class Backend(Protocol):
         """CPU and memory the node's emulator used (None: not known / not running)."""
 
 
+def reset_to_prompt(console: Console, paused_reset: Callable[[], object],
+                    resume: Callable[[], object], timeout: float) -> None:
+    """A node's reset, at its U-Boot prompt again: ``paused_reset`` pauses the node, resets it
+    and loads its default images; what the old run printed is then read (Console.settle)
+    before the console's mark is taken, so none of it counts as the prompt after the reset
+    (a node printing ``=> `` until it was paused made the reset pass before U-Boot was up);
+    then ``resume`` and back_at_prompt from that mark. BootError/KhTimeout naming the stage."""
+    paused_reset()
+    console.settle()
+    start = console.mark()
+    resume()
+    back_at_prompt(console, start, timeout)
+
+
 def back_at_prompt(console: Console, start: int, timeout: float) -> None:
     """After a reset that resumed the node: wait (from console offset ``start``) for U-Boot's
     prompt, then clear the line with Ctrl-C (what the emulator already held may have reached

@@ -36,6 +36,7 @@ HISTORY = 1 << 20  # bytes of output kept in memory per console; the log file ha
 # a read returns is handed on before the wait, so a lone keystroke's echo is never delayed.
 READ_PAUSE = 0.005  # seconds
 SHORT_READ = 4096  # bytes
+SETTLE_QUIET, SETTLE_WAIT = 0.05, 5.0  # seconds: Console.settle's quiet time, and its bound
 
 
 def utc_stamp(t: float) -> str:
@@ -172,6 +173,8 @@ class Console:
         self._thread: threading.Thread | None = None
         self._log = ConsoleLog(log) if log else None
         self._subscribers: list[Callable[[bytes], None]] = []
+        self._in_recv = False  # the reader waits in recv: all it read before is handed on
+        self._last_read = 0.0  # time.monotonic() of the reader's last data
 
     # -- connection ---------------------------------------------------------------
     def connect(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
@@ -200,10 +203,15 @@ class Console:
     def _reader(self) -> None:
         assert self._sock is not None
         while True:
+            with self._cond:
+                self._in_recv = True
             try:
                 data = self._sock.recv(65536)
             except OSError:
                 data = b""
+            with self._cond:
+                self._in_recv = False
+                self._last_read = time.monotonic()
             if not data:
                 with self._cond:
                     self._closed = True
@@ -262,6 +270,27 @@ class Console:
             except (OSError, ValueError):  # ValueError: a descriptor closed under us (-1)
                 return 0
         return int(struct.unpack("i", buf)[0])
+
+    def settle(self, quiet: float = SETTLE_QUIET, timeout: float = SETTLE_WAIT) -> bool:
+        """For a paused node (printing nothing more): wait until all it printed is read and
+        handed on (nothing unread in the socket, the reader waiting in recv) and nothing came
+        for ``quiet`` s (bytes on their way through another hop: libvirt's stream), at most
+        ``timeout`` s. True when settled (at once for a closed console): a mark taken then
+        counts only what the node prints once it runs again (kh.hw.backend.reset_to_prompt)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond, self._fd_lock:
+                if self._closed or self._sock is None or self._sock_closed:
+                    return True
+                idle = self._in_recv and time.monotonic() - self._last_read >= quiet
+                try:
+                    unread = struct.unpack("i", fcntl.ioctl(
+                        self._sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+                except (OSError, ValueError, AttributeError):
+                    unread = 0  # not a socket kh can ask: the quiet time alone
+            if (idle and not unread) or time.monotonic() >= deadline:
+                return idle and not unread
+            time.sleep(min(quiet, 0.01))
 
     def wait_sent(self, timeout: float) -> bool:
         """Wait until QEMU has taken everything written (or ``timeout`` seconds); True when it

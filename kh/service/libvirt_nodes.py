@@ -32,7 +32,7 @@ import libvirt
 from kh.allocation import NIC_SLOTS
 from kh.errors import KhError
 from kh.hw import domainxml, libvirtd, uboot
-from kh.hw.backend import StartAborted, StartFailed, back_at_prompt, fresh_taps
+from kh.hw.backend import StartAborted, StartFailed, fresh_taps, reset_to_prompt
 from kh.hw.board import BOARDS
 from kh.hw.cgroup import Usage
 from kh.hw.console import Console
@@ -242,19 +242,25 @@ class LibvirtNodes:
 
     def reset(self, number: int, timeout: float = 30.0) -> None:
         node = self.running[number]
-        with node.lock:
-            node.writer.flush()
-            start = node.console.mark()
+        def paused_reset() -> None:
             try:
                 node.dom.suspend()
                 node.dom.reset(0)
                 ram = self.open_ram_of(node.dom)
                 for ld in default_loads(self.cfg):
                     ram.write(ld.addr, ld.file.read_bytes())
+            except libvirt.libvirtError as e:
+                raise KhError(f"node {number}: reset failed ({error_text(e)})") from None
+
+        def resume() -> None:
+            try:
                 node.dom.resume()
             except libvirt.libvirtError as e:
                 raise KhError(f"node {number}: reset failed ({error_text(e)})") from None
-            back_at_prompt(node.console, start, timeout)
+
+        with node.lock:
+            node.writer.flush()
+            reset_to_prompt(node.console, paused_reset, resume, timeout)
 
     def set_link(self, number: int, slot: int, up: bool) -> None:
         node = self.running[number]

@@ -30,7 +30,7 @@ from kh.hw import board, cgroup, memload, qemu, uboot
 from kh.hw import netns as nsutil
 from kh.hw.backend import StartAborted as StartAborted
 from kh.hw.backend import StartFailed as StartFailed
-from kh.hw.backend import back_at_prompt, fresh_taps
+from kh.hw.backend import fresh_taps, reset_to_prompt
 from kh.hw.console import Console
 from kh.hw.fabric import Fabric
 from kh.service import procid
@@ -367,14 +367,14 @@ class NodeManager:
     def reset(self, number: int, timeout: float = 30.0) -> None:
         node = self.running[number]
         spec = node_spec(self.cfg, number)
-        with node.lock:
-            node.writer.flush()  # input still queued for the old run must not reach the new
-            start = node.console.mark()
+        def paused_reset() -> None:
             # Paused, so that U-Boot starts again only with the default images in place
             # (QEMU's reset brings back U-Boot itself, not what khd loaded).
             node.qmp(spec, "stop")
             node.qmp(spec, "system_reset")
             memload.load_files(node.pid, default_loads(self.cfg))
-            node.qmp(spec, "cont")
-            back_at_prompt(node.console, start, timeout)
+
+        with node.lock:
+            node.writer.flush()  # input still queued for the old run must not reach the new
+            reset_to_prompt(node.console, paused_reset, lambda: node.qmp(spec, "cont"), timeout)
 
