@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ class FakeQemu:
 
     def __init__(self, uboot: bool) -> None:
         self.ours, self.node = socket.socketpair()
-        self.console = Console(socket_path(), name="node1")
+        self.console = Console(Path("/nonexistent/console.sock"), name="node1")
         self.console.adopt(self.ours)
         self.uboot = uboot
         self.lock = threading.Lock()
@@ -60,11 +61,6 @@ class FakeQemu:
     def close(self) -> None:
         self.node.close()
         self.console.close()
-
-
-def socket_path():  # type: ignore[no-untyped-def]
-    from pathlib import Path
-    return Path("/nonexistent/console.sock")
 
 
 @pytest.fixture
