@@ -21,6 +21,7 @@ DEBIAN_IDLE_BOOTED_MIB = 66  # the same with Debian's qemu-system-ppc (64-67; RS
 PROMPT_MIB = 16  # a node at the U-Boot prompt, kept warm, kh's QEMU (RSS 25)
 DEBIAN_PROMPT_MIB = 22  # the same with Debian's (RSS 44)
 IDLE_CPU_PCT = 0.1  # an idle booted apache node, % of one host core (0.05-0.1)
+PROMPT_CPU_PCT = 0.2  # a node dozing at the U-Boot prompt, % of one host core (0.13-0.23)
 BOOT_CPU_S = 4.0  # CPU-seconds one apache node takes from khget to its page (3.5-4.4)
 # What khd counts a node as when it checks that the host holds N: an idle booted node and some
 # room (with Debian's QEMU: its own figure and room). A node whose guest fills its RAM holds up
@@ -91,7 +92,8 @@ def describe(mem: HostMemory, cores: int | None = None, khs_qemu: bool = True
     return {
         "idle booted node": f"{IDLE_CPU_PCT:g} % of a host core, {idle} "
                             "(apache appliance, measured: docs/density.md)",
-        "node at the U-Boot prompt": f"{PROMPT_MIB if khs_qemu else DEBIAN_PROMPT_MIB} MiB",
+        "node at the U-Boot prompt": f"{PROMPT_CPU_PCT:g} % of a host core, "
+                                     f"{PROMPT_MIB if khs_qemu else DEBIAN_PROMPT_MIB} MiB",
         "boot": f"{BOOT_CPU_S:g} CPU-seconds per node from khget to its page: "
                 f"{cores} cores boot about {int(60 * cores / BOOT_CPU_S)} nodes a minute",
         "this host": f"{cores} cores, {mem.total_mib} MiB, {mem.available_mib} MiB "
