@@ -32,15 +32,33 @@ def check_images(cfg: ServiceConfig) -> None:
                              "build the images: `make images` or `kh images build`")
 
 
-def qemu_program(cfg: ServiceConfig) -> str:
-    return cfg.node_qemu
+QEMU_CHOICES = ("unset it for kh's own QEMU, the one among the images, or set "
+                "KH_QEMU=qemu-system-ppc for Debian's")
+
+
+def check_qemu_setting(qemu: str) -> None:
+    """KH_QEMU names a program the nodes can run: a path (with a /) to an executable regular
+    file, or a name on PATH. Raises KhError in one line saying which of those it is not."""
+    if "/" not in qemu:
+        if shutil.which(qemu) is None:
+            hint = (deps.missing_hint(qemu) if deps.provider(qemu) is not None
+                    else QEMU_CHOICES)
+            raise KhError(f"KH_QEMU={qemu}: no program of that name on PATH", hint)
+        return
+    path = Path(qemu)
+    if not path.exists():
+        raise KhError(f"KH_QEMU={qemu}: no such file", QEMU_CHOICES)
+    if path.is_dir():
+        raise KhError(f"KH_QEMU={qemu}: is a directory, not a program", QEMU_CHOICES)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise KhError(f"KH_QEMU={qemu}: not an executable file", QEMU_CHOICES)
 
 
 def check_programs(cfg: ServiceConfig) -> None:
-    # kh's own QEMU is one of the images (check_images); another is a program on PATH
-    qemu = [] if cfg.runs_khs_qemu else [qemu_program(cfg)]
-    programs = [*qemu, "nsenter", "nft"]  # nft: the fabric's firewall
-    for program in programs:
+    # kh's own QEMU is one of the images (check_images); another is what KH_QEMU names
+    if cfg.qemu is not None and not cfg.runs_khs_qemu:
+        check_qemu_setting(cfg.qemu)
+    for program in ("nsenter", "nft"):  # nft: the fabric's firewall
         if shutil.which(program) is None:
             raise KhError(f"{program} is not installed (not on PATH)",
                           deps.missing_hint(program))
