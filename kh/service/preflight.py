@@ -40,10 +40,10 @@ def check_qemu_setting(qemu: str) -> None:
     """KH_QEMU names a program the nodes can run: a path (with a /) to an executable regular
     file, or a name on PATH. Raises KhError in one line saying which of those it is not."""
     if "/" not in qemu:
+        if shutil.which(qemu) is None and deps.provider(qemu) is not None:  # Debian's
+            raise KhError(f"{qemu} is not installed (not on PATH)", deps.missing_hint(qemu))
         if shutil.which(qemu) is None:
-            hint = (deps.missing_hint(qemu) if deps.provider(qemu) is not None
-                    else QEMU_CHOICES)
-            raise KhError(f"KH_QEMU={qemu}: no program of that name on PATH", hint)
+            raise KhError(f"KH_QEMU={qemu}: no program of that name on PATH", QEMU_CHOICES)
         return
     path = Path(qemu)
     if not path.exists():
