@@ -31,7 +31,7 @@ from kh.model import NodeState
 from kh.service.config import ServiceConfig
 from kh.service.placement import pool_starts
 from kh.service.qemunode import death_reason as death_reason  # its tests read it here
-from kh.service.qemunode import node_tag
+from kh.service.qemunode import node_tag, started_otherwise
 from kh.store import NodeRow, Store
 
 log = logging.getLogger("kh.pool")
@@ -249,6 +249,7 @@ class Pool:
                 continue
             try:
                 if self.nodes.reattach(n, row.pid or 0) is not None:
+                    repairs += self._restart_if_otherwise(row)
                     continue
             except KhError as e:
                 log.warning("node %d: cannot reattach: %s", n, e)
@@ -262,6 +263,20 @@ class Pool:
         # QEMUs of this khd's tag that no node row holds (a khd killed between starting one
         # and recording it) are stopped, and cgroups of nodes that are gone removed.
         return repairs + self.nodes.stop_orphans()
+
+    def _restart_if_otherwise(self, row: NodeRow) -> list[str]:
+        """A free node adopted from an earlier khd whose QEMU is not what this khd starts
+        (kh service stop, then start with another KH_QEMU) is stopped, to be started afresh
+        with this khd's settings; an allocated one runs on until released (a released node's
+        QEMU is replaced anyway). Returns the repair, in words."""
+        if self.cfg.backend != "qemu" or row.state != NodeState.FREE or not row.pid:
+            return []
+        why = started_otherwise(self.cfg, row.number, row.pid)
+        if why is None:
+            return []
+        self.nodes.stop(row.number)
+        self.store.delete_node(row.number)
+        return [f"node {row.number}: {why}; starting it again"]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True, name="pool")

@@ -75,6 +75,31 @@ def recorded(cfg: ServiceConfig, number: int, pid: int | None) -> ProcId | None:
                            f"node {number}")
 
 
+def cmdline(pid: int) -> list[str] | None:
+    """Process ``pid``'s argv (/proc/PID/cmdline), None when it cannot be read."""
+    try:
+        return [a.decode(errors="replace")
+                for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return None
+
+
+def started_otherwise(cfg: ServiceConfig, number: int, pid: int) -> str | None:
+    """Why node ``number``'s running QEMU ``pid`` is not the one this khd would start (another
+    QEMU program, or other settings in its command line: a khd stopped, then started with
+    another KH_QEMU), in words; None when its command line is this khd's, or is unreadable
+    (it exited: the caller finds that out)."""
+    argv = cmdline(pid)
+    if argv is None:
+        return None
+    want = [*board.qemu_argv(node_spec(cfg, number)), "-S"]
+    if argv == want:
+        return None
+    if argv[:1] != want[:1]:
+        return f"it runs QEMU {argv[0] if argv else '?'}, this khd's is {want[0]}"
+    return "its QEMU was started with other settings than this khd's"
+
+
 def kill_recorded(cfg: ServiceConfig, number: int, pid: int | None) -> bool:
     """Stop node ``number``'s QEMU, only if ``pid`` is still it (``recorded``); True if so."""
     ident = recorded(cfg, number, pid)
