@@ -154,14 +154,14 @@ def start(cfg: ServiceConfig, *, debug: bool = False, wait: bool = True,
 
     When khd runs already, ``given`` names the settings the caller asked for: any that differ
     from the running khd's are refused (KhError), the rest is Started(already=True)."""
-    preflight.check(cfg)  # refuses before anything is created
-    existing = pid_of(cfg)
+    existing = pid_of(cfg)  # a running khd's settings first: the host's checks count its nodes
     if existing:
         running = running_config(existing)
         differs = mismatch(running, cfg, given or set()) if running else None
         if differs:
             raise KhError(differs, "kh service stop first")
         return Started(existing, None, already=True)
+    preflight.check(cfg)  # refuses before anything is created
     # -I: root's khd imports nothing from the directory it was started in (`python -m` would
     # put it first on sys.path: a stray http.py there ran as root) nor from PYTHON* variables.
     argv = [sys.executable, "-I", "-m", "kh.service.daemon", "--foreground",

@@ -146,6 +146,23 @@ def test_khd_running_with_other_settings_is_refused(running_khd):
     assert control.start(relative, given={"state_dir"}).pid == pid
 
 
+
+def test_a_running_khd_is_compared_before_the_hosts_checks(running_khd, monkeypatch):
+    """TRIAL13: `kh service start --nodes 1000` beside a khd of 8 nodes was refused for memory
+    ('start at most N: --nodes N'), and following that hint was refused again: the running
+    khd's settings are what is wrong, and are said first."""
+    cfg, pid = running_khd
+
+    def no_memory(asked: ServiceConfig) -> None:
+        raise KhError(f"{asked.nodes} nodes need about 56000 MiB more memory",
+                      "start at most 400: --nodes 400")
+
+    monkeypatch.setattr(preflight, "check", no_memory)
+    with pytest.raises(KhError) as e:
+        control.start(config.from_env(images=cfg.images, nodes=1000), given={"nodes"})
+    assert str(e.value) == "khd already running with 8 nodes, not 1000 (kh service stop first)"
+    assert control.start(cfg, given=set()).pid == pid  # running as asked: no host checks
+
 # --- 2: every signal unwinds `kh service start` as Ctrl-C does ------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
