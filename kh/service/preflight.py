@@ -30,6 +30,10 @@ def check_images(cfg: ServiceConfig) -> None:
         if not image.is_file():
             raise ImageError(f"image {image} is missing",
                              "build the images: `make images` or `kh images build`")
+    if cfg.runs_khs_qemu and not os.access(cfg.khs_qemu, os.X_OK):
+        raise ImageError(f"image {cfg.khs_qemu} is not executable",
+                         "publish the images again: `kh images build`, or "
+                         "KH_QEMU=qemu-system-ppc for Debian's QEMU")
 
 
 QEMU_CHOICES = ("unset it for kh's own QEMU, the one among the images, or set "

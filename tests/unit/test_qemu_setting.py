@@ -59,3 +59,16 @@ def test_an_executable_path_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.shutil, "which", lambda p: "/usr/bin/" + p)
     preflight.check_programs(ServiceConfig(state_dir=tmp_path / "s", images=tmp_path / "i",
                                            qemu=str(f)))
+
+
+def test_khs_own_qemu_among_the_images_must_be_executable(tmp_path):
+    """Its nodes failed one start after another ('nsenter: failed to execute ...: Permission
+    denied') before `kh service start` gave up; now preflight says so at once."""
+    for name in ("u-boot.elf", "uImage", "shell.cpio.gz.uimg", "qemu-system-ppc"):
+        (tmp_path / name).write_bytes(b"x")
+    cfg = ServiceConfig(state_dir=tmp_path / "state", images=tmp_path)
+    (tmp_path / "qemu-system-ppc").chmod(0o644)
+    with pytest.raises(KhError, match=r"qemu-system-ppc is not executable"):
+        preflight.check_images(cfg)
+    (tmp_path / "qemu-system-ppc").chmod(0o755)
+    preflight.check_images(cfg)
