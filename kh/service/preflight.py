@@ -28,8 +28,10 @@ def check_root() -> None:
 def check_images(cfg: ServiceConfig) -> None:
     for image in cfg.images_needed:
         if not image.is_file():
+            debians = (", or KH_QEMU=qemu-system-ppc for Debian's QEMU"
+                       if image == cfg.khs_qemu else "")
             raise ImageError(f"image {image} is missing",
-                             "build the images: `make images` or `kh images build`")
+                             f"build the images: `make images` or `kh images build`{debians}")
     if cfg.runs_khs_qemu and not os.access(cfg.khs_qemu, os.X_OK):
         raise ImageError(f"image {cfg.khs_qemu} is not executable",
                          "publish the images again: `kh images build`, or "

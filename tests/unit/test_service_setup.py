@@ -115,7 +115,8 @@ def test_missing_program_names_its_package(tmp_path, monkeypatch):
         (img / name).write_bytes(b"x")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     own = ServiceConfig(state_dir=tmp_path / "state", images=img)  # kh's QEMU: an image
-    with pytest.raises(KhError, match=r"qemu-system-ppc is missing \(build the images"):
+    with pytest.raises(KhError, match=r"qemu-system-ppc is missing \(build the images: .*"
+                       r"kh images build`, or KH_QEMU=qemu-system-ppc for Debian's QEMU\)"):
         preflight.check_images(own)
     cfg = ServiceConfig(state_dir=tmp_path / "state", images=img, qemu="qemu-system-ppc")
     with pytest.raises(KhError) as e:
