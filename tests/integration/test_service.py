@@ -276,6 +276,10 @@ def test_khd_sigkill_and_restart_keeps_allocations_and_consoles(khd, artifacts):
     control.start(khd)
     after = ps(khd)
     assert after["allocations"] == before["allocations"]
+    # every node that ran is adopted as it was, the free ones too (the same settings: the
+    # same QEMUs; one still starting when khd was killed is started again)
+    ran = {n["node"]: n["pid"] for n in before["nodes"] if n["state"] in ("free", "allocated")}
+    assert {n["node"]: n["pid"] for n in after["nodes"] if n["node"] in ran} == ran
     n = shell(khd, node, artifacts)  # the console is reattached: the node boots through it
     out, status = n.run("hostname")
     assert (out.strip(), status) == (f"node{node}", 0)
